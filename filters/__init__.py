@@ -1,0 +1,10 @@
+"""Built-in filters of ispmailgate, one module each, and the interface they share.
+
+Installed as ``ispmailgate_filters`` (the source folder is ``filters/``).  Third-party
+filters register under the entry point group ``ispmailgate.filters``.
+"""
+
+# Type name -> "module:Class", imported only when a rule file names the type.
+BUILTIN = {
+    "dummy": "ispmailgate_filters.dummy:Dummy",
+}

@@ -1,0 +1,266 @@
+"""The filter interface: what a filter is, what it is handed, and how it answers.
+
+A filter is an immutable value configured from the rule file: two chain steps are the
+same step exactly when their type and options are equal, so the core runs a step once
+for every recipient that shares it (the original's ``IsEq``).  A filter gets a
+:class:`~ispmailgate_filters.mime.Message` and a :class:`Context`, changes the message in
+place or leaves it alone, and ends a chain early only by raising a :class:`Verdict`.
+It never delivers, never exits the process and never reads argv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .mime import Message
+
+
+# -- verdicts -----------------------------------------------------------------------------
+
+class Verdict(BaseException):
+    """A filter's decision to end the chain for the recipients of this step.
+
+    Derived from BaseException, not Exception, so that a filter's own ``except
+    Exception`` around library calls cannot swallow a verdict raised inside it.
+    """
+
+    outcome = "verdict"
+    default_status = "4.3.0"
+
+    def __init__(self, reason: str, status: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status or self.default_status
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+class Reject(Verdict):
+    """Refuse the message for good: the MTA bounces it (exit 69, 5.x.x)."""
+    outcome = "rejected"
+    default_status = "5.7.1"
+
+
+class Discard(Verdict):
+    """Drop the message on purpose; the core logs the reason and reports success."""
+    outcome = "discarded"
+    default_status = "2.7.0"
+
+
+class TempFail(Verdict):
+    """Not now: the MTA keeps the message and retries (exit 75, 4.x.x)."""
+    outcome = "deferred"
+    default_status = "4.3.0"
+
+
+class FilterError(Verdict):
+    """The filter could not do its job on this message: the postmaster gets a report."""
+    outcome = "error"
+    default_status = "4.3.0"
+
+
+class ConfigError(Exception):
+    """A configuration problem, located by file and key path (``filter.av.max_depth``)."""
+
+    def __init__(self, path: str, message: str, source: str = "") -> None:
+        super().__init__(path, message, source)
+        self.path = path
+        self.message = message
+        self.source = source
+
+    def __str__(self) -> str:
+        return ": ".join(piece for piece in (self.source, self.path, self.message) if piece)
+
+
+# -- what a filter is handed --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Envelope:
+    """SMTP envelope of one delivery group: ``sender`` is "" for the null sender."""
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A message a filter asks the core to send once the chains have run."""
+    recipients: tuple[str, ...]
+    subject: str
+    text: str
+    attach_original: bool = False
+
+
+class Context:
+    """The services the core lends a filter for one step of one message."""
+
+    def __init__(self, envelope: Envelope, *, message_id: str, log: logging.Logger,
+                 workdir: Callable[[], Path], postmaster: str, limits: Mapping[str, Any] | None = None,
+                 notices: list[Notice] | None = None) -> None:
+        self.envelope = envelope
+        self.message_id = message_id       # this run's id, as in the log
+        self.log = log
+        self._workdir = workdir
+        self.postmaster = postmaster
+        self.limits = dict(limits or {})
+        self.notices = notices if notices is not None else []
+
+    def workdir(self) -> Path:
+        """This message's private work directory (0700), created on first use."""
+        return self._workdir()
+
+    def notify(self, recipients: tuple[str, ...] | list[str], subject: str, text: str, *,
+               attach_original: bool = False) -> None:
+        """Queue a notification (to the postmaster, the sender ...); sent after delivery."""
+        self.notices.append(Notice(tuple(recipients), subject, text, attach_original))
+
+
+# -- options --------------------------------------------------------------------------------
+
+def option(default: Any, doc: str, *, convert: Callable[[Any], Any] | None = None,
+           secret: bool = False) -> Any:
+    """Declare a filter option: its default, one line of documentation, and how to read it.
+
+    ``convert`` turns the TOML value into the stored value and raises ValueError with a
+    reason; without it the option must have the type of its default (lists become tuples).
+    ``secret`` keeps the value out of ``repr`` and logs.
+    """
+    return field(default=default, repr=not secret,
+                 metadata={"doc": doc, "convert": convert or _convert_like(default)})
+
+
+def _convert_like(default: Any) -> Callable[[Any], Any]:
+    kind = type(default)
+
+    def convert(value: Any) -> Any:
+        if kind is tuple:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("expected a list of strings")
+            return tuple(value)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"expected {_TYPE_WORDS.get(kind, kind.__name__)}, got {value!r}")
+        return value
+
+    return convert
+
+
+_TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", float: "a number"}
+_SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)[bB]?\Z")
+
+
+def parse_size(value: Any) -> int:
+    """A byte count from an integer or a string like "50M" (K, M, G: powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.match(str(value).strip()) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"expected a size like 200M or a number of bytes, got {value!r}")
+    return int(match.group(1)) * 1024 ** " kmg".index((match.group(2) or " ").lower())
+
+
+def choice(*allowed: str) -> Callable[[Any], str]:
+    """A converter accepting one of ``allowed``."""
+    def convert(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+    return convert
+
+
+def argv(value: Any) -> tuple[str, ...]:
+    """A command as a non-empty argv list (never a string: nothing runs through a shell)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("expected a command as a non-empty list of strings, e.g. [\"/usr/bin/prog\", \"-x\"]")
+    return tuple(value)
+
+
+def mapping_of_strings(value: Any) -> tuple[tuple[str, str], ...]:
+    """A TOML table of strings, stored as sorted pairs so the filter stays hashable."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError("expected a table of strings")
+    return tuple(sorted(value.items()))
+
+
+# -- the filter base class ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Filter:
+    """Base class of every filter.
+
+    Subclasses are frozen dataclasses whose fields, declared with :func:`option`, are the
+    filter's options; they set ``name`` (the type name in the rule file) and
+    ``description``, and implement :meth:`process`.
+    """
+
+    name = "filter"
+    description = ""
+
+    label: str = field(default="", compare=False, repr=False, kw_only=True)
+
+    def process(self, message: Message, ctx: Context) -> None:
+        """Look at or change ``message`` in place; raise a Verdict to end the chain."""
+        raise NotImplementedError
+
+    def variant(self, recipient: str) -> Hashable:
+        """What makes this step differ per recipient (e.g. their own key); None: nothing."""
+        return None
+
+    def problems(self) -> list[str]:
+        """What is wrong with this filter's environment (files, sockets, keys), for ``check``."""
+        return []
+
+    @property
+    def title(self) -> str:
+        """How this step appears in logs: the instance name, else the type name."""
+        return self.label or self.name
+
+    @classmethod
+    def options(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in dataclasses.fields(cls) if f.name != "label"}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], where: str, label: str = "") -> Filter:
+        """Build the filter from a rule-file table; every error names its key path."""
+        known = cls.options()
+        values = {}
+        for key, value in options.items():
+            if key not in known:
+                raise ConfigError(f"{where}.{key}", f"unknown option for filter type {cls.name!r}"
+                                  f" (known: {', '.join(sorted(known)) or 'none'})")
+            try:
+                values[key] = known[key].metadata["convert"](value)
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"{where}.{key}", str(error)) from None
+        try:
+            return cls(label=label, **values)
+        except OptionError as error:
+            raise ConfigError(f"{where}.{error.key}" if error.key else where, error.reason) from None
+
+
+class OptionError(ValueError):
+    """Raised by a filter's ``__post_init__`` when options do not fit together."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def marked_direction(message: Message, header: str, configured: str) -> str:
+    """The original's rule for in/out filters: unmarked mail goes "pos", marked mail "neg".
+
+    ``configured`` wins unless it is "auto".  Callers that guard something (decryption)
+    must check the content as well: a marker is just a header anybody can write.
+    """
+    if configured != "auto":
+        return configured
+    marker = message.header_value(header) or ""
+    return "neg" if marker.strip().lower().startswith("pos") else "pos"

@@ -1,0 +1,103 @@
+"""Filters for the tests, loaded as ``gate_test_filters:Name`` like any third-party filter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ispmailgate_filters.base import (Discard, Filter, FilterError, Reject, TempFail, choice,
+                                      option)
+from ispmailgate_filters.mime import ParseError
+
+
+@dataclass(frozen=True)
+class Counter(Filter):
+    """Appends one line per run (its tag and recipients) to a file: counts the runs of a step."""
+
+    name = "counter"
+    path: str = option("", "file to append to")
+    tag: str = option("", "what to write")
+
+    def process(self, message, ctx) -> None:
+        with open(self.path, "a") as out:
+            out.write(f"{self.tag} {','.join(ctx.envelope.recipients)}\n")
+
+
+@dataclass(frozen=True)
+class Stamp(Filter):
+    """Adds one header field."""
+
+    name = "stamp"
+    header: str = option("X-Stamp", "field name")
+    value: str = option("yes", "field value")
+
+    def process(self, message, ctx) -> None:
+        message.headers.add(self.header, self.value)
+
+
+@dataclass(frozen=True)
+class Upcase(Filter):
+    """Upper-cases the first text/plain leaf (changes exactly one part)."""
+
+    name = "upcase"
+
+    def process(self, message, ctx) -> None:
+        for part in message.leaves():
+            if part.content_type == "text/plain":
+                part.set_text(part.text().upper())
+                return
+
+
+@dataclass(frozen=True)
+class Judge(Filter):
+    """Ends the chain with the verdict it is configured for (or crashes)."""
+
+    name = "judge"
+    verdict: str = option("reject", "reject | discard | tempfail | error | crash | parse",
+                          convert=choice("reject", "discard", "tempfail", "error", "crash", "parse"))
+    only: str = option("", "only for this recipient (others pass)")
+
+    def process(self, message, ctx) -> None:
+        if self.only and self.only not in ctx.envelope.recipients:
+            return
+        if self.verdict == "reject":
+            raise Reject("judged unacceptable", "5.7.1")
+        if self.verdict == "discard":
+            raise Discard("judged unwanted")
+        if self.verdict == "tempfail":
+            raise TempFail("judge is busy", "4.7.1")
+        if self.verdict == "error":
+            raise FilterError("judge could not decide")
+        if self.verdict == "parse":
+            raise ParseError("the test judge cannot parse this")
+        try:
+            raise RuntimeError("judge crashed")
+        except Exception:       # a filter's own broad except must not swallow verdicts...
+            raise ZeroDivisionError("judge crashed for real")
+
+    def variant(self, recipient: str):
+        return recipient == self.only if self.only else None
+
+
+@dataclass(frozen=True)
+class Notifier(Filter):
+    """Asks the core to send a notice to the postmaster."""
+
+    name = "notifier"
+
+    def process(self, message, ctx) -> None:
+        ctx.notify([ctx.postmaster], "test notice", "something happened", attach_original=True)
+
+
+@dataclass(frozen=True)
+class NeedsWorkdir(Filter):
+    """Writes a file into the per-message work directory."""
+
+    name = "needs-workdir"
+    record: str = option("", "file to write the work directory's path to")
+
+    def process(self, message, ctx) -> None:
+        path = ctx.workdir()
+        (path / "scratch").write_bytes(b"x")
+        if self.record:
+            with open(self.record, "w") as out:
+                out.write(str(path))
