@@ -11,16 +11,16 @@ This module reads top to bottom in the order a message travels:
 argv -> config -> envelope -> route -> run chains -> deliver -> exit status.
 """
 
-from __future__ import annotations
+# No "from __future__ import annotations" here: typer would then eval every annotation
+# string of the CLI function at each start, a few milliseconds the one-shot path saves.
 
 import logging
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, BinaryIO, TextIO
+from typing import Annotated, Any, BinaryIO, NamedTuple, TextIO
 
 import typer
 
@@ -55,8 +55,10 @@ def tempfail(status: str, text: str) -> Stop:
     return Stop(EX_TEMPFAIL, status, text)
 
 
-@dataclass
-class Streams:
+# Records are NamedTuples: a frozen dataclass costs about 1 ms to create at import, and
+# the one-shot path pays every millisecond on every message.
+
+class Streams(NamedTuple):
     """Where a run reads the message and writes its output (a served run brings its own)."""
     stdin: BinaryIO
     stdout: BinaryIO
@@ -115,15 +117,13 @@ def admin() -> None:
     """Administration commands; a first argument naming none of them is a recipient."""
 
 
-@dataclass
-class Invocation:
+class Invocation(NamedTuple):
     """What a run gets besides argv: its streams, and the config a server loaded once."""
     streams: Streams
-    preloaded: Config | None = None
+    preloaded: "Config | None" = None
 
 
-@dataclass
-class Request:
+class Request(NamedTuple):
     """The command line of one filtering run, parsed."""
     recipients: list[str]
     sender: str | None = None
@@ -140,7 +140,7 @@ class Request:
         return self.sender is None and not self.recipients
 
 
-def run(argv: list[str], streams: Streams, preloaded: Config | None = None) -> int:
+def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) -> int:
     """Run one command line; always returns an exit status an MTA understands."""
     try:
         cli = admin_cli if argv and argv[0] in admin_commands() else gate_cli
@@ -192,8 +192,7 @@ def main() -> int:
 # config
 # =========================================================================================
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(NamedTuple):
     """One top-level key of the rule file: default, reader, and its line of documentation."""
     default: Any
     convert: Any
@@ -267,8 +266,7 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One ``[[recipients]]`` entry: the first whose patterns match decides the chain."""
     label: str
     recipient: Any          # compiled pattern or None (matches everybody)
@@ -280,15 +278,18 @@ class Rule:
                 and (self.sender is None or self.sender.search(sender) is not None))
 
 
-@dataclass(frozen=True)
 class Config:
-    """The rule file, checked as a whole when it is read (never first when mail arrives)."""
-    path: str
-    values: dict[str, Any]
-    rules: tuple[Rule, ...]
-    default_chain: tuple[Filter, ...]
-    filters: dict[str, Filter]
-    sections: dict[str, Any] = field(default_factory=dict)
+    """The rule file, checked as a whole when it is read (never first when mail arrives).
+
+    Top-level settings read as attributes (``config.mail_host``); ``sections`` holds the
+    tables other parts of the project own (``[serve]`` ...).
+    """
+
+    def __init__(self, path: str, values: dict[str, Any], rules: tuple[Rule, ...],
+                 default_chain: tuple[Filter, ...], filters: dict[str, Filter],
+                 sections: dict[str, Any] | None = None) -> None:
+        self.path, self.values, self.rules = path, values, rules
+        self.default_chain, self.filters, self.sections = default_chain, filters, sections or {}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -501,8 +502,7 @@ def envelope_from_headers(message: Message, from_line: str | None) -> tuple[str,
 # route and run chains
 # =========================================================================================
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     rule: str
     chain: tuple[Filter, ...]
 
@@ -518,8 +518,7 @@ def route(config: Config, sender: str, recipient: str) -> Route:
     return Route("default", config.default_chain)
 
 
-@dataclass
-class Leaf:
+class Leaf(NamedTuple):
     """Where a set of recipients ended up after their chains: a message, or a verdict."""
     recipients: list[str]
     message: Message | None
@@ -738,7 +737,7 @@ class Gate:
             log.error("cannot keep a backup in %s: %s", keep, error)
             return None
 
-    def _exit_status(self, results: dict[str, Result], hop) -> int:
+    def _exit_status(self, results: "dict[str, Result]", hop) -> int:
         deferred = [r for r in results.values() if r.state == "deferred"]
         rejected = {rcpt: r for rcpt, r in results.items() if r.state == "rejected"}
         if deferred:
@@ -770,7 +769,7 @@ class Gate:
         self.streams.stderr.flush()
         return code
 
-    def _log_groups(self, leaves: list[Leaf], routes: dict[str, Route], results: dict[str, Result]) -> None:
+    def _log_groups(self, leaves: "list[Leaf]", routes: "dict[str, Route]", results: "dict[str, Result]") -> None:
         for leaf in leaves:
             first = routes[leaf.recipients[0]]
             outcome = (leaf.verdict.outcome + f" by {leaf.step}: {leaf.verdict}" if leaf.verdict
@@ -808,8 +807,7 @@ def read_message(stream: BinaryIO, limit: int, on_oversize: str) -> bytearray:
 # deliver
 # =========================================================================================
 
-@dataclass(frozen=True)
-class Result:
+class Result(NamedTuple):
     """What happened to one recipient in the end."""
     state: str          # sent | discarded | rejected | deferred | reported
     status: str
@@ -819,8 +817,7 @@ class Result:
         return f"{self.state} ({self.status} {self.text})" if self.text else self.state
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """One SMTP reply (or the equivalent from another next hop)."""
     code: int
     text: str
@@ -958,7 +955,7 @@ class SmtpHop:
                 session.close()
         return settled
 
-    def _transaction(self, session: SmtpSession, sender: str, recipients: list[str],
+    def _transaction(self, session: "SmtpSession", sender: str, recipients: list[str],
                      data: bytes | bytearray, settled: dict[str, Reply]) -> None:
         """Fills ``settled`` as replies become final: a refused RCPT at once, the rest at the end."""
         greeting = session.reply()

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .mime import Message
 
@@ -81,15 +81,13 @@ class ConfigError(Exception):
 
 # -- what a filter is handed --------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """SMTP envelope of one delivery group: ``sender`` is "" for the null sender."""
     sender: str
     recipients: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Notice:
+class Notice(NamedTuple):
     """A message a filter asks the core to send once the chains have run."""
     recipients: tuple[str, ...]
     subject: str
@@ -153,14 +151,14 @@ def _convert_like(default: Any) -> Callable[[Any], Any]:
 
 
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", float: "a number"}
-_SIZE = re.compile(r"(\d+)\s*([kmgKMG]?)[bB]?\Z")
+_SIZE = r"(\d+)\s*([kmgKMG]?)[bB]?\Z"
 
 
 def parse_size(value: Any) -> int:
     """A byte count from an integer or a string like "50M" (K, M, G: powers of 1024)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    match = _SIZE.match(str(value).strip()) if isinstance(value, str) else None
+    match = re.match(_SIZE, value.strip()) if isinstance(value, str) else None
     if not match:
         raise ValueError(f"expected a size like 200M or a number of bytes, got {value!r}")
     return int(match.group(1)) * 1024 ** " kmg".index((match.group(2) or " ").lower())

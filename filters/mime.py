@@ -20,10 +20,11 @@ from collections.abc import Iterator
 MAX_DEPTH = 64          # nesting deeper than this is kept as one opaque part
 MAX_PARTS = 10_000      # parts beyond this are kept inside an opaque part
 
-_FIELD_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")
+# Patterns as strings: re compiles (and caches) them on first use, not at import.
+_FIELD_NAME = rb"([!-9;-~]+)[ \t]*:"
 _IDENTITY_ENCODINGS = frozenset({"7bit", "8bit", "binary", ""})
-_UNSAFE_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_TOKEN = re.compile(r"[!-9;-~]+\Z")
+_UNSAFE_IN_HEADER = r"[\x00-\x08\x0a-\x1f\x7f]"
+_TOKEN = r"[!-9;-~]+\Z"
 
 
 class ParseError(Exception):
@@ -511,7 +512,7 @@ def _parse_headers(data: bytes) -> tuple[Headers, bytes, int]:
             name, raw = fields[-1]
             fields[-1] = (name, raw + line)
         else:
-            match = _FIELD_NAME.match(line)
+            match = re.match(_FIELD_NAME, line)
             if not match:
                 break       # not a header line: the body starts here without a blank line
             fields.append((match.group(1).decode("ascii"), line))
@@ -531,9 +532,9 @@ def fold_field(name: str, value: str, eol: bytes = b"\n") -> bytes:
     Control characters (CR, LF, NUL ...) are replaced by spaces: whatever a message
     carried, it cannot inject a header line through a value a filter copies.
     """
-    if not _TOKEN.match(name):
+    if not re.match(_TOKEN, name):
         raise ValueError(f"invalid header field name {name!r}")
-    value = _UNSAFE_IN_HEADER.sub(" ", value)
+    value = re.sub(_UNSAFE_IN_HEADER, " ", value)
     if not value.isascii():
         from email.header import Header
 
