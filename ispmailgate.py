@@ -37,6 +37,7 @@ __version__ = "2.0.0"
 EX_OK, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG = 0, 69, 75, 78
 
 DEFAULT_CONFIG_PATH = "/etc/ispmailgate/ispmailgate.toml"
+BUILT_IN_CONFIG = "<built-in default>"
 
 log = logging.getLogger("ispmailgate")
 log.addHandler(logging.NullHandler())   # until configured: never Python's last-resort stderr
@@ -217,6 +218,12 @@ def _positive(value: Any) -> float:
     return float(value)
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a positive whole number, got {value!r}")
+    return value
+
+
 def _one_of(*allowed: str):
     def convert(value: Any) -> str:
         if value not in allowed:
@@ -261,6 +268,13 @@ SETTINGS: dict[str, Setting] = {
                               "A message the parser cannot handle: deliver it unchanged (kept in "
                               "tmp_dir/keep/, postmaster told) or tempfail."),
     "delivery_timeout": Setting(120.0, _positive, "Seconds to wait on each step of a delivery."),
+    "time_limit": Setting(600.0, _positive,
+                          "Wall-clock seconds one message may take in all; past it: tempfail (75)."),
+    "max_mime_depth": Setting(64, _count, "MIME nesting deeper than this is kept as one opaque part."),
+    "max_mime_parts": Setting(10_000, _count, "MIME parts beyond this many are kept in one opaque part."),
+    "mail_user": Setting("", _string, "Started as root: the user to run as (the message is never "
+                                      "touched as root). Required when started as root."),
+    "mail_group": Setting("", _string, "Started as root: the group to run as (default: mail_user's group)."),
     "helo_name": Setting("", _string, "Name for EHLO (default: this host's name)."),
     "default_filter": Setting(("dummy",), _strings, "Chain for recipients no rule matches."),
 }
@@ -290,6 +304,7 @@ class Config:
                  sections: dict[str, Any] | None = None) -> None:
         self.path, self.values, self.rules = path, values, rules
         self.default_chain, self.filters, self.sections = default_chain, filters, sections or {}
+        self.warnings: list[str] = []       # logged by each run once logging is set up
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -313,21 +328,35 @@ def find_config(requested: Path | None) -> Path | None:
 def load_config(path: Path | None) -> Config:
     """Read and check a rule file; ``None`` gives the built-in default."""
     if path is None:
-        return build_config({}, "<built-in default>")
+        return build_config({}, BUILT_IN_CONFIG)
     import tomllib
 
     try:
         with open(path, "rb") as stream:
+            mode = os.fstat(stream.fileno()).st_mode
             table = tomllib.load(stream)
     except OSError as error:
         raise ConfigError("", f"cannot read: {error.strerror or error}", str(path)) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError("", f"TOML syntax: {error}", str(path)) from None
+    if mode & 0o002:
+        raise ConfigError("", "writable by others: anyone could change what happens to mail "
+                              f"(chmod o-w {path})", str(path))
     try:
-        return build_config(table, str(path))
+        config = build_config(table, str(path))
     except ConfigError as error:
         error.source = str(path)
         raise
+    if mode & 0o004 and _holds_passphrases(table):
+        config.warnings.append(f"{path} holds passphrases and is readable by others (chmod o-r)")
+    return config
+
+
+def _holds_passphrases(table: Any) -> bool:
+    if isinstance(table, dict):
+        return any("passphrase" in str(key).lower() or _holds_passphrases(value)
+                   for key, value in table.items())
+    return isinstance(table, list) and any(_holds_passphrases(item) for item in table)
 
 
 def build_config(table: dict[str, Any], source: str) -> Config:
@@ -579,6 +608,11 @@ class ChainRunner:
         except ParseError as error:
             self.log.error("%s: cannot parse the message: %s", step.title, error)
             return Leaf(members, Message(original.raw), None, step.title, unparsed=True)
+        except (OSError, MemoryError) as error:    # the machine's trouble, not the message's
+            self.log.error("%s: %r", step.title, error, exc_info=True)
+            status = "4.3.1" if getattr(error, "errno", None) in (28, 122) or isinstance(error, MemoryError) \
+                else "4.3.0"
+            return Leaf(members, None, TempFail(str(error), status), step.title)
         except Exception as error:
             self.log.error("%s: filter error for %s: %r", step.title, ",".join(members), error,
                            exc_info=True)
@@ -586,6 +620,94 @@ class ChainRunner:
         self.log.debug("%s: %.1f ms for %s%s", step.title, (time.monotonic() - started) * 1000,
                        ",".join(members), " (changed)" if work.changed else "")
         return None
+
+
+# =========================================================================================
+# the process: privileges and time
+# =========================================================================================
+
+BUILT_IN_USER = ("nobody", "nogroup")    # for trying things out as root without a rule file
+
+
+def drop_privileges(config: Config) -> None:
+    """Started as root: become mail_user/mail_group (no supplementary groups) or refuse.
+
+    Called after the rule file is read and before the message is: nothing in a message is
+    ever handled with root's rights.
+    """
+    if os.geteuid() != 0:
+        return
+    import grp
+    import pwd
+
+    user, group = config.mail_user, config.mail_group
+    if not user and config.path == BUILT_IN_CONFIG:
+        user, group = BUILT_IN_USER
+    if not user:
+        raise tempfail("4.3.5", f"refusing to run as root: set mail_user in {config.path}")
+    if user == "root":      # spelled out by the administrator: allowed, never silently
+        log.warning("mail_user is root: this message is handled with root's rights")
+        return
+    preload(config)
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(entry.pw_uid)
+    except (KeyError, OSError) as error:
+        raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
+    if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
+        raise tempfail("4.3.5", f"still root after switching to {user}")
+    log.debug("running as %s (uid %d, gid %d)", user, os.getuid(), os.getgid())
+
+
+def preload(config: Config) -> None:
+    """Import now what the run imports lazily later, for every filter in the rule file.
+
+    Done before privileges are dropped (an interpreter installed under a private home is
+    not readable by mail_user) and before ``serve`` forks its workers (load once).
+    """
+    import importlib
+
+    for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
+                   "shutil", "socket", "subprocess", "syslog"):
+        importlib.import_module(module)
+    for step in {*config.filters.values(), *config.default_chain,
+                 *(step for rule in config.rules for step in rule.chain)}:
+        step.preload()
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised by SIGALRM in the middle of whatever the run was doing (a BaseException,
+    like a verdict, so no ``except Exception`` on the way swallows it)."""
+
+
+class time_limit:
+    """Wall-clock limit for one message, with SIGALRM (main thread only; elsewhere a no-op)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.previous = None
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.previous = signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous is not None:
+            import signal
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+
+    @staticmethod
+    def _expired(signum, frame) -> None:
+        raise TimeLimitExceeded()
 
 
 # =========================================================================================
@@ -611,8 +733,16 @@ class Gate:
         self.config = config
         configure_logging(self.request.facility or config.facility, self.request.debug,
                           config.log_file, self.errors)
+        for warning in config.warnings:
+            log.warning("%s", warning)
         try:
-            return self._run(config)
+            drop_privileges(config)
+            with time_limit(config.time_limit):
+                return self._run(config)
+        except TimeLimitExceeded:
+            log.error("time limit of %s s exceeded", config.time_limit)
+            self._log_summary(f"status=deferred (time limit {config.time_limit} s)")
+            return self._finish(EX_TEMPFAIL, "4.4.7", f"time limit of {config.time_limit:.0f} s exceeded")
         except Stop as stop:
             self._log_summary(f"status={_outcome_word(stop.code)} ({stop.status} {stop.text})")
             return self._finish(stop.code, stop.status, stop.text)
@@ -638,7 +768,8 @@ class Gate:
         data = read_message(self.streams.stdin, config.max_message_size, config.on_oversize)
         self.size = len(data)
         from_line = split_from_line(data)
-        self.message = message = Message(data)
+        self.message = message = Message(data, max_depth=config.max_mime_depth,
+                                         max_parts=config.max_mime_parts)
         sender, recipients = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)

@@ -211,6 +211,10 @@ class Filter:
         """What makes this step differ per recipient (e.g. their own key); None: nothing."""
         return None
 
+    def preload(self) -> None:
+        """Import the modules :meth:`process` imports lazily (called before privileges are
+        dropped and before ``serve`` forks workers)."""
+
     def problems(self) -> list[str]:
         """What is wrong with this filter's environment (files, sockets, keys), for ``check``."""
         return []

@@ -101,3 +101,50 @@ class NeedsWorkdir(Filter):
         if self.record:
             with open(self.record, "w") as out:
                 out.write(str(path))
+
+
+@dataclass(frozen=True)
+class WhoAmI(Filter):
+    """Records the ids it runs with: proves privileges were dropped before the message."""
+
+    name = "whoami"
+    path: str = option("", "file to write 'uid gid groups' to")
+
+    def process(self, message, ctx) -> None:
+        import os
+        with open(self.path, "w") as out:
+            out.write(f"{os.getuid()} {os.geteuid()} {os.getgid()} {os.getegid()} {os.getgroups()}")
+
+
+@dataclass(frozen=True)
+class Sleeper(Filter):
+    """Takes its time."""
+
+    name = "sleeper"
+    seconds: float = option(5.0, "how long")
+
+    def process(self, message, ctx) -> None:
+        import time
+        time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
+class Scribbler(Filter):
+    """Writes ``size`` bytes into the work directory (to meet a full disk)."""
+
+    name = "scribbler"
+    size: int = option(1 << 20, "bytes to write")
+
+    def process(self, message, ctx) -> None:
+        (ctx.workdir() / "blob").write_bytes(b"x" * self.size)
+
+
+@dataclass(frozen=True)
+class Secretive(Filter):
+    """Holds a passphrase (kept out of repr and logs)."""
+
+    name = "secretive"
+    passphrase: str = option("", "a secret", secret=True)
+
+    def process(self, message, ctx) -> None:
+        ctx.log.info("processing with %r", self)

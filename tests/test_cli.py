@@ -135,7 +135,8 @@ def test_one_log_line_per_message(config_file, smtp_sink, tmp_path):
     config = config_file(f'mail_host = "{smtp_sink.address}"\n')
     run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example", "e@f.example"], SIMPLE)
     assert run.code == 0
-    lines = (tmp_path / "gate.log").read_text().splitlines()
+    lines = [line for line in (tmp_path / "gate.log").read_text().splitlines()
+             if "mail_user is root" not in line]      # the fixture's explicit root, warned about
     assert len(lines) == 1
     assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: from=<a@b.example> size=%d "
                      r"to=<c@d.example>,<e@f.example> rule=default chain=dummy outcome=sent .* "

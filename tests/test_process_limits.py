@@ -1,0 +1,125 @@
+"""The process around a message: privileges, the rule file's permissions, time and disk."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, GATE, HERE, run_gate, run_inline
+
+SIMPLE = (CORPUS / "simple.msg").read_bytes()
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user may write (the tests' own tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="igshared"))
+    path.chmod(0o777)
+    yield path
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@root_only
+def test_started_as_root_it_drops_to_mail_user_before_the_message(config_file, shared_dir):
+    record = shared_dir / "ids"
+    config = config_file(f'mail_user = "nobody"\nmail_group = "nogroup"\n'
+                         f'default_filter = ["gate_test_filters:WhoAmI"]\n'
+                         f'[filter.w]\ntype = "gate_test_filters:WhoAmI"\npath = "{record}"\n'
+                         f'[[recipients]]\nfilters = ["w"]\n')
+    config.chmod(0o644)
+    run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    import grp
+    import pwd
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    assert record.read_text() == f"{nobody} {nobody} {nogroup} {nogroup} []"
+    assert run.stdout == SIMPLE
+
+
+@root_only
+def test_as_root_without_mail_user_it_refuses(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('default_filter = ["dummy"]\n')
+    run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.5 refusing to run as root: set mail_user")
+    assert run.stdout == b""
+
+
+@root_only
+def test_the_built_in_default_runs_as_nobody():
+    run = run_gate([], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert run.stdout == SIMPLE
+
+
+def test_a_rule_file_writable_by_others_is_refused(config_file):
+    config = config_file()
+    config.chmod(0o666)
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert "writable by others" in run.first_line
+
+
+def test_passphrases_readable_by_others_are_warned_about(config_file, tmp_path):
+    config = config_file('[filter.p]\ntype = "gate_test_filters:Secretive"\npassphrase = "sesame"\n'
+                         'default_filter = ["p"]\n'.replace('default_filter = ["p"]\n', ''))
+    for mode, warned in ((0o640, False), (0o644, True)):
+        config.chmod(mode)
+        run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+        assert run.code == 0, run.stderr
+        log = (tmp_path / "gate.log").read_text()
+        assert ("holds passphrases and is readable by others" in log) == warned
+        assert "sesame" not in log
+
+
+def test_time_limit_per_message_is_a_tempfail(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\ntime_limit = 1\n'
+                         '[filter.slow]\ntype = "gate_test_filters:Sleeper"\nseconds = 30\n'
+                         '[[recipients]]\nfilters = ["slow"]\n')
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE, timeout=20)
+    assert run.code == 75
+    assert run.first_line == "4.4.7 time limit of 1 s exceeded"
+    assert smtp_sink.messages == []
+
+
+def test_a_full_disk_is_a_tempfail_not_an_error_report(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n'
+                         '[filter.s]\ntype = "gate_test_filters:Scribbler"\nsize = 2000000\n'
+                         '[[recipients]]\nfilters = ["s"]\n')
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # EFBIG instead of a kill
+
+    environment = {**os.environ, "PYTHONPATH": str(HERE)}
+    process = subprocess.run([str(GATE), "-c", str(config), "-f", "a@b.example", "c@d.example"],
+                             input=SIMPLE, capture_output=True, env=environment, timeout=60,
+                             preexec_fn=small_files)
+    stderr = process.stderr.decode()
+    assert process.returncode == 75, stderr
+    assert stderr.startswith("4.3.0 s: [Errno 27] File too large\n")
+    assert "Traceback" not in stderr
+    assert smtp_sink.messages == []       # no postmaster report either: nothing was sent
+
+
+def test_mime_limits_are_configurable(config_file):
+    nested = b"Content-Type: multipart/mixed; boundary=b0\n\n--b0\n"
+    for level in range(1, 6):
+        nested += b"Content-Type: multipart/mixed; boundary=b%d\n\n--b%d\n" % (level, level)
+    nested += b"Content-Type: text/plain\n\nhello\n"
+    config = config_file('max_mime_depth = 3\ndefault_filter = ["gate_test_filters:Upcase"]\n')
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], nested)
+    assert run.code == 0
+    assert run.stdout == nested       # the text part lies deeper than 3 levels: left alone
+    config = config_file('max_mime_depth = 10\ndefault_filter = ["gate_test_filters:Upcase"]\n', name="b.toml")
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], nested)
+    assert run.stdout.endswith(b"HELLO\n")
