@@ -209,6 +209,12 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _domains(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip(". ") for v in value):
+        raise ValueError("expected a list of domain names")
+    return tuple(v.strip(". ").lower() for v in value)
+
+
 def _positive(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
@@ -274,19 +280,39 @@ SETTINGS: dict[str, Setting] = {
     "mail_group": Setting("", _string, "Started as root: the group to run as (default: mail_user's group)."),
     "helo_name": Setting("", _string, "Name for EHLO (default: this host's name)."),
     "default_filter": Setting(("dummy",), _strings, "Chain for recipients no rule matches."),
+    "internal_domains": Setting((), _domains, "Our own domains (subdomains included), for the "
+                                              "rule keys sender_is and recipient_is."),
 }
 
 
+class Condition(NamedTuple):
+    """One test of a rule on the sender or a recipient: a pattern, or our own domains."""
+    subject: str                        # "sender" | "recipient"
+    pattern: Any = None                 # compiled regex, searched
+    domains: tuple[str, ...] = ()       # with no pattern: is the address in these domains?
+    negate: bool = False
+
+    def holds(self, sender: str, recipient: str) -> bool:
+        address = recipient if self.subject == "recipient" else sender
+        found = (self.pattern.search(address) is not None if self.pattern is not None
+                 else in_domains(address, self.domains))
+        return found != self.negate
+
+
 class Rule(NamedTuple):
-    """One ``[[recipients]]`` entry: the first whose patterns match decides the chain."""
+    """One ``[[recipients]]`` entry: the first whose conditions all hold decides the chain."""
     label: str
-    recipient: Any          # compiled pattern or None (matches everybody)
-    sender: Any
+    conditions: tuple[Condition, ...]
     chain: tuple[Filter, ...]
 
     def matches(self, sender: str, recipient: str) -> bool:
-        return ((self.recipient is None or self.recipient.search(recipient) is not None)
-                and (self.sender is None or self.sender.search(sender) is not None))
+        return all(condition.holds(sender, recipient) for condition in self.conditions)
+
+
+def in_domains(address: str, domains: tuple[str, ...]) -> bool:
+    """Is the address's domain one of ``domains`` or below one?  The null sender is not."""
+    domain = address.rpartition("@")[2].lower() if "@" in address else ""
+    return bool(domain) and any(domain == d or domain.endswith("." + d) for d in domains)
 
 
 class Config:
@@ -311,7 +337,12 @@ class Config:
 
 
 # Sections other parts of the project own: name -> loader(table, where) -> value.
-SECTIONS: dict[str, Any] = {}
+def _arc_section(table: Any, where: str) -> Any:
+    from ispmailgate_arc import load_section     # dkimpy and friends only when [arc] is used
+    return load_section(table, where)
+
+
+SECTIONS: dict[str, Any] = {"arc": _arc_section}
 
 
 def find_config(requested: Path | None) -> Path | None:
@@ -373,7 +404,8 @@ def build_config(table: dict[str, Any], source: str) -> Config:
         else:
             raise ConfigError(key, "unknown key")
     filters = _named_filters(table.get("filter", {}))
-    rules = tuple(_rule(entry, i, filters) for i, entry in enumerate(_rule_list(table)))
+    domains = values["internal_domains"]
+    rules = tuple(_rule(entry, i, filters, domains) for i, entry in enumerate(_rule_list(table)))
     default_chain = resolve_chain(values["default_filter"], "default_filter", filters)
     return Config(source, values, rules, default_chain, filters, sections)
 
@@ -385,20 +417,48 @@ def _rule_list(table: dict[str, Any]) -> list[dict[str, Any]]:
     return rules
 
 
-def _rule(entry: dict[str, Any], index: int, filters: dict[str, Filter]) -> Rule:
+RULE_KEYS = {
+    "recipient": "Regex the recipient must match (searched, case-insensitive; \"\" matches all).",
+    "sender": "Regex the envelope sender must match (the null sender is \"\").",
+    "recipient_not": "Regex the recipient must not match.",
+    "sender_not": "Regex the sender must not match.",
+    "recipient_is": "internal | external: the recipient's domain is (not) in internal_domains.",
+    "sender_is": "internal | external: the sender's domain is (not) in internal_domains; "
+                 "the null sender is external.",
+    "filters": "The chain: filter instance names or filter types, in order.",
+}
+
+
+def _rule(entry: dict[str, Any], index: int, filters: dict[str, Filter],
+          internal_domains: tuple[str, ...]) -> Rule:
     where = f"recipients[{index}]"
-    unknown = set(entry) - {"recipient", "sender", "filters"}
+    unknown = set(entry) - set(RULE_KEYS)
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", "unknown key (recipient, sender, filters)")
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}", f"unknown key ({', '.join(RULE_KEYS)})")
     if "filters" not in entry:
         raise ConfigError(f"{where}.filters", "missing: the chain for matching recipients")
     try:
         chain_names = _strings(entry["filters"])
     except ValueError as error:
         raise ConfigError(f"{where}.filters", str(error)) from None
-    return Rule(where, _pattern(entry.get("recipient", ""), f"{where}.recipient"),
-                _pattern(entry.get("sender", ""), f"{where}.sender"),
-                resolve_chain(chain_names, f"{where}.filters", filters))
+    conditions = []
+    for subject in ("recipient", "sender"):
+        for key, negate in ((subject, False), (f"{subject}_not", True)):
+            pattern = _pattern(entry.get(key, ""), f"{where}.{key}")
+            if pattern is not None:
+                conditions.append(Condition(subject, pattern, negate=negate))
+        if f"{subject}_is" in entry:
+            conditions.append(_domain_condition(subject, entry[f"{subject}_is"],
+                                                f"{where}.{subject}_is", internal_domains))
+    return Rule(where, tuple(conditions), resolve_chain(chain_names, f"{where}.filters", filters))
+
+
+def _domain_condition(subject: str, value: Any, where: str, domains: tuple[str, ...]) -> Condition:
+    if value not in ("internal", "external"):
+        raise ConfigError(where, f"expected internal or external, got {value!r}")
+    if not domains:
+        raise ConfigError(where, "needs internal_domains (the domains that are ours)")
+    return Condition(subject, domains=domains, negate=value == "external")
 
 
 def _pattern(value: Any, where: str):

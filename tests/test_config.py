@@ -177,3 +177,48 @@ def test_mail_host_option_overrides_sendmail_command(config_file, smtp_sink, rec
                       "c@d.example"], SIMPLE)
     assert run.code == 0
     assert len(smtp_sink.messages) == 1 and not calls.exists()
+
+
+def test_external_senders_without_a_lookahead(tmp_path):
+    config = load("""
+        internal_domains = ["example.com", "Example.NET."]
+        [[recipients]]
+        sender_is = "external"
+        recipient_is = "internal"
+        filters = ["gate_test_filters:Stamp"]
+    """, tmp_path)
+    assert routes(config, "boss@example.com", "a@example.com") == [("default", "dummy")]
+    assert routes(config, "boss@mail.example.net", "a@example.com") == [("default", "dummy")]
+    assert routes(config, "spam@elsewhere.org", "a@sub.example.com", "b@elsewhere.org") == [
+        ("recipients[0]", "stamp"), ("default", "dummy")]
+    assert routes(config, "", "a@example.com") == [("recipients[0]", "stamp")]   # bounces are external
+    assert routes(config, "x@notexample.com", "a@example.com") == [("recipients[0]", "stamp")]
+
+
+def test_negated_patterns(tmp_path):
+    config = load("""
+        [[recipients]]
+        recipient = '@example\\.com$'
+        recipient_not = '^(postmaster|abuse)@'
+        sender_not = '@partner\\.example$'
+        filters = ["gate_test_filters:Stamp"]
+    """, tmp_path)
+    assert routes(config, "x@y.org", "a@example.com", "abuse@example.com") == [
+        ("recipients[0]", "stamp"), ("default", "dummy")]
+    assert routes(config, "x@partner.example", "a@example.com") == [("default", "dummy")]
+
+
+@pytest.mark.parametrize("text, path, message", [
+    ("[[recipients]]\nsender_is = 'external'\nfilters = ['dummy']\n", "recipients[0].sender_is",
+     "needs internal_domains"),
+    ("internal_domains = ['a.example']\n[[recipients]]\nsender_is = 'outside'\nfilters = ['dummy']\n",
+     "recipients[0].sender_is", "expected internal or external"),
+    ("internal_domains = 'a.example'\n", "internal_domains", "expected a list of domain names"),
+    ("[[recipients]]\nsender_not = '(['\nfilters = ['dummy']\n", "recipients[0].sender_not", "bad regex"),
+])
+def test_rule_key_errors(tmp_path, text, path, message):
+    from ispmailgate_filters.base import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load(text, tmp_path)
+    assert caught.value.path == path and message in caught.value.message

@@ -1,0 +1,157 @@
+"""DKIM survives what the gate does not change; what it changes it seals with ARC.
+
+Signatures and seals are checked with dkimpy's own verify and arc_verify on the bytes
+the next hop received, with keys served by a real DNS server (dnsmasq) on loopback.
+"""
+
+from __future__ import annotations
+
+import re
+
+import dkim
+import pytest
+
+from conftest import CORPUS, run_gate, run_inline
+from mailauth import mailauth  # noqa: F401  (fixture)
+
+SIMPLE = (CORPUS / "simple.msg").read_bytes()
+AUTHSERV = "mx.example.net"
+
+
+def signed(auth, message: bytes = SIMPLE, sender: str = "sender.example") -> bytes:
+    """The message with a From: in the author domain, DKIM-signed by it (LF line ends)."""
+    message = re.sub(rb"(?m)^From: .*$", f"From: Author <author@{sender}>".encode(), message, count=1)
+    signature = dkim.sign(message.replace(b"\n", b"\r\n"), auth.sender_key.selector.encode(),
+                          auth.sender_key.domain.encode(), auth.sender_key.private_pem,
+                          include_headers=[b"from", b"to", b"subject", b"date"])
+    return signature.replace(b"\r\n", b"\n") + message
+
+
+def arc_config(config_file, sink, auth, extra: str = "", arc_extra: str = "", name="arc.toml"):
+    return config_file(f'''
+        mail_host = "{sink.address}"
+        loop_suffix = ""
+        {extra}
+        [arc]
+        domain = "{auth.gateway_key.domain}"
+        selector = "{auth.gateway_key.selector}"
+        private_key_file = "{auth.gateway_key.path}"
+        authserv_id = "{AUTHSERV}"
+        resolver = "{auth.dns.address}"
+        {arc_extra}
+    ''', name=name)
+
+
+def deliver(config, data: bytes, sink) -> bytes:
+    run = run_inline(["-c", str(config), "-f", "author@sender.example", "rcpt@example.com"], data)
+    assert run.code == 0, run.stderr
+    return sink.messages[-1].content
+
+
+def test_dkim_survives_the_dummy_chain_and_nothing_is_sealed(config_file, smtp_sink, mailauth):
+    data = signed(mailauth)
+    wire = deliver(arc_config(config_file, smtp_sink, mailauth), data, smtp_sink)
+    assert wire == data.replace(b"\n", b"\r\n")
+    assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)
+    assert b"ARC-Seal" not in wire
+
+
+def test_dkim_survives_a_filter_that_only_adds_a_header(config_file, smtp_sink, mailauth):
+    data = signed(mailauth)
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Stamp"]')
+    wire = deliver(config, data, smtp_sink)
+    assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)
+    verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+
+
+def test_a_changed_message_is_sealed_with_the_trusted_results_only(config_file, smtp_sink, mailauth):
+    data = (f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=sender.example\n"
+            "Authentication-Results: evil.example; spf=pass smtp.mailfrom=evil.example\n").encode()
+    data += signed(mailauth)
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
+    wire = deliver(config, data, smtp_sink)
+    assert not dkim.verify(wire, dnsfunc=mailauth.dns.txt)        # the body changed
+    verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+    assert [s["instance"] for s in sets] == [1]
+    headers = wire.split(b"\r\n\r\n", 1)[0]
+    aar = re.search(rb"ARC-Authentication-Results: (.*?)\r\n(?![ \t])", headers, re.S).group(1)
+    assert b"i=1; mx.example.net" in aar and b"dkim=pass header.d=sender.example" in aar
+    assert b"evil.example" not in aar and b"spf=" not in aar
+    assert re.search(rb"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=gw.example.net; s=arc1", headers)
+    assert headers.startswith(b"ARC-Seal: ")
+
+
+def test_verify_dkim_records_the_gateways_own_finding(config_file, smtp_sink, mailauth):
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]',
+                        "verify_dkim = true")
+    wire = deliver(config, signed(mailauth), smtp_sink)
+    verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+    assert re.search(rb"ARC-Authentication-Results: i=1; mx.example.net;\s+dkim=pass "
+                     rb"header.d=sender.example header.s=sel", wire)
+
+
+def test_verify_dkim_reports_a_bad_signature_as_fail(config_file, smtp_sink, mailauth):
+    tampered = signed(mailauth).replace(b"Subject: ", b"Subject: tampered ", 1)
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Stamp"]',
+                        "verify_dkim = true")
+    wire = deliver(config, tampered, smtp_sink)
+    assert re.search(rb"ARC-Authentication-Results: i=1; mx.example.net;\s+dkim=fail", wire)
+
+
+def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file, smtp_sink, mailauth):
+    original = (f"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n").encode()
+    original += signed(mailauth)
+    relay = mailauth.relay_key
+    first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
+                          relay.private_pem, b"relay.example")
+    data = b"".join(first).replace(b"\r\n", b"\n") + original
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
+    wire = deliver(config, data, smtp_sink)
+    verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+    assert sorted(s["instance"] for s in sets) == [1, 2]
+    assert re.search(rb"ARC-Seal: i=2; cv=pass; a=rsa-sha256; d=gw.example.net", wire)
+    assert re.search(rb"ARC-Authentication-Results: i=2; mx.example.net;\s+arc=pass", wire)
+
+
+def test_sealing_for_the_sendmail_hop_matches_the_wire(config_file, mailauth, recorder):
+    """The sendmail hop gets LF line ends; on the wire (CRLF) the seal must still verify."""
+    script, calls = recorder(0)
+    config = config_file(f'''
+        sendmail_command = ["{script}"]
+        default_filter = ["gate_test_filters:Upcase"]
+        [arc]
+        domain = "{mailauth.gateway_key.domain}"
+        selector = "{mailauth.gateway_key.selector}"
+        private_key_file = "{mailauth.gateway_key.path}"
+        authserv_id = "{AUTHSERV}"
+    ''')
+    run = run_inline(["-c", str(config), "-f", "a@sender.example", "b@example.com"], signed(mailauth))
+    assert run.code == 0, run.stderr
+    from conftest import recorded_calls
+    handed = recorded_calls(calls)[0]["data"].encode("latin-1")
+    assert b"\r\n" not in handed
+    verdict, _, reason = dkim.arc_verify(handed.replace(b"\n", b"\r\n"), dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+
+
+@pytest.mark.parametrize("mode, message", [(0o644, "readable by others"), (None, "cannot read")])
+def test_the_arc_key_must_be_private_and_present(config_file, smtp_sink, mailauth, tmp_path, mode, message):
+    key = tmp_path / "arc.pem"
+    if mode is not None:
+        key.write_bytes(mailauth.gateway_key.private_pem)
+        key.chmod(mode)
+    config = config_file(f'[arc]\ndomain = "gw.example.net"\nselector = "arc1"\n'
+                         f'private_key_file = "{key}"\nauthserv_id = "{AUTHSERV}"\n')
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert "arc.private_key_file" in run.first_line and message in run.first_line
+
+
+def test_arc_section_errors_name_the_key(config_file):
+    config = config_file('[arc]\ndomain = "gw.example.net"\ncolour = "blue"\n')
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75 and "arc.colour: unknown key" in run.first_line
