@@ -192,8 +192,8 @@ class Part:
             info.set_default_type(self.default_type)
             for name in ("Content-Type", "Content-Disposition"):
                 value = self.headers.get(name)
-                if value is not None:
-                    info[name] = value
+                if value is not None:       # raw 8-bit bytes as text: UTF-8, else U+FFFD
+                    info[name] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
             self._info = info
         return self._info
 
@@ -569,9 +569,11 @@ def python_codec(charset: str | None) -> str:
     name = (charset or "us-ascii").strip().strip('"').lower()
     name = {"us-ascii": "ascii", "unknown-8bit": "latin-1", "x-unknown": "latin-1"}.get(name, name)
     try:
-        return codecs.lookup(name).name
-    except LookupError:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError):      # unknown, or garbage such as a NUL in the name
         return "latin-1"
+    # A MIME charset must name a text encoding, never zlib, base64, rot13 and the like.
+    return info.name if getattr(info, "_is_text_encoding", True) else "latin-1"
 
 
 def decode_body(body: bytes, encoding: str) -> bytes:

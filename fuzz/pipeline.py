@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Coverage-guided fuzzing of the whole pipeline (parse, route, every filter, serialise).
+
+    .venv/bin/python fuzz/pipeline.py -max_total_time=3600 fuzz/work   # the long run
+    .venv/bin/python fuzz/pipeline.py -runs=20000                       # what the tests run
+
+Each input is one message through ``ispmailgate --stdout`` in this process.  A crash is:
+an exit status other than 0, 69 or 75; a traceback on stderr; an internal error or a
+filter failure (both exit 75, so no mail is lost, but each is a bug); or, for the dummy
+chain, output that differs from the input.  Seeds: the shared corpus.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import atheris
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))       # the test filters
+
+with atheris.instrument_imports():
+    import ispmailgate
+    import ispmailgate_delivery  # noqa: F401
+    import ispmailgate_filters.mime  # noqa: F401
+    import gate_test_filters  # noqa: F401
+
+CHAINS = {
+    "dummy": '["dummy"]',
+    "changing": '["gate_test_filters:Upcase", "gate_test_filters:Stamp"]',
+}
+
+
+def load_configs() -> dict[str, ispmailgate.Config]:
+    """Rule files read once, as ``serve`` does: each input costs only its own work."""
+    directory = Path(tempfile.mkdtemp(prefix="igfuzz"))
+    atexit.register(shutil.rmtree, directory, True)
+    configs = {}
+    for name, chain in CHAINS.items():
+        path = directory / f"{name}.toml"
+        user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
+        path.write_text(f'{user}tmp_dir = "{directory}"\ndefault_filter = {chain}\n')
+        configs[name] = ispmailgate.load_config(path)
+    return configs
+
+
+CONFIGS = load_configs()
+
+
+def one_input(data: bytes) -> None:
+    for name, config in CONFIGS.items():
+        stdout, stderr = io.BytesIO(), io.StringIO()
+        request = ispmailgate.Request(["c@d.example"], "a@b.example", Path(config.path), to_stdout=True)
+        code = ispmailgate.Gate(request, ispmailgate.Streams(io.BytesIO(data), stdout, stderr), config).run()
+        complaint = stderr.getvalue()
+        if code not in (0, 69, 75) or "Traceback" in complaint or "internal error" in complaint \
+                or "failed" in complaint:
+            raise AssertionError(f"{name}: exit {code}: {complaint[:2000]}")
+        if name == "dummy" and stdout.getvalue() != data:
+            raise AssertionError("dummy chain changed the bytes")
+
+
+def main() -> None:
+    """libFuzzer's options pass through; new inputs go to the first directory given (a
+    temporary one by default); the shared corpus is always added as read-only seeds."""
+    flags = [a for a in sys.argv[1:] if a.startswith("-")]
+    directories = [a for a in sys.argv[1:] if not a.startswith("-")] or [tempfile.mkdtemp(prefix="igfuzz")]
+    seeds = HERE.parent.parent / "shared" / "corpus" / "mime-tools"
+    if seeds.is_dir():
+        directories.append(str(seeds))
+    if not any(flag.startswith("-timeout=") for flag in flags):
+        flags.append("-timeout=20")       # one input may take 20 s at most: a hang is a crash
+    atheris.Setup([sys.argv[0], *flags, *directories], one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""A short coverage-guided fuzz run of the whole pipeline (the long one: fuzz/pipeline.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import PROJECT
+
+
+def test_short_fuzz_run_finds_nothing(tmp_path):
+    process = subprocess.run([sys.executable, str(PROJECT / "fuzz" / "pipeline.py"), "-runs=15000",
+                              "-rss_limit_mb=1024", str(tmp_path)],
+                             capture_output=True, timeout=1200, check=False)
+    output = process.stderr.decode("utf-8", "replace")
+    assert process.returncode == 0, output[-3000:]
+    assert "Done 15000 runs" in output

@@ -1,0 +1,96 @@
+"""Hostile input through the whole pipeline: parse, route, every filter, serialise.
+
+Every run ends with delivery or a defined exit status, in bounded time, without a
+traceback; bytes that no filter changed come out as they went in.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from conftest import run_gate, run_inline
+from hostile import message
+
+DEFINED = {0, 69, 75}
+PROPERTY = settings(max_examples=150, deadline=5000, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def changing_config(tmp_path_factory):
+    """A chain of filters that read and change every part they understand."""
+    path = tmp_path_factory.mktemp("hostile") / "rules.toml"
+    path.write_text('mail_user = "root"\n'
+                    'default_filter = ["gate_test_filters:Upcase", "gate_test_filters:Stamp"]\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def dummy_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hostile") / "rules.toml"
+    path.write_text('mail_user = "root"\ndefault_filter = ["dummy"]\n')
+    return path
+
+
+@PROPERTY
+@given(data=message())
+def test_the_parser_is_total_and_exact(data):
+    from ispmailgate_filters.mime import Message
+
+    parsed = Message(data)
+    for part in parsed.walk():
+        part._dirty = True
+        part.content_type, part.filename, part.charset       # decoding never raises
+        if part.is_leaf:
+            part.decoded()
+            part.text()
+    assert parsed.to_bytes() == data
+
+
+@PROPERTY
+@given(data=message())
+def test_the_dummy_chain_gives_back_any_bytes(dummy_config, data):
+    run = run_inline(["-c", str(dummy_config), "--stdout", "-f", "a@b.example", "c@d.example"], data)
+    assert run.code == 0
+    assert run.stdout == data
+
+
+@PROPERTY
+@given(data=message())
+def test_changing_filters_end_in_a_defined_state(changing_config, data):
+    run = run_inline(["-c", str(changing_config), "--stdout", "-f", "a@b.example", "c@d.example"], data)
+    assert run.code in DEFINED, run.stderr
+    if run.code == 0:
+        assert run.stdout.startswith(b"X-Stamp: yes")
+
+
+def nested(depth: int) -> bytes:
+    head = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\n\n--b%d\n" % (i, i) for i in range(depth))
+    return b"Subject: deep\n" + head + b"Content-Type: text/plain\n\nthe bottom\n"
+
+
+@pytest.mark.parametrize("name, data", [
+    ("10,000-deep nesting", nested(10_000)),
+    ("1 MB header line", b"Subject: " + b"x" * (1 << 20) + b"\nTo: a@b\n\nbody\n"),
+    ("1 MB folded header", b"Subject: x" + b"\n x" * (1 << 18) + b"\n\nbody\n"),
+    ("NUL and bare CR", b"Subject: a\0b\rc\n\nline\0one\rline two\r\r\n"),
+    ("empty input", b""),
+    ("only a header", b"Subject: no body, no blank line"),
+    ("truncated base64", b"Content-Type: text/plain\nContent-Transfer-Encoding: base64\n\nSGVsbG8gV29y"),
+    ("20,000 parts", b"Content-Type: multipart/mixed; boundary=z\n\n"
+                     + b"--z\nContent-Type: text/plain\n\nx\n" * 20_000 + b"--z--\n"),
+    ("boundary everywhere", b"Content-Type: multipart/mixed; boundary=\"\"\n\n--\n--\n----\n"),
+])
+def test_extreme_inputs_end_in_bounded_time_and_memory(changing_config, dummy_config, name, data):
+    for config, same in ((dummy_config, True), (changing_config, False)):
+        run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], data,
+                       timeout=60)
+        assert run.code in DEFINED, (name, run.stderr)
+        if same:
+            assert run.stdout == data, name
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 600 * 1024, f"{name}: a child used {peak_kib} KiB"
