@@ -966,10 +966,14 @@ class Gate:
                                 f"chain={first.chain_label} outcome={outcome}")
 
     def _log_summary(self, status: str) -> None:
+        """The one line per message: run id, Message-ID, sender, size, groups, status, time."""
         took = (time.monotonic() - self.started) * 1000
         sender = getattr(self, "sender", None)
-        log.info("%s: from=<%s> size=%s %s %s ms=%.0f", self.id, sender if sender is not None else "?",
-                 getattr(self, "size", "?"), "; ".join(self.summary) or "-", status, took)
+        message = getattr(self, "message", None)
+        message_id = one_line(message.header_value("Message-ID") or "-")[:200] if message else "-"
+        log.info("%s: msgid=%s from=<%s> size=%s %s %s ms=%.0f", self.id, message_id,
+                 sender if sender is not None else "?", getattr(self, "size", "?"),
+                 "; ".join(self.summary) or "-", status, took)
 
 
 def _outcome_word(code: int) -> str:

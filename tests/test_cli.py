@@ -138,7 +138,8 @@ def test_one_log_line_per_message(config_file, smtp_sink, tmp_path):
     lines = [line for line in (tmp_path / "gate.log").read_text().splitlines()
              if "mail_user is root" not in line]      # the fixture's explicit root, warned about
     assert len(lines) == 1
-    assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: from=<a@b.example> size=%d "
+    assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: msgid=- "
+                     r"from=<a@b.example> size=%d "
                      r"to=<c@d.example>,<e@f.example> rule=default chain=dummy outcome=sent .* "
                      r"status=done ms=\d+" % len(SIMPLE), lines[0]), lines[0]
 
@@ -171,3 +172,10 @@ def test_unwritable_tmp_dir_is_a_tempfail(config_file, smtp_sink, tmp_path):
     assert run.code == 75
     assert "cannot create a work directory" in run.first_line
     assert smtp_sink.messages == []
+
+
+def test_the_log_line_names_the_message_id(config_file, smtp_sink, tmp_path):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n')
+    data = b"Message-ID: <abc.123@example.org>\nSubject: x\n\nbody\n"
+    assert run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], data).code == 0
+    assert "msgid=<abc.123@example.org> from=<a@b.example>" in (tmp_path / "gate.log").read_text()
