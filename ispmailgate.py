@@ -115,6 +115,26 @@ def admin() -> None:
     """Administration commands; a first argument naming none of them is a recipient."""
 
 
+@admin_cli.command("serve")
+def serve(
+    socket: Annotated[str | None, typer.Option(
+        "--socket", metavar="PATH", help="Unix socket to listen on (overrides serve.socket).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, metavar="N", help="Worker processes (overrides serve.workers).")] = None,
+    pidfile: Annotated[Path | None, typer.Option(
+        "--pidfile", metavar="FILE", help="Write the master's pid here (overrides serve.pid_file).")] = None,
+    foreground: Annotated[bool, typer.Option(
+        "--foreground/--daemon", help="Stay in the foreground (systemd) or detach as a classic daemon.")] = True,
+    config: Annotated[Path | None, typer.Option(
+        "-c", "--config", metavar="FILE", envvar="ISPMAILGATE_CONFIG", help="Rule file (TOML).")] = None,
+) -> int:
+    """Serve ispmailgate-client: pre-forked workers behind a Unix socket."""
+    import ispmailgate_serve
+
+    return ispmailgate_serve.serve(config, socket=socket, workers=workers, pidfile=pidfile,
+                                   foreground=foreground)
+
+
 @dataclass
 class Invocation:
     """What a run gets besides argv: its streams, and the config a server loaded once."""
@@ -299,6 +319,15 @@ class Config:
 
 # Sections other parts of the project own: name -> loader(table, where) -> value.
 SECTIONS: dict[str, Any] = {}
+
+
+def _serve_section(table: Any, where: str) -> Any:
+    from ispmailgate_serve import load_section     # only a rule file with [serve] pays for it
+
+    return load_section(table, where)
+
+
+SECTIONS["serve"] = _serve_section
 
 
 def find_config(requested: Path | None) -> Path | None:
