@@ -240,6 +240,19 @@ def send_reply(connection, stdout: bytes, stderr: bytes, status: int) -> None:
         connection.sendall(piece)
 
 
+def linger(connection, timeout: float) -> None:
+    """Read what the client still sends until it hangs up (briefly): closing a Unix socket
+    with unread data resets the connection, and the client would lose the reply."""
+    import socket
+
+    connection.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        connection.settimeout(left)
+        if not connection.recv(1 << 16):
+            return
+
+
 def peer_credentials(connection) -> tuple[int, int, int]:
     """(pid, uid, gid) of the client, from the kernel (SO_PEERCRED), not from the client."""
     import socket
@@ -346,6 +359,7 @@ class Worker:
         try:
             connection.settimeout(self.settings.read_timeout)
             send_reply(connection, stdout, stderr, status)
+            linger(connection, self.settings.read_timeout)
         except OSError as error:
             log.error("worker %d: could not answer pid=%d (exit %d was due): %s", self.pid, pid, status, error)
         log.info("worker %d: pid=%d uid=%d exit=%d ms=%.0f", self.pid, pid, uid, status,
@@ -538,8 +552,8 @@ class Arbiter:
 
     def stop(self, graceful: bool) -> int:
         """Stop accepting, let the workers finish their messages (or kill them), then exit."""
-        notify("STOPPING=1")
         self.listener.close()
+        notify("STOPPING=1")
         log.info("stopping (%s)", "draining the workers" if graceful else "at once")
         for pid, worker in list(self.workers.items()):
             if graceful:
@@ -770,17 +784,20 @@ def _parent_of_daemon(listener: Listener, report_fd: int) -> int:
     listener.owned = False          # the daemon owns the socket now
     listener.sock.close()
     with os.fdopen(report_fd, "rb") as report:
-        answer = report.read()
-    if answer == b"ready":
+        answer = report.read(len(READY))       # not to EOF: the workers hold the pipe too
+    if answer == READY:
         return EX_OK
     sys.stderr.write("ispmailgate serve: the daemon failed to start (see the log)\n")
     return EX_CONFIG
 
 
+READY = b"ready"
+
+
 def _ready(ready_pipe: int | None) -> None:
     notify(f"READY=1\nMAINPID={os.getpid()}")
     if ready_pipe is not None:
-        os.write(ready_pipe, b"ready")
+        os.write(ready_pipe, READY)
         os.close(ready_pipe)
 
 
