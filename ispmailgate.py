@@ -13,6 +13,7 @@ argv -> config -> envelope -> route -> run chains -> deliver -> exit status.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -164,7 +165,7 @@ def run(argv: list[str], streams: Streams, preloaded: Config | None = None) -> i
     """Run one command line; always returns an exit status an MTA understands."""
     try:
         cli = admin_cli if argv and argv[0] in admin_commands() else gate_cli
-        command = typer.main.get_command(cli)
+        command = click_command(cli)
         status = command.main(args=list(argv), prog_name="ispmailgate", standalone_mode=False,
                               obj=Invocation(streams, preloaded))
     except typer.TyperException as error:              # usage errors: never typer's exit 2
@@ -181,6 +182,12 @@ def run(argv: list[str], streams: Streams, preloaded: Config | None = None) -> i
     if status is None:
         return EX_OK
     return _status_line(streams, EX_TEMPFAIL, "4.3.0", f"interrupted (status {status})")
+
+
+@functools.cache
+def click_command(cli: typer.Typer):
+    """The click command typer builds from an app: once, as it costs most of a served run."""
+    return typer.main.get_command(cli)
 
 
 def admin_commands() -> set[str]:

@@ -585,7 +585,7 @@ class Arbiter:
 # What a run imports inside functions: imported once here, so no worker pays for it and a
 # worker that dropped privileges needs no read access to the Python installation.
 PRELOAD = ("email.message", "email.header", "email.utils", "codecs", "importlib.metadata",
-           "shutil", "socket", "subprocess", "syslog", "tomllib", "typer.rich_utils")
+           "encodings.idna", "shutil", "socket", "subprocess", "syslog", "tomllib", "typer.rich_utils")
 
 
 def serve(config_path: Path | None, *, socket: str | None = None, workers: int | None = None,
@@ -630,6 +630,8 @@ def _load(path: Path | None) -> tuple[Path | None, Config]:
     config = ispmailgate.load_config(path)
     for name in PRELOAD:
         importlib.import_module(name)
+    for cli in (ispmailgate.gate_cli, ispmailgate.admin_cli):
+        ispmailgate.click_command(cli)          # built once here, not in every worker
     return path, config
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, Run, Sink, SinkHandler, free_port, wait_for
+from conftest import HERE, Run, Sink, running_sink, wait_for
 
 CLIENT = Path(sys.executable).parent / "ispmailgate-client"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -48,15 +48,8 @@ def python(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def sink():
     """One SMTP sink for a module's servers (the conftest fixture is per test)."""
-    from aiosmtpd.controller import Controller
-
-    handler = SinkHandler()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port, decode_data=False,
-                            enable_SMTPUTF8=True, data_size_limit=0)
-    controller.start()
-    yield Sink(handler, port)
-    controller.stop()
+    with running_sink() as sink:
+        yield sink
 
 
 def drain(sink: Sink) -> list:
