@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import CORPUS, crlf, run_gate
-from ispmailgate_client import ARGUMENTS, DATA, END, MAX_FRAME, client_options, encode_arguments, frame
+from ispmailgate_client import ARGUMENTS, DATA, MAX_FRAME, client_options, encode_arguments, frame
 from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
 from serving import python, sink  # noqa: F401  (fixtures)
 
