@@ -14,6 +14,7 @@ argv -> config -> envelope -> route -> run chains -> deliver -> exit status.
 # No "from __future__ import annotations" here: typer would then eval every annotation
 # string of the CLI function at each start, a few milliseconds the one-shot path saves.
 
+import functools
 import logging
 import os
 import re
@@ -119,6 +120,26 @@ def admin() -> None:
     """Administration commands; a first argument naming none of them is a recipient."""
 
 
+@admin_cli.command("serve")
+def serve(
+    socket: Annotated[str | None, typer.Option(
+        "--socket", metavar="PATH", help="Unix socket to listen on (overrides serve.socket).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, metavar="N", help="Worker processes (overrides serve.workers).")] = None,
+    pidfile: Annotated[Path | None, typer.Option(
+        "--pidfile", metavar="FILE", help="Write the master's pid here (overrides serve.pid_file).")] = None,
+    foreground: Annotated[bool, typer.Option(
+        "--foreground/--daemon", help="Stay in the foreground (systemd) or detach as a classic daemon.")] = True,
+    config: Annotated[Path | None, typer.Option(
+        "-c", "--config", metavar="FILE", envvar="ISPMAILGATE_CONFIG", help="Rule file (TOML).")] = None,
+) -> int:
+    """Serve ispmailgate-client: pre-forked workers behind a Unix socket."""
+    import ispmailgate_serve
+
+    return ispmailgate_serve.serve(config, socket=socket, workers=workers, pidfile=pidfile,
+                                   foreground=foreground)
+
+
 class Invocation(NamedTuple):
     """What a run gets besides argv: its streams, and the config a server loaded once."""
     streams: Streams
@@ -146,7 +167,7 @@ def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) ->
     """Run one command line; always returns an exit status an MTA understands."""
     try:
         cli = admin_cli if argv and argv[0] in admin_commands() else gate_cli
-        command = typer.main.get_command(cli)
+        command = click_command(cli)
         status = command.main(args=list(argv), prog_name="ispmailgate", standalone_mode=False,
                               obj=Invocation(streams, preloaded))
     except typer.TyperException as error:              # usage errors: never typer's exit 2
@@ -163,6 +184,12 @@ def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) ->
     if status is None:
         return EX_OK
     return _status_line(streams, EX_TEMPFAIL, "4.3.0", f"interrupted (status {status})")
+
+
+@functools.cache
+def click_command(cli: typer.Typer):
+    """The click command typer builds from an app: once, as it costs most of a served run."""
+    return typer.main.get_command(cli)
 
 
 def admin_commands() -> set[str]:
@@ -343,6 +370,15 @@ def _arc_section(table: Any, where: str) -> Any:
 
 
 SECTIONS: dict[str, Any] = {"arc": _arc_section}
+
+
+def _serve_section(table: Any, where: str) -> Any:
+    from ispmailgate_serve import load_section     # only a rule file with [serve] pays for it
+
+    return load_section(table, where)
+
+
+SECTIONS["serve"] = _serve_section
 
 
 def find_config(requested: Path | None) -> Path | None:
@@ -728,7 +764,8 @@ def preload(config: Config) -> None:
     import importlib
 
     for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
-                   "shutil", "socket", "subprocess", "syslog"):
+                   "encodings.idna", "importlib.metadata", "shutil", "socket", "subprocess",
+                   "syslog", "tomllib", "typer.rich_utils"):
         importlib.import_module(module)
     for step in {*config.filters.values(), *config.default_chain,
                  *(step for rule in config.rules for step in rule.chain)}:

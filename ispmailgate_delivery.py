@@ -254,6 +254,9 @@ class SmtpSession:
         import socket
 
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        # Commands and the final dot are small writes that follow one another: with Nagle's
+        # algorithm each waits for the delayed ACK of the last (40 ms a message on Linux).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.input = self.sock.makefile("rb")
 
     def reply(self) -> Reply:

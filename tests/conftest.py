@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -112,8 +113,8 @@ class Sink:
         return self.handler.messages
 
 
-@pytest.fixture
-def smtp_sink():
+@contextlib.contextmanager
+def running_sink():
     """A real SMTP server (aiosmtpd) on a fresh loopback port, stopped afterwards."""
     from aiosmtpd.controller import Controller
 
@@ -126,6 +127,12 @@ def smtp_sink():
         yield Sink(handler, port)
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def smtp_sink():
+    with running_sink() as sink:
+        yield sink
 
 
 @pytest.fixture

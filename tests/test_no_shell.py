@@ -32,10 +32,18 @@ def shell_uses(path) -> list[str]:
             if keyword.arg == "shell" and not (isinstance(keyword.value, ast.Constant) and
                                                keyword.value.value is False):
                 problems.append(f"{where}: shell=...")
-        if name in RUNNERS and node.args and isinstance(node.args[0], (ast.Constant, ast.JoinedStr, ast.BinOp)):
-            if not isinstance(node.args[0], ast.Constant) or isinstance(node.args[0].value, str):
-                problems.append(f"{where}: {name}() with a command string")
+        if name in RUNNERS and node.args and is_string(node.args[0]):
+            problems.append(f"{where}: {name}() with a command string")
     return problems
+
+
+def is_string(node) -> bool:
+    """A str literal, an f-string, or text glued to one ("ls " + x, "rm %s" % x)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    return isinstance(node, ast.BinOp) and (is_string(node.left) or is_string(node.right))
 
 
 def test_no_shell_and_no_command_strings_anywhere():
@@ -48,9 +56,10 @@ def test_no_shell_and_no_command_strings_anywhere():
 def test_the_checker_would_see_them(tmp_path):
     bad = PROJECT / "tests" / "_shell_probe_tmp.py"
     bad.write_text("import os, subprocess\nos.system('ls')\nsubprocess.run('ls -l', shell=True)\n"
-                   "subprocess.Popen(f'rm {x}')\n")
+                   "subprocess.Popen(f'rm {x}')\nsubprocess.call('rm ' + x)\n"
+                   "subprocess.run(['ls'] + args)\n")
     try:
         found = shell_uses(bad)
     finally:
         bad.unlink()
-    assert len(found) == 4, found
+    assert len(found) == 5, found

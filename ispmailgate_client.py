@@ -1,0 +1,194 @@
+"""ispmailgate-client: hands one message to a running ``ispmailgate serve``.
+
+    ispmailgate-client [--socket PATH] [--fallback oneshot|tempfail] [ispmailgate arguments] < message
+
+The MTA runs this where it would run ``ispmailgate``: every argument after the client's
+own leading options goes to a server worker unparsed, with the message, and the worker
+answers with what a one-shot run would have written to stdout and stderr and its exit
+status.  The client starts fast because it imports almost nothing (no typer, no email
+package); keep it that way.  When the server cannot be reached it runs the one-shot
+``ispmailgate`` with the same arguments and the untouched stdin, or exits 75, as
+configured: the message is never lost.  The wire protocol is described in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DEFAULT_SOCKET = "/run/ispmailgate/ispmailgate.sock"
+DEFAULT_CONFIG_PATH = "/etc/ispmailgate/ispmailgate.toml"    # as in ispmailgate.py
+EX_TEMPFAIL = 75
+FALLBACKS = ("oneshot", "tempfail")
+
+# The wire protocol, shared with ispmailgate_serve.
+PROTOCOL_VERSION = 1
+ARGUMENTS, DATA, END = b"A", b"D", b"."            # client -> server frames
+STDOUT, STDERR, EXIT = b"O", b"E", b"X"            # server -> client frames
+MAX_FRAME = 2 << 20                                # bytes of payload in one frame
+CHUNK = 1 << 16
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """One frame: kind byte, payload length (4 bytes, big-endian), payload."""
+    return kind + len(payload).to_bytes(4, "big") + payload
+
+
+def encode_arguments(args: list[str]) -> bytes:
+    """Each argument NUL-terminated, as the bytes the kernel gave us (like the C wrapper)."""
+    return b"".join(os.fsencode(arg) + b"\0" for arg in args)
+
+
+def main() -> int:
+    """Console-script entry point: ``ispmailgate-client``."""
+    socket_path, fallback, args = client_options(sys.argv[1:])
+    try:
+        connection = connect(socket_path)
+    except OSError as error:
+        return fall_back(fallback, args, f"cannot reach the server at {socket_path}: "
+                                         f"{error.strerror or error}")
+    try:
+        send_request(connection, args)
+        return relay_reply(connection)
+    finally:
+        connection.close()
+
+
+def client_options(argv: list[str]) -> tuple[str, str | None, list[str]]:
+    """The client's own options, only in front; everything after belongs to ispmailgate."""
+    socket_path = os.environ.get("ISPMAILGATE_SOCKET") or DEFAULT_SOCKET
+    fallback = os.environ.get("ISPMAILGATE_FALLBACK") or None
+    while argv:
+        name, has_value, value = argv[0].partition("=")
+        if name not in ("--socket", "--fallback"):
+            break
+        if not has_value:
+            if len(argv) < 2:
+                break
+            value, argv = argv[1], argv[1:]
+        argv = argv[1:]
+        if name == "--socket":
+            socket_path = value
+        else:
+            fallback = value
+    return socket_path, fallback, argv
+
+
+def connect(path: str):
+    import _socket      # the C module: socket.py would pull in enum and selectors
+
+    connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        connection.connect(path)
+    except OSError:
+        connection.close()
+        raise
+    return connection
+
+
+def send_request(connection, args: list[str]) -> None:
+    """Arguments, then stdin in chunks; stops early when the server has already answered.
+
+    The server answers before the end of the message when it needs no message (--help,
+    a usage error) or refuses it (too large): then the rest is not sent.
+    """
+    import select
+
+    try:
+        connection.sendall(bytes([PROTOCOL_VERSION]) + frame(ARGUMENTS, encode_arguments(args)))
+        while True:
+            readable, _, _ = select.select([0, connection], [], [])
+            if connection in readable:
+                return
+            chunk = os.read(0, CHUNK)
+            if not chunk:
+                connection.sendall(frame(END))
+                return
+            connection.sendall(frame(DATA, chunk))
+    except OSError:
+        return          # the server closed early; its answer, if any, is still readable
+
+
+def relay_reply(connection) -> int:
+    """Copies stdout and stderr frames to ours; the exit frame ends the reply."""
+    reader = Reader(connection)
+    try:
+        if reader.exactly(1) != bytes([PROTOCOL_VERSION]):
+            return tempfail("the server speaks another protocol version")
+        while True:
+            kind, length = reader.exactly(1), int.from_bytes(reader.exactly(4), "big")
+            if length > MAX_FRAME:
+                return tempfail("malformed reply from the server")
+            payload = reader.exactly(length)
+            if kind == EXIT and length == 1:
+                return payload[0]
+            if kind not in (STDOUT, STDERR):
+                return tempfail("malformed reply from the server")
+            write_all(1 if kind == STDOUT else 2, payload)
+    except EOFError:
+        return tempfail("the server closed the connection before the result; "
+                        "the message stays with the MTA")
+    except OSError as error:
+        return tempfail(f"lost the connection to the server: {error.strerror or error}")
+
+
+class Reader:
+    def __init__(self, connection) -> None:
+        self.connection = connection
+
+    def exactly(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = self.connection.recv(min(size - len(data), 1 << 20))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return bytes(data)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def tempfail(text: str) -> int:
+    """The status line the MTA quotes, like ispmailgate's own."""
+    try:
+        write_all(2, f"4.3.0 ispmailgate-client: {text}\n".encode())
+    except OSError:
+        pass
+    return EX_TEMPFAIL
+
+
+def fall_back(fallback: str | None, args: list[str], reason: str) -> int:
+    """Server unreachable: the one-shot run on the same stdin (nothing was read), or 75."""
+    mode = fallback or configured_fallback()
+    if mode not in FALLBACKS:
+        return tempfail(f"{reason}; unknown fallback {mode!r} (oneshot or tempfail)")
+    if mode == "tempfail":
+        return tempfail(reason)
+    # -P: never import an ispmailgate.py that happens to lie in the current directory.
+    command = [sys.executable, "-P", "-c", "import sys, ispmailgate; sys.exit(ispmailgate.main())", *args]
+    try:
+        os.execv(sys.executable, command)
+    except OSError as error:
+        return tempfail(f"{reason}; cannot run the one-shot ispmailgate: {error.strerror}")
+    return EX_TEMPFAIL      # not reached
+
+
+def configured_fallback() -> str:
+    """``[serve] fallback`` from the rule file; read only on this rare path."""
+    path = os.environ.get("ISPMAILGATE_CONFIG") or DEFAULT_CONFIG_PATH
+    try:
+        import tomllib
+
+        with open(path, "rb") as stream:
+            value = tomllib.load(stream).get("serve", {}).get("fallback", "oneshot")
+    except (OSError, ValueError, AttributeError):
+        return "oneshot"    # the one-shot run reports a broken rule file itself (and exits 75)
+    return value if isinstance(value, str) else "oneshot"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

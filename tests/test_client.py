@@ -1,0 +1,191 @@
+"""ispmailgate-client and the wire protocol: bad requests, an absent server, start-up cost."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CORPUS, crlf, run_gate
+from ispmailgate_client import ARGUMENTS, DATA, MAX_FRAME, client_options, encode_arguments, frame
+from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
+from serving import python, sink  # noqa: F401  (fixtures)
+
+SIMPLE = (CORPUS / "simple.msg").read_bytes()
+MBOX = (CORPUS / "ak-0696.msg").read_bytes()
+
+
+def test_client_options_come_first_and_everything_else_is_forwarded(monkeypatch):
+    monkeypatch.delenv("ISPMAILGATE_SOCKET", raising=False)
+    monkeypatch.delenv("ISPMAILGATE_FALLBACK", raising=False)
+    assert client_options(["--socket", "/s", "--fallback=tempfail", "-f", "a", "--socket", "x"]) == \
+        ("/s", "tempfail", ["-f", "a", "--socket", "x"])
+    assert client_options(["--", "--socket"]) == ("/run/ispmailgate/ispmailgate.sock", None, ["--", "--socket"])
+    monkeypatch.setenv("ISPMAILGATE_SOCKET", "/env.sock")
+    assert client_options(["-f", "a"])[0] == "/env.sock"
+
+
+def test_arguments_travel_as_nul_terminated_bytes():
+    assert encode_arguments([]) == b""
+    assert encode_arguments(["", "-f", "ä"]) == b"\0-f\0\xc3\xa4\0"
+
+
+# -- malformed, oversize and slow requests ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def strict_server(python, sink):  # noqa: F811
+    config = (f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nread_timeout = 1\n'
+              'request_timeout = 4\nmax_request_size = "64K"\n')
+    with Server(python, config) as server:
+        yield server
+
+
+def exchange(path, data: bytes, *, close_early: bool = False) -> tuple[int | None, bytes]:
+    """Sends raw bytes, reads the whole reply: (exit status or None, stderr frames)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(60)
+        connection.connect(str(path))
+        try:
+            connection.sendall(data)
+        except OSError:
+            pass
+        if close_early:
+            return None, b""
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    assert reply[:1] == b"\x01", reply
+    position, stderr, status = 1, b"", None
+    while position < len(reply):
+        kind, length = reply[position:position + 1], int.from_bytes(reply[position + 1:position + 5], "big")
+        payload = reply[position + 5:position + 5 + length]
+        position += 5 + length
+        if kind == b"E":
+            stderr += payload
+        elif kind == b"X":
+            status = payload[0]
+    return status, stderr
+
+
+ARGS = encode_arguments(["-f", "a@b.example", "c@d.example"])
+BAD_REQUESTS = [
+    (b"\x02" + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 2"),
+    (b"GET / HTTP/1.0\r\n\r\n", "bad request: unsupported protocol version 71"),
+    (b"\x01" + frame(DATA, b"x"), "bad request: expected the argument frame first"),
+    (b"\x01" + frame(ARGUMENTS, b"-f\0a@b"), "bad request: expected the argument frame first"),
+    (b"\x01A" + (MAX_FRAME + 1).to_bytes(4, "big"), f"bad request: frame of {MAX_FRAME + 1} bytes"),
+    (b"\x01" + frame(ARGUMENTS, ARGS) + frame(b"Q", b"?"), "cannot read the message: unexpected frame b'Q'"),
+    (b"\x01" + frame(ARGUMENTS, ARGS) + frame(DATA, b"x" * 40000) * 2,
+     "request larger than serve.max_request_size (65536 bytes)"),
+    (b"\x01" + frame(ARGUMENTS, ARGS)[:3], "bad request: the client sent nothing for 1 s"),
+    (b"\x01" + frame(ARGUMENTS, ARGS) + frame(DATA, b"Subject: slow\n\n"),
+     "cannot read the message: the client sent nothing for 1 s"),
+    (b"", "bad request: the client sent nothing for 1 s"),
+]
+
+
+@pytest.mark.parametrize("data, complaint", BAD_REQUESTS)
+def test_a_bad_request_gets_an_error_reply_and_the_worker_goes_on(strict_server, sink, data, complaint):  # noqa: F811
+    [worker] = strict_server.workers()
+    status, stderr = exchange(strict_server.socket, data)
+    assert status == 75
+    assert stderr.startswith(b"4.3.0 ") and complaint.encode() in stderr, stderr
+    run = strict_server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
+    assert strict_server.workers() == {worker}
+
+
+def test_a_client_that_hangs_up_does_not_hurt_the_worker(strict_server, sink):  # noqa: F811
+    [worker] = strict_server.workers()
+    for data in (b"", b"\x01", b"\x01" + frame(ARGUMENTS, ARGS) + frame(DATA, SIMPLE[:100])):
+        exchange(strict_server.socket, data, close_early=True)
+    assert strict_server.client(["--version"], b"").code == 0
+    assert drain(sink) == [] and strict_server.workers() == {worker}
+
+
+def test_an_oversize_message_through_the_client_is_a_tempfail(strict_server, sink):  # noqa: F811
+    run = strict_server.client(["-f", "a@b.example", "c@d.example"], SIMPLE * 100)
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.0 cannot read the message: request larger than "
+                                     "serve.max_request_size")
+    assert drain(sink) == []
+
+
+def test_the_server_answers_before_the_message_when_it_needs_none(strict_server):
+    """--help on a terminal-like stdin that never ends: the answer comes anyway."""
+    process = subprocess.Popen([str(CLIENT), "--socket", str(strict_server.socket), "--help"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=client_env())
+    try:
+        assert process.wait(timeout=60) == 0        # stdin still open: nothing was waited for
+        assert b"Usage: ispmailgate" in process.stdout.read()
+    finally:
+        process.stdin.close()
+        process.kill()
+
+
+# -- the server is not there ---------------------------------------------------------------------
+
+def absent_socket() -> str:
+    return str(shared_folder() / "nobody-listens.sock")
+
+
+def test_server_absent_falls_back_to_the_one_shot_run(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n')
+    args = ["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"]
+    run = run_client(absent_socket(), args, MBOX)
+    assert (run.code, run.stdout, run.stderr) == (0, MBOX, "")
+    run = run_client(absent_socket(), ["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert [m.content for m in smtp_sink.messages] == [crlf(SIMPLE)]
+
+
+def test_a_stale_socket_file_counts_as_absent(config_file):
+    path = shared_folder() / "stale.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))            # bound, never listening: connection refused
+    run = run_client(path, ["-c", str(config_file()), "--stdout", "-f", "a@b.example", "c@d"], SIMPLE)
+    assert (run.code, run.stdout) == (0, SIMPLE)
+
+
+@pytest.mark.parametrize("how", ["option", "environment", "rule file"])
+def test_server_absent_with_fallback_tempfail_exits_75(config_file, smtp_sink, how):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n[serve]\nfallback = "tempfail"\n')
+    args, env = ["-c", str(config), "-f", "a@b.example", "c@d.example"], {}
+    if how == "option":
+        args = ["--fallback", "tempfail", *args]
+    elif how == "environment":
+        env = {"ISPMAILGATE_FALLBACK": "tempfail"}
+    else:
+        env = {"ISPMAILGATE_CONFIG": str(config)}
+    socket_path = absent_socket()
+    run = run_client(socket_path, args, SIMPLE, env=env)
+    assert run.code == 75
+    assert run.first_line == (f"4.3.0 ispmailgate-client: cannot reach the server at {socket_path}: "
+                              "No such file or directory")
+    assert smtp_sink.messages == []
+
+
+def test_the_fallback_gives_the_one_shot_result_for_usage_errors_too():
+    for args in (["--no-such-option"], ["--version"]):
+        one_shot, fallen_back = run_gate(args, SIMPLE), run_client(absent_socket(), args, SIMPLE)
+        assert (fallen_back.code, fallen_back.stdout, fallen_back.stderr) == \
+               (one_shot.code, one_shot.stdout, one_shot.stderr)
+
+
+# -- start-up cost ------------------------------------------------------------------------------
+
+def test_the_client_imports_neither_typer_nor_email_nor_the_core(strict_server):
+    process = subprocess.run([sys.executable, "-X", "importtime", str(CLIENT), "--socket",
+                              str(strict_server.socket), "--version"], capture_output=True,
+                             env=client_env(), timeout=60)
+    assert process.returncode == 0 and process.stdout.startswith(b"ispmailgate ")
+    imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", process.stderr.decode(), re.M))
+    assert "ispmailgate_client" in imported
+    assert not {name for name in imported if name.split(".")[0] in
+                ("typer", "click", "rich", "email", "ispmailgate", "ispmailgate_filters", "socket",
+                 "tomllib", "subprocess")}, sorted(imported)

@@ -1,0 +1,333 @@
+"""ispmailgate serve: a real server in a subprocess, the real client, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CORPUS, Sink, crlf, run_gate, wait_for
+from serving import CLIENT, Server, drain, proc_status, shared_folder, wait_for_workers
+from serving import python, sink  # noqa: F401  (fixtures)
+
+SIMPLE = (CORPUS / "simple.msg").read_bytes()
+MBOX = (CORPUS / "ak-0696.msg").read_bytes()        # starts with a From_ line
+
+
+# -- the [serve] section ------------------------------------------------------------------
+
+def test_serve_section_is_checked_with_the_rule_file(tmp_path):
+    import ispmailgate
+    from ispmailgate_filters.base import ConfigError
+
+    path = tmp_path / "rules.toml"
+    path.write_text('[serve]\nworkers = 3\nsocket_mode = "0640"\nmax_request_size = "2M"\n')
+    settings = ispmailgate.load_config(path).sections["serve"]
+    assert (settings.workers, settings.socket_mode, settings.max_request_size) == (3, 0o640, 2 << 20)
+    assert settings.fallback == "oneshot"
+    for text, complaint in (("[serve]\nworkerz = 1\n", "serve.workerz: unknown key"),
+                            ("[serve]\nworkers = 0\n", "serve.workers: expected an integer >= 1"),
+                            ('[serve]\nfallback = "later"\n', "serve.fallback: expected one of"),
+                            ('[serve]\nsocket_mode = "rw"\n', "serve.socket_mode: expected an octal")):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as error:
+            ispmailgate.load_config(path)
+        assert complaint in str(error.value) and str(path) in str(error.value)
+
+
+# -- served == one-shot -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(python, sink):
+    with Server(python, f'mail_host = "{sink.address}"\n[serve]\nworkers = 2\n') as server:
+        yield server
+
+
+SAME_RESULT_CASES = [
+    (["--help"], b""),
+    (["-h"], b""),
+    (["--version"], b""),
+    (["--no-such-option"], SIMPLE),
+    (["-f"], SIMPLE),
+    (["--mail-host"], SIMPLE),
+    (["--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["--stdout", "-d", "-f", "a@b.example", "c@d.example"], MBOX),
+    (["--stdout", "c@d.example"], MBOX),
+    (["--stdout", "-f", "a@b.example", "c@d.example"], b""),
+    ([], SIMPLE),                                           # shell test mode
+    (["-d"], MBOX),
+    (["c@d.example"], SIMPLE),                              # no sender anywhere: 4.5.1
+    (["-f", "a@b\nRCPT TO:<evil@x>", "c@d.example"], SIMPLE),
+    (["-f", "a@b.example", "--", "two words@x"], SIMPLE),
+    (["-m", "[::1", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-f", "a@b.example", "c@d.example", "e@f.example"], SIMPLE),
+    (["-f", "", "--", "-odd@example.com"], MBOX),
+    (["-f", "a@b.example", "ümlaut@exämple.org"], SIMPLE),
+]
+
+
+@pytest.mark.parametrize("args, stdin", SAME_RESULT_CASES)
+def test_served_result_is_the_one_shot_result(server, sink, args, stdin):
+    config_args = ["-c", str(server.config)] if args[:1] != ["--help"] else []
+    one_shot = run_gate(config_args + args, stdin)
+    delivered_one_shot = drain(sink)
+    served = server.client(config_args + args, stdin)
+    delivered_served = drain(sink)
+    assert (served.code, served.stdout, served.stderr) == (one_shot.code, one_shot.stdout, one_shot.stderr)
+    assert [(m.mail_from, m.rcpt_tos, m.content) for m in delivered_served] == \
+           [(m.mail_from, m.rcpt_tos, m.content) for m in delivered_one_shot]
+
+
+def test_a_config_error_reads_the_same_served_and_one_shot(server):
+    args = ["-c", str(server.folder / "missing.toml"), "-f", "a@b.example", "c@d.example"]
+    one_shot, served = run_gate(args, SIMPLE), server.client(args, SIMPLE)
+    assert served.code == one_shot.code == 75
+    assert served.stderr == one_shot.stderr and served.first_line.startswith("4.3.5 config error")
+
+
+def test_delivery_is_byte_identical_and_the_peer_is_logged(server, sink):
+    run = server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    [received] = drain(sink)
+    assert received.content == crlf(SIMPLE)
+    assert re.search(r"connection from pid=\d+ uid=0 gid=0", server.log())
+
+
+def test_serve_cannot_be_started_through_the_client(server):
+    run = server.client(["serve", "--socket", "/tmp/elsewhere.sock"], b"")
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.5 usage: 'serve' cannot run inside a server")
+
+
+def test_many_clients_at_once(server, sink):
+    results: list = [None] * 24
+
+    def one(i: int) -> None:
+        results[i] = server.client(["-f", f"s{i}@b.example", f"r{i}@d.example"], SIMPLE)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(results))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert [r.code for r in results] == [0] * len(results), [r.stderr for r in results if r.code]
+    received = drain(sink)
+    assert sorted(m.mail_from for m in received) == sorted(f"s{i}@b.example" for i in range(len(results)))
+    assert all(m.content == crlf(SIMPLE) for m in received)
+    served_by = set(re.findall(r"worker (\d+): pid=\d+ uid=0 exit=0", server.log()))
+    assert len(served_by) == 2       # both workers took their share
+
+
+# -- privileges -----------------------------------------------------------------------------
+
+def test_workers_drop_to_the_mail_user_and_the_master_stays_root(server):
+    assert os.geteuid() == 0, "this test must run as root, as CI does"
+    workers = wait_for_workers(server, 2)
+    for pid in workers:
+        status = proc_status(pid)
+        assert status["Uid"].split() == ["65534"] * 4
+        assert status["Gid"].split() == ["65534"] * 4
+        assert status["Groups"] == ""
+    assert proc_status(server.pid)["Uid"].split()[0] == "0"
+    mode = server.socket.stat()
+    assert (oct(mode.st_mode & 0o777), mode.st_gid) == ("0o660", 65534)
+
+
+def test_root_workers_are_refused(python):
+    server = Server(python, "", user="root", group="root")
+    try:
+        process = subprocess.run(server.command(), capture_output=True, env=server.env(), timeout=120)
+    finally:
+        server.stop()
+    assert process.returncode == 78
+    assert b"mail_user: must not be root" in process.stderr
+
+
+# -- life cycle -------------------------------------------------------------------------------
+
+def pause_config(sink: Sink, folder: Path, extra: str = "") -> str:
+    return (f'mail_host = "{sink.address}"\ndefault_filter = ["hold"]\n'
+            f'[filter.hold]\ntype = "serve_test_filters:Pause"\nfolder = "{folder}"\n{extra}')
+
+
+def started(folder: Path) -> list[Path]:
+    return sorted(folder.glob("started-*"))
+
+
+def test_a_worker_killed_mid_message_costs_a_tempfail_not_the_message(python, sink):
+    drain(sink)
+    pauses = shared_folder()
+    (pauses / "hold").touch()
+    with Server(python, pause_config(sink, pauses) + "[serve]\nworkers = 1\n") as server:
+        [worker] = wait_for_workers(server, 1)
+        client = subprocess.Popen([str(CLIENT), "--socket", str(server.socket),
+                                   "-f", "a@b.example", "c@d.example"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        client.stdin.write(SIMPLE)
+        client.stdin.close()
+        assert wait_for(lambda: started(pauses), 30), server.log()
+        os.kill(worker, signal.SIGKILL)
+        assert client.wait(timeout=60) == 75
+        assert client.stderr.read().decode().startswith("4.3.0 ispmailgate-client: the server closed")
+        assert drain(sink) == []            # the MTA still has it: nothing was delivered
+        (pauses / "hold").unlink()
+        [replacement] = wait_for_workers(server, 1, exclude={worker})
+        retry = server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)     # the MTA's retry
+        assert retry.code == 0, retry.stderr
+        assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
+        assert f"worker {worker} was killed by signal 9; replacing it" in server.log()
+        assert replacement != worker
+
+
+def test_sigterm_lets_messages_in_flight_finish_then_exits(python, sink):
+    drain(sink)
+    pauses = shared_folder()
+    (pauses / "hold").touch()
+    server = Server(python, pause_config(sink, pauses) + "[serve]\nworkers = 2\n").start()
+    try:
+        results: list = [None, None]
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, server.client(["-f", "a@b.example", f"r{i}@d.example"], SIMPLE))) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        assert wait_for(lambda: len(started(pauses)) == 2, 30), server.log()
+        server.signal(signal.SIGTERM)
+        assert server.wait_notice("STOPPING=1", 30)
+        assert not server.socket.exists()           # new clients fall back from now on
+        time.sleep(0.5)
+        assert server.process.poll() is None        # still draining
+        (pauses / "hold").unlink()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert [r.code for r in results] == [0, 0], [r.stderr for r in results]
+        assert sorted(m.rcpt_tos[0] for m in drain(sink)) == ["r0@d.example.ispmailgate",
+                                                              "r1@d.example.ispmailgate"]
+        assert server.wait(60) == 0
+        assert not server.pidfile.exists()
+        assert "stopped" in server.log()
+    finally:
+        server.stop()
+
+
+def test_sighup_reloads_a_good_rule_file_and_refuses_a_bad_one(python, sink):
+    drain(sink)
+    stamp = '[filter.stamp]\ntype = "gate_test_filters:Stamp"\nvalue = "{}"\n'
+    rules = 'mail_host = "{}"\ndefault_filter = ["stamp"]\n'.format(sink.address)
+    with Server(python, rules + stamp.format("one")) as server:
+        assert server.client(["-f", "a@b.example", "c@d.example"], SIMPLE).code == 0
+        old = wait_for_workers(server, 2)
+        server.write_config(rules + stamp.format("two"))
+        server.signal(signal.SIGHUP)
+        assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
+        assert wait_for(lambda: not (server.workers() & old), 60), server.log()
+        new = wait_for_workers(server, 2)
+        assert server.client(["-f", "a@b.example", "c@d.example"], SIMPLE).code == 0
+        server.write_config(rules + stamp.format("three") + "bogus_key = 1\n")
+        server.signal(signal.SIGHUP)
+        assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
+        assert "reload refused, still serving the previous rule file" in server.log()
+        assert "filter.stamp.bogus_key" in server.log()
+        assert server.client(["-f", "a@b.example", "c@d.example"], SIMPLE).code == 0
+        assert server.workers() == new
+        stamps = [re.findall(rb"X-Stamp: (\w+)", m.content) for m in drain(sink)]
+        assert stamps == [[b"one"], [b"two"], [b"two"]]
+
+
+def test_workers_are_recycled_after_max_requests(python, sink):
+    drain(sink)
+    config = f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nmax_requests = 3\nmax_requests_jitter = 0\n'
+    with Server(python, config) as server:
+        for _ in range(7):
+            assert server.client(["-f", "a@b.example", "c@d.example"], SIMPLE).code == 0
+        assert wait_for(lambda: server.log().count("exits after 3 messages") == 2, 30), server.log()
+        served_by = re.findall(r"worker (\d+): pid=\d+ uid=0 exit=0", server.log())
+        assert len(served_by) == 7 and len(set(served_by)) == 3
+    assert len(drain(sink)) == 7
+
+
+def test_daemon_mode_writes_and_removes_the_pid_file(python, sink):
+    drain(sink)
+    server = Server(python, f'mail_host = "{sink.address}"\n', args=("--daemon",))
+    try:
+        process = subprocess.run(server.command(), capture_output=True, env=server.env(), timeout=120)
+        assert process.returncode == 0, process.stderr
+        daemon = int(server.pidfile.read_text())
+        assert b"serve" in Path(f"/proc/{daemon}/cmdline").read_bytes()
+        assert os.getsid(daemon) != os.getsid(0)    # detached into a session of its own
+        assert server.client(["-f", "a@b.example", "c@d.example"], SIMPLE).code == 0
+        assert "serving on" in server.gate_log.read_text()          # the log_file: no stderr now
+        os.kill(daemon, signal.SIGTERM)
+        assert wait_for(lambda: not Path(f"/proc/{daemon}").exists(), 60)
+        assert not server.pidfile.exists() and not server.socket.exists()
+    finally:
+        if server.pidfile.exists():                 # a failed test leaves no daemon behind
+            os.kill(int(server.pidfile.read_text()), signal.SIGTERM)
+        server.stop()
+    assert len(drain(sink)) == 1
+
+
+# -- boot errors stop the master ------------------------------------------------------------
+
+def test_boot_errors_exit_78_without_forking(python):
+    server = Server(python, "")
+    try:
+        server.socket.write_text("not a socket")
+        process = subprocess.run(server.command(), capture_output=True, env=server.env(), timeout=120)
+        assert (process.returncode, process.stderr.decode().strip()) == (
+            78, f"ispmailgate serve: cannot start: {server.socket} exists and is not a socket")
+        server.socket.unlink()
+        server.write_config('mail_group = "no-such-group-here"\n')
+        process = subprocess.run(server.command(), capture_output=True, env=server.env(), timeout=120)
+        assert process.returncode == 78
+        assert b"mail_group: no such group: 'no-such-group-here'" in process.stderr
+        server.write_config('unknown_thing = 1\n')
+        process = subprocess.run(server.command(), capture_output=True, env=server.env(), timeout=120)
+        assert process.returncode == 78 and b"unknown_thing: unknown key" in process.stderr
+    finally:
+        server.stop()
+
+
+def test_a_second_server_on_the_same_socket_is_refused(server):
+    process = subprocess.run(server.command()[:-2] + ["--pidfile", str(server.folder / "other.pid")],
+                             capture_output=True, env=server.env(), timeout=120)
+    assert process.returncode == 78
+    assert b"another server is listening on" in process.stderr
+    assert server.client(["--version"], b"").code == 0
+
+
+# -- systemd ------------------------------------------------------------------------------------
+
+# What systemd does for a .socket unit: the socket as fd 3, LISTEN_PID and LISTEN_FDS set.
+SOCKET_ACTIVATION = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                     "os.environ['LISTEN_PID'] = str(os.getpid()); os.environ['LISTEN_FDS'] = '1'; "
+                     "os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def test_systemd_socket_activation_uses_the_socket_it_is_handed(python, sink):
+    drain(sink)
+    server = Server(python, f'mail_host = "{sink.address}"\n')
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(server.socket))
+    listener.listen(16)
+    try:
+        with open(server.server_log, "ab") as log:
+            server.process = subprocess.Popen(
+                [str(python), "-c", SOCKET_ACTIVATION, str(listener.fileno()), *server.command()],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=server.env(),
+                pass_fds=(listener.fileno(),))
+        assert server.wait_notice("READY=1"), server.log()
+        assert server.client(["-f", "a@b.example", "c@d.example"], SIMPLE).code == 0
+        server.signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+        assert server.socket.exists()           # systemd's socket: left for the next start
+    finally:
+        listener.close()
+        server.stop()
+    assert len(drain(sink)) == 1
