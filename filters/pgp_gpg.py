@@ -214,7 +214,8 @@ class Keyring:
         """Passphrases worth trying, most likely first; None (no passphrase) last."""
         if not self.passphrases:
             return [None]
-        wanted = {i.upper() for i in self._call("get_recipients", data)}
+        # The session key packets come first: gpg need not read a large message to name them.
+        wanted = {i.upper() for i in self._call("get_recipients", data[:65536])}
         hidden = not wanted or any(set(i) == {"0"} for i in wanted)
         candidates = [self._passphrase_for(key) for key in self.secret_keys()
                       if hidden or key.ids & wanted]
@@ -330,6 +331,7 @@ def _instance(binary: str, home: str, timeout: float):
         except ValueError as error:
             raise GpgTrouble(f"gpg does not work with gnupghome {home}: {error}") from None
         gpg.timeout = timeout
+        gpg.buffer_size = 1 << 18        # python-gnupg copies 16 KB at a time by default
         _INSTANCES[key] = gpg
     return gpg
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .pgp import Pgp
 
 MAX_LAYERS = 4          # encrypted inside signed inside encrypted ... deeper is left as it is
+MAX_GPG_CALLS = 32      # decryptions and verifications per message: each one runs gpg
 _CHARSET = re.compile(r"^Charset:[ \t]*([\w.:-]+)", re.M | re.I)
 _ARMOR_SUFFIX = re.compile(r"\.(asc|pgp|gpg)$", re.I)
 
@@ -37,6 +38,7 @@ class Incoming:
         self.decrypted: list[str] = []                        # scopes
         self.failures: list[str] = []
         self.foreign_only = True        # every failure so far was "no secret key here"
+        self.gpg_calls = 0
 
     def run(self, message: Message) -> None:
         self.message = message
@@ -70,7 +72,7 @@ class Incoming:
         eol = self.message.eol
         try:
             self._not_beside_html(part, parent)
-            plain, found = self.keyring.decrypt(encrypted_payload(part), self.pgp.max_size)
+            plain, found = self._decrypt(encrypted_payload(part))
         except Malformed as error:
             return self._fail(Undecryptable(f"malformed PGP/MIME: {error}"))
         except Undecryptable as error:
@@ -79,7 +81,7 @@ class Incoming:
         scope = _scope(parent)
         self._found(scope, found)
         if parent is None:
-            self.message.root = inner = Part.from_bytes(merge_decrypted(part.headers, inner, eol))
+            self.message.root = inner = merge_decrypted(part.headers, inner, eol)
         else:
             parent.replace(part, inner)
         self._scan(inner, parent, depth + 1)
@@ -90,14 +92,12 @@ class Incoming:
         except Malformed as error:
             self.signatures.append((_scope(parent), Signature("error", note=str(error))))
             return
-        found = self.keyring.verify(data, signature, str(self.ctx.workdir()))
-        self.signatures += [(_scope(parent), sig) for sig in found]
+        self._verify(_scope(parent), data, signature)
 
     def _inline(self, part: Part, parent: Part | None) -> None:
         data = part.decoded()
         for block in SIGNED_ARMOR.finditer(data):
-            found = self.keyring.verify(native(block.group(0), b"\n"), None, str(self.ctx.workdir()))
-            self.signatures += [("inline", sig) for sig in found]
+            self._verify("inline", native(block.group(0), b"\n"), None)
         if b"-----BEGIN PGP MESSAGE-----" not in data:
             return
         try:
@@ -116,7 +116,7 @@ class Incoming:
         for block in MESSAGE_ARMOR.finditer(text):
             armor = block.group(0)
             try:
-                plain, found = self.keyring.decrypt(armor.encode("ascii", "replace"), self.pgp.max_size)
+                plain, found = self._decrypt(armor.encode("ascii", "replace"))
             except Undecryptable as error:
                 self._fail(error)
                 continue
@@ -128,7 +128,7 @@ class Incoming:
 
     def _inline_file(self, part: Part, armor: bytes) -> None:
         try:
-            plain, found = self.keyring.decrypt(armor, self.pgp.max_size)
+            plain, found = self._decrypt(armor)
         except Undecryptable as error:
             return self._fail(error)
         self._found("inline", found)
@@ -148,6 +148,26 @@ class Incoming:
         inside = {id(p) for p in part.walk()}
         if any(leaf.content_type == "text/html" and id(leaf) not in inside for leaf in self.message.leaves()):
             raise Undecryptable("an encrypted part beside HTML parts is not decrypted (EFAIL)")
+
+    # -- gpg, within a budget ----------------------------------------------------------------
+
+    def _decrypt(self, armor: bytes) -> tuple[bytes, list[Signature]]:
+        self._spend()
+        return self.keyring.decrypt(armor, self.pgp.max_size)
+
+    def _verify(self, scope: str, data: bytes, signature: bytes | None) -> None:
+        try:
+            self._spend()
+        except Undecryptable as error:
+            self.signatures.append((scope, Signature("error", note=f"not checked: {error}")))
+            return
+        found = self.keyring.verify(data, signature, str(self.ctx.workdir()))
+        self.signatures += [(scope, sig) for sig in found]
+
+    def _spend(self) -> None:
+        self.gpg_calls += 1
+        if self.gpg_calls > MAX_GPG_CALLS:
+            raise Undecryptable(f"more than {MAX_GPG_CALLS} encrypted or signed parts")
 
     # -- outcome --------------------------------------------------------------------------
 
