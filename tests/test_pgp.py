@@ -106,6 +106,14 @@ def test_round_trip_is_byte_exact_but_for_the_marker(world, run):
     assert kept + decrypted[len(Message(decrypted).headers.to_bytes()):] == original
 
 
+def test_round_trip_keeps_crlf_line_ends(world, run):
+    original = (CORPUS / "multi-nested.msg").read_bytes().replace(b"\n", b"\r\n")
+    encrypted, message, _ = run(encrypter(world), original)
+    assert b"\n" not in encrypted.replace(b"\r\n", b"")
+    decrypted, _, _ = run(decrypter(world), encrypted)
+    assert entity(decrypted) == entity(original)
+
+
 def test_encrypted_message_is_rfc3156_and_plain_gpg_reads_it(world, run):
     original = (CORPUS / "multi-2gifs.msg").read_bytes()
     encrypted, message, _ = run(encrypter(world), original)
@@ -167,6 +175,33 @@ def test_signed_only_mail_is_encrypted_whole_with_its_signature_inside(world, ru
     assert message.root.content_type == "multipart/signed"
     assert field(decrypted, "X-ispMailGate-PGP-Signature") == [
         f'good; key={world.a[-16:]}; signer="Gateway A <gw@a.example>"; scope=message']
+
+
+def test_recipient_without_key_gets_it_signed_in_clear(world, run):
+    step = gateway(world.sending, direction="pos", per_recipient=True, sign=True)
+    signed, message, _ = run(step, (CORPUS / "simple.msg").read_bytes(), recipients=("carol@b.example",))
+    assert message.root.content_type == "multipart/signed"
+    assert field(run(decrypter(world), signed)[0], "X-ispMailGate-PGP-Signature")[0].startswith("good;")
+
+
+def test_clearsigned_text_is_verified_and_left_as_it_is(world, run):
+    clearsigned = world.sending.gpg("--clearsign", data="Zahlen bitte an IBAN DE00 1234\n".encode()).stdout
+    data = text_message(b"forwarded:\n" + clearsigned)
+    verified, message, _ = run(decrypter(world), data)
+    assert field(verified, "X-ispMailGate-PGP-Signature") == [
+        f'good; key={world.a[-16:]}; signer="Gateway A <gw@a.example>"; scope=inline']
+    assert message.root.decoded() == b"forwarded:\n" + clearsigned
+    forged = data.replace(b"DE00 1234", b"DE66 6666")
+    assert field(run(decrypter(world), forged)[0], "X-ispMailGate-PGP-Signature")[0].startswith("bad;")
+
+
+def test_gpg_runs_per_message_are_capped(world, run):
+    armor = world.sending.encrypt(b"x\n", "gw@b.example")
+    decrypted, message, notices = run(decrypter(world), text_message(b"\n".join([armor] * 34)))
+    assert message.root.text().count("x\n") == 32 and message.root.text().count("BEGIN PGP MESSAGE") == 2
+    assert field(decrypted, "X-ispMailGate-PGP-Result") == [
+        "decrypted; scope=inline", 'undecryptable; reason="more than 32 encrypted or signed parts"']
+    assert len(notices) == 1
 
 
 # -- interoperability ------------------------------------------------------------------------
