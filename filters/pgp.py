@@ -197,7 +197,8 @@ class Pgp(Filter):
                 found.append(f"no usable public key for uid {self.uid!r} in {self.gnupghome}")
             signers = keyring.find(self.sign_uid, secret=True) if self.sign_uid else keyring.secret_keys()
             if self.sign and not signers:
-                found.append(f"no secret key {self.sign_uid or '(none at all)'} to sign with in {self.gnupghome}")
+                found.append(f"no secret key {self.sign_uid or '(none at all)'} to sign with "
+                             f"in {self.gnupghome}")
         except GpgTrouble as trouble:
             found.append(str(trouble))
         return found

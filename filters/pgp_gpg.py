@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ _AGENT_TROUBLE = re.compile(r"can't connect to the agent|no agent running|failed
 _PASSPHRASE_TROUBLE = re.compile(r"bad passphrase|^\[GNUPG:\] (?:MISSING|BAD)_PASSPHRASE|can't get input",
                                  re.I | re.M)
 _TOO_LARGE = "exceeded --max-output limit"
-_STATUS = re.compile(r"^\[GNUPG:\] (GOODSIG|BADSIG|EXPSIG|EXPKEYSIG|REVKEYSIG|ERRSIG|NODATA)\b ?(.*)$", re.M)
+_STATUS = re.compile(r"^\[GNUPG:\] (GOODSIG|BADSIG|EXPSIG|EXPKEYSIG|REVKEYSIG|ERRSIG)\b ?(.*)$", re.M)
 _HEX = re.compile(r"(?:0x)?([0-9A-Fa-f ]{8,})\Z")
 _ADDRESS = re.compile(r"<([^<>\s]+@[^<>\s]+)>|^([^<>\s]+@[^<>\s]+)$")
 # OpenPGP hash algorithm numbers (RFC 4880 9.4) -> RFC 3156 micalg names
@@ -187,8 +188,8 @@ class Keyring:
         if signature is None:
             result = self._call("verify", data)
         else:
-            path = os.path.join(scratch, f"signature-{threading.get_ident()}-{os.urandom(4).hex()}.asc")
-            with open(path, "wb") as out:
+            descriptor, path = tempfile.mkstemp(suffix=".asc", dir=scratch)
+            with os.fdopen(descriptor, "wb") as out:
                 out.write(signature)
             try:
                 result = self._call("verify_data", path, data)
@@ -246,14 +247,13 @@ def signatures(stderr: str) -> list[Signature]:
     found = []
     for keyword, rest in _STATUS.findall(stderr):
         words = rest.split(" ", 1)
-        if keyword == "NODATA":
-            continue
-        if keyword == "ERRSIG":
+        if keyword == "ERRSIG":         # key id, algorithms, class, time, reason: 9 = no public key
             fields = rest.split()
             missing = len(fields) > 5 and fields[5] == "9"
-            found.append(Signature("unknown-key" if missing else "error", fields[0] if fields else ""))
+            found.append(Signature("unknown-key" if missing else "error", words[0]))
         else:
-            found.append(Signature(SIGNATURE_STATES[keyword], words[0], _unescape(words[1]) if len(words) > 1 else ""))
+            signer = _unescape(words[1]) if len(words) > 1 else ""
+            found.append(Signature(SIGNATURE_STATES[keyword], words[0], signer))
     return found
 
 

@@ -17,8 +17,8 @@ RESULT = "X-ispMailGate-PGP-Result"             # decrypted / undecryptable, wri
 SIGNATURE = "X-ispMailGate-PGP-Signature"       # one per signature checked on neg
 ENCRYPTED_PROTOCOL = "application/pgp-encrypted"
 SIGNED_PROTOCOL = "application/pgp-signature"
-MESSAGE_ARMOR = re.compile(r"^-----BEGIN PGP MESSAGE-----[ \t]*\r?\n.*?^-----END PGP MESSAGE-----[ \t]*(?:\r?\n|\Z)",
-                           re.M | re.S)
+MESSAGE_ARMOR = re.compile(r"^-----BEGIN PGP MESSAGE-----[ \t]*\r?\n.*?"
+                           r"^-----END PGP MESSAGE-----[ \t]*(?:\r?\n|\Z)", re.M | re.S)
 SIGNED_ARMOR = re.compile(rb"^-----BEGIN PGP SIGNED MESSAGE-----[ \t]*\r?\n.*?"
                           rb"^-----END PGP SIGNATURE-----[ \t]*$", re.M | re.S)
 _BEGIN, _END = b"-----BEGIN PGP MESSAGE-----", b"-----END PGP MESSAGE-----"
@@ -28,8 +28,8 @@ _PKCS7 = frozenset({"application/pkcs7-mime", "application/x-pkcs7-mime"})
 # DER of the CMS content-type OIDs: envelopedData, authEnvelopedData, signedData
 _ENVELOPED = (bytes.fromhex("06092a864886f70d010703"), bytes.fromhex("060b2a864886f70d0109100117"))
 _SIGNED_DATA = bytes.fromhex("06092a864886f70d010702")
-# First octet of a public-key or symmetric-key encrypted session key packet (RFC 4880 4.2)
 PGP_KINDS = frozenset({"PGP/MIME", "inline PGP", "OpenPGP binary"})
+# First octet of a public-key or symmetric-key encrypted session key packet (RFC 4880 4.2)
 _SESSION_KEY_PACKETS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8C, 0x8D, 0x8E, 0x8F, 0xC1, 0xC3})
 
 
@@ -83,13 +83,17 @@ def _head(part: Part, size: int = 4096) -> bytes:
 
 
 def _smime_enveloped(part: Part) -> bool:
-    """The CMS content type decides; smime-type is only a label (absent: enveloped)."""
+    """The CMS content type decides; smime-type is only a label, trusted when there is none.
+
+    In doubt the answer is no: encrypting twice costs the reader a step, passing clear
+    content unencrypted costs the secret.
+    """
     head = decode_body(part.body[:400], part.transfer_encoding)[:48]
     if any(oid in head for oid in _ENVELOPED):
         return True
     if _SIGNED_DATA in head:
         return False
-    return (part.param("smime-type") or "enveloped-data").lower() in ("enveloped-data", "authenveloped-data")
+    return (part.param("smime-type") or "").lower() in ("enveloped-data", "authenveloped-data")
 
 
 def is_pgp_encrypted(part: Part) -> bool:

@@ -196,9 +196,10 @@ def test_clearsigned_text_is_verified_and_left_as_it_is(world, run):
 
 
 def test_gpg_runs_per_message_are_capped(world, run):
-    armor = world.sending.encrypt(b"x\n", "gw@b.example")
+    armor = world.sending.encrypt(b"decrypted block\n", "gw@b.example")
     decrypted, message, notices = run(decrypter(world), text_message(b"\n".join([armor] * 34)))
-    assert message.root.text().count("x\n") == 32 and message.root.text().count("BEGIN PGP MESSAGE") == 2
+    text = message.root.text()
+    assert text.count("decrypted block\n") == 32 and text.count("BEGIN PGP MESSAGE") == 2
     assert field(decrypted, "X-ispMailGate-PGP-Result") == [
         "decrypted; scope=inline", 'undecryptable; reason="more than 32 encrypted or signed parts"']
     assert len(notices) == 1
@@ -498,3 +499,15 @@ def test_python_gnupg_is_imported_lazily():
                             "print('gnupg' in sys.modules, 'tomllib' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.split() == ["False", "False"]
+
+
+def test_the_example_rule_file_loads():
+    import ispmailgate
+    from conftest import PROJECT
+
+    config = ispmailgate.load_config(PROJECT / "examples" / "pgp-gateway.toml")
+    partner, incoming, others = (config.filters[name] for name in ("to-partner", "from-outside", "per-recipient"))
+    assert (partner.direction, partner.uid, partner.sign) == ("pos", "Gateway B <gw@example-b.net>", True)
+    assert incoming.direction == "neg" and others.per_recipient and others.on_missing_key == "clear"
+    assert ispmailgate.route(config, "x@example-a.net", "y@example-b.net").chain == (partner,)
+    assert ispmailgate.route(config, "x@elsewhere.example", "y@example-a.net").chain == (incoming,)
