@@ -191,16 +191,22 @@ class Pgp(Filter):
                 read_passphrase_file(self.passphrase_file)
             except GpgTrouble as trouble:
                 found.append(str(trouble))
-        keyring = self.keyring()
         try:
-            if self.uid and not [k for k in keyring.find(self.uid) if k.encrypts]:
-                found.append(f"no usable public key for uid {self.uid!r} in {self.gnupghome}")
-            signers = keyring.find(self.sign_uid, secret=True) if self.sign_uid else keyring.secret_keys()
-            if self.sign and not signers:
-                found.append(f"no secret key {self.sign_uid or '(none at all)'} to sign with "
-                             f"in {self.gnupghome}")
+            found += self._key_problems(self.keyring())
         except GpgTrouble as trouble:
             found.append(str(trouble))
+        return found
+
+    def _key_problems(self, keyring: Keyring) -> list[str]:
+        found, home = [], self.gnupghome
+        if self.direction != "neg" and self.encrypt and self.uid and \
+                not any(key.encrypts for key in keyring.find(self.uid)):
+            found.append(f"no usable public key for uid {self.uid!r} in {home}")
+        if self.direction != "neg" and self.sign and \
+                not (keyring.find(self.sign_uid, secret=True) if self.sign_uid else keyring.secret_keys()):
+            found.append(f"no secret key {self.sign_uid or '(none at all)'} to sign with in {home}")
+        if self.direction == "neg" and not keyring.secret_keys():
+            found.append(f"no secret key in {home}: nothing can be decrypted")
         return found
 
 

@@ -426,7 +426,12 @@ def test_unknown_gateway_key_tempfails_and_check_says_so(world, run):
     problems = step.problems()
     assert any("no usable public key for uid" in p for p in problems)
     assert any("no secret key nobody@nowhere.example to sign with" in p for p in problems)
-    assert encrypter(world, sign=True).problems() == []
+    assert encrypter(world, sign=True).problems() == [] and decrypter(world).problems() == []
+    empty = GpgHome("empty")
+    try:
+        assert gateway(empty, direction="neg").problems() == [f"no secret key in {empty}: nothing can be decrypted"]
+    finally:
+        empty.close()
     assert gateway("/nonexistent/gnupg", direction="neg").problems() == [
         "gnupghome /nonexistent/gnupg does not exist or is not a directory"]
 

@@ -53,13 +53,13 @@ def test_gateway_to_gateway_through_both_command_lines(world, config_file, smtp_
     original = without_from_line((CORPUS / "multi-2gifs.msg").read_bytes())
     sending = pgp_config(config_file, smtp_sink, world.sending, direction="pos", uid=World.B_UID, sign=True)
     run = run_gate(["-c", sending, "-f", SENDER, "user@b.example"], original)
-    assert run.code == 0, run.stderr
+    assert (run.code, run.stderr) == (0, "")            # nothing from gpg or python-gnupg on stderr
     [encrypted] = smtp_sink.messages
     assert header(encrypted.content, "X-ispMailGate-PGP") == ["pos"]
     assert b"R0lGODlh" not in encrypted.content and b"multipart/encrypted" in encrypted.content
     receiving = passphrase_table(config_file, smtp_sink, world.receiving, direction="auto", uid=World.A_UID)
     run = run_gate(["-c", receiving, "-f", SENDER, "user@b.example"], from_wire(encrypted.content))
-    assert run.code == 0, run.stderr
+    assert (run.code, run.stderr) == (0, "")
     decrypted = smtp_sink.messages[1].content
     assert header(decrypted, "X-ispMailGate-PGP") == ["neg"]
     assert header(decrypted, "X-ispMailGate-PGP-Signature")[0].startswith(f"good; key={world.a[-16:]}")
