@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -188,6 +186,8 @@ class Keyring:
         if signature is None:
             result = self._call("verify", data)
         else:
+            import tempfile
+
             descriptor, path = tempfile.mkstemp(suffix=".asc", dir=scratch)
             with os.fdopen(descriptor, "wb") as out:
                 out.write(signature)
@@ -343,6 +343,8 @@ def _timed_class():
     """python-gnupg's GPG, with every gpg process killed after ``timeout`` seconds."""
     global _TIMED
     if _TIMED is None:
+        import threading
+
         import gnupg
 
         class TimedGPG(gnupg.GPG):
