@@ -213,8 +213,9 @@ class Keyring:
 
     def _decryption_passphrases(self, data: bytes) -> list[str | None]:
         """Passphrases worth trying, most likely first; None (no passphrase) last."""
-        if not self.passphrases:
-            return [None]
+        distinct = set(self.passphrases.values())
+        if len(distinct) <= 1:          # the usual single gateway key: nothing to choose
+            return [_for_pipe(p) for p in distinct] + [None]
         # The session key packets come first: gpg need not read a large message to name them.
         wanted = {i.upper() for i in self._call("get_recipients", data[:65536])}
         hidden = not wanted or any(set(i) == {"0"} for i in wanted)

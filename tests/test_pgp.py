@@ -361,6 +361,32 @@ def test_passphrases_by_key_id_fingerprint_or_file(world, run, tmp_path):
     assert any("readable by others" in problem for problem in from_file.problems())
 
 
+def test_several_secret_keys_each_get_their_own_passphrase(world, run, monkeypatch):
+    import gnupg
+
+    both = GpgHome("both")
+    try:
+        both.import_keys(world.receiving.export_secret(world.b, World.B_PASSPHRASE))
+        both.import_keys(world.bob.export_secret(world.bob_key, World.BOB_PASSPHRASE))
+        step = gateway(both, direction="neg", passphrases={"gw@b.example": World.B_PASSPHRASE,
+                                                           world.bob_key: World.BOB_PASSPHRASE})
+        decryptions, real = [], gnupg.Popen
+
+        def recording(args, *rest, **options):
+            decryptions.append(args)
+            return real(args, *rest, **options)
+
+        monkeypatch.setattr(gnupg, "Popen", recording)
+        for recipient in ("gw@b.example", "bob@b.example"):
+            armor = world.sending.encrypt(b"Content-Type: text/plain\r\n\r\nhi\r\n", recipient)
+            decryptions.clear()
+            decrypted, _, _ = run(step, pgp_mime(armor))
+            assert field(decrypted, "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"], recipient
+            assert sum("--decrypt" in args and "--list-only" not in args for args in decryptions) == 1
+    finally:
+        both.close()
+
+
 def test_passphrases_stay_out_of_repr_argv_and_logs(world, run, monkeypatch, caplog):
     import gnupg as module
 
