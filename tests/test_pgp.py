@@ -453,6 +453,8 @@ def test_unknown_gateway_key_tempfails_and_check_says_so(world, run):
     assert any("no usable public key for uid" in p for p in problems)
     assert any("no secret key nobody@nowhere.example to sign with" in p for p in problems)
     assert encrypter(world, sign=True).problems() == [] and decrypter(world).problems() == []
+    assert decrypter(world, passphrase_file="/nonexistent/pgp-pass").problems() == [
+        "cannot read passphrase_file /nonexistent/pgp-pass: No such file or directory"]
     empty = GpgHome("empty")
     try:
         assert gateway(empty, direction="neg").problems() == [f"no secret key in {empty}: nothing can be decrypted"]
