@@ -65,6 +65,10 @@ class Headers:
     def items(self) -> list[tuple[str, str]]:
         return [(name, _field_value(raw)) for name, raw in self._fields]
 
+    def fields(self) -> list[tuple[str, bytes]]:
+        """Every field as (name as written, raw bytes with folding and line end), in order."""
+        return list(self._fields)
+
     def decoded(self, name: str) -> str | None:
         """The first field called ``name`` with RFC 2047 encoded words decoded."""
         value = self.get(name)
@@ -159,6 +163,11 @@ class Part:
 
     def leaves(self) -> Iterator[Part]:
         return (part for part in self.walk() if part.is_leaf)
+
+    def replace(self, child: Part, new: Part) -> None:
+        """Put ``new`` where ``child`` stands; this part is then reassembled when written."""
+        self.children[next(i for i, c in enumerate(self.children) if c is child)] = new
+        self._dirty = True
 
     @property
     def changed(self) -> bool:
