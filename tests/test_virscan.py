@@ -32,9 +32,9 @@ def gate(config_file, smtp_sink, clamd, tmp_path):
         config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n'
                              f'postmaster = "{POSTMASTER}"\ndefault_filter = ["av"]\n'
                              f'[filter.av]\ntype = "virscan"\n{table}')
-        started = time.monotonic()
+        started, before = time.monotonic(), len(smtp_sink.messages)
         result = run_inline(["-c", str(config), "-f", SENDER, RECIPIENT], data)
-        return Outcome(result, time.monotonic() - started, smtp_sink.messages, tmp_path)
+        return Outcome(result, time.monotonic() - started, smtp_sink.messages[before:], tmp_path)
     return run
 
 
@@ -180,7 +180,7 @@ def test_subject_prefix_is_not_added_twice_and_keeps_encoded_words(gate):
     [tagged] = first.delivered
     assert Message(tagged).headers.decoded("Subject") == "[VIRUS] Grüße"
     again = gate(tagged.replace(b"\r\n", b"\n"), on_infected="tag")
-    assert Message(again.delivered[-1]).headers.decoded("Subject") == "[VIRUS] Grüße"
+    assert Message(again.delivered[0]).headers.decoded("Subject") == "[VIRUS] Grüße"
 
 
 # -- unscannable: archive attacks, limits, encryption ------------------------------------------
