@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import Item
-from .base import printable
+from .base import parse_size, printable
 
 INFECTED, UNSCANNABLE = "infected", "unscannable"
 
@@ -103,6 +103,23 @@ class Clamd:
                 raise ScannerError(f"{self}: {_reason(error)}") from None
             return self._reply(connection)
 
+    def problems(self, config: str) -> list[str]:
+        """For ``ispmailgate check``: is clamd there, and does its configuration fit?"""
+        found = []
+        try:
+            if self.command("PING") != "PONG":
+                found.append(f"{self} does not answer PING with PONG")
+        except ScannerError as error:
+            found.append(str(error))
+        settings = _clamd_settings(config) if config else {}
+        if settings and settings.get("alertexceedsmax", "no").lower() not in ("yes", "true"):
+            found.append(f"{config}: AlertExceedsMax is off: clamd reports objects past its limits "
+                         "as clean; set 'AlertExceedsMax yes'")
+        stream = settings.get("streammaxlength", "")
+        if _size(stream) < self.max_stream:
+            found.append(f"max_stream ({self.max_stream}) is above clamd's StreamMaxLength ({stream})")
+        return found
+
     def _connect(self):
         import socket
 
@@ -134,6 +151,22 @@ class Clamd:
         if not reply.endswith(b"\0"):
             raise ScannerError(f"{self} closed the connection without a complete answer")
         return reply[:-1].decode("utf-8", "replace").strip()
+
+
+def _clamd_settings(path: str) -> dict[str, str]:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    pairs = (line.split(None, 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    return {pair[0].lower(): pair[1].strip() for pair in pairs if len(pair) == 2}
+
+
+def _size(value: str) -> float:
+    try:
+        return parse_size(value)
+    except ValueError:
+        return float("inf")     # unset or unreadable: nothing to compare
 
 
 def _reason(error: OSError) -> str:
@@ -180,12 +213,13 @@ class Command:
 
     def _store(self, data: bytes) -> str:
         folder = self.directory() / "scan"
-        folder.mkdir(mode=0o700, exist_ok=True)
         self.count += 1
         path = folder / f"{self.count:06d}.bin"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(descriptor, "wb") as stream:
-            stream.write(data)
+        try:
+            folder.mkdir(mode=0o700, exist_ok=True)
+            write_private(path, data)
+        except OSError as error:        # a full or unwritable tmp_dir: the scanner cannot run
+            raise ScannerError(f"cannot write {path} for {self}: {error.strerror or error}") from None
         return str(path)
 
     def _run(self, batch: dict[str, str]) -> Iterator[Finding]:
@@ -226,6 +260,13 @@ class Command:
             if path.startswith(stored):       # clamscan: "PATH!member" for archive contents
                 return label
         return _only_label(batch)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """A new file only this user can read; never through an existing file or symlink."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(descriptor, "wb") as stream:
+        stream.write(data)
 
 
 def _group(match: re.Match, name: str) -> str:

@@ -41,7 +41,7 @@ from .archives import Item, Limits, Unpacker
 from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, option,
                    parse_size, printable)
 from .mime import Message, Part, ParseError, decode_words
-from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError
+from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError, write_private
 
 HEADER = "X-ispMailGate-VirScan"
 ACTIONS = ("reject", "discard", "tag", "pass")
@@ -229,7 +229,7 @@ class VirScan(Filter):
             if not part.content_type.startswith("message/"):
                 yield from unpacker.items(label, data, depth)
                 continue
-            yield Item(label, data)     # an encoded embedded message: open it up as well
+            # An embedded message sent encoded (base64): scanned part by part like the outer one.
             if depth >= self.max_depth:
                 report.findings.append(Finding(label, UNSCANNABLE, "messages nested deeper than max_depth"))
                 continue
@@ -237,6 +237,7 @@ class VirScan(Filter):
                 inner = Part.from_bytes(data)
             except ParseError as error:
                 report.findings.append(Finding(label, UNSCANNABLE, f"cannot be parsed ({error})"))
+                yield Item(label, data)
                 continue
             yield from self._parts(inner, label + " > ", depth + 1, unpacker, report)
 
@@ -287,8 +288,8 @@ class VirScan(Filter):
                                   "detail": f.detail} for f in report.findings]}
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_new(directory / f"{stem}.eml", bytes(message.to_bytes()))
-            _write_new(directory / f"{stem}.json", json.dumps(envelope, indent=1).encode())
+            write_private(directory / f"{stem}.eml", bytes(message.to_bytes()))
+            write_private(directory / f"{stem}.json", json.dumps(envelope, indent=1).encode())
         except OSError as error:
             raise TempFail(f"cannot quarantine in {directory}: {error.strerror or error}") from None
         return directory / f"{stem}.eml"
@@ -300,7 +301,7 @@ class VirScan(Filter):
         recipients = tuple(dict.fromkeys(a for who in self.notify for a in to[who] if a))
         if not recipients:
             return
-        lines = [f"ispmailgate's virus scanner ({self.title}) found a message {verdict}.", "",
+        lines = [f"ispmailgate's virus scanner ({self.title}) judged a message {verdict}.", "",
                  f"Message:    {ctx.message_id}", f"Sender:     <{printable(envelope.sender)}>",
                  f"Recipients: {', '.join(printable(r) for r in envelope.recipients)}",
                  f"Action:     {ACTION_WORDS[action]}" + (f" ({kept})" if kept else ""), ""]
@@ -318,26 +319,9 @@ class VirScan(Filter):
             if not shutil.which(self.command[0]):
                 found.append(f"scanner command not found or not executable: {self.command[0]}")
         else:
-            found += self._clamd_problems()
+            found += self.back_end(None).problems(self.clamd_config)
         if "discard" in (self.on_infected, self.on_unscannable):
             found += _directory_problems(Path(self.quarantine_dir))
-        return found
-
-    def _clamd_problems(self) -> list[str]:
-        clamd = self.back_end(None)
-        found = []
-        try:
-            if clamd.command("PING") != "PONG":
-                found.append(f"{clamd} does not answer PING with PONG")
-        except ScannerError as error:
-            found.append(str(error))
-        settings = _clamd_settings(self.clamd_config) if self.clamd_config else {}
-        if settings and settings.get("alertexceedsmax", "no").lower() not in ("yes", "true"):
-            found.append(f"{self.clamd_config}: AlertExceedsMax is off: clamd reports objects past "
-                         "its limits as clean; set 'AlertExceedsMax yes'")
-        stream = settings.get("streammaxlength")
-        if stream and _size_or_none(stream) is not None and _size_or_none(stream) < self.max_stream:
-            found.append(f"max_stream ({self.max_stream}) is above clamd's StreamMaxLength ({stream})")
         return found
 
 
@@ -360,31 +344,9 @@ def _unparsed_headers(message: Message):
     return root.headers
 
 
-def _write_new(path: Path, data: bytes) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(data)
-
-
 def _is_hop(value: str) -> bool:
     host, _, port = value.rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
-
-
-def _clamd_settings(path: str) -> dict[str, str]:
-    try:
-        lines = Path(path).read_text(errors="replace").splitlines()
-    except OSError:
-        return {}
-    pairs = (line.split(None, 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
-    return {pair[0].lower(): pair[1].strip() for pair in pairs if len(pair) == 2}
-
-
-def _size_or_none(value: str) -> int | None:
-    try:
-        return parse_size(value)
-    except ValueError:
-        return None
 
 
 def _directory_problems(directory: Path) -> list[str]:

@@ -4,6 +4,7 @@ work directory; options checked when the rule file is read."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -224,6 +225,28 @@ def test_command_scanner_timeout_defers(gate):
     assert outcome.seconds < 30
 
 
+def test_full_work_directory_defers(config_file, smtp_sink, clamscan_database):
+    """A file-size limit stands in for a full disk: the objects cannot be written for clamscan."""
+    import resource
+
+    from conftest import GATE
+
+    config = config_file(f'mail_host = "{smtp_sink.address}"\ndefault_filter = ["av"]\n[filter.av]\n'
+                         f'type = "virscan"\nscanner = "command"\ncommand = {json.dumps(clamscan(clamscan_database))}\n')
+    limit = 1024 * 1024
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    data = message(("big.bin", "application/octet-stream", os.urandom(2 * limit)))
+    process = subprocess.run([str(GATE), "-c", str(config), "-f", SENDER, RECIPIENT], input=data,
+                             capture_output=True, preexec_fn=small_disk, timeout=60)
+    assert process.returncode == 75, process.stderr
+    assert b"4.7.0 av: virus scanner unavailable: cannot write" in process.stderr
+    assert b"File too large" in process.stderr
+    assert smtp_sink.messages == []
+
+
 def test_antivir_style_output_with_hostile_names(gate, tmp_path):
     scanner = tmp_path / "antivir"
     scanner.write_text(f"#!{sys.executable}\nimport sys\n"
@@ -372,3 +395,16 @@ def test_check_reports_clamd_state(clamd, tmp_path):
     assert "cannot connect" in VirScan(socket=str(tmp_path / "none"), clamd_config="").problems()[0]
     assert VirScan(scanner="command", command=("no-such-scanner", "{path}")).problems() == [
         "scanner command not found or not executable: no-such-scanner"]
+
+
+def test_the_readme_example_is_a_valid_rule_file():
+    import tomllib
+
+    import ispmailgate
+    from conftest import PROJECT
+
+    readme = (PROJECT / "README.md").read_text()
+    example = readme[readme.index("```toml\n[filter.av]") + 8:]
+    config = ispmailgate.build_config(tomllib.loads(example[:example.index("```")]), "README.md")
+    scan = config.filters["av"]
+    assert (scan.on_infected, scan.max_unpacked, scan.max_stream) == ("reject", 200 * 1024 ** 2, 25 * 1024 ** 2)
