@@ -105,20 +105,20 @@ class Clamd:
 
     def problems(self, config: str) -> list[str]:
         """For ``ispmailgate check``: is clamd there, and does its configuration fit?"""
-        found = []
+        trouble = []
         try:
             if self.command("PING") != "PONG":
-                found.append(f"{self} does not answer PING with PONG")
+                trouble.append(f"{self} does not answer PING with PONG")
         except ScannerError as error:
-            found.append(str(error))
+            trouble.append(str(error))
         settings = _clamd_settings(config) if config else {}
         if settings and settings.get("alertexceedsmax", "no").lower() not in ("yes", "true"):
-            found.append(f"{config}: AlertExceedsMax is off: clamd reports objects past its limits "
+            trouble.append(f"{config}: AlertExceedsMax is off: clamd reports objects past its limits "
                          "as clean; set 'AlertExceedsMax yes'")
         stream = settings.get("streammaxlength", "")
         if _size(stream) < self.max_stream:
-            found.append(f"max_stream ({self.max_stream}) is above clamd's StreamMaxLength ({stream})")
-        return found
+            trouble.append(f"max_stream ({self.max_stream}) is above clamd's StreamMaxLength ({stream})")
+        return trouble
 
     def _connect(self):
         import socket

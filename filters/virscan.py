@@ -197,7 +197,7 @@ class VirScan(Filter):
         return Limits(depth=self.max_depth, members=self.max_members, member=self.max_member_size,
                       ratio=self.max_ratio, unpacked=self.max_unpacked)
 
-    def back_end(self, ctx: Context):
+    def back_end(self, ctx: Context | None):
         if self.scanner == "command":
             return Command(self.command, clean_codes=self.clean_exit_codes,
                            infected_codes=self.infected_exit_codes, pattern=self.virus_pattern,

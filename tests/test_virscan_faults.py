@@ -293,14 +293,21 @@ def test_unparseable_message_is_scanned_raw(clamd, tmp_path):
         "unscannable (cannot be parsed (the test parser gives up))")
 
 
-def test_mime_nested_past_the_parser_limit_is_unscannable(gate):
-    depth = 70
+def deep_message(content: bytes, depth: int = 70) -> bytes:
     head = b"".join(b'Content-Type: multipart/mixed; boundary="n%d"\n\n--n%d\n' % (i, i) for i in range(depth))
     tail = b"".join(b"\n--n%d--\n" % i for i in reversed(range(depth)))
-    data = b"From: a@example.org\nSubject: deep\nMIME-Version: 1.0\n" + head + b"Content-Type: text/plain\n\nhi" + tail
-    outcome = gate(data)
+    return b"From: a@example.org\nSubject: deep\nMIME-Version: 1.0\n" + head + content + tail
+
+
+def test_mime_nested_past_the_parser_limit_is_unscannable(gate):
+    outcome = gate(deep_message(b"Content-Type: text/plain\n\nhi"))
     assert outcome.header.startswith("unscannable (MIME nesting beyond the parser's limits")
-    assert "the whole message" in outcome.notices[0] or "MIME nesting" in outcome.notices[0]
+    assert "- the message: unscannable: MIME nesting beyond the parser's limits" in outcome.notices[0]
+
+
+def test_virus_below_the_parser_limit_is_still_found(gate):
+    outcome = gate(deep_message(b"Content-Type: application/octet-stream\n\n" + EICAR), on_infected="tag")
+    assert outcome.header == f"infected ({EICAR_NAME})"
 
 
 # -- nothing written outside the work directory ------------------------------------------------------
