@@ -310,6 +310,12 @@ class VirScan(Filter):
         ctx.notify(recipients, f"ispmailgate: {verdict} message ({report.details(verdict, 2)})",
                    "\n".join(lines) + "\n")
 
+    def preload(self) -> None:
+        import importlib
+
+        for module in ("bz2", "gzip", "json", "lzma", "tarfile", "unicodedata", "zipfile", "zlib"):
+            importlib.import_module(module)
+
     # -- ispmailgate check -----------------------------------------------------------------
 
     def problems(self) -> list[str]:

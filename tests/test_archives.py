@@ -10,6 +10,8 @@ import resource
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attacks import (MiB, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, nested_zip,
                      nested_zip_bomb, overlapping_zip, tar_of, zip_of)
@@ -162,3 +164,25 @@ def test_member_names_are_neutralised_in_labels():
 def test_printable_neutralises_controls_surrogates_and_length():
     assert printable("a\rb\nc\x00d\x1be\u2028f\udcff") == "a?b?c?d?e?f?"
     assert printable("x" * 500, 20) == "x" * 17 + "..."
+
+
+# -- hostile bytes: the unpacker is total --------------------------------------------------------
+
+PROPERTY = settings(max_examples=300, deadline=5000, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SAMPLES = [zip_of({"a.txt": b"alpha" * 50, "dir/b.com": EICAR}), tar_of({"a": b"x" * 700, "b": EICAR}),
+           tar_of({"a": b"y" * 100}, "w:bz2"), tar_of({"a": b"z" * 100}, "w:xz"), gzip.compress(EICAR),
+           nested_zip(b"deep", ["f", "a.zip", "b.zip"])]
+
+
+@PROPERTY
+@given(sample=st.sampled_from(SAMPLES), damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                           max_size=8), cut=st.integers(0, 10_000))
+def test_damaged_archives_never_raise(sample, damage, cut):
+    data = bytearray(sample)
+    for position, value in damage:
+        data[position % len(data)] = value
+    data = bytes(data[:max(cut, 4)]) if cut < len(data) else bytes(data)
+    items, problems, unpacker = unpack(data)
+    assert all(isinstance(label, str) and isinstance(reason, str) for label, reason in problems)
+    assert unpacker.unpacked <= Limits().unpacked + 1

@@ -16,10 +16,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, zip_of
 from clamav import EICAR, EICAR_NAME, ClamdProcess
 from conftest import corpus_messages, crlf, without_from_line
+from hostile import message as hostile_message
 from ispmailgate_filters.base import ConfigError, Context, Envelope, Reject
 from ispmailgate_filters.mime import Message, ParseError
 from ispmailgate_filters.virscan import VirScan
@@ -415,3 +417,25 @@ def test_the_readme_example_is_a_valid_rule_file():
     config = ispmailgate.build_config(tomllib.loads(example[:example.index("```")]), "README.md")
     scan = config.filters["av"]
     assert (scan.on_infected, scan.max_unpacked, scan.max_stream) == ("reject", 200 * 1024 ** 2, 25 * 1024 ** 2)
+
+
+# -- hostile MIME: every message ends in a defined verdict ------------------------------------------
+
+
+@settings(max_examples=150, deadline=10_000, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=hostile_message())
+def test_any_message_gets_a_verdict_and_only_our_header_changes(clamd, tmp_path_factory, data):
+    scan = VirScan(socket=clamd.socket)
+    parsed = Message(data)
+    scan.process(parsed, context(tmp_path_factory.getbasetemp()))   # no virus: never a Verdict
+    result = parsed.to_bytes()
+    value = Message(result).headers.get("X-ispMailGate-VirScan")
+    assert value == "scanned" or value.startswith("unscannable (")
+    if value == "scanned" and b"X-ispMailGate-VirScan" not in data:
+        assert result.endswith(data) and result.startswith(b"X-ispMailGate-VirScan: scanned")
+
+
+def test_preload_imports_what_scanning_needs():
+    VirScan().preload()
+    assert {"tarfile", "zipfile", "lzma", "bz2", "unicodedata"} <= set(sys.modules)
