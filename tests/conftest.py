@@ -260,3 +260,8 @@ def gate_executable() -> Path:
     assert GATE.exists(), f"ispmailgate is not installed in this environment ({GATE})"
     assert shutil.which(str(GATE))
     return GATE
+
+
+# -- ClamAV ----------------------------------------------------------------------------------
+
+from clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)

@@ -1,0 +1,188 @@
+"""The unpacker on its own: every member found, every attack stopped within its limits."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import os
+import resource
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attacks import (MiB, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, nested_zip,
+                     nested_zip_bomb, overlapping_zip, tar_of, zip_of)
+from clamav import EICAR
+from ispmailgate_filters.archives import Limits, Unpacker, sniff
+from ispmailgate_filters.base import printable
+
+
+def unpack(data: bytes, **limits) -> tuple[dict[str, bytes], list[tuple[str, str]], Unpacker]:
+    unpacker = Unpacker(Limits(**limits))
+    items = {item.label: item.data for item in unpacker.items("part", data)}
+    return items, unpacker.problems, unpacker
+
+
+def test_plain_data_is_one_item():
+    items, problems, _ = unpack(b"just text, BZh91AY&SY is not at the start\n")
+    assert items == {"part": b"just text, BZh91AY&SY is not at the start\n"}
+    assert problems == []
+
+
+def test_text_that_starts_like_bzip2_is_not_an_archive():
+    assert sniff(b"BZh9 is how a bzip2 file starts, but this is prose\n") is None
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_tar_members_in_every_compression(mode):
+    items, problems, _ = unpack(tar_of({"docs/a.txt": b"alpha", "b.com": EICAR}, mode))
+    assert problems == []
+    assert list(items.values())[-2:] == [b"alpha", EICAR]
+    assert any(label.endswith('"b.com"') for label in items)
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_single_compressed_streams(compress):
+    items, problems, _ = unpack(compress(EICAR))
+    assert problems == []
+    assert list(items.values()) == [EICAR]
+
+
+def test_zip_in_zip_in_zip_is_unpacked_to_the_bottom():
+    items, problems, _ = unpack(nested_zip(EICAR, ["eicar.com", "inner.zip", "middle.zip", "outer.zip"]))
+    assert problems == []
+    assert items == {'part > "outer.zip" > "middle.zip" > "inner.zip" > "eicar.com"': EICAR}
+
+
+def test_nesting_past_max_depth_is_unscannable():
+    data = nested_zip(b"deep", ["f"] + [f"{n}.zip" for n in range(5)])
+    items, problems, _ = unpack(data, depth=3)
+    assert b"deep" not in items.values()
+    assert [reason for _, reason in problems] == ["archives nested deeper than max_depth (3)"]
+
+
+def test_nested_zip_bomb_stops_within_the_budget():
+    bomb = nested_zip_bomb()        # 16 KB that unpack to 256 GiB
+    started = time.monotonic()
+    items, problems, unpacker = unpack(bomb, unpacked=64 * MiB)
+    assert time.monotonic() - started < 30
+    assert unpacker.unpacked <= 64 * MiB + 1
+    reasons = {reason for _, reason in problems}
+    assert "compression ratio above max_ratio (100)" in reasons
+    assert f"more than max_unpacked ({64 * MiB} bytes) unpacked in total" in reasons
+    assert sum(map(len, items.values())) < 64 * MiB
+
+
+def test_high_ratio_gzip_is_read_no_further_than_the_ratio_allows():
+    data = high_ratio_gzip(128 * MiB)
+    items, problems, unpacker = unpack(data)
+    assert problems == [('part > "(gunzipped)"', "compression ratio above max_ratio (100)")]
+    assert unpacker.unpacked <= 100 * len(data) + 1
+    assert items == {}
+
+
+def test_member_size_limit():
+    items, problems, _ = unpack(zip_of({"big": os.urandom(3 * MiB), "small": b"ok"}), member=2 * MiB)
+    assert problems == [('part > "big"', f"member larger than max_member_size ({2 * MiB} bytes)")]
+    assert items == {'part > "small"': b"ok"}
+
+
+def test_hundred_thousand_member_zip_is_refused_before_parsing():
+    data = many_member_zip(100_000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    items, problems, _ = unpack(data)
+    assert time.monotonic() - started < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50 * 1024    # KiB
+    assert problems == [("part", "100000 members, more than max_members (1000)")]
+    assert items == {}
+
+
+def test_overlapping_zip_entries_are_refused():
+    items, problems, unpacker = unpack(overlapping_zip())
+    assert problems == [("part", "overlapping or misplaced members (zip bomb construction)")]
+    assert items == {} and unpacker.unpacked == 0
+
+
+def test_encrypted_zip_member_is_unscannable():
+    items, problems, _ = unpack(encrypted_zip())
+    assert problems == [('part > "secret.com"', "encrypted member")]
+    assert items == {}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_archives_are_unscannable_and_go_to_the_scanner_whole(damage):
+    archive = zip_of({"a.txt": b"x" * 10_000})
+    data = archive[:len(archive) // 2] if damage == "truncated" else b"PK\x03\x04" + b"\xff" * 200
+    items, problems, _ = unpack(data)
+    assert [label for label, _ in problems] == ["part"]
+    assert problems[0][1].startswith("corrupt zip")
+    assert items == {"part": data}
+
+
+def test_truncated_gzip_is_corrupt():
+    data = gzip.compress(b"y" * 100_000)[:-20]
+    _, problems, _ = unpack(data)
+    assert problems[0][1].startswith("corrupt gzip")
+
+
+def test_tar_data_hidden_behind_a_damaged_header_is_unscannable():
+    archive = bytearray(tar_of({"first": b"a" * 600, "second.com": EICAR}, "w"))
+    archive[1536:1536 + 100] = b"\xff" * 100        # the second header: Python's tarfile stops here
+    _, problems, _ = unpack(bytes(archive))
+    assert ("part", "data after the end of the tar archive") in problems
+
+
+def test_hostile_tar_names_are_labels_and_links_devices_are_skipped(tmp_path):
+    escape = tmp_path / "escape"
+    items, problems, _ = unpack(hostile_tar(escape))
+    assert problems == []
+    assert list(items.values()) == [EICAR, b"absolute path\n"]
+    assert all(label.startswith('part > "') for label in items)
+    assert not escape.exists()
+
+
+def test_rar_is_unscannable_and_7z_left_to_the_scanner():
+    rar = b"Rar!\x1a\x07\x01\x00" + b"\0" * 40
+    seven = b"7z\xbc\xaf\x27\x1c" + b"\0" * 40
+    items, problems, _ = unpack(rar)
+    assert problems == [("part", "rar archives cannot be unpacked here")] and items == {"part": rar}
+    items, problems, _ = unpack(seven)
+    assert problems == [] and items == {"part": seven}
+
+
+def test_member_names_are_neutralised_in_labels():
+    items, _, _ = unpack(zip_of({"evil\r\nX-Injected:\u202e yes\x00.com": b"x"}))
+    [label] = items
+    assert "\r" not in label and "\n" not in label and "\x00" not in label and "\u202e" not in label
+    assert label == 'part > "evil??X-Injected:? yes"'        # zip names end at NUL
+
+
+def test_printable_neutralises_controls_surrogates_and_length():
+    assert printable("a\rb\nc\x00d\x1be\u2028f\udcff") == "a?b?c?d?e?f?"
+    assert printable("x" * 500, 20) == "x" * 17 + "..."
+
+
+# -- hostile bytes: the unpacker is total --------------------------------------------------------
+
+PROPERTY = settings(max_examples=300, deadline=5000, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SAMPLES = [zip_of({"a.txt": b"alpha" * 50, "dir/b.com": EICAR}), tar_of({"a": b"x" * 700, "b": EICAR}),
+           tar_of({"a": b"y" * 100}, "w:bz2"), tar_of({"a": b"z" * 100}, "w:xz"), gzip.compress(EICAR),
+           nested_zip(b"deep", ["f", "a.zip", "b.zip"])]
+
+
+@PROPERTY
+@given(sample=st.sampled_from(SAMPLES), damage=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                           max_size=8), cut=st.integers(0, 10_000))
+def test_damaged_archives_never_raise(sample, damage, cut):
+    data = bytearray(sample)
+    for position, value in damage:
+        data[position % len(data)] = value
+    data = bytes(data[:max(cut, 4)]) if cut < len(data) else bytes(data)
+    items, problems, unpacker = unpack(data)
+    assert all(isinstance(label, str) and isinstance(reason, str) for label, reason in problems)
+    assert unpacker.unpacked <= Limits().unpacked + 1

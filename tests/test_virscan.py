@@ -1,0 +1,246 @@
+"""virscan through the whole gate with a real clamd: verdicts, actions, fidelity, attacks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import time
+
+import pytest
+
+from attacks import (encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message, nested_zip,
+                     nested_zip_bomb, overlapping_zip, tar_of, zip_of)
+from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME
+from conftest import corpus_messages, crlf, run_inline, without_from_line
+from ispmailgate_filters.mime import Message
+
+SENDER, RECIPIENT, POSTMASTER = "alice@example.org", "bob@example.com", "postmaster@example.net"
+
+
+def toml_value(value) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+@pytest.fixture
+def gate(config_file, smtp_sink, clamd, tmp_path):
+    """Run one message through a virscan chain: gate(data, **options) -> Outcome."""
+    def run(data: bytes, **options):
+        options.setdefault("socket", clamd.socket)
+        options.setdefault("quarantine_dir", str(tmp_path / "quarantine"))
+        table = "".join(f"{key} = {toml_value(value)}\n" for key, value in options.items())
+        config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n'
+                             f'postmaster = "{POSTMASTER}"\ndefault_filter = ["av"]\n'
+                             f'[filter.av]\ntype = "virscan"\n{table}')
+        started, before = time.monotonic(), len(smtp_sink.messages)
+        result = run_inline(["-c", str(config), "-f", SENDER, RECIPIENT], data)
+        return Outcome(result, time.monotonic() - started, smtp_sink.messages[before:], tmp_path)
+    return run
+
+
+class Outcome:
+    def __init__(self, run, seconds, received, home) -> None:
+        self.code, self.stderr, self.seconds = run.code, run.stderr, seconds
+        self.delivered = [m.content for m in received if RECIPIENT in m.rcpt_tos]
+        self.notices = [m.content.decode("utf-8", "replace") for m in received if POSTMASTER in m.rcpt_tos]
+        self.log = (home / "gate.log").read_text() if (home / "gate.log").exists() else ""
+
+    @property
+    def header(self) -> str:
+        [content] = self.delivered
+        headers = Message(content).headers
+        assert headers.names()[0] == "X-ispMailGate-VirScan", headers.names()
+        return headers.get("X-ispMailGate-VirScan")
+
+
+# -- clean mail: the header, and every other byte as it came -------------------------------
+
+@pytest.mark.parametrize("path", corpus_messages(), ids=lambda p: p.name)
+def test_clean_corpus_message_gets_the_header_and_nothing_else(path, gate):
+    data = path.read_bytes()
+    outcome = gate(data)
+    assert outcome.code == 0, outcome.stderr
+    [content] = outcome.delivered
+    assert content == b"X-ispMailGate-VirScan: scanned\r\n" + crlf(without_from_line(data))
+    assert outcome.notices == []
+
+
+def test_a_forged_verdict_header_is_replaced(gate):
+    data = b"X-ispMailGate-VirScan: scanned\n" + message(("x.com", "application/octet-stream", EICAR))
+    outcome = gate(data, on_infected="tag")
+    [content] = outcome.delivered
+    assert content.count(b"X-ispMailGate-VirScan") == 1
+    assert outcome.header == f"infected ({EICAR_NAME})"
+
+
+def test_crlf_message_keeps_its_line_ends(gate):
+    data = message(("notes.txt", "text/plain", b"nothing to see\r\n"), eol=b"\r\n")
+    outcome = gate(data)
+    assert outcome.delivered == [b"X-ispMailGate-VirScan: scanned\r\n" + data]
+
+
+# -- infected: found wherever it hides ------------------------------------------------------
+
+HIDING_PLACES = {
+    "attachment": (EICAR, "eicar.com", 'part 2 "eicar.com"'),
+    "zip": (zip_of({"readme.txt": b"hi", "eicar.com": EICAR}), "a.zip", 'part 2 "a.zip" > "eicar.com"'),
+    "tar.gz": (tar_of({"dir/eicar.com": EICAR}), "a.tgz", 'part 2 "a.tgz" > "(gunzipped)" > "dir/eicar.com"'),
+    "zip-in-zip-in-zip": (nested_zip(EICAR, ["eicar.com", "c.zip", "b.zip"]), "a.zip",
+                          'part 2 "a.zip" > "b.zip" > "c.zip" > "eicar.com"'),
+    "custom signature in tar.xz": (tar_of({"payload.bin": CUSTOM}, "w:xz"), "p.tar.xz",
+                                   'part 2 "p.tar.xz" > "(unxzed)" > "payload.bin"'),
+}
+
+
+@pytest.mark.parametrize("case", HIDING_PLACES)
+def test_infected_attachment_is_rejected_and_the_postmaster_told(case, gate):
+    data, filename, label = HIDING_PLACES[case]
+    name = CUSTOM_NAME if "custom" in case else EICAR_NAME
+    outcome = gate(message((filename, "application/octet-stream", data)))
+    assert outcome.code == 69, outcome.stderr
+    assert outcome.stderr.splitlines()[0] == f"5.7.1 av: message infected: {name}"
+    assert outcome.delivered == []
+    [notice] = outcome.notices
+    assert f"- {label}: infected: {name}" in notice
+    assert "Action:     rejected" in notice
+
+
+def attached_message(inner: bytes, encoding: str) -> bytes:
+    body = base64.encodebytes(inner) if encoding == "base64" else inner
+    return (b"From: carol@example.org\nTo: bob@example.com\nSubject: fwd\nMIME-Version: 1.0\n"
+            b'Content-Type: multipart/mixed; boundary="outer"\n\n--outer\nContent-Type: text/plain\n\nsee below\n'
+            b"--outer\nContent-Type: message/rfc822\nContent-Transfer-Encoding: " + encoding.encode()
+            + b"\n\n" + body + b"\n--outer--\n")
+
+
+@pytest.mark.parametrize("encoding", ["7bit", "base64"])
+def test_base64_part_inside_an_attached_message(encoding, gate):
+    inner = message(("invoice.zip", "application/zip", zip_of({"eicar.com": EICAR})))
+    outcome = gate(attached_message(inner, encoding), on_infected="tag")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.header == f"infected ({EICAR_NAME})"
+    [notice] = outcome.notices
+    assert '"invoice.zip" > "eicar.com": infected' in notice
+
+
+# -- actions ----------------------------------------------------------------------------------
+
+def test_discard_keeps_a_private_copy_in_quarantine(gate, tmp_path):
+    data = message(("a.zip", "application/zip", zip_of({"eicar.com": EICAR})))
+    outcome = gate(data, on_infected="discard")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.delivered == []
+    quarantine = tmp_path / "quarantine"
+    assert stat.S_IMODE(quarantine.stat().st_mode) == 0o700
+    [kept] = quarantine.glob("*.eml")
+    [record] = quarantine.glob("*.json")
+    assert kept.read_bytes() == data
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (kept, record)} == {0o600}
+    details = json.loads(record.read_text())
+    assert details["sender"] == SENDER and details["recipients"] == [RECIPIENT]
+    assert details["findings"][0]["detail"] == EICAR_NAME
+    [notice] = outcome.notices
+    assert str(kept) in notice
+
+
+def test_discard_that_cannot_keep_a_copy_defers(gate, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    outcome = gate(message(("e.com", "application/octet-stream", EICAR)), on_infected="discard",
+                   quarantine_dir=str(blocker / "q"))
+    assert outcome.code == 75
+    assert outcome.delivered == [] and outcome.notices == []
+
+
+def test_tag_delivers_with_the_verdict_and_a_subject_prefix(gate):
+    outcome = gate(message(("e.com", "application/octet-stream", EICAR), subject="Quarterly report"),
+                   on_infected="tag")
+    assert outcome.code == 0
+    [content] = outcome.delivered
+    assert outcome.header == f"infected ({EICAR_NAME})"
+    assert b"\r\nSubject: [VIRUS] Quarterly report\r\n" in content
+
+
+def test_pass_delivers_unchanged_but_tells_the_postmaster(gate):
+    data = message(("e.com", "application/octet-stream", EICAR))
+    outcome = gate(data, on_infected="pass", notify=["postmaster", "sender"])
+    assert outcome.delivered == [crlf(data)]
+    assert len(outcome.notices) == 1
+    assert "Action:     delivered unchanged" in outcome.notices[0]
+
+
+def test_notify_nobody(gate):
+    outcome = gate(message(("e.com", "application/octet-stream", EICAR)), notify=[])
+    assert outcome.code == 69 and outcome.notices == []
+
+
+def test_subject_prefix_is_not_added_twice_and_keeps_encoded_words(gate):
+    data = message(("e.com", "application/octet-stream", EICAR), subject="=?utf-8?q?Gr=C3=BC=C3=9Fe?=")
+    first = gate(data, on_infected="tag")
+    [tagged] = first.delivered
+    assert Message(tagged).headers.decoded("Subject") == "[VIRUS] Grüße"
+    again = gate(tagged.replace(b"\r\n", b"\n"), on_infected="tag")
+    assert Message(again.delivered[0]).headers.decoded("Subject") == "[VIRUS] Grüße"
+
+
+# -- unscannable: archive attacks, limits, encryption ------------------------------------------
+
+ATTACKS = {
+    "encrypted zip": (encrypted_zip, "encrypted member"),
+    "nested zip bomb": (nested_zip_bomb, "compression ratio above max_ratio (100)"),
+    "high-ratio gzip": (high_ratio_gzip, "compression ratio above max_ratio (100)"),
+    "100,000-member zip": (many_member_zip, "100000 members, more than max_members (1000)"),
+    "overlapping zip entries": (overlapping_zip, "overlapping or misplaced members (zip bomb construction)"),
+}
+
+
+@pytest.mark.parametrize("case", ATTACKS)
+def test_archive_attacks_are_unscannable_and_tagged(case, gate):
+    make, reason = ATTACKS[case]
+    outcome = gate(message(("archive.bin", "application/octet-stream", make())))
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.seconds < 60
+    assert reason in outcome.header
+    assert outcome.header.startswith("unscannable (")
+    [content] = outcome.delivered
+    assert b"\r\nSubject: [UNSCANNED] test\r\n" in content
+    [notice] = outcome.notices
+    assert f": unscannable: {reason}" in notice
+
+
+def test_unscannable_can_be_rejected(gate):
+    outcome = gate(message(("s.zip", "application/zip", encrypted_zip())), on_unscannable="reject")
+    assert outcome.code == 69
+    assert outcome.stderr.splitlines()[0] == "5.7.1 av: message unscannable: encrypted member"
+
+
+def test_infected_beats_unscannable(gate):
+    outcome = gate(message(("s.zip", "application/zip", encrypted_zip()),
+                           ("e.com", "application/octet-stream", EICAR)), on_infected="tag")
+    assert outcome.header == f"infected ({EICAR_NAME})"
+
+
+def test_hostile_tar_member_found_and_nothing_escapes(gate, tmp_path):
+    escape = tmp_path / "escape"
+    outcome = gate(message(("evil.tgz", "application/gzip", hostile_tar(escape))), on_infected="tag")
+    assert outcome.header == f"infected ({EICAR_NAME})"
+    assert "dotdot.com\": infected" in outcome.notices[0]
+    assert not escape.exists()
+
+
+def test_hostile_tar_without_a_virus_is_clean(gate, tmp_path):
+    outcome = gate(message(("odd.tgz", "application/gzip", hostile_tar(tmp_path / "escape", b"harmless"))))
+    assert outcome.header == "scanned"
+
+
+# -- names from the message never inject anything ------------------------------------------------
+
+def test_file_and_member_names_cannot_inject_headers_or_report_lines(gate):
+    filename = "=?utf-8?q?x=0D=0AX-Injected=3A_yes=0D=0A.zip?="
+    archive = zip_of({"a\r\nX-Member-Injected: yes\r\n.com": EICAR})
+    outcome = gate(message((filename, "application/zip", archive)), on_infected="tag")
+    [content] = outcome.delivered
+    assert b"\r\nX-Injected" not in content and b"\r\nX-Member-Injected" not in content
+    [notice] = outcome.notices
+    assert "\nX-Injected" not in notice and "\nX-Member-Injected" not in notice
+    assert 'part 2 "x??X-Injected: yes??.zip" > "a??X-Member-Injected: yes??.com": infected' in notice
