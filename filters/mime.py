@@ -64,6 +64,10 @@ class Headers:
     def items(self) -> list[tuple[str, str]]:
         return [(name, _field_value(raw)) for name, raw in self._fields]
 
+    def raw_items(self) -> list[tuple[str, bytes]]:
+        """Every field as (name as written, raw bytes with folding and line end), in order."""
+        return list(self._fields)
+
     def decoded(self, name: str) -> str | None:
         """The first field called ``name`` with RFC 2047 encoded words decoded."""
         value = self.get(name)
@@ -277,12 +281,15 @@ class Part:
         self.set_decoded(data)
 
     def set_param(self, name: str, value: str, header: str = "Content-Type") -> None:
-        """Set one parameter of a structured header, keeping the others."""
-        info = self._mime()
-        if header.lower() == "content-type" and "Content-Type" not in self.headers:
-            info["Content-Type"] = self.content_type
-        info.set_param(name, value, header=header)
-        self.headers.set(header, info[header])
+        """Set one parameter of a structured header; the others stay as they were written.
+
+        Only the named parameter's text is replaced (RFC 2231 pieces included), so an
+        RFC 2231 or RFC 2047 file name beside it survives unchanged.
+        """
+        current = self.headers.get(header)
+        if current is None:
+            current = self.content_type if header.lower() == "content-type" else ""
+        self.headers.set(header, replace_param(current, name, value))
         self._info = None
 
     # -- building --------------------------------------------------------------------------
@@ -559,6 +566,67 @@ def decode_words(value: str) -> str:
         return str(make_header(decode_header(value)))
     except (ValueError, LookupError, UnicodeError, AssertionError):
         return value
+
+
+def printable(text: str) -> str:
+    """A name as logs and reports show it: encoded words decoded, control characters removed.
+
+    Bytes that were not UTF-8 (surrogate escapes) become U+FFFD; C0/C1 controls and
+    format characters (bidi overrides that reorder what a reader sees) are dropped.
+    """
+    import unicodedata
+
+    shown = []
+    for char in decode_words(text):
+        category = unicodedata.category(char)
+        if category == "Cs":
+            shown.append("\ufffd")
+        elif category not in ("Cc", "Cf"):
+            shown.append(char)
+    return "".join(shown)
+
+
+def replace_param(value: str, name: str, new: str) -> str:
+    """A structured header value with parameter ``name`` set to ``new``, the rest as written."""
+    pieces = _split_params(value)
+    key = name.lower()
+    kept, at = [pieces[0]], None
+    for piece in pieces[1:]:
+        written = piece.split("=", 1)[0].strip().lower()
+        if written == key or written.startswith(key + "*"):
+            at = len(kept) if at is None else at
+            continue
+        kept.append(piece)
+    kept.insert(len(kept) if at is None else at, " " + format_param(name, new))
+    return ";".join(kept)
+
+
+def _split_params(value: str) -> list[str]:
+    """Split at the semicolons that are not inside a quoted string."""
+    pieces, start, quoted, escaped = [], 0, False, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ";" and not quoted:
+            pieces.append(value[start:index])
+            start = index + 1
+    pieces.append(value[start:])
+    return pieces
+
+
+def format_param(name: str, value: str) -> str:
+    """``name=value``: a token as it is, else quoted; non-ASCII as RFC 2231 UTF-8."""
+    if not value.isascii():
+        from email.utils import encode_rfc2231
+
+        return f"{name}*={encode_rfc2231(value, 'utf-8')}"
+    if value and re.fullmatch(r"[!#-'*+.0-9A-Z^-~-]+", value):
+        return f"{name}={value}"
+    return f'{name}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def python_codec(charset: str | None) -> str:
