@@ -132,9 +132,13 @@ class Banner(Filter):
         names = [printable(p.filename) for p in root.leaves() if p.filename and p not in parts]
         if names:
             ctx.log.debug("%s: attachments left alone: %s", self.title, ", ".join(names))
+        mime_fields = ("Content-Type", "Content-Transfer-Encoding")
+        before = [root.headers.raw(name) for name in mime_fields]
         changed = False
         for part in parts:
             changed = self._add_to_part(part, texts, marked, ctx) or changed
+        if "MIME-Version" not in root.headers and before != [root.headers.raw(n) for n in mime_fields]:
+            root.headers.add("MIME-Version", "1.0", top=False)     # else readers ignore the new fields
         return changed
 
     def _add_to_part(self, part: Part, texts: Texts, marked: bool, ctx: Context) -> bool:

@@ -119,6 +119,8 @@ def test_single_part_text_gets_the_banner_at_the_bottom(config_file, tmp_path):
     original = parsed(SIMPLE).root.decoded().decode("ascii")
     assert body == original + "\n" + GERMAN + "\n"
     assert out.root.charset == "utf-8"
+    assert out.headers.get("MIME-Version") == "1.0"          # simple.msg had none: now readers decode it
+    assert email.message_from_bytes(run.stdout, policy=email.policy.default).get_content() == body
     assert out.headers.get("X-ispMailGate-Banner").endswith("(b)")
     before = dict(parsed(SIMPLE).headers.items())
     assert all(out.headers.get(name) == value for name, value in before.items())
