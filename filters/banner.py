@@ -11,6 +11,7 @@ header names this banner and the text is in place) is left byte for byte as it i
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,13 @@ class Banner(Filter):
     html: str = option("", "HTML snippet inserted into text/html parts (its text, tags removed, "
                            "goes into text/plain parts when no text is set)")
     html_file: str = option("", "file holding the HTML snippet (UTF-8), read at each run; instead of html")
-    position: str = option("bottom", "bottom: after the text, before </body>; top: before the first "
-                                     "line, right after <body>", convert=choice("bottom", "top"))
+    position: str = option("bottom", "bottom: after a part's last line (HTML: before </body>); top: before "
+                                     "its first line (HTML: right after <body>)", convert=choice("bottom", "top"))
     subject_prefix: str = option("", "added to the start of the Subject unless it already starts "
                                      "with it, e.g. \"[EXTERNAL] \"")
-    on_dkim_signed: str = option("modify", "modify | skip: skip leaves a message that has a "
-                                           "DKIM-Signature header untouched (and logs it)",
+    on_dkim_signed: str = option("modify", "modify: change DKIM-signed mail too (its signature breaks: "
+                                           "configure [arc]); skip: leave a message that has a "
+                                           "DKIM-Signature header untouched and log it",
                                  convert=choice("modify", "skip"))
     on_protected: str = option("skip", "skip | wrap: a multipart/signed, multipart/encrypted or S/MIME "
                                        "message is left untouched (skip), or attached whole as "
@@ -129,9 +131,10 @@ class Banner(Filter):
         parts = chosen_parts(root)
         if not parts:
             ctx.log.info("%s: no text part can carry the banner", self.title)
-        names = [printable(p.filename) for p in root.leaves() if p.filename and p not in parts]
-        if names:
-            ctx.log.debug("%s: attachments left alone: %s", self.title, ", ".join(names))
+        if ctx.log.isEnabledFor(logging.DEBUG):
+            names = [printable(p.filename) for p in root.leaves() if p.filename and p not in parts]
+            if names:
+                ctx.log.debug("%s: attachments left alone: %s", self.title, ", ".join(names))
         mime_fields = ("Content-Type", "Content-Transfer-Encoding")
         before = [root.headers.raw(name) for name in mime_fields]
         changed = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+_CHUNK = 1 << 14
 _BLOCK_ENDS = frozenset({"p", "div", "li", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6",
                          "blockquote", "pre", "ul", "ol"})
 
@@ -23,7 +24,7 @@ def insertion_point(document: bytes, position: str) -> int | None:
     its end.  A fragment with none of them is left alone in both positions.
     """
     text = document.decode("latin-1")
-    anchors = _anchors(text)
+    anchors = _anchors(text, stop_at_body=position == "top")
     if position == "top":
         order = ("body_open", "head_close", "html_open")
     else:
@@ -36,8 +37,12 @@ def insertion_point(document: bytes, position: str) -> int | None:
     return None
 
 
-def _anchors(text: str) -> dict[str, int]:
-    """Offsets just after ``<body>``, ``</head>``, ``<html>`` and just before ``</body>``, ``</html>``."""
+def _anchors(text: str, *, stop_at_body: bool = False) -> dict[str, int]:
+    """Offsets just after ``<body>``, ``</head>``, ``<html>`` and just before ``</body>``, ``</html>``.
+
+    With ``stop_at_body`` the tokenizer stops at the opening body tag: the top position
+    needs nothing after it, and a large HTML part is not read to its end for nothing.
+    """
     from html.parser import HTMLParser
 
     line_starts = [0] + [match.end() for match in re.finditer("\n", text)]
@@ -60,7 +65,10 @@ def _anchors(text: str) -> dict[str, int]:
                 found[f"{tag}_close"] = start        # the last one wins
 
     parser = Anchors(convert_charrefs=False)
-    parser.feed(text)
+    for start in range(0, len(text), _CHUNK):
+        parser.feed(text[start:start + _CHUNK])
+        if stop_at_body and "body_open" in found:
+            return found
     parser.close()
     return found
 

@@ -71,7 +71,8 @@ class Packer(Filter):
                             convert=choice("pos", "neg", "auto"))
     codec: str = option("gzip", "gzip | bzip2 | xz (built in), or a name of your own for "
                                 "command_pos/command_neg; recorded in each packed part")
-    level: int = option(6, "compression level of the built-in codecs, 1 (fast) to 9 (small)")
+    level: int = option(6, "compression level of the built-in codecs, 1 (fast) to 9 (small; xz at 7 to 9 "
+                           "needs 200 to 700 MB of memory)")
     command_pos: tuple = option((), "compress command as an argv list (no shell): body on stdin, "
                                     "packed data on stdout, exit 0", convert=argv)
     command_neg: tuple = option((), "decompress command as an argv list (no shell): packed data on "
@@ -85,9 +86,9 @@ class Packer(Filter):
     max_unpacked: int = option(100 * 1024 ** 2, "most bytes neg may unpack for one message, all parts "
                                                 "together (e.g. \"100M\"); past it: on_unpack_error",
                                convert=parse_size)
-    on_unpack_error: str = option("error", "error | keep | reject: a packed part past max_unpacked, damaged "
-                                           "or in an unknown codec: a filter error (postmaster report), "
-                                           "kept packed and logged, or the message rejected (5.6.0)",
+    on_unpack_error: str = option("error", "for a packed part past max_unpacked, damaged, or in a codec "
+                                           "this filter cannot undo: error (a filter error, see "
+                                           "on_filter_error), keep (deliver it packed, log it), reject (5.6.0)",
                                   convert=choice("error", "keep", "reject"))
 
     def __post_init__(self) -> None:

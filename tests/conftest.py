@@ -245,6 +245,25 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+def config_error(text: str, folder: Path):
+    """The ConfigError that loading the rule file ``text`` raises (fails if it loads)."""
+    import ispmailgate
+    from ispmailgate_filters.base import ConfigError
+
+    path = folder / "rules.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        ispmailgate.load_config(path)
+    return caught.value
+
+
+def assert_one_line_docs(filter_class) -> None:
+    """Every option of a filter has the one line of documentation the man page is made from."""
+    for name, spec in filter_class.options().items():
+        doc = spec.metadata["doc"]
+        assert doc and "\n" not in doc and len(doc) < 300, name
+
+
 @pytest.fixture(scope="session")
 def gate_executable() -> Path:
     assert GATE.exists(), f"ispmailgate is not installed in this environment ({GATE})"

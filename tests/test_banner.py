@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from conftest import CORPUS, corpus_messages, crlf, run_gate, run_inline, without_from_line
+from conftest import (CORPUS, PROJECT, assert_one_line_docs, config_error, corpus_messages, crlf,
+                      run_gate, run_inline, without_from_line)
 
 GERMAN = "Diese Nachricht ist vertraulich. Grüße aus München"
 SIMPLE = without_from_line((CORPUS / "simple.msg").read_bytes())
@@ -62,15 +63,9 @@ def alternative(plain: bytes, html: bytes, *, charset: str = "utf-8", encoding: 
     ('text = "x"\ncolour = "red"', "filter.b.colour", "unknown option"),
 ])
 def test_options_are_checked_at_load_and_name_their_key(tmp_path, options, key, words):
-    import ispmailgate
-    from ispmailgate_filters.base import ConfigError
-
-    path = tmp_path / "rules.toml"
-    path.write_text(rules(options))
-    with pytest.raises(ConfigError) as caught:
-        ispmailgate.load_config(path)
-    assert caught.value.path == key
-    assert words in caught.value.message
+    error = config_error(rules(options), tmp_path)
+    assert error.path == key
+    assert words in error.message
 
 
 def test_a_broken_rule_file_defers_the_mail(config_file):
@@ -94,12 +89,18 @@ def test_problems_name_missing_or_unreadable_files(tmp_path):
     assert found[1].startswith("html_file ") and "utf-8" in found[1]
 
 
+def test_the_readme_documents_every_option():
+    from ispmailgate_filters.banner import Banner
+
+    section = (PROJECT / "README.md").read_text().split("## Filter: banner")[1].split("\n## ")[0]
+    for name in Banner.options():
+        assert f"| `{name}` |" in section, name
+
+
 def test_every_option_has_a_one_line_doc():
     from ispmailgate_filters.banner import Banner
 
-    for name, spec in Banner.options().items():
-        doc = spec.metadata["doc"]
-        assert doc and "\n" not in doc, name
+    assert_one_line_docs(Banner)
 
 
 def test_a_missing_banner_file_at_delivery_time_defers(config_file, tmp_path):
