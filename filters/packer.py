@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from .base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice,
                    marked_direction, option, parse_size)
 from .mime import Message, ParseError, Part, decode_body, encode_body, format_param, printable
-from .packing import BUILTIN_CODECS, UnpackError, compress, decompress
+from .packing import BUILTIN_CODECS, UnpackError, compress, decompress, incompressible
 
 MARKER = "X-ispMailGate-Packer"
 PACKED = "X-ispMailGate-Packed"
@@ -146,6 +146,8 @@ class Packer(Filter):
 
     def _pack_part(self, part: Part, top: bool, ctx: Context) -> bool:
         data = part.decoded()
+        if self.min_saving and incompressible(data):
+            return False
         try:
             packed = compress(self.codec, data, self.level, self.command_pos, self._run_options(ctx))
         except UnpackError as error:        # packing is an optimisation: the part goes as it is

@@ -19,6 +19,7 @@ BUILTIN_CODECS = {
     "xz": (".xz", "application/x-xz"),
 }
 _CHUNK = 1 << 16
+_PROBE = 1 << 15
 
 
 class UnpackError(Exception):
@@ -48,6 +49,21 @@ def compress(codec: str, data: bytes, level: int, command: tuple[str, ...] = (),
         import lzma
         return lzma.compress(data, preset=level)
     raise UnpackError(f"codec {codec!r} is not built in and no command was given")
+
+
+def incompressible(data: bytes) -> bool:
+    """True for a large body that a fast zlib pass over three slices cannot shrink by 2 %.
+
+    Compressed or encrypted files outside ``skip_types`` are then not compressed in
+    full only to be thrown away (xz spends seconds per 20 MB of random data).
+    """
+    if len(data) <= 3 * _PROBE:
+        return False
+    import zlib
+
+    middle = len(data) // 2
+    sample = data[:_PROBE] + data[middle:middle + _PROBE] + data[-_PROBE:]
+    return len(zlib.compress(sample, 1)) * 100 > len(sample) * 98
 
 
 def decompress(codec: str, data: bytes, limit: int, command: tuple[str, ...] = (),

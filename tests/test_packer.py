@@ -218,6 +218,21 @@ def test_skip_types_incompressible_and_tiny_parts_stay_as_they_are(config_file, 
         assert run.stdout == b"X-ispMailGate-Packer: pos\n" + original
 
 
+def test_large_incompressible_bodies_are_recognised_without_packing_them_whole():
+    import os
+
+    from ispmailgate_filters.packing import incompressible
+
+    import random
+
+    rng = random.Random(7)
+    text = " ".join("".join(rng.choices("etaoinshrdlu", k=rng.randint(2, 9))) for _ in range(300_000)).encode()
+    assert incompressible(os.urandom(1 << 20))
+    assert len(gzip.compress(text)) > 1 << 19 and incompressible(gzip.compress(text))
+    assert not incompressible(text)
+    assert not incompressible(os.urandom(1000))        # small bodies: just try
+
+
 def test_signed_or_encrypted_content_is_never_packed(config_file):
     data = (b"From: a@example.org\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=o\n\n--o\n"
             b'Content-Type: multipart/signed; protocol="application/pgp-signature"; boundary=s\n\n--s\n'
