@@ -24,6 +24,7 @@ PROTECTED = frozenset({"multipart/signed", "multipart/encrypted",
                        "application/pkcs7-mime", "application/x-pkcs7-mime"})
 _KNOWN_ENCODINGS = frozenset({"", "7bit", "8bit", "binary", "quoted-printable", "base64"})
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class Banner(Filter):
 
         plain = _read(self.text_file, "text_file") if self.text_file else self.text
         html = _read(self.html_file, "html_file") if self.html_file else self.html
-        plain, html = plain.strip("\r\n"), html.strip()
+        plain, html = _clean(plain).strip("\n"), _clean(html).strip()
         given = bool(html)
         plain = plain or (html_to_text(html) if html else "")
         html = html or (text_to_html(plain) if plain else "")
@@ -161,7 +162,7 @@ class Banner(Filter):
     def _add_plain(self, part: Part, codec: str, text: str, marked: bool, ctx: Context, where: str) -> bool:
         data = part.decoded()
         eol = line_end(data, part.headers.eol)
-        lines = eol.decode().join(text.replace("\r\n", "\n").split("\n"))
+        lines = eol.decode().join(text.split("\n"))
         charset = None
         try:
             banner = lines.encode(codec)
@@ -187,7 +188,7 @@ class Banner(Filter):
 
         data = part.decoded()
         eol = line_end(data, part.headers.eol).decode()
-        snippet = eol.join(html.replace("\r\n", "\n").split("\n")).encode(codec, "xmlcharrefreplace")
+        snippet = eol.join(html.split("\n")).encode(codec, "xmlcharrefreplace")
         if marked and snippet in data:
             return False
         at = insertion_point(data, self.position)
@@ -199,7 +200,7 @@ class Banner(Filter):
 
     def _carrier(self, texts: Texts, eol: bytes) -> Part:
         """The part that carries the banner beside a wrapped message."""
-        plain = eol.decode().join(texts.plain.replace("\r\n", "\n").split("\n")).encode("utf-8") + eol
+        plain = eol.decode().join(texts.plain.split("\n")).encode("utf-8") + eol
         part = Part.new([("Content-Type", "text/plain; charset=utf-8")], plain, eol=eol)
         if not texts.html_given:
             return part
@@ -304,6 +305,11 @@ def ascii_codec(charset: str | None) -> str | None:
         return codec if probe.encode(codec) == probe.encode("ascii") else None
     except (LookupError, UnicodeError, TypeError):
         return None
+
+
+def _clean(text: str) -> str:
+    """Banner text with line ends as LF and no other control characters (no bare CR on the wire)."""
+    return _CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 def _read(path: str, key: str) -> str:

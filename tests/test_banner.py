@@ -535,3 +535,10 @@ def test_signed_part_inside_a_mixed_message_is_never_touched(config_file, gpg):
     before, after = parsed(outer).root.children, parsed(run.stdout).root.children
     assert after[0].to_bytes() == before[0].to_bytes()
     assert after[1].decoded() == b"list footer\r\n\r\nCAUTION"
+
+
+def test_banner_files_with_cr_or_control_characters_put_no_bare_cr_on_the_wire(config_file, tmp_path):
+    (tmp_path / "banner.txt").write_bytes(b"line one\r\nline two\rline three\x1b[31m\x00\n")
+    run = gate(config_file, f'text_file = "{tmp_path / "banner.txt"}"', SIMPLE)
+    assert parsed(run.stdout).root.decoded().endswith(b"\n\nline one\nline two\nline three[31m\n")
+    assert b"\r" not in run.stdout and b"\x1b" not in run.stdout
