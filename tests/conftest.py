@@ -257,11 +257,14 @@ def config_error(text: str, folder: Path):
     return caught.value
 
 
-def assert_one_line_docs(filter_class) -> None:
-    """Every option of a filter has the one line of documentation the man page is made from."""
+def assert_documented(filter_class) -> None:
+    """Every option has the one line of documentation the man page is made from, and a row
+    in the README's table under "## Filter: <type name>"."""
+    section = (PROJECT / "README.md").read_text().split(f"## Filter: {filter_class.name}")[1].split("\n## ")[0]
     for name, spec in filter_class.options().items():
         doc = spec.metadata["doc"]
         assert doc and "\n" not in doc and len(doc) < 300, name
+        assert f"| `{name}` |" in section, name
 
 
 @pytest.fixture(scope="session")

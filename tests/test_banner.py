@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import (CORPUS, PROJECT, assert_one_line_docs, config_error, corpus_messages, crlf,
+from conftest import (CORPUS, assert_documented, config_error, corpus_messages, crlf,
                       run_gate, run_inline, without_from_line)
 
 GERMAN = "Diese Nachricht ist vertraulich. Grüße aus München"
@@ -89,18 +89,10 @@ def test_problems_name_missing_or_unreadable_files(tmp_path):
     assert found[1].startswith("html_file ") and "utf-8" in found[1]
 
 
-def test_the_readme_documents_every_option():
+def test_every_option_is_documented_in_one_line_and_in_the_readme():
     from ispmailgate_filters.banner import Banner
 
-    section = (PROJECT / "README.md").read_text().split("## Filter: banner")[1].split("\n## ")[0]
-    for name in Banner.options():
-        assert f"| `{name}` |" in section, name
-
-
-def test_every_option_has_a_one_line_doc():
-    from ispmailgate_filters.banner import Banner
-
-    assert_one_line_docs(Banner)
+    assert_documented(Banner)
 
 
 def test_a_missing_banner_file_at_delivery_time_defers(config_file, tmp_path):

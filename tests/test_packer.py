@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import (CORPUS, PROJECT, assert_one_line_docs, config_error, corpus_messages, run_gate,
+from conftest import (CORPUS, assert_documented, config_error, corpus_messages, run_gate,
                       run_inline, without_from_line)
 from ispmailgate_filters.base import Context, Envelope, FilterError, Reject, TempFail
 from ispmailgate_filters.mime import Message, format_param
@@ -87,16 +87,8 @@ def test_problems_name_missing_commands():
         ["command_neg: /nonexistent/unzstd not found or not executable"]
 
 
-def test_the_readme_documents_every_option():
-    from ispmailgate_filters.packer import Packer
-
-    section = (PROJECT / "README.md").read_text().split("## Filter: packer")[1].split("\n## ")[0]
-    for name in Packer.options():
-        assert f"| `{name}` |" in section, name
-
-
-def test_every_option_has_a_one_line_doc():
-    assert_one_line_docs(Packer)
+def test_every_option_is_documented_in_one_line_and_in_the_readme():
+    assert_documented(Packer)
 
 
 # -- the round trip -----------------------------------------------------------------------
