@@ -587,18 +587,34 @@ def printable(text: str) -> str:
 
 
 def replace_param(value: str, name: str, new: str) -> str:
-    """A structured header value with parameter ``name`` set to ``new``, the rest as written."""
+    """A structured header value with parameter ``name`` set to ``new``, the rest as written.
+
+    Raw 8-bit bytes are not valid in a MIME parameter and the header writer would turn
+    the whole value into an encoded word: such a parameter is re-written as RFC 2231
+    UTF-8, and 8-bit bytes outside any parameter are dropped.
+    """
     pieces = _split_params(value)
     key = name.lower()
-    kept, at = [pieces[0]], None
+    kept, at = [_ascii_piece(pieces[0], head=True)], None
     for piece in pieces[1:]:
         written = piece.split("=", 1)[0].strip().lower()
         if written == key or written.startswith(key + "*"):
             at = len(kept) if at is None else at
             continue
-        kept.append(piece)
+        kept.append(_ascii_piece(piece))
     kept.insert(len(kept) if at is None else at, " " + format_param(name, new))
     return ";".join(kept)
+
+
+def _ascii_piece(piece: str, head: bool = False) -> str:
+    if piece.isascii():
+        return piece
+    key, separator, value = piece.partition("=")
+    key = key.strip()
+    if head or not separator or not _TOKEN.match(key) or "*" in key:
+        return "".join(char for char in piece if char.isascii())
+    text = value.strip().strip('"').encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " " + format_param(key, text)
 
 
 def _split_params(value: str) -> list[str]:

@@ -51,3 +51,27 @@ def test_raw_items_are_a_copy_in_order():
     assert items == [("B", b"B: 1\n"), ("A", b"A: 2\n folded\n")]
     items.clear()
     assert len(part.headers) == 2
+
+
+def test_set_param_rewrites_raw_8bit_parameters_instead_of_failing():
+    part = Part.from_bytes(b"Content-Type: text/plain; name=\"caf\xe9.txt\"; \xff\xffjunk; format=flowed\n\nx\n")
+    part.set_param("charset", "utf-8")
+    assert part.headers.raw("Content-Type").isascii()
+    assert part.headers.get("Content-Type") == \
+        "text/plain; name*=utf-8''caf%EF%BF%BD.txt; junk; format=flowed; charset=utf-8"
+    assert part.filename == "caf\ufffd.txt"
+    assert part.charset == "utf-8" and part.content_type == "text/plain"
+
+
+def test_set_text_survives_what_the_fuzzer_found():
+    import base64
+
+    data = base64.b64decode(
+        "Q29udGVudC1UeXBlOiB0ZXh0L3BsYWluOyBjaGFyc2V0IGZpbGVuYW1lPT0/a29leHQvcGxhaW47IP//////////////////"
+        "////////////////////////////////Y2hhcnNldCBmaWxlAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        "AAAAAABTYWnILXI/Qj84OURKMDgvTExtUnZZdz09Pz0KU81iamVjdDogR3JlZXRpbmdzCgpTYWx1dGF0aW9ucwoKCg==")
+    part = Part.from_bytes(data)
+    part.set_text(part.text().upper())
+    assert part.headers.raw("Content-Type").isascii()
+    assert part.charset == "utf-8"
+    assert part.decoded() == "S\ufffdBJECT: GREETINGS\n\nSALUTATIONS\n\n\n".encode()
