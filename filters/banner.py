@@ -300,10 +300,11 @@ def ascii_codec(charset: str | None) -> str | None:
 
     name = (charset or "us-ascii").strip().strip('"')
     try:
-        codec = codecs.lookup(name).name
+        info = codecs.lookup(name)
         probe = "<body>\r\n =?;"
-        return codec if probe.encode(codec) == probe.encode("ascii") else None
-    except (LookupError, UnicodeError, TypeError):
+        text = getattr(info, "_is_text_encoding", True)     # never zlib, base64, rot13 ...
+        return info.name if text and probe.encode(info.name) == probe.encode("ascii") else None
+    except (LookupError, UnicodeError, TypeError, ValueError):
         return None
 
 

@@ -611,7 +611,7 @@ def _ascii_piece(piece: str, head: bool = False) -> str:
         return piece
     key, separator, value = piece.partition("=")
     key = key.strip()
-    if head or not separator or not _TOKEN.match(key) or "*" in key:
+    if head or not separator or not re.match(_TOKEN, key) or "*" in key:
         return "".join(char for char in piece if char.isascii())
     text = value.strip().strip('"').encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return " " + format_param(key, text)

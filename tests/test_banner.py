@@ -231,6 +231,14 @@ def test_undeclared_8bit_body_is_left_alone_rather_than_guessed(config_file, tmp
     assert parsed(run.stdout).root.decoded() == "Grüße von früher\n\nASCII only\n".encode("latin-1")
 
 
+def test_hostile_or_unknown_charsets_leave_the_part_alone(config_file, tmp_path):
+    for charset in ("rot13", "zlib_codec", "base64", "utf-16", "x-made-up", "utf-8\\0"):
+        data = message(f"From: a@example.org\nSubject: x\nContent-Type: text/plain; charset={charset}", b"body\n")
+        run = gate(config_file, 'text = "CAUTION"', data)
+        assert run.code == 0 and run.stdout == data, charset
+    assert "(unknown or not ASCII-compatible): left alone" in (tmp_path / "gate.log").read_text()
+
+
 def test_transfer_encoding_keeps_lines_within_limits(config_file):
     seven_bit = message("From: a@example.org\nSubject: x\nContent-Transfer-Encoding: 7bit", b"plain ascii\n")
     run = gate(config_file, f'text = "{GERMAN}"', seven_bit)
