@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .mime import Message
+from .mime import Message, printable  # noqa: F401  (printable: for filters)
 
 
 # -- verdicts -----------------------------------------------------------------------------
@@ -266,20 +266,3 @@ def marked_direction(message: Message, header: str, configured: str) -> str:
         return configured
     marker = message.header_value(header) or ""
     return "neg" if marker.strip().lower().startswith("pos") else "pos"
-
-
-_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """``text`` made safe to echo into a header, a report or a log line.
-
-    For names that come from a message or a tool (file names, archive members, virus
-    names): control and format characters (CR, LF, NUL, bidi overrides), line separators
-    and lone surrogates become "?", and the result is cut to ``limit`` characters.
-    """
-    import unicodedata
-
-    text = str(text)[:limit + 1]
-    cleaned = "".join("?" if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
-    return cleaned if len(cleaned) <= limit else cleaned[:limit - 3] + "..."

@@ -287,12 +287,15 @@ class Part:
         self.set_decoded(data)
 
     def set_param(self, name: str, value: str, header: str = "Content-Type") -> None:
-        """Set one parameter of a structured header, keeping the others."""
-        info = self._mime()
-        if header.lower() == "content-type" and "Content-Type" not in self.headers:
-            info["Content-Type"] = self.content_type
-        info.set_param(name, value, header=header)
-        self.headers.set(header, info[header])
+        """Set one parameter of a structured header; the others stay as they were written.
+
+        Only the named parameter's text is replaced (RFC 2231 pieces included), so an
+        RFC 2231 or RFC 2047 file name beside it survives unchanged.
+        """
+        current = self.headers.get(header)
+        if current is None:
+            current = self.content_type if header.lower() == "content-type" else ""
+        self.headers.set(header, replace_param(current, name, value))
         self._info = None
 
     # -- building --------------------------------------------------------------------------
@@ -569,6 +572,84 @@ def decode_words(value: str) -> str:
         return str(make_header(decode_header(value)))
     except (ValueError, LookupError, UnicodeError, AssertionError):
         return value
+
+
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Co", "Cn", "Zl", "Zp"})
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """A name as logs, reports and headers may show it (file names, archive members, virus
+    names): encoded words decoded; bytes that were not UTF-8 (surrogate escapes) become
+    U+FFFD; control and format characters (CR, LF, NUL, ESC, bidi overrides), line
+    separators and unassigned code points become "?"; at most ``limit`` characters.
+    """
+    import unicodedata
+
+    shown = []
+    for char in decode_words(str(text))[:limit + 1]:
+        category = unicodedata.category(char)
+        shown.append("\ufffd" if category == "Cs" else "?" if category in _UNPRINTABLE else char)
+    cleaned = "".join(shown)
+    return cleaned if len(cleaned) <= limit else cleaned[:limit - 3] + "..."
+
+
+def replace_param(value: str, name: str, new: str) -> str:
+    """A structured header value with parameter ``name`` set to ``new``, the rest as written.
+
+    Raw 8-bit bytes are not valid in a MIME parameter and the header writer would turn
+    the whole value into an encoded word: such a parameter is re-written as RFC 2231
+    UTF-8, and 8-bit bytes outside any parameter are dropped.
+    """
+    pieces = _split_params(value)
+    key = name.lower()
+    kept, at = [_ascii_piece(pieces[0], head=True)], None
+    for piece in pieces[1:]:
+        written = piece.split("=", 1)[0].strip().lower()
+        if written == key or written.startswith(key + "*"):
+            at = len(kept) if at is None else at
+            continue
+        kept.append(_ascii_piece(piece))
+    kept.insert(len(kept) if at is None else at, " " + format_param(name, new))
+    return ";".join(kept)
+
+
+def _ascii_piece(piece: str, head: bool = False) -> str:
+    if piece.isascii():
+        return piece
+    key, separator, value = piece.partition("=")
+    key = key.strip()
+    if head or not separator or not re.match(_TOKEN, key) or "*" in key:
+        return "".join(char for char in piece if char.isascii())
+    text = value.strip().strip('"').encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return " " + format_param(key, text)
+
+
+def _split_params(value: str) -> list[str]:
+    """Split at the semicolons that are not inside a quoted string."""
+    pieces, start, quoted, escaped = [], 0, False, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ";" and not quoted:
+            pieces.append(value[start:index])
+            start = index + 1
+    pieces.append(value[start:])
+    return pieces
+
+
+def format_param(name: str, value: str) -> str:
+    """``name=value``: a token as it is, else quoted; non-ASCII as RFC 2231 UTF-8."""
+    if not value.isascii():
+        from email.utils import encode_rfc2231
+
+        return f"{name}*={encode_rfc2231(value, 'utf-8')}"
+    if value and re.fullmatch(r"[!#-'*+.0-9A-Z^-~-]+", value):
+        return f"{name}={value}"
+    return f'{name}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def python_codec(charset: str | None) -> str:

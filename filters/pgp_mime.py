@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .mime import Headers, Part, decode_body, fold_field, new_boundary
+from .mime import Headers, Part, decode_body, fold_field
 
 MARKER = "X-ispMailGate-PGP"                    # pos: a gateway encrypted it; neg: decrypted
 RESULT = "X-ispMailGate-PGP-Result"             # decrypted / undecryptable, written on neg

@@ -255,6 +255,28 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
     return predicate()
 
 
+def config_error(text: str, folder: Path):
+    """The ConfigError that loading the rule file ``text`` raises (fails if it loads)."""
+    import ispmailgate
+    from ispmailgate_filters.base import ConfigError
+
+    path = folder / "rules.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        ispmailgate.load_config(path)
+    return caught.value
+
+
+def assert_documented(filter_class) -> None:
+    """Every option has the one line of documentation the man page is made from, and a row
+    in the README's table under "## Filter: <type name>"."""
+    section = (PROJECT / "README.md").read_text().split(f"## Filter: {filter_class.name}")[1].split("\n## ")[0]
+    for name, spec in filter_class.options().items():
+        doc = spec.metadata["doc"]
+        assert doc and "\n" not in doc and len(doc) < 300, name
+        assert f"| `{name}` |" in section, name
+
+
 @pytest.fixture(scope="session")
 def gate_executable() -> Path:
     assert GATE.exists(), f"ispmailgate is not installed in this environment ({GATE})"

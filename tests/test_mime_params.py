@@ -1,0 +1,77 @@
+"""MIME parameters a filter changes, and names as logs show them."""
+
+from __future__ import annotations
+
+import pytest
+
+from ispmailgate_filters.mime import Part, format_param, printable, replace_param
+
+
+def test_set_param_keeps_an_rfc2231_name_beside_it_byte_for_byte():
+    part = Part.from_bytes(b"Content-Type: text/plain; charset=iso-8859-1;\n"
+                           b" name*=utf-8''%C3%9Cbersicht%20M%C3%A4rz.txt\n\nx\n")
+    part.set_param("charset", "utf-8")
+    assert part.headers.raw("Content-Type") == (b"Content-Type: text/plain; charset=utf-8;\n"
+                                                b" name*=utf-8''%C3%9Cbersicht%20M%C3%A4rz.txt\n")
+    assert part.filename == "Übersicht März.txt"
+    assert part.charset == "utf-8"
+
+
+@pytest.mark.parametrize("value, name, new, expected", [
+    ('text/plain; name="a;b.txt"; format=flowed', "charset", "koi8-r",
+     'text/plain; name="a;b.txt"; format=flowed; charset=koi8-r'),
+    ("text/plain; CHARSET=us-ascii; format=flowed", "charset", "utf-8", "text/plain; charset=utf-8; format=flowed"),
+    ("text/plain; title*0*=us-ascii'en'a; title*1=b", "title", "x y", 'text/plain; title="x y"'),
+    ("attachment", "filename", "Übersicht.pdf", "attachment; filename*=utf-8''%C3%9Cbersicht.pdf"),
+])
+def test_replace_param_changes_only_its_own_parameter(value, name, new, expected):
+    assert replace_param(value, name, new) == expected
+
+
+def test_set_param_adds_a_content_type_when_there_was_none():
+    part = Part.from_bytes(b"Subject: x\n\nbody\n")
+    part.set_param("charset", "utf-8")
+    assert part.headers.get("Content-Type") == "text/plain; charset=utf-8"
+
+
+def test_format_param_quotes_what_is_not_a_token():
+    assert format_param("name", "plain.txt") == "name=plain.txt"
+    assert format_param("name", 'a "b"\\c') == 'name="a \\"b\\"\\\\c"'
+
+
+def test_printable_decodes_and_neutralises_controls_and_bidi_overrides():
+    assert printable("=?utf-8?q?=C3=9Cbersicht_M=C3=A4rz.pdf?=") == "Übersicht März.pdf"
+    assert printable("evil\x1b[31m\u202efdp.exe\r\nBcc: x") == "evil?[31m?fdp.exe??Bcc: x"
+    assert printable("caf\udce9.txt") == "caf\ufffd.txt"
+
+
+def test_fields_are_a_copy_in_order():
+    part = Part.from_bytes(b"B: 1\nA: 2\n folded\n\nx")
+    items = part.headers.fields()
+    assert items == [("B", b"B: 1\n"), ("A", b"A: 2\n folded\n")]
+    items.clear()
+    assert len(part.headers) == 2
+
+
+def test_set_param_rewrites_raw_8bit_parameters_instead_of_failing():
+    part = Part.from_bytes(b"Content-Type: text/plain; name=\"caf\xe9.txt\"; \xff\xffjunk; format=flowed\n\nx\n")
+    part.set_param("charset", "utf-8")
+    assert part.headers.raw("Content-Type").isascii()
+    assert part.headers.get("Content-Type") == \
+        "text/plain; name*=utf-8''caf%EF%BF%BD.txt; junk; format=flowed; charset=utf-8"
+    assert part.filename == "caf\ufffd.txt"
+    assert part.charset == "utf-8" and part.content_type == "text/plain"
+
+
+def test_set_text_survives_what_the_fuzzer_found():
+    import base64
+
+    data = base64.b64decode(
+        "Q29udGVudC1UeXBlOiB0ZXh0L3BsYWluOyBjaGFyc2V0IGZpbGVuYW1lPT0/a29leHQvcGxhaW47IP//////////////////"
+        "////////////////////////////////Y2hhcnNldCBmaWxlAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+        "AAAAAABTYWnILXI/Qj84OURKMDgvTExtUnZZdz09Pz0KU81iamVjdDogR3JlZXRpbmdzCgpTYWx1dGF0aW9ucwoKCg==")
+    part = Part.from_bytes(data)
+    part.set_text(part.text().upper())
+    assert part.headers.raw("Content-Type").isascii()
+    assert part.charset == "utf-8"
+    assert part.decoded() == "S\ufffdBJECT: GREETINGS\n\nSALUTATIONS\n\n\n".encode()
