@@ -28,7 +28,8 @@ import typer
 from ispmailgate_delivery import (Delivery, Reports, Result, SendmailHop, SmtpHop, StdoutHop,
                                   one_line, parse_hop)
 from ispmailgate_filters.base import (ConfigError, Context, Envelope, Filter, FilterError, Notice,
-                                      TempFail, Verdict, argv as argv_option, parse_size)
+                                      TempFail, Verdict, argv as argv_option, count,
+                                      parse_size)
 from ispmailgate_filters.mime import Message, ParseError
 
 __version__ = "2.0.0"
@@ -248,12 +249,6 @@ def _positive(value: Any) -> float:
     return float(value)
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a positive whole number, got {value!r}")
-    return value
-
-
 def _one_of(*allowed: str):
     def convert(value: Any) -> str:
         if value not in allowed:
@@ -300,8 +295,8 @@ SETTINGS: dict[str, Setting] = {
     "delivery_timeout": Setting(120.0, _positive, "Seconds to wait on each step of a delivery."),
     "time_limit": Setting(600.0, _positive,
                           "Wall-clock seconds one message may take in all; past it: tempfail (75)."),
-    "max_mime_depth": Setting(64, _count, "MIME nesting deeper than this is kept as one opaque part."),
-    "max_mime_parts": Setting(10_000, _count, "MIME parts beyond this many are kept in one opaque part."),
+    "max_mime_depth": Setting(64, count(1), "MIME nesting deeper than this is kept as one opaque part."),
+    "max_mime_parts": Setting(10_000, count(1), "MIME parts beyond this many are kept in one opaque part."),
     "mail_user": Setting("", _string, "Started as root: the user to run as (the message is never "
                                       "touched as root). Required when started as root."),
     "mail_group": Setting("", _string, "Started as root: the group to run as (default: mail_user's group)."),

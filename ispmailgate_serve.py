@@ -29,7 +29,7 @@ import ispmailgate
 from ispmailgate import EX_CONFIG, EX_OK, EX_TEMPFAIL, Config, Setting, Streams
 from ispmailgate_client import (ARGUMENTS, DATA, DEFAULT_SOCKET, END, EXIT, FALLBACKS, MAX_FRAME,
                                 PROTOCOL_VERSION, STDERR, STDOUT, frame)
-from ispmailgate_filters.base import ConfigError, parse_size
+from ispmailgate_filters.base import ConfigError, count, parse_size
 
 log = logging.getLogger("ispmailgate.serve")
 log.propagate = False       # the core replaces the "ispmailgate" handlers on every run
@@ -40,14 +40,6 @@ WORKER_BOOT_ERROR = 3
 # =========================================================================================
 # the [serve] section of the rule file
 # =========================================================================================
-
-def _count(minimum: int):
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
-        return value
-    return convert
-
 
 def _mode(value: Any) -> int:
     """A file mode as an integer (0o660 in TOML) or an octal string ("0660")."""
@@ -68,9 +60,9 @@ SERVE_SETTINGS: dict[str, Setting] = {
     "socket_group": Setting("", ispmailgate._string,
                             "Group of the socket (default: mail_group when started as root)."),
     "pid_file": Setting("", ispmailgate._string, "Write the master's pid here (--pidfile overrides)."),
-    "workers": Setting(2, _count(1), "Worker processes (--workers overrides)."),
-    "max_requests": Setting(1000, _count(0), "Messages a worker handles before it is replaced (0: never)."),
-    "max_requests_jitter": Setting(50, _count(0),
+    "workers": Setting(2, count(1), "Worker processes (--workers overrides)."),
+    "max_requests": Setting(1000, count(0), "Messages a worker handles before it is replaced (0: never)."),
+    "max_requests_jitter": Setting(50, count(0),
                                    "Up to this many more, at random, so workers are not replaced together."),
     "read_timeout": Setting(30.0, ispmailgate._positive, "Seconds to wait for each read from a client."),
     "request_timeout": Setting(600.0, ispmailgate._positive,

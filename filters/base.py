@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .mime import Message, printable  # noqa: F401  (printable: for filters)
+from .mime import Message
+from .mime import printable  # noqa: F401  (re-exported: a helper every filter may need)
 
 
 # -- verdicts -----------------------------------------------------------------------------
@@ -169,6 +170,15 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     def convert(value: Any) -> str:
         if value not in allowed:
             raise ValueError(f"expected one of {', '.join(allowed)}, got {value!r}")
+        return value
+    return convert
+
+
+def count(minimum: int) -> Callable[[Any], int]:
+    """A converter accepting a whole number of at least ``minimum``."""
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
         return value
     return convert
 

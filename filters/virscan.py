@@ -38,22 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from .archives import Item, Limits, Unpacker
-from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, option,
-                   parse_size, printable)
+from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
+                   option, parse_size, printable)
 from .mime import Message, Part, ParseError, decode_words
 from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError, write_private
 
 HEADER = "X-ispMailGate-VirScan"
 ACTIONS = ("reject", "discard", "tag", "pass")
 CLAMSCAN_PATTERN = r"^(?P<path>.+?): (?P<name>\S+) FOUND$"
-
-
-def _count(minimum: int):
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"expected a whole number of at least {minimum}, got {value!r}")
-        return value
-    return convert
 
 
 def _exit_codes(value: Any) -> tuple[int, ...]:
@@ -129,14 +121,14 @@ class VirScan(Filter):
                              "StreamMaxLength (bigger objects are unscannable)", convert=parse_size)
     clamd_config: str = option("/etc/clamav/clamd.conf", "clamd's configuration, read by "
                                "'ispmailgate check' only (\"\": do not look)")
-    max_depth: int = option(8, "archives nested deeper are unscannable", convert=_count(0))
-    max_members: int = option(1000, "archives with more members are unscannable", convert=_count(1))
+    max_depth: int = option(8, "archives nested deeper are unscannable", convert=count(0))
+    max_members: int = option(1000, "archives with more members are unscannable", convert=count(1))
     max_member_size: int = option(50 * 1024 * 1024, "a bigger unpacked member is unscannable",
                                   convert=parse_size)
     max_unpacked: int = option(200 * 1024 * 1024, "bytes unpacked per message; past it unpacking "
                                "stops and the message is unscannable", convert=parse_size)
     max_ratio: int = option(100, "unpacked/packed size above which a member (over 1M) is "
-                            "unscannable", convert=_count(1))
+                            "unscannable", convert=count(1))
     scanner_unpacks: tuple[str, ...] = option(("7z",), "archive kinds left whole to the scanner "
                                               "(7z, rar); other kinds not unpacked here are "
                                               "unscannable", convert=_subset("7z", "rar"))
