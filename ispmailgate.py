@@ -760,11 +760,23 @@ def preload(config: Config) -> None:
 
     for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
                    "encodings.idna", "importlib.metadata", "shutil", "socket", "subprocess",
-                   "syslog", "tomllib", "typer.rich_utils"):
+                   "syslog", "tomllib", "typer.rich_utils", "unicodedata"):
         importlib.import_module(module)
+    import codecs
+
+    for charset in MAIL_CHARSETS:   # codecs load their modules on first lookup, then cache
+        codecs.lookup(charset)
     for step in {*config.filters.values(), *config.default_chain,
                  *(step for rule in config.rules for step in rule.chain)}:
         step.preload()
+
+
+# The charsets mail is written in, looked up before privileges are dropped.
+MAIL_CHARSETS = ("ascii", "latin-1", "utf-8", "utf-16", "utf-32", "utf-7", "koi8-r", "koi8-u",
+                 "mac-roman", "gb2312", "gbk", "gb18030", "big5", "big5hkscs", "shift_jis",
+                 "euc-jp", "iso2022-jp", "euc-kr", "cp932", "cp949", "cp950", "hz", "tis-620",
+                 "cp437", "cp850", "cp866", *(f"cp125{i}" for i in range(9)),
+                 *(f"iso8859-{i}" for i in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)))
 
 
 class TimeLimitExceeded(BaseException):

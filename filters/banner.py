@@ -42,6 +42,8 @@ class Banner(Filter):
 
     name = "banner"
     description = "add a disclaimer or warning to the message text and subject"
+    lazy_modules = ("codecs", "email.header", "hashlib", "html", "html.parser", "unicodedata",
+                    "ispmailgate_filters.markup")
 
     text: str = option("", "plain text added to text/plain parts (HTML-escaped into text/html "
                            "parts when no html is set)")

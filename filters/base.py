@@ -221,9 +221,15 @@ class Filter:
         """What makes this step differ per recipient (e.g. their own key); None: nothing."""
         return None
 
+    lazy_modules = ()       # modules process() imports lazily (not a field: not an option)
+
     def preload(self) -> None:
         """Import the modules :meth:`process` imports lazily (called before privileges are
         dropped and before ``serve`` forks workers)."""
+        import importlib
+
+        for module in self.lazy_modules:
+            importlib.import_module(module)
 
     def problems(self) -> list[str]:
         """What is wrong with this filter's environment (files, sockets, keys), for ``check``."""

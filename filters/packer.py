@@ -65,6 +65,8 @@ class Packer(Filter):
 
     name = "packer"
     description = "compress message parts (pos) or restore them (neg)"
+    lazy_modules = ("base64", "binascii", "bz2", "gzip", "lzma", "shutil", "subprocess", "threading",
+                    "zlib")
 
     direction: str = option("auto", "pos: pack; neg: unpack; auto: unpack mail whose X-ispMailGate-Packer "
                                     "header says pos, pack all other mail",

@@ -66,6 +66,8 @@ class Pgp(Filter):
 
     name = "pgp"
     description = "encrypt and sign (pos), decrypt and verify (neg) with OpenPGP and gpg"
+    lazy_modules = ("gnupg", "mimetypes", "tempfile", "threading", "tomllib", "ispmailgate_filters.pgp_gpg",
+                    "ispmailgate_filters.pgp_incoming", "ispmailgate_filters.pgp_mime")
 
     direction: str = option("auto", "pos: encrypt/sign; neg: decrypt/verify; auto: by content "
                             "(PGP-encrypted mail goes neg, all else pos)", convert=choice("pos", "neg", "auto"))

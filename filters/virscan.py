@@ -103,6 +103,8 @@ class VirScan(Filter):
 
     name = "virscan"
     description = "scan every part and archive member for viruses (clamd or a command)"
+    lazy_modules = ("bz2", "gzip", "json", "lzma", "socket", "subprocess", "tarfile", "unicodedata",
+                    "zipfile", "zlib")
 
     scanner: str = option("clamd", "clamd | command", convert=choice("clamd", "command"))
     socket: str = option("/run/clamav/clamd.ctl", "clamd's Unix socket")
@@ -301,12 +303,6 @@ class VirScan(Filter):
                   for f in report.findings]
         ctx.notify(recipients, f"ispmailgate: {verdict} message ({report.details(verdict, 2)})",
                    "\n".join(lines) + "\n")
-
-    def preload(self) -> None:
-        import importlib
-
-        for module in ("bz2", "gzip", "json", "lzma", "tarfile", "unicodedata", "zipfile", "zlib"):
-            importlib.import_module(module)
 
     # -- ispmailgate check -----------------------------------------------------------------
 

@@ -155,3 +155,66 @@ def test_arc_section_errors_name_the_key(config_file):
     config = config_file('[arc]\ndomain = "gw.example.net"\ncolour = "blue"\n')
     run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 75 and "arc.colour: unknown key" in run.first_line
+
+
+# -- with the real filters (issue 9) ---------------------------------------------------------
+
+WARNING = 'text = "CAUTION: this message comes from outside the organisation."\nposition = "top"\n' \
+          'subject_prefix = "[EXTERNAL] "\n'
+
+
+def test_dkim_survives_a_virscan_that_only_adds_a_header(config_file, smtp_sink, mailauth, clamd):
+    config = arc_config(config_file, smtp_sink, mailauth,
+                        f'default_filter = ["av"]\n[filter.av]\ntype = "virscan"\nsocket = "{clamd.socket}"')
+    wire = deliver(config, signed(mailauth), smtp_sink)
+    assert wire.startswith(b"ARC-Seal: ")                   # changed (a header), so sealed
+    assert b"X-ispMailGate-VirScan: scanned" in wire
+    assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)       # the signed bytes are intact
+    assert dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)[0] == dkim.CV_Pass
+
+
+def test_top_banner_and_subject_tag_on_signed_mail_is_sealed_and_verifies(config_file, smtp_sink, mailauth):
+    data = (f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=sender.example header.s=sel\n"
+            "Authentication-Results: other.example; dkim=fail header.d=sender.example\n").encode()
+    data += signed(mailauth)
+    config = arc_config(config_file, smtp_sink, mailauth,
+                        'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\n' + WARNING)
+    wire = deliver(config, data, smtp_sink)
+    head, body = wire.split(b"\r\n\r\n", 1)
+    assert b"Subject: [EXTERNAL] Request for Leave" in head
+    assert body.startswith(b"CAUTION: this message comes from outside")
+    assert not dkim.verify(wire, dnsfunc=mailauth.dns.txt)
+    verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+    aar = re.search(rb"ARC-Authentication-Results: (.*?)\r\n(?![ \t])", head, re.S).group(1)
+    assert b"dkim=pass header.d=sender.example" in aar and b"other.example" not in aar
+    # a second pass through the gateway adds nothing and sends the bytes as they came
+    again = deliver(config, wire.replace(b"\r\n", b"\n"), smtp_sink)
+    assert again == wire
+
+
+def test_a_banner_on_mail_with_an_arc_set_gets_instance_2(config_file, smtp_sink, mailauth):
+    original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n" + signed(mailauth)
+    relay = mailauth.relay_key
+    first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
+                          relay.private_pem, b"relay.example")
+    data = b"".join(first).replace(b"\r\n", b"\n") + original
+    config = arc_config(config_file, smtp_sink, mailauth,
+                        'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\n' + WARNING)
+    wire = deliver(config, data, smtp_sink)
+    verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+    assert re.search(rb"ARC-Seal: i=2; cv=pass;", wire)
+
+
+def test_skip_leaves_signed_mail_verifiable_and_still_banners_unsigned_mail(config_file, smtp_sink, mailauth):
+    config = arc_config(config_file, smtp_sink, mailauth,
+                        'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\non_dkim_signed = "skip"\n'
+                        + WARNING)
+    data = signed(mailauth)
+    wire = deliver(config, data, smtp_sink)
+    assert wire == data.replace(b"\n", b"\r\n")               # untouched: not even sealed
+    assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)
+    unsigned = deliver(config, SIMPLE, smtp_sink)
+    assert b"Subject: [EXTERNAL] Request for Leave" in unsigned
+    assert dkim.arc_verify(unsigned, dnsfunc=mailauth.dns.txt)[0] == dkim.CV_Pass
