@@ -736,18 +736,41 @@ def drop_privileges(config: Config) -> None:
     if user == "root":      # spelled out by the administrator: allowed, never silently
         log.warning("mail_user is root: this message is handled with root's rights")
         return
-    preload(config)
     try:
         entry = pwd.getpwnam(user)
         gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError as error:
+        raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
+    if not readable_by(entry.pw_uid, gid, os.path.dirname(os.__file__), os.path.dirname(__file__)):
+        log.debug("%s cannot read this Python installation: importing everything first", user)
+        preload(config)
+    try:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(entry.pw_uid)
-    except (KeyError, OSError) as error:
+    except OSError as error:
         raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
     if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
         raise tempfail("4.3.5", f"still root after switching to {user}")
     log.debug("running as %s (uid %d, gid %d)", user, os.getuid(), os.getgid())
+
+
+def readable_by(uid: int, gid: int, *directories: str) -> bool:
+    """Can this user list and read these directories, every parent directory included?"""
+    import stat
+
+    for directory in directories:
+        path = os.path.abspath(directory)
+        while True:
+            info = os.stat(path)
+            bits = (stat.S_IRUSR | stat.S_IXUSR if info.st_uid == uid else
+                    stat.S_IRGRP | stat.S_IXGRP if info.st_gid == gid else stat.S_IROTH | stat.S_IXOTH)
+            if info.st_mode & bits != bits:
+                return False
+            if path == os.path.dirname(path):
+                break
+            path = os.path.dirname(path)
+    return True
 
 
 def preload(config: Config) -> None:
@@ -760,7 +783,7 @@ def preload(config: Config) -> None:
 
     for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
                    "encodings.idna", "importlib.metadata", "shutil", "socket", "subprocess",
-                   "syslog", "tomllib", "typer.rich_utils", "unicodedata"):
+                   "syslog", "tomllib", "unicodedata"):
         importlib.import_module(module)
     import codecs
 

@@ -290,7 +290,9 @@ class SmtpSession:
     def send_data(self, data: bytes | bytearray) -> None:
         """The message with CRLF line ends and dot-stuffing, in chunks, then the final dot."""
         for chunk in wire_chunks(data, b"\r\n"):
-            self.sock.sendall(_DOT_STUFF.sub(b"..", chunk))
+            if chunk.startswith(b".") or b"\n." in chunk:     # chunks start at a line start
+                chunk = _DOT_STUFF.sub(b"..", chunk)
+            self.sock.sendall(chunk)
         self.sock.sendall(b".\r\n")
 
     def close(self) -> None:
@@ -318,7 +320,12 @@ def wire_chunks(data: bytes | bytearray, eol: bytes, size: int = 1 << 20):
             newline = data.find(b"\n", end)
             end = total if newline < 0 else newline + 1
         chunk = bytes(data[position:end])
-        yield _BARE_LF.sub(b"\r\n", chunk) if eol == b"\r\n" else chunk.replace(b"\r\n", b"\n")
+        if eol == b"\n":
+            yield chunk.replace(b"\r\n", b"\n")
+        elif b"\r" not in chunk:           # the usual case: LF only, converted in C
+            yield chunk.replace(b"\n", b"\r\n")
+        else:
+            yield _BARE_LF.sub(b"\r\n", chunk)
         position = end
     if not data.endswith(b"\n"):
         yield eol

@@ -618,6 +618,7 @@ def _load(path: Path | None) -> tuple[Path | None, Config]:
         os.environ.pop("ISPMAILGATE_CONFIG", None)
     config = ispmailgate.load_config(path)
     ispmailgate.preload(config)     # what runs import lazily: once, and before privileges go
+    import typer.rich_utils  # noqa: F401  (typer's help output, for served --help)
     for cli in (ispmailgate.gate_cli, ispmailgate.admin_cli):
         ispmailgate.click_command(cli)          # built once here, not in every worker
     return path, config

@@ -90,8 +90,9 @@ def main() -> None:
         (tmp / "spool").chmod(0o777)
         message.write_bytes(small_message())
         config.write_text(f'tmp_dir = "{tmp / "spool"}"\nmail_host = "{sink}"\ndefault_filter = ["dummy"]\n'
-                          f'[serve]\nsocket = "{sock}"\nworkers = {args.workers}\n'
-                          'mail_user = "nobody"\nmail_group = "nogroup"\n')
+                          'mail_user = "nobody"\nmail_group = "nogroup"\n'
+                          f'[serve]\nsocket = "{sock}"\nworkers = {args.workers}\n')
+        config.chmod(0o644)
         envelope = ["-c", str(config), "-f", "alice@example.org", "bob@example.com"]
         one_shot = [str(venv_bin / "ispmailgate"), *envelope]
         served = [str(venv_bin / "ispmailgate-client"), "--socket", str(sock), *envelope]

@@ -123,3 +123,19 @@ def test_mime_limits_are_configurable(config_file):
     config = config_file('max_mime_depth = 10\ndefault_filter = ["gate_test_filters:Upcase"]\n', name="b.toml")
     run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], nested)
     assert run.stdout.endswith(b"HELLO\n")
+
+
+def test_readable_by_walks_every_parent(tmp_path):
+    import ispmailgate
+
+    private = tmp_path / "private" / "lib"
+    private.mkdir(parents=True)
+    (tmp_path / "private").chmod(0o700)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o755)
+    tmp_path.chmod(0o755)
+    uid, gid = 65534, 65534
+    expected_open = all(os.stat(p).st_mode & 0o005 == 0o005 for p in [open_dir, *open_dir.parents])
+    assert ispmailgate.readable_by(uid, gid, str(open_dir)) == expected_open
+    assert not ispmailgate.readable_by(uid, gid, str(private))
