@@ -6,8 +6,11 @@ directory of its own (config, queue, data, Maildirs, the gate's spool and log):
     test --SMTP--> smtpd 127.0.0.1:submit      content_filter=ispmailgate:
                      --> pipe(8) as nobody: ispmailgate -f ${sender} -- ${recipient}
                      --SMTP--> smtpd 127.0.0.1:reinject   content_filter= (empty),
-                               receive_override_options=no_address_mappings
+                               receive_override_options=...,no_address_mappings
                      --> virtual(8) --> Maildir the test reads
+
+The three services above are examples/postfix/master.cf itself, with the ports, the
+pipe user and the gate's path replaced: the tests prove the example works.
 
 With ``sendmail_command = ["/usr/sbin/sendmail", "-oi"]`` in the rule file the gate
 re-injects through sendmail(1), postdrop(1) and pickup(8) instead.  For that the instance
@@ -291,13 +294,7 @@ class PostfixInstance:
             """)
 
     def _master_cf(self) -> str:
-        command = f"{self.gate} --config {self.rules_file} -f ${{sender}} -- ${{recipient}}"
-        return textwrap.dedent(f"""\
-            127.0.0.1:{self.ports['submit']} inet n - n - - smtpd
-              -o content_filter=ispmailgate:
-            127.0.0.1:{self.ports['reinject']} inet n - n - - smtpd
-              -o content_filter=
-              -o receive_override_options=no_address_mappings
+        return self._example_services() + textwrap.dedent("""\
             pickup    unix  n - n 60 1 pickup
             cleanup   unix  n - n -  0 cleanup
             qmgr      unix  n - n 300 1 qmgr
@@ -316,10 +313,20 @@ class PostfixInstance:
             anvil     unix  - - n -  1 anvil
             scache    unix  - - n -  1 scache
             postlog   unix-dgram n - n - 1 postlogd
-            ispmailgate unix - n n - 4 pipe
-              flags=q user={PIPE_USER} null_sender=
-              argv={command}
             """)
+
+    def _example_services(self) -> str:
+        """examples/postfix/master.cf as shipped, changed only where a test instance must be."""
+        text = (PROJECT / "examples" / "postfix" / "master.cf").read_text()
+        for shipped, here in (
+                ("smtp      inet  n       -       y       -       -       smtpd",     # loopback, no chroot
+                 f"127.0.0.1:{self.ports['submit']} inet  n - n - - smtpd"),
+                ("user=ispmailgate", f"user={PIPE_USER}"),
+                ("argv=/usr/local/bin/ispmailgate ", f"argv={self.gate} --config {self.rules_file} "),
+                ("127.0.0.1:10026 ", f"127.0.0.1:{self.ports['reinject']} ")):
+            assert text.count(shipped) == 1, f"examples/postfix/master.cf no longer has {shipped!r}"
+            text = text.replace(shipped, here)
+        return text
 
     def _wait_for_greeting(self, port: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
