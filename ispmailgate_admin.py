@@ -194,7 +194,7 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
     out.line("delivery groups (a verdict can end a chain early; identical results are merged):")
     for number, members in enumerate(groups, 1):
         out.line(f"  {number}. {_addresses(members)}: {routes[members[0]].chain_label}")
-    out.line(f"next hop: {_describe_hop(_configured_hop(config))}")
+    out.line(f"next hop: {_describe_hop(configured_hop(config))}")
     out.close()
     return EX_OK
 
@@ -234,12 +234,6 @@ def _plan(routes: dict[str, Route], recipients: list[str], depth: int, indent: s
         out.line(f"{indent}{step.title}: {_addresses(members)}{note}")
         groups += _plan(routes, members, depth + 1, indent + "  ", out)
     return groups
-
-
-def _configured_hop(config: Config):
-    if config.sendmail_command:
-        return SendmailHop(config.sendmail_command, config.delivery_timeout)
-    return SmtpHop(*parse_hop(config.mail_host), config)
 
 
 def _describe_hop(hop) -> str:

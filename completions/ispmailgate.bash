@@ -6,7 +6,7 @@ _ispmailgate() {
         [[ ${COMP_WORDS[i]} == -- ]] && return 0      # recipients only from here
     done
     if ((COMP_CWORD > 1)); then
-        case ${COMP_WORDS[1]} in check|explain) command=${COMP_WORDS[1]} ;; esac
+        case ${COMP_WORDS[1]} in check|explain|serve) command=${COMP_WORDS[1]} ;; esac
     fi
     case $command in
     "")
@@ -20,7 +20,7 @@ _ispmailgate() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
         elif ((COMP_CWORD == 1)); then
-            COMPREPLY=($(compgen -W "check explain" -- "$cur"))
+            COMPREPLY=($(compgen -W "check explain serve" -- "$cur"))
         fi
         ;;
     "check")
@@ -38,6 +38,17 @@ _ispmailgate() {
         esac
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-f --from -c --config -h --help" -- "$cur"))
+        fi
+        ;;
+    "serve")
+        case $prev in
+        --socket) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        --workers) :; return 0 ;;
+        --pidfile) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        -c|--config) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        esac
+        if [[ $cur == -* ]]; then
+            COMPREPLY=($(compgen -W "--socket --workers --pidfile --daemon --foreground -c --config -h --help" -- "$cur"))
         fi
         ;;
     esac

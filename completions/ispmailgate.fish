@@ -3,7 +3,7 @@
 function __ispmailgate_using --description 'Is this admin command $argv[1] (none: the main one)?'
     set -l words (commandline -opc)
     set -l command ''
-    if test (count $words) -ge 2; and contains -- $words[2] check explain
+    if test (count $words) -ge 2; and contains -- $words[2] check explain serve
         set command $words[2]
     end
     test "$command" = "$argv[1]"
@@ -12,6 +12,7 @@ end
 complete -c ispmailgate -f
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a check -d 'Check the rule file and what its filters need; exit 0, or 78 with one line per problem.'
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a explain -d 'Show the rule and chain each recipient gets, and the delivery groups; needs no message.'
+complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a serve -d 'Serve ispmailgate-client: pre-forked workers behind a Unix socket.'
 complete -c ispmailgate -n '__ispmailgate_using' -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate -n '__ispmailgate_using' -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate -n '__ispmailgate_using' -s m -l mail-host -x -d 'Deliver by SMTP to this next hop (overrides mail_host and sendmail_command).'
@@ -27,3 +28,9 @@ complete -c ispmailgate -n '__ispmailgate_using check' -s h -l help -d 'Show thi
 complete -c ispmailgate -n '__ispmailgate_using explain' -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using serve' -l socket -r -F -d 'Unix socket to listen on (overrides serve.socket).'
+complete -c ispmailgate -n '__ispmailgate_using serve' -l workers -x -d 'Worker processes (overrides serve.workers).'
+complete -c ispmailgate -n '__ispmailgate_using serve' -l pidfile -r -F -d 'Write the master\'s pid here (overrides serve.pid_file).'
+complete -c ispmailgate -n '__ispmailgate_using serve' -l daemon -l foreground -d 'Stay in the foreground (systemd) or detach as a classic daemon.'
+complete -c ispmailgate -n '__ispmailgate_using serve' -s c -l config -r -F -d 'Rule file (TOML).'
+complete -c ispmailgate -n '__ispmailgate_using serve' -s h -l help -d 'Show this message and exit.'

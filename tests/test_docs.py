@@ -118,9 +118,14 @@ def test_every_rule_file_key_and_built_in_filter_is_in_its_man_page():
     settings = text.split("\nSETTINGS\n")[1].split("\nRULES\n")[0]
     for key in ispmailgate.SETTINGS:
         assert re.search(rf"^\s+{key}\n", settings, re.M), key
-    for key in ispmailgate.SECTIONS:
-        assert mentions(text, key), key
-    for key in ("recipients", "recipient", "sender", "filters", "filter", "type"):
+    import importlib
+
+    for section in ispmailgate.SECTIONS:
+        assert f"[{section}]" in text, section
+        module, name = generator().SECTION_KEYS[section]
+        for key in getattr(importlib.import_module(module), name):
+            assert re.search(rf"^\s+{key}( = |\n| )", text, re.M), f"[{section}] {key}"
+    for key in (*ispmailgate.RULE_KEYS, "recipients", "filter", "type"):
         assert mentions(text, key), key
     filters = text.split("\nBUILT-IN FILTERS\n")[1].split("\nTHIRD-PARTY FILTERS\n")[0]
     for name in BUILTIN:
@@ -162,7 +167,10 @@ def bash_complete(words: list[str], cwd: Path | None = None) -> list[str]:
 def test_bash_completes_commands_options_and_values(tmp_path):
     (tmp_path / "rules.toml").write_text("")
     (tmp_path / "spool").mkdir()
-    assert bash_complete(["ispmailgate", ""]) == ["check", "explain"]
+    commands = sorted(command.name for command in generator().cli()[1])
+    assert {"check", "explain", "serve"} <= set(commands)
+    assert bash_complete(["ispmailgate", ""]) == commands
+    assert bash_complete(["ispmailgate", "serve", "--da"]) == ["--daemon"]
     assert bash_complete(["ispmailgate", "ex"]) == ["explain"]
     assert bash_complete(["ispmailgate", "--dr"]) == ["--dry-run"]
     assert set(bash_complete(["ispmailgate", "-"])) >= {"-f", "--from", "-c", "--config", "--stdout",
@@ -187,7 +195,8 @@ def test_fish_completes_commands_options_and_values():
         assert process.stderr == "", process.stderr
         return [line.split("\t")[0] for line in process.stdout.splitlines()]
 
-    assert complete("ispmailgate ") == ["check", "explain"]
+    assert complete("ispmailgate ") == sorted(command.name for command in generator().cli()[1])
+    assert complete("ispmailgate serve --wo") == ["--workers"]
     assert complete("ispmailgate --dr") == ["--dry-run"]
     assert sorted(complete("ispmailgate check -")) == ["--config", "--help", "-c", "-h"]
     assert "--stdout" not in complete("ispmailgate explain --")
