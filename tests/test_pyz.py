@@ -33,6 +33,14 @@ def run_clean(argv: list[str], stdin: bytes = b"", env: dict[str, str] | None = 
     return subprocess.run(argv, input=stdin, capture_output=True, env=environment, timeout=120, check=False)
 
 
+def rule_file(tmp_path, smtp_sink):
+    """As conftest's config_file: tests run as root, and a run as root needs mail_user."""
+    rules = tmp_path / "rules.toml"
+    user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
+    rules.write_text(f'tmp_dir = "{tmp_path}"\nmail_host = "{smtp_sink.address}"\n{user}')
+    return rules
+
+
 def test_the_pyz_holds_the_program_and_pure_python_dependencies_only(pyz):
     names = zipfile.ZipFile(pyz).namelist()
     assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
@@ -52,8 +60,7 @@ def test_a_clean_interpreter_runs_it_on_a_corpus_message(pyz):
 
 
 def test_it_delivers_by_smtp_byte_for_byte(pyz, smtp_sink, tmp_path):
-    rules = tmp_path / "rules.toml"
-    rules.write_text(f'tmp_dir = "{tmp_path}"\nmail_host = "{smtp_sink.address}"\n')
+    rules = rule_file(tmp_path, smtp_sink)
     run = run_clean([CLEAN_PYTHON, "-I", "-S", str(pyz), "-c", str(rules), "-f", "a@b.example",
                      "--", "c@d.example"], MULTI)
     assert run.returncode == 0, run.stderr
@@ -66,8 +73,7 @@ def test_it_runs_as_an_executable_with_its_admin_commands(pyz, smtp_sink, tmp_pa
     pyz.chmod(0o755)
     run = run_clean([str(pyz), "--version"])
     assert (run.returncode, run.stdout) == (0, b"ispmailgate 2.0.0\n")
-    rules = tmp_path / "rules.toml"
-    rules.write_text(f'tmp_dir = "{tmp_path}"\nmail_host = "{smtp_sink.address}"\n')
+    rules = rule_file(tmp_path, smtp_sink)
     run = run_clean([str(pyz), "check", "-c", str(rules)])
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout == f"{rules}: OK (0 rules, 0 named filters)\n".encode()
