@@ -13,6 +13,7 @@ and a message:
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -213,3 +214,31 @@ def test_the_instance_is_torn_down_even_when_a_test_fails(tmp_path):
     assert int(master) > 1
     assert not os.path.exists(base)
     assert not os.path.exists(f"/proc/{master}"), "Postfix master outlived the failed test"
+
+
+# -- the built-in filters behind Postfix: a case is a rule file and a message -------------------
+
+def test_a_banner_is_added_on_the_way(postfix):
+    postfix.rules('default_filter = ["disclaimer"]\n'
+                  '[filter.disclaimer]\ntype = "banner"\ntext = "-- checked by the gateway"\n')
+    postfix.submit("sender@e2e.test", ["alice@e2e.test"], SIMPLE_BODY)
+    [delivered] = postfix.wait_for_mail("alice")
+    body = delivered.split(b"\n\n", 1)[1]
+    assert body.startswith(b"Hello through Postfix.\n") and b"-- checked by the gateway" in body
+
+
+def test_a_virus_is_bounced_and_clean_mail_marked(postfix, clamd):
+    from clamav import EICAR, EICAR_NAME
+
+    for path, mode in ((clamd.home, 0o755), (clamd.socket, 0o666)):   # the pipe user must reach it
+        os.chmod(path, mode)
+    postfix.rules(f'default_filter = ["av"]\n[filter.av]\ntype = "virscan"\nsocket = "{clamd.socket}"\n'
+                  'on_infected = "reject"\nclamd_config = ""\n')
+    infected = SIMPLE_BODY.replace(b"Hello through Postfix.\n", EICAR + b"\n")
+    postfix.submit("sender@e2e.test", ["alice@e2e.test"], infected)
+    [bounce] = postfix.wait_for_mail("sender")
+    assert b"\nStatus: 5.7.1\n" in bounce and EICAR_NAME.encode() in bounce
+    postfix.submit("sender@e2e.test", ["alice@e2e.test"], SIMPLE_BODY)
+    [delivered] = postfix.wait_for_mail("alice")
+    assert b"X-ispMailGate-VirScan: scanned\n" in delivered
+    assert postfix.mailbox("alice") == [delivered]                # the infected one never arrived
