@@ -21,6 +21,7 @@ from ispmailgate import (BUILT_IN_CONFIG, EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAV
 from ispmailgate_delivery import (Delivery, SmtpHop, SmtpSession, _socket_reason, configured_hop,
                                   parse_hop)
 from ispmailgate_filters.base import ConfigError, Filter, Reject
+from ispmailgate_filters import mime
 from ispmailgate_filters.mime import Message
 
 NEXT_HOP_PROBE_TIMEOUT = 10.0
@@ -28,7 +29,7 @@ NEXT_HOP_PROBE_TIMEOUT = 10.0
 
 def printable(text: str) -> str:
     """No control characters from a message or a rule file reach the administrator's terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+    return mime.printable(text, limit=len(text) + 1)
 
 
 class Output:
