@@ -25,7 +25,7 @@ from typing import Annotated, Any, BinaryIO, NamedTuple, TextIO
 
 import typer
 
-from ispmailgate_delivery import (Delivery, Reports, Result, SendmailHop, SmtpHop, StdoutHop,
+from ispmailgate_delivery import (Delivery, Reports, Result, SmtpHop, StdoutHop, configured_hop,
                                   one_line, parse_hop)
 from ispmailgate_filters.base import (ConfigError, Context, Envelope, Filter, FilterError, Notice,
                                       TempFail, Verdict, argv as argv_option, count,
@@ -75,6 +75,14 @@ class Streams(NamedTuple):
 
 gate_cli = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
 
+ConfigOption = Annotated[Path | None, typer.Option(
+    "-c", "--config", metavar="FILE", envvar="ISPMAILGATE_CONFIG",
+    help=f"Rule file (TOML). Default: $ISPMAILGATE_CONFIG, else {DEFAULT_CONFIG_PATH} "
+         "if present, else the built-in default (dummy chain).")]
+SenderOption = Annotated[str | None, typer.Option(
+    "-f", "--from", metavar="SENDER",
+    help="Envelope sender; '' or '<>' is the null sender of bounces.")]
+
 
 @gate_cli.command(epilog="Subcommands: ispmailgate serve | check | explain (see ispmailgate(1)).")
 def deliver(
@@ -83,18 +91,16 @@ def deliver(
         metavar="[RCPT]...", show_default=False,
         help="Envelope recipients. None (and no -f): shell test mode, the envelope is read "
              "from the message and the result written to stdout.")] = None,
-    sender: Annotated[str | None, typer.Option(
-        "-f", "--from", metavar="SENDER",
-        help="Envelope sender; '' or '<>' is the null sender of bounces.")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "-c", "--config", metavar="FILE", envvar="ISPMAILGATE_CONFIG",
-        help=f"Rule file (TOML). Default: $ISPMAILGATE_CONFIG, else {DEFAULT_CONFIG_PATH} "
-             "if present, else the built-in default (dummy chain).")] = None,
+    sender: SenderOption = None,
+    config: ConfigOption = None,
     mail_host: Annotated[str | None, typer.Option(
         "-m", "--mail-host", metavar="HOST[:PORT]",
         help="Deliver by SMTP to this next hop (overrides mail_host and sendmail_command).")] = None,
     to_stdout: Annotated[bool, typer.Option(
         "--stdout", help="Write the result to stdout instead of delivering (procmail :0 fw).")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "-n", "--dry-run", help="Run the chains and print what would be delivered to whom, with "
+                                "each filter's verdict; deliver nothing.")] = False,
     debug: Annotated[bool, typer.Option("-d", "--debug", help="Log every step in detail.")] = False,
     tmp_dir: Annotated[str | None, typer.Option(
         "-t", "--tmp-dir", metavar="DIR", help="Directory for work files (overrides tmp_dir).")] = None,
@@ -108,7 +114,7 @@ def deliver(
         return EX_OK
     request = Request(recipients=list(recipients or ()), sender=sender, config=config,
                       mail_host=mail_host, to_stdout=to_stdout, debug=debug,
-                      tmp_dir=tmp_dir, facility=facility)
+                      tmp_dir=tmp_dir, facility=facility, dry_run=dry_run)
     return Gate(request, ctx.obj.streams, ctx.obj.preloaded).run()
 
 
@@ -131,14 +137,35 @@ def serve(
         "--pidfile", metavar="FILE", help="Write the master's pid here (overrides serve.pid_file).")] = None,
     foreground: Annotated[bool, typer.Option(
         "--foreground/--daemon", help="Stay in the foreground (systemd) or detach as a classic daemon.")] = True,
-    config: Annotated[Path | None, typer.Option(
-        "-c", "--config", metavar="FILE", envvar="ISPMAILGATE_CONFIG", help="Rule file (TOML).")] = None,
+    config: ConfigOption = None,
 ) -> int:
     """Serve ispmailgate-client: pre-forked workers behind a Unix socket."""
     import ispmailgate_serve
 
     return ispmailgate_serve.serve(config, socket=socket, workers=workers, pidfile=pidfile,
                                    foreground=foreground)
+
+
+@admin_cli.command("check")
+def check_command(ctx: typer.Context, config: ConfigOption = None) -> int:
+    """Check the rule file and what its filters need; exit 0, or 78 with one line per problem."""
+    from ispmailgate_admin import check
+
+    return check(config, ctx.obj.streams)
+
+
+@admin_cli.command("explain")
+def explain_command(
+    ctx: typer.Context,
+    recipients: Annotated[list[str], typer.Argument(metavar="RCPT...", show_default=False,
+                                                    help="Envelope recipients to route.")],
+    sender: SenderOption = None,
+    config: ConfigOption = None,
+) -> int:
+    """Show the rule and chain each recipient gets, and the delivery groups; needs no message."""
+    from ispmailgate_admin import explain
+
+    return explain(config, sender, recipients, ctx.obj.streams)
 
 
 class Invocation(NamedTuple):
@@ -157,6 +184,7 @@ class Request(NamedTuple):
     debug: bool = False
     tmp_dir: str | None = None
     facility: str | None = None
+    dry_run: bool = False
 
     @property
     def shell_mode(self) -> bool:
@@ -384,31 +412,65 @@ def find_config(requested: Path | None) -> Path | None:
     return system if system.exists() else None
 
 
-def load_config(path: Path | None) -> Config:
-    """Read and check a rule file; ``None`` gives the built-in default."""
+def load_config(path: Path | None, problems: list[ConfigError] | None = None) -> Config | None:
+    """Read and check a rule file; ``None`` gives the built-in default.
+
+    Raises the first ConfigError; with a ``problems`` list (``ispmailgate check``) every
+    error is collected there instead, and the result is None if the file cannot be read.
+    """
     if path is None:
-        return build_config({}, BUILT_IN_CONFIG)
+        return build_config({}, BUILT_IN_CONFIG, problems)
+    checked = _Checked(problems)
+    try:
+        mode, table = _read_rule_file(path)
+    except ConfigError as error:
+        return checked(_raise, error)
+    if mode & 0o002:
+        checked(_raise, ConfigError("", "writable by others: anyone could change what happens to "
+                                        f"mail (chmod o-w {path})", str(path)))
+    try:
+        config = build_config(table, str(path), problems)
+    except ConfigError as error:
+        error.source = str(path)
+        raise
+    finally:
+        for problem in problems or ():
+            problem.source = problem.source or str(path)
+    if mode & 0o004 and _holds_passphrases(table):
+        config.warnings.append(f"{path} holds passphrases and is readable by others (chmod o-r)")
+    return config
+
+
+def _read_rule_file(path: Path) -> tuple[int, dict[str, Any]]:
     import tomllib
 
     try:
         with open(path, "rb") as stream:
-            mode = os.fstat(stream.fileno()).st_mode
-            table = tomllib.load(stream)
+            return os.fstat(stream.fileno()).st_mode, tomllib.load(stream)
     except OSError as error:
         raise ConfigError("", f"cannot read: {error.strerror or error}", str(path)) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError("", f"TOML syntax: {error}", str(path)) from None
-    if mode & 0o002:
-        raise ConfigError("", "writable by others: anyone could change what happens to mail "
-                              f"(chmod o-w {path})", str(path))
-    try:
-        config = build_config(table, str(path))
-    except ConfigError as error:
-        error.source = str(path)
-        raise
-    if mode & 0o004 and _holds_passphrases(table):
-        config.warnings.append(f"{path} holds passphrases and is readable by others (chmod o-r)")
-    return config
+
+
+class _Checked:
+    """Calls a config reader: raises its ConfigError, or, given a list, collects it there."""
+
+    def __init__(self, problems: list[ConfigError] | None) -> None:
+        self.problems = problems
+
+    def __call__(self, read, *args, fallback: Any = None) -> Any:
+        try:
+            return read(*args)
+        except ConfigError as error:
+            if self.problems is None:
+                raise
+            self.problems.append(error)
+            return fallback
+
+
+def _raise(error: ConfigError) -> None:
+    raise error
 
 
 def _holds_passphrases(table: Any) -> bool:
@@ -418,27 +480,33 @@ def _holds_passphrases(table: Any) -> bool:
     return isinstance(table, list) and any(_holds_passphrases(item) for item in table)
 
 
-def build_config(table: dict[str, Any], source: str) -> Config:
-    values, sections = {}, {}
-    for key, setting in SETTINGS.items():
-        values[key] = setting.default
+def build_config(table: dict[str, Any], source: str,
+                 problems: list[ConfigError] | None = None) -> Config:
+    checked = _Checked(problems)
+    values = {key: setting.default for key, setting in SETTINGS.items()}
+    sections: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("recipients", "filter"):
-            continue
-        if key in SECTIONS:
-            sections[key] = SECTIONS[key](value, key)
-        elif key in SETTINGS:
-            try:
-                values[key] = SETTINGS[key].convert(value)
-            except (ValueError, TypeError) as error:
-                raise ConfigError(key, str(error)) from None
-        else:
-            raise ConfigError(key, "unknown key")
-    filters = _named_filters(table.get("filter", {}))
+        if key not in ("recipients", "filter"):
+            checked(_top_level_key, key, value, values, sections)
+    filters = _named_filters(table.get("filter", {}), checked)
     domains = values["internal_domains"]
-    rules = tuple(_rule(entry, i, filters, domains) for i, entry in enumerate(_rule_list(table)))
-    default_chain = resolve_chain(values["default_filter"], "default_filter", filters)
+    rules = tuple(rule for i, entry in enumerate(checked(_rule_list, table, fallback=[]))
+                  if (rule := checked(_rule, entry, i, filters, domains)) is not None)
+    default_chain = checked(resolve_chain, values["default_filter"], "default_filter", filters,
+                            fallback=())
     return Config(source, values, rules, default_chain, filters, sections)
+
+
+def _top_level_key(key: str, value: Any, values: dict[str, Any], sections: dict[str, Any]) -> None:
+    if key in SECTIONS:
+        sections[key] = SECTIONS[key](value, key)
+    elif key in SETTINGS:
+        try:
+            values[key] = SETTINGS[key].convert(value)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(key, str(error)) from None
+    else:
+        raise ConfigError(key, "unknown key")
 
 
 def _rule_list(table: dict[str, Any]) -> list[dict[str, Any]]:
@@ -504,21 +572,31 @@ def _pattern(value: Any, where: str):
         raise ConfigError(where, f"bad regex: {error}") from None
 
 
-def _named_filters(table: Any) -> dict[str, Filter]:
-    """``[filter.NAME]`` tables: configured instances, each with a ``type``."""
+def _named_filters(table: Any, checked: _Checked) -> dict[str, Filter]:
+    """``[filter.NAME]`` tables: configured instances, each with a ``type``.
+
+    When errors are being collected, a broken instance is kept as a bare placeholder so
+    the chains naming it do not report it a second time as an unknown filter.
+    """
+    return {name: checked(_named_filter, name, options, fallback=Filter(label=name))
+            for name, options in checked(_filter_tables, table, fallback={}).items()}
+
+
+def _filter_tables(table: Any) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError("filter", "expected [filter.NAME] tables")
-    filters = {}
-    for name, options in table.items():
-        where = f"filter.{name}"
-        if not isinstance(options, dict):
-            raise ConfigError(where, "expected a table")
-        options = dict(options)
-        kind = options.pop("type", None)
-        if not isinstance(kind, str):
-            raise ConfigError(f"{where}.type", "missing: the filter type (dummy, banner, ...)")
-        filters[name] = filter_class(kind, f"{where}.type").from_options(options, where, name)
-    return filters
+    return table
+
+
+def _named_filter(name: str, options: Any) -> Filter:
+    where = f"filter.{name}"
+    if not isinstance(options, dict):
+        raise ConfigError(where, "expected a table")
+    options = dict(options)
+    kind = options.pop("type", None)
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}.type", "missing: the filter type (dummy, banner, ...)")
+    return filter_class(kind, f"{where}.type").from_options(options, where, name)
 
 
 def resolve_chain(names: tuple[str, ...], where: str, filters: dict[str, Filter]) -> tuple[Filter, ...]:
@@ -652,21 +730,17 @@ class ChainRunner:
     split where their chains differ.  A verdict ends the path for its recipients.
     """
 
-    def __init__(self, make_context, log) -> None:
+    def __init__(self, make_context, log, trace: "list[StepTrace] | None" = None) -> None:
         self.make_context = make_context
         self.log = log
+        self.trace = trace          # --dry-run: what each step did, for whom
 
     def run(self, message: Message, sender: str, routes: dict[str, Route]) -> list[Leaf]:
         leaves: list[Leaf] = []
         pending = [(message, list(routes), 0)]
         while pending:
             current, recipients, depth = pending.pop()
-            finished = [r for r in recipients if len(routes[r].chain) == depth]
-            branches: dict[Any, list[str]] = {}
-            for recipient in recipients:
-                if len(routes[recipient].chain) > depth:
-                    step = routes[recipient].chain[depth]
-                    branches.setdefault((step, self._variant(step, recipient)), []).append(recipient)
+            finished, branches = self.split(routes, recipients, depth)
             if finished:
                 leaves.append(Leaf(finished, current))
             shared = len(branches) + bool(finished) > 1
@@ -679,7 +753,20 @@ class ChainRunner:
                     leaves.append(leaf)
         return leaves
 
-    def _variant(self, step: Filter, recipient: str) -> Any:
+    @classmethod
+    def split(cls, routes: dict[str, Route], recipients: list[str],
+              depth: int) -> "tuple[list[str], dict[tuple[Filter, Any], list[str]]]":
+        """Who is done after ``depth`` steps, and who takes which (step, variant) next."""
+        finished = [r for r in recipients if len(routes[r].chain) == depth]
+        branches: dict[tuple[Filter, Any], list[str]] = {}
+        for recipient in recipients:
+            if len(routes[recipient].chain) > depth:
+                step = routes[recipient].chain[depth]
+                branches.setdefault((step, cls._variant(step, recipient)), []).append(recipient)
+        return finished, branches
+
+    @staticmethod
+    def _variant(step: Filter, recipient: str) -> Any:
         try:
             return step.variant(recipient)
         except Exception as error:    # decided in _step: the step will fail for them
@@ -688,26 +775,49 @@ class ChainRunner:
     def _step(self, step: Filter, work: Message, envelope: Envelope, original: Message) -> Leaf | None:
         members = list(envelope.recipients)
         started = time.monotonic()
+        before = bytes(work.to_bytes()) if self.trace is not None else None
         try:
             step.process(work, self.make_context(envelope, step))
         except Verdict as verdict:
             self.log.info("%s: %s for %s: %s", step.title, verdict.outcome, ",".join(members), verdict)
-            return Leaf(members, None, verdict, step.title)
+            return self._record(step, started, Leaf(members, None, verdict, step.title))
         except ParseError as error:
             self.log.error("%s: cannot parse the message: %s", step.title, error)
-            return Leaf(members, Message(original.raw), None, step.title, unparsed=True)
+            return self._record(step, started, Leaf(members, Message(original.raw), None, step.title,
+                                                    unparsed=True), f"cannot parse the message: {error}")
         except (OSError, MemoryError) as error:    # the machine's trouble, not the message's
             self.log.error("%s: %r", step.title, error, exc_info=True)
             status = "4.3.1" if getattr(error, "errno", None) in (28, 122) or isinstance(error, MemoryError) \
                 else "4.3.0"
-            return Leaf(members, None, TempFail(str(error), status), step.title)
+            return self._record(step, started, Leaf(members, None, TempFail(str(error), status), step.title))
         except Exception as error:
             self.log.error("%s: filter error for %s: %r", step.title, ",".join(members), error,
                            exc_info=True)
-            return Leaf(members, None, FilterError(f"filter {step.title} failed: {error!r}"), step.title)
+            verdict = FilterError(f"filter {step.title} failed: {error!r}")
+            return self._record(step, started, Leaf(members, None, verdict, step.title))
         self.log.debug("%s: %.1f ms for %s%s", step.title, (time.monotonic() - started) * 1000,
                        ",".join(members), " (changed)" if work.changed else "")
+        if before is not None:
+            self._record(step, started, Leaf(members, work),
+                         "changed the message" if work.to_bytes() != before else "passed")
         return None
+
+    def _record(self, step: Filter, started: float, leaf: Leaf, outcome: str = "") -> Leaf:
+        """For --dry-run: what this step did (a verdict speaks for itself)."""
+        if self.trace is not None:
+            if leaf.verdict is not None:
+                outcome = f"{leaf.verdict.outcome}: {leaf.verdict.status} {leaf.verdict}"
+            self.trace.append(StepTrace(step.title, tuple(leaf.recipients), outcome,
+                                        (time.monotonic() - started) * 1000))
+        return leaf
+
+
+class StepTrace(NamedTuple):
+    """What one filter step did for its recipients (``--dry-run`` prints these)."""
+    step: str
+    recipients: tuple[str, ...]
+    outcome: str
+    ms: float
 
 
 # =========================================================================================
@@ -898,8 +1008,11 @@ class Gate:
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
-        leaves = ChainRunner(self._context, log).run(message, sender, routes)
-        deferred = [leaf for leaf in leaves if self._defers(leaf, hop)]
+        trace: list[StepTrace] | None = [] if self.request.dry_run else None
+        leaves = ChainRunner(self._context, log, trace).run(message, sender, routes)
+        if trace is not None:
+            return self._dry_run(leaves, routes, hop, trace)
+        deferred = [leaf for leaf in leaves if self.defers(leaf, hop)]
         if deferred:        # deliver nothing: the retry then does everything once
             leaf = deferred[0]
             self._log_groups(leaves, routes, {})
@@ -908,6 +1021,16 @@ class Gate:
         results = Delivery(self, hop, config).deliver(leaves, message)
         self._log_groups(leaves, routes, results)
         return self._exit_status(results, hop)
+
+    def _dry_run(self, leaves: list[Leaf], routes: dict[str, Route], hop, trace: list[StepTrace]) -> int:
+        from ispmailgate_admin import dry_run_report
+
+        report = dry_run_report(self, leaves, routes, hop, trace)
+        self.streams.stdout.write(report.encode("utf-8", "surrogateescape"))
+        self.streams.stdout.flush()
+        self._log_groups(leaves, routes, {})
+        self._log_summary("status=dry-run")
+        return self._finish(EX_OK, "2.0.0", "dry run")
 
     def _envelope(self, message: Message, from_line: str | None, config: Config) -> tuple[str, list[str]]:
         request = self.request
@@ -931,7 +1054,7 @@ class Gate:
             raise tempfail("4.1.3", "empty recipient address")
         return sender, list(dict.fromkeys(recipients))
 
-    def _defers(self, leaf: Leaf, hop) -> bool:
+    def defers(self, leaf: Leaf, hop) -> bool:
         """A leaf that makes the whole run a tempfail, before anything is delivered."""
         if isinstance(leaf.verdict, TempFail):
             return True
@@ -952,9 +1075,7 @@ class Gate:
             except ValueError as error:
                 raise tempfail("4.3.5", f"--mail-host: {error}") from None
             return SmtpHop(host, port, config)
-        if config.sendmail_command:
-            return SendmailHop(config.sendmail_command, config.delivery_timeout)
-        return SmtpHop(*parse_hop(config.mail_host), config)
+        return configured_hop(config)
 
     def _context(self, envelope: Envelope, step: Filter) -> Context:
         return Context(envelope, message_id=self.id, log=log.getChild(step.name),

@@ -68,7 +68,7 @@ class Delivery:
 
     def deliver(self, leaves: list, original: Message) -> dict[str, Result]:
         results: dict[str, Result] = {}
-        groups = self._groups(leaves)
+        groups = self.groups(leaves)
         if isinstance(self.hop, StdoutHop):
             self.hop.mbox = sum(1 for _, _, leaf in groups if leaf.verdict is None) > 1
         for recipients, message, leaf in groups:
@@ -104,7 +104,7 @@ class Delivery:
         return sealed
 
     @staticmethod
-    def _groups(leaves: list) -> list[tuple[list[str], Message | None, Any]]:
+    def groups(leaves: list) -> list[tuple[list[str], Message | None, Any]]:
         """Merge leaves whose resulting bytes are identical: one transaction for them all."""
         groups: list[tuple[list[str], Message | None, Any]] = []
         merged: dict[Any, list[str]] = {}
@@ -141,6 +141,13 @@ class Delivery:
                 f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         self.gate.notices.append(Notice((self.config.postmaster,), "ispmailgate: message delivered "
                                         "unfiltered (parse error)", text))
+
+
+def configured_hop(config):
+    """The next hop the rule file names: its sendmail_command, else SMTP to mail_host."""
+    if config.sendmail_command:
+        return SendmailHop(config.sendmail_command, config.delivery_timeout)
+    return SmtpHop(*parse_hop(config.mail_host), config)
 
 
 def parse_hop(value: str) -> tuple[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ispmailgate_filters.base import (Discard, Filter, FilterError, Reject, TempFail, choice,
@@ -148,3 +149,20 @@ class Secretive(Filter):
 
     def process(self, message, ctx) -> None:
         ctx.log.info("processing with %r", self)
+
+
+@dataclass(frozen=True)
+class Picky(Filter):
+    """Needs a file (as banner's text_file or pgp's gnupghome do): reports it through problems()."""
+
+    name = "picky"
+    needs: str = option("", "a file this filter reads")
+    crash_when_checked: bool = option(False, "problems() itself fails")
+
+    def process(self, message, ctx) -> None:
+        return None
+
+    def problems(self) -> list[str]:
+        if self.crash_when_checked:
+            raise OSError("the check itself broke")
+        return [] if self.needs and os.access(self.needs, os.R_OK) else [f"needs: {self.needs}: not readable"]

@@ -1,0 +1,319 @@
+"""The administrator's commands: check, explain, and --dry-run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import CORPUS, free_port, run_gate, run_inline
+
+SIMPLE = (CORPUS / "simple.msg").read_bytes()
+
+
+def text_of(run) -> str:
+    return run.stdout.decode()
+
+
+# -- check ----------------------------------------------------------------------------------
+
+def test_check_passes_a_good_rule_file(config_file, smtp_sink, tmp_path):
+    needed = tmp_path / "banner.txt"
+    needed.write_text("hello\n")
+    config = config_file(f'''
+        mail_host = "{smtp_sink.address}"
+        [[recipients]]
+        recipient = '@example\\.com$'
+        filters = ["picky", "stamp"]
+        [filter.picky]
+        type = "gate_test_filters:Picky"
+        needs = "{needed}"
+        [filter.stamp]
+        type = "gate_test_filters:Stamp"
+    ''')
+    run = run_gate(["check", "--config", str(config)], b"")
+    assert run.code == 0, run.stdout
+    assert text_of(run).splitlines() == [f"{config}: OK (1 rules, 2 named filters)"]
+
+
+def test_check_lists_every_problem_with_its_key_path_and_exits_78(config_file, tmp_path):
+    config = config_file(f'''
+        mail_host = "127.0.0.1:{free_port()}"
+        colour = "blue"
+        max_message_size = "lots"
+        [[recipients]]
+        recipient = '(unclosed'
+        filters = ["dummy"]
+        [[recipients]]
+        filters = ["nosuch", "broken"]
+        [filter.broken]
+        type = "gate_test_filters:Stamp"
+        size = 3
+        [filter.picky]
+        type = "gate_test_filters:Picky"
+        needs = "{tmp_path}/missing.txt"
+    ''')
+    run = run_gate(["check", "-c", str(config)], b"")
+    assert run.code == 78
+    lines = text_of(run).splitlines()
+    assert lines == [
+        f"{config}: colour: unknown key",
+        f"{config}: max_message_size: expected a size like 200M or a number of bytes, got 'lots'",
+        f"{config}: filter.broken.size: unknown option for filter type 'stamp' (known: header, value)",
+        f"{config}: recipients[0].recipient: bad regex: missing ), unterminated subpattern at position 0",
+        f"{config}: recipients[1].filters[0]: unknown filter 'nosuch' (built in: banner, dummy, "
+        "packer, pgp, virscan; or a [filter.NAME] table, an entry point, or module:Class)",
+        lines[5],
+        f"{config}: filter.picky: needs: {tmp_path}/missing.txt: not readable",
+        f"{config}: 7 problems",
+    ]
+    assert lines[5].startswith(f"{config}: mail_host: cannot connect to 127.0.0.1:")
+    assert lines[5].endswith("connection refused (every message would wait in the MTA's queue)")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("x = [", "TOML syntax: "),
+    (None, "cannot read: No such file or directory"),
+])
+def test_check_reports_an_unreadable_rule_file(tmp_path, text, problem):
+    path = tmp_path / "rules.toml"
+    if text is not None:
+        path.write_text(text)
+    run = run_inline(["check", "-c", str(path)], b"")
+    assert run.code == 78
+    first, last = text_of(run).splitlines()
+    assert first.startswith(f"{path}: {problem}")
+    assert last == f"{path}: 1 problem"
+
+
+def test_check_looks_at_what_the_core_needs(config_file, tmp_path, recorder):
+    sendmail, _ = recorder()
+    sendmail.chmod(0o644)
+    config = config_file(f'''
+        tmp_dir = "{tmp_path}/no/spool"
+        log_file = "{tmp_path}/no/such/dir/gate.log"
+        sendmail_command = ["{sendmail}", "-oi"]
+    ''')
+    run = run_inline(["check", "-c", str(config)], b"")
+    assert run.code == 78
+    lines = text_of(run).splitlines()
+    assert lines[0] == f"{config}: tmp_dir: {tmp_path}/no/spool: no such directory"
+    assert lines[1].startswith(f"{config}: log_file: {tmp_path}/no/such/dir/gate.log: cannot be created")
+    # without any x bit even root cannot run it
+    assert lines[2] == f"{config}: sendmail_command: {sendmail}: not executable for uid {os.getuid()}"
+    missing = config_file('sendmail_command = ["no-such-sendmail-here"]\n', name="other.toml")
+    run = run_inline(["check", "-c", str(missing)], b"")
+    assert f"{missing}: sendmail_command: no-such-sendmail-here: no such program" in text_of(run)
+
+
+def test_check_finds_rules_that_can_never_match(config_file, smtp_sink):
+    config = config_file(f'''
+        mail_host = "{smtp_sink.address}"
+        [[recipients]]
+        recipient = 'a'
+        filters = ["dummy"]
+        [[recipients]]
+        filters = ["dummy"]
+        [[recipients]]
+        recipient = 'b'
+        filters = ["dummy"]
+    ''')
+    run = run_inline(["check", "-c", str(config)], b"")
+    assert run.code == 78
+    assert text_of(run).splitlines()[0] == (
+        f"{config}: recipients[2]: never used: recipients[1] before it matches every message")
+
+
+def test_check_survives_a_filter_whose_own_check_fails(config_file, smtp_sink):
+    config = config_file(f'''
+        mail_host = "{smtp_sink.address}"
+        default_filter = ["gate_test_filters:Picky"]
+        [filter.fragile]
+        type = "gate_test_filters:Picky"
+        crash_when_checked = true
+    ''')
+    run = run_gate(["check", "-c", str(config)], b"")
+    assert run.code == 78
+    lines = text_of(run).splitlines()
+    assert f"{config}: filter.fragile: cannot check: OSError('the check itself broke')" in lines
+    assert f"{config}: default_filter[0]: needs: : not readable" in lines
+
+
+def test_check_without_any_rule_file_checks_the_built_in_default(tmp_path, monkeypatch):
+    import ispmailgate
+
+    monkeypatch.setattr(ispmailgate, "DEFAULT_CONFIG_PATH", str(tmp_path / "none.toml"))
+    run = run_inline(["check"], b"")
+    lines = text_of(run).splitlines()
+    assert lines[0] == "no rule file given and none installed: checking the built-in default"
+    assert "<built-in default>: tmp_dir: /var/spool/ispmailgate: no such directory" in lines \
+        or os.path.isdir("/var/spool/ispmailgate")
+
+
+# -- explain --------------------------------------------------------------------------------
+
+EXPLAINED = '''
+    mail_host = "127.0.0.1:2626"
+    [[recipients]]
+    recipient = '@x\\.example$'
+    filters = ["stamp", "judge"]
+    [[recipients]]
+    sender = '^boss@'
+    filters = ["stamp"]
+    [filter.stamp]
+    type = "gate_test_filters:Stamp"
+    [filter.judge]
+    type = "gate_test_filters:Judge"
+    only = "alice@x.example"
+'''
+
+
+def test_explain_shows_rules_shared_steps_variants_and_groups(config_file):
+    config = config_file(EXPLAINED)
+    run = run_gate(["explain", "-c", str(config), "-f", "someone@y.example",
+                    "alice@x.example", "Bob <bob@x.example>", "carol@z.example", "dan@x.example"], b"")
+    assert run.code == 0, run.stderr
+    assert text_of(run).splitlines() == [
+        f"rule file: {config}",
+        "sender: <someone@y.example>",
+        "<alice@x.example>: recipients[0] (recipient '@x\\.example$') -> stamp,judge",
+        "<bob@x.example>: recipients[0] (recipient '@x\\.example$') -> stamp,judge",
+        "<carol@z.example>: default_filter (no rule matched) -> dummy",
+        "<dan@x.example>: recipients[0] (recipient '@x\\.example$') -> stamp,judge",
+        "",
+        "filter steps, each run once for the recipients listed:",
+        "  stamp: <alice@x.example>, <bob@x.example>, <dan@x.example>",
+        "    judge: <alice@x.example>  (differs per recipient)",
+        "    judge: <bob@x.example>, <dan@x.example>  (differs per recipient)",
+        "  dummy: <carol@z.example>",
+        "",
+        "delivery groups (a verdict can end a chain early; identical results are merged):",
+        "  1. <alice@x.example>: stamp,judge",
+        "  2. <bob@x.example>, <dan@x.example>: stamp,judge",
+        "  3. <carol@z.example>: dummy",
+        "next hop: smtp:127.0.0.1:2626 (each recipient gets the loop suffix .ispmailgate)",
+    ]
+
+
+def test_explain_matches_the_sender_too(config_file):
+    config = config_file(EXPLAINED)
+    run = run_inline(["explain", "-c", str(config), "--from", "boss@y.example", "carol@z.example"], b"")
+    assert run.code == 0, run.stderr
+    assert "<carol@z.example>: recipients[1] (sender '^boss@') -> stamp" in text_of(run)
+
+
+def test_explain_names_the_sendmail_next_hop_and_empty_chains(config_file):
+    config = config_file('sendmail_command = ["/usr/sbin/sendmail", "-oi"]\ndefault_filter = []\n')
+    run = run_inline(["explain", "-c", str(config), "a@b.example"], b"")
+    assert run.code == 0, run.stderr
+    lines = text_of(run).splitlines()
+    assert "sender: <>" in lines
+    assert "  (none: an empty chain delivers the message as it came)" in lines
+    assert lines[-1] == "next hop: sendmail:/usr/sbin/sendmail"
+
+
+def test_explain_with_a_broken_rule_file_exits_78(config_file):
+    config = config_file('[[recipients]]\nrecipient = "("\nfilters = ["dummy"]\n')
+    run = run_inline(["explain", "-c", str(config), "a@b.example"], b"")
+    assert run.code == 78
+    assert text_of(run).splitlines()[0].startswith(f"{config}: recipients[0].recipient: bad regex")
+
+
+def test_explain_refuses_an_address_as_a_run_would(config_file):
+    run = run_gate(["explain", "-c", str(config_file()), "a@b\r\nRCPT TO:<evil@x>"], b"")
+    assert run.code == 75
+    assert run.first_line.startswith("4.1.7 address contains CR, LF or NUL")
+
+
+def test_explain_needs_recipients():
+    run = run_gate(["explain"], b"")
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.5 usage: Missing argument 'RCPT...'")
+
+
+def test_a_recipient_named_like_a_command_is_a_recipient_after_the_options(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n')
+    run = run_inline(["-c", str(config), "-f", "a@b.example", "--", "check"], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert smtp_sink.messages[0].rcpt_tos == ["check"]
+
+
+# -- --dry-run ------------------------------------------------------------------------------
+
+def test_dry_run_prints_each_verdict_and_delivers_nothing(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n' + EXPLAINED.replace(
+        'mail_host = "127.0.0.1:2626"', ""))
+    run = run_gate(["--dry-run", "-c", str(config), "-f", "s@y.example",
+                    "alice@x.example", "bob@x.example", "carol@z.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert smtp_sink.messages == []
+    lines = text_of(run).splitlines()
+    assert lines[0].startswith("dry run ") and lines[0].endswith(": nothing was delivered")
+    assert lines[1] == (f"message: {len(SIMPLE)} bytes from <s@y.example>, next hop "
+                        f"smtp:{smtp_sink.address} (each recipient gets the loop suffix .ispmailgate)")
+    steps = [line.rsplit(" (", 1)[0] for line in lines[3:7]]
+    assert sorted(steps) == sorted([
+        "  stamp for <alice@x.example>, <bob@x.example>: changed the message",
+        "  judge for <alice@x.example>: rejected: 5.7.1 judged unacceptable",
+        "  judge for <bob@x.example>: passed",
+        "  dummy for <carol@z.example>: passed",
+    ])
+    delivery = lines[lines.index("delivery:") + 1:]
+    stamped = len(SIMPLE) + len("X-Stamp: yes\n")
+    assert delivery == [
+        "  <carol@z.example> (rule default, chain dummy):",
+        f"    would be delivered: {len(SIMPLE)} bytes, unchanged, byte for byte",
+        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
+        "    rejected by judge: 5.7.1 judged unacceptable",
+        "  <bob@x.example> (rule recipients[0], chain stamp,judge):",
+        f"    would be delivered: {stamped} bytes, changed",
+        "    + X-Stamp: yes",
+        "a real run would exit 0 if the next hop accepted what it was given",
+    ]
+
+
+@pytest.mark.parametrize("verdict, would_exit, fate", [
+    ("reject", 69, "rejected by judge: 5.7.1 judged unacceptable"),
+    ("discard", 0, "discarded by judge: 2.7.0 judged unwanted"),
+    ("tempfail", 75, "deferred by judge: 4.7.1 judge is busy; the run would deliver nothing and exit 75"),
+    ("error", 0, "error in judge: judge could not decide; the postmaster <pm@x.example> would get a "
+                 "report with the original attached, these recipients nothing"),
+    ("parse", 0, f"would be delivered unchanged ({len(SIMPLE)} bytes): the parser gave up in judge; "
+                 "a copy would be kept in tmp_dir/keep/ and the postmaster told"),
+])
+def test_dry_run_tells_what_a_real_run_would_do(config_file, smtp_sink, tmp_path, verdict, would_exit, fate):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\npostmaster = "pm@x.example"\n'
+                         f'[filter.judge]\ntype = "gate_test_filters:Judge"\nverdict = "{verdict}"\n'
+                         '[[recipients]]\nfilters = ["judge"]\n')
+    run = run_inline(["-n", "-c", str(config), "-f", "s@y.example", "r@x.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    lines = text_of(run).splitlines()
+    assert f"    {fate}" in lines
+    assert lines[-1] == f"a real run would exit {would_exit} if the next hop accepted what it was given"
+    assert smtp_sink.messages == []
+    assert not (tmp_path / "spool" / "keep").exists()
+
+
+def test_dry_run_lists_notices_it_would_send(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\npostmaster = "pm@x.example"\n'
+                         'default_filter = ["gate_test_filters:Notifier"]\n')
+    run = run_inline(["--dry-run", "-c", str(config), "-f", "s@y.example", "r@x.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert "notice to <pm@x.example>: test notice" in text_of(run).splitlines()
+    assert smtp_sink.messages == []
+
+
+def test_dry_run_in_shell_mode_writes_no_message(config_file):
+    message = b"From: a@b.example\nTo: c@d.example\nSubject: x\n\nbody\n"
+    config = config_file('default_filter = ["s"]\n[filter.s]\ntype = "gate_test_filters:Stamp"\n')
+    run = run_gate(["--dry-run", "-c", str(config)], message)
+    assert run.code == 0, run.stderr
+    assert "next hop stdout" in text_of(run)
+    assert "    + X-Stamp: yes" in text_of(run).splitlines()
+    assert b"body" not in run.stdout
+
+
+def test_reports_never_pass_control_characters_to_a_terminal():
+    from ispmailgate_admin import printable
+
+    assert printable("Subject: \x1b[31mred\x07 \u202e ok") == "Subject: ?[31mred? ? ok"

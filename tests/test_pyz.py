@@ -1,0 +1,79 @@
+"""The single-file build: tools/build-pyz makes ispmailgate.pyz, and a clean interpreter
+(Debian's python3, isolated, without site-packages) runs it on real messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from conftest import CORPUS, PROJECT, crlf
+
+CLEAN_PYTHON = "/usr/bin/python3"
+MULTI = (CORPUS / "multi-2gifs.msg").read_bytes()
+SIMPLE = (CORPUS / "simple.msg").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory):
+    output = tmp_path_factory.mktemp("pyz") / "ispmailgate.pyz"
+    process = subprocess.run([sys.executable, str(PROJECT / "tools" / "build-pyz"), "-o", str(output)],
+                             capture_output=True, text=True, timeout=900, check=False)
+    assert process.returncode == 0, process.stdout + process.stderr
+    return output
+
+
+def run_clean(argv: list[str], stdin: bytes = b"", env: dict[str, str] | None = None):
+    """No venv, no site-packages, no PYTHON* variables: only the standard library and the pyz."""
+    assert os.path.exists(CLEAN_PYTHON), f"{CLEAN_PYTHON} is missing"
+    environment = {"PATH": "/usr/bin:/bin", **(env or {})}
+    return subprocess.run(argv, input=stdin, capture_output=True, env=environment, timeout=120, check=False)
+
+
+def rule_file(tmp_path, smtp_sink):
+    """As conftest's config_file: tests run as root, and a run as root needs mail_user."""
+    rules = tmp_path / "rules.toml"
+    user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
+    rules.write_text(f'tmp_dir = "{tmp_path}"\nmail_host = "{smtp_sink.address}"\n{user}')
+    return rules
+
+
+def test_the_pyz_holds_the_program_and_pure_python_dependencies_only(pyz):
+    names = zipfile.ZipFile(pyz).namelist()
+    assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
+    assert {"__main__.py", "ispmailgate.py", "ispmailgate_admin.py", "gnupg.py"} <= set(names)
+    for source in (PROJECT / "filters").glob("*.py"):
+        assert f"ispmailgate_filters/{source.name}" in names, source.name
+    assert any(name.startswith("typer/") for name in names)
+    assert not [name for name in names if name.endswith((".so", ".pyd", ".dll", ".dylib"))]
+    assert "ispmailgate.pyc" in names                     # compiled in: zipimport cannot cache
+
+
+def test_a_clean_interpreter_runs_it_on_a_corpus_message(pyz):
+    run = run_clean([CLEAN_PYTHON, "-I", "-S", str(pyz)], SIMPLE)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == SIMPLE
+    assert b"rule=default chain=dummy outcome=sent" in run.stderr
+
+
+def test_it_delivers_by_smtp_byte_for_byte(pyz, smtp_sink, tmp_path):
+    rules = rule_file(tmp_path, smtp_sink)
+    run = run_clean([CLEAN_PYTHON, "-I", "-S", str(pyz), "-c", str(rules), "-f", "a@b.example",
+                     "--", "c@d.example"], MULTI)
+    assert run.returncode == 0, run.stderr
+    [received] = smtp_sink.messages
+    assert received.content == crlf(MULTI)
+    assert received.rcpt_tos == ["c@d.example.ispmailgate"]
+
+
+def test_it_runs_as_an_executable_with_its_admin_commands(pyz, smtp_sink, tmp_path):
+    pyz.chmod(0o755)
+    run = run_clean([str(pyz), "--version"])
+    assert (run.returncode, run.stdout) == (0, b"ispmailgate 2.0.0\n")
+    rules = rule_file(tmp_path, smtp_sink)
+    run = run_clean([str(pyz), "check", "-c", str(rules)])
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout == f"{rules}: OK (0 rules, 0 named filters)\n".encode()
