@@ -203,6 +203,8 @@ def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) ->
         return _status_line(streams, EX_TEMPFAIL, "4.3.5", f"usage: {error.format_message()}")
     except Stop as stop:
         return _status_line(streams, stop.code, stop.status, stop.text)
+    except SystemExit as stop:          # typer's own exit when a reader closed stdout early
+        return _status_line(streams, EX_TEMPFAIL, "4.3.0", f"stopped (exit {stop.code}): output closed")
     except BaseException as error:      # the last guard: no traceback ever reaches the MTA
         if not any(isinstance(h, SyslogHandler) for h in log.handlers):
             configure_logging("mail", False, "", [])
