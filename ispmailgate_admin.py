@@ -61,6 +61,8 @@ def check(requested: Path | None, streams: Streams) -> int:
         problems += environment_problems(config)
     for problem in problems:
         out.line(str(problem))
+    for warning in dkim_warnings(config) if config is not None else ():
+        out.line(f"{config.path}: {warning}")
     source = str(path) if path is not None else BUILT_IN_CONFIG
     if problems:
         out.line(f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
@@ -84,6 +86,18 @@ def environment_problems(config: Config) -> list[ConfigError]:
     for problem in problems:
         problem.source = config.path
     return problems
+
+
+def dkim_warnings(config: Config) -> list[str]:
+    """Chains that can change DKIM-signed mail with nothing to vouch for it (not errors)."""
+    if "arc" in config.sections:
+        return []
+    chains = [(rule.label + ".filters", rule.chain) for rule in config.rules]
+    chains.append(("default_filter", config.default_chain))
+    return [f"{where}[{i}]: warning: {step.title} can change DKIM-signed mail and no [arc] is "
+            "configured; receivers that enforce DMARC may refuse it (add [arc], or "
+            'on_dkim_signed = "skip" for a banner)'
+            for where, chain in chains for i, step in enumerate(chain) if step.breaks_dkim()]
 
 
 def _directory_problems(key: str, path: Path) -> list[ConfigError]:
@@ -194,7 +208,9 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
     out.line()
     out.line("delivery groups (a verdict can end a chain early; identical results are merged):")
     for number, members in enumerate(groups, 1):
-        out.line(f"  {number}. {_addresses(members)}: {routes[members[0]].chain_label}")
+        chain = routes[members[0]].chain
+        out.line(f"  {number}. {_addresses(members)}: {routes[members[0]].chain_label}; "
+                 f"{_sealing(config, chain)}")
     out.line(f"next hop: {_describe_hop(configured_hop(config))}")
     out.close()
     return EX_OK
@@ -235,6 +251,14 @@ def _plan(routes: dict[str, Route], recipients: list[str], depth: int, indent: s
         out.line(f"{indent}{step.title}: {_addresses(members)}{note}")
         groups += _plan(routes, members, depth + 1, indent + "  ", out)
     return groups
+
+
+def _sealing(config: Config, chain) -> str:
+    if "arc" not in config.sections:
+        return "not sealed (no [arc])"
+    if any(step.changes_messages for step in chain):
+        return "ARC-sealed if a filter changes the message"
+    return "never sealed (nothing in the chain changes messages)"
 
 
 def _describe_hop(hop) -> str:

@@ -74,6 +74,9 @@ class Banner(Filter):
         if re.search(r"[\x00-\x1f\x7f]", self.subject_prefix):
             raise OptionError("subject_prefix", "control characters (line breaks, tabs ...) are not allowed")
 
+    def breaks_dkim(self) -> bool:
+        return self.on_dkim_signed == "modify"
+
     def problems(self) -> list[str]:
         found = []
         for key in ("text_file", "html_file"):

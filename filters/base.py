@@ -222,6 +222,12 @@ class Filter:
         return None
 
     lazy_modules = ()       # modules process() imports lazily (not a field: not an option)
+    changes_messages = True     # False for a filter that only looks: its chain is never sealed
+
+    def breaks_dkim(self) -> bool:
+        """Can this step change what a DKIM signature covers (the body, signed fields)?
+        ``ispmailgate check`` warns about such steps when no ``[arc]`` is configured."""
+        return False
 
     def preload(self) -> None:
         """Import the modules :meth:`process` imports lazily (called before privileges are

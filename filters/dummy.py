@@ -14,6 +14,7 @@ class Dummy(Filter):
 
     name = "dummy"
     description = "pass the message through unchanged"
+    changes_messages = False
 
     def process(self, message: Message, ctx: Context) -> None:
         return None

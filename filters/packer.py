@@ -108,6 +108,9 @@ class Packer(Filter):
         if self.command_timeout <= 0:
             raise OptionError("command_timeout", "expected a positive number of seconds")
 
+    def breaks_dkim(self) -> bool:
+        return True         # packing and unpacking both rewrite the body
+
     def problems(self) -> list[str]:
         import shutil
 

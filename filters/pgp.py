@@ -184,6 +184,9 @@ class Pgp(Filter):
         table.update(self.passphrases)
         return table
 
+    def breaks_dkim(self) -> bool:
+        return True         # encrypting or decrypting replaces the body
+
     def problems(self) -> list[str]:
         if not os.path.isdir(self.gnupghome):
             return [f"gnupghome {self.gnupghome} does not exist or is not a directory"]

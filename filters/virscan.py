@@ -306,6 +306,9 @@ class VirScan(Filter):
 
     # -- ispmailgate check -----------------------------------------------------------------
 
+    def breaks_dkim(self) -> bool:
+        return "tag" in (self.on_infected, self.on_unscannable)   # the subject prefix
+
     def problems(self) -> list[str]:
         found = []
         if self.scanner == "command":

@@ -188,9 +188,9 @@ def test_explain_shows_rules_shared_steps_variants_and_groups(config_file):
         "  dummy: <carol@z.example>",
         "",
         "delivery groups (a verdict can end a chain early; identical results are merged):",
-        "  1. <alice@x.example>: stamp,judge",
-        "  2. <bob@x.example>, <dan@x.example>: stamp,judge",
-        "  3. <carol@z.example>: dummy",
+        "  1. <alice@x.example>: stamp,judge; not sealed (no [arc])",
+        "  2. <bob@x.example>, <dan@x.example>: stamp,judge; not sealed (no [arc])",
+        "  3. <carol@z.example>: dummy; not sealed (no [arc])",
         "next hop: smtp:127.0.0.1:2626 (each recipient gets the loop suffix .ispmailgate)",
     ]
 
@@ -317,3 +317,55 @@ def test_reports_never_pass_control_characters_to_a_terminal():
     from ispmailgate_admin import printable
 
     assert printable("Subject: \x1b[31mred\x07 \u202e ok") == "Subject: ?[31mred? ? ok"
+
+
+def test_check_warns_about_chains_that_break_dkim_without_arc(config_file, smtp_sink):
+    rules = f'''
+        mail_host = "{smtp_sink.address}"
+        [[recipients]]
+        sender_not = '@example\\.com$'
+        filters = ["warn"]
+        [[recipients]]
+        filters = ["polite", "dummy"]
+        [filter.warn]
+        type = "banner"
+        text = "CAUTION"
+        [filter.polite]
+        type = "banner"
+        text = "Hello"
+        on_dkim_signed = "skip"
+    '''
+    config = config_file(rules)
+    run = run_gate(["check", "-c", str(config)], b"")
+    assert run.code == 0, run.stdout            # a warning, not a problem
+    lines = text_of(run).splitlines()
+    assert lines[0] == (f"{config}: recipients[0].filters[0]: warning: warn can change DKIM-signed "
+                        "mail and no [arc] is configured; receivers that enforce DMARC may refuse it "
+                        '(add [arc], or on_dkim_signed = "skip" for a banner)')
+    assert len(lines) == 2 and lines[1].startswith(f"{config}: OK")
+
+
+def test_explain_says_which_groups_would_be_sealed(config_file, tmp_path):
+    key = tmp_path / "arc.pem"
+    import subprocess
+    subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+    key.chmod(0o600)
+    config = config_file(f'''
+        [[recipients]]
+        recipient = '^warned@'
+        filters = ["warn"]
+        [filter.warn]
+        type = "banner"
+        text = "CAUTION"
+        [arc]
+        domain = "gw.example.net"
+        selector = "arc1"
+        private_key_file = "{key}"
+        authserv_id = "mx.example.net"
+    ''')
+    run = run_gate(["explain", "-c", str(config), "-f", "a@b.example", "warned@x.example", "other@x.example"], b"")
+    assert run.code == 0, run.stderr
+    groups = [line for line in text_of(run).splitlines() if line.startswith("  1.") or line.startswith("  2.")]
+    assert groups == ["  1. <warned@x.example>: warn; ARC-sealed if a filter changes the message",
+                      "  2. <other@x.example>: dummy; never sealed (nothing in the chain changes messages)"]
+    assert run_gate(["check", "-c", str(config)], b"").stdout.decode().count("warning") == 0
