@@ -88,6 +88,19 @@ class DnsServer:
         self.process.wait(timeout=10)
 
 
+def signed(auth: "MailAuth", message: bytes, sender: str = "sender.example") -> bytes:
+    """The message with a From: in the author domain, DKIM-signed by it (LF line ends)."""
+    import re
+
+    import dkim
+
+    message = re.sub(rb"(?m)^From: .*$", f"From: Author <author@{sender}>".encode(), message, count=1)
+    signature = dkim.sign(message.replace(b"\n", b"\r\n"), auth.sender_key.selector.encode(),
+                          auth.sender_key.domain.encode(), auth.sender_key.private_pem,
+                          include_headers=[b"from", b"to", b"subject", b"date"])
+    return signature.replace(b"\r\n", b"\n") + message
+
+
 @dataclass
 class MailAuth:
     sender_key: Key        # the author domain's DKIM key

@@ -12,19 +12,10 @@ import dkim
 import pytest
 
 from conftest import CORPUS, run_gate, run_inline
-from mailauth import mailauth  # noqa: F401  (fixture)
+from mailauth import mailauth, signed  # noqa: F401  (mailauth: a fixture)
 
 SIMPLE = (CORPUS / "simple.msg").read_bytes()
 AUTHSERV = "mx.example.net"
-
-
-def signed(auth, message: bytes = SIMPLE, sender: str = "sender.example") -> bytes:
-    """The message with a From: in the author domain, DKIM-signed by it (LF line ends)."""
-    message = re.sub(rb"(?m)^From: .*$", f"From: Author <author@{sender}>".encode(), message, count=1)
-    signature = dkim.sign(message.replace(b"\n", b"\r\n"), auth.sender_key.selector.encode(),
-                          auth.sender_key.domain.encode(), auth.sender_key.private_pem,
-                          include_headers=[b"from", b"to", b"subject", b"date"])
-    return signature.replace(b"\r\n", b"\n") + message
 
 
 def arc_config(config_file, sink, auth, extra: str = "", arc_extra: str = "", name="arc.toml"):
@@ -49,7 +40,7 @@ def deliver(config, data: bytes, sink) -> bytes:
 
 
 def test_dkim_survives_the_dummy_chain_and_nothing_is_sealed(config_file, smtp_sink, mailauth):
-    data = signed(mailauth)
+    data = signed(mailauth, SIMPLE)
     wire = deliver(arc_config(config_file, smtp_sink, mailauth), data, smtp_sink)
     assert wire == data.replace(b"\n", b"\r\n")
     assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)
@@ -57,7 +48,7 @@ def test_dkim_survives_the_dummy_chain_and_nothing_is_sealed(config_file, smtp_s
 
 
 def test_dkim_survives_a_filter_that_only_adds_a_header(config_file, smtp_sink, mailauth):
-    data = signed(mailauth)
+    data = signed(mailauth, SIMPLE)
     config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Stamp"]')
     wire = deliver(config, data, smtp_sink)
     assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)
@@ -68,7 +59,7 @@ def test_dkim_survives_a_filter_that_only_adds_a_header(config_file, smtp_sink, 
 def test_a_changed_message_is_sealed_with_the_trusted_results_only(config_file, smtp_sink, mailauth):
     data = (f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=sender.example\n"
             "Authentication-Results: evil.example; spf=pass smtp.mailfrom=evil.example\n").encode()
-    data += signed(mailauth)
+    data += signed(mailauth, SIMPLE)
     config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
     wire = deliver(config, data, smtp_sink)
     assert not dkim.verify(wire, dnsfunc=mailauth.dns.txt)        # the body changed
@@ -86,7 +77,7 @@ def test_a_changed_message_is_sealed_with_the_trusted_results_only(config_file, 
 def test_verify_dkim_records_the_gateways_own_finding(config_file, smtp_sink, mailauth):
     config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]',
                         "verify_dkim = true")
-    wire = deliver(config, signed(mailauth), smtp_sink)
+    wire = deliver(config, signed(mailauth, SIMPLE), smtp_sink)
     verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
     assert verdict == dkim.CV_Pass, reason
     assert re.search(rb"ARC-Authentication-Results: i=1; mx.example.net;\s+dkim=pass "
@@ -94,7 +85,7 @@ def test_verify_dkim_records_the_gateways_own_finding(config_file, smtp_sink, ma
 
 
 def test_verify_dkim_reports_a_bad_signature_as_fail(config_file, smtp_sink, mailauth):
-    tampered = signed(mailauth).replace(b"Subject: ", b"Subject: tampered ", 1)
+    tampered = signed(mailauth, SIMPLE).replace(b"Subject: ", b"Subject: tampered ", 1)
     config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Stamp"]',
                         "verify_dkim = true")
     wire = deliver(config, tampered, smtp_sink)
@@ -103,7 +94,7 @@ def test_verify_dkim_reports_a_bad_signature_as_fail(config_file, smtp_sink, mai
 
 def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file, smtp_sink, mailauth):
     original = (f"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n").encode()
-    original += signed(mailauth)
+    original += signed(mailauth, SIMPLE)
     relay = mailauth.relay_key
     first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
                           relay.private_pem, b"relay.example")
@@ -129,7 +120,7 @@ def test_sealing_for_the_sendmail_hop_matches_the_wire(config_file, mailauth, re
         private_key_file = "{mailauth.gateway_key.path}"
         authserv_id = "{AUTHSERV}"
     ''')
-    run = run_inline(["-c", str(config), "-f", "a@sender.example", "b@example.com"], signed(mailauth))
+    run = run_inline(["-c", str(config), "-f", "a@sender.example", "b@example.com"], signed(mailauth, SIMPLE))
     assert run.code == 0, run.stderr
     from conftest import recorded_calls
     handed = recorded_calls(calls)[0]["data"].encode("latin-1")
@@ -166,7 +157,7 @@ WARNING = 'text = "CAUTION: this message comes from outside the organisation."\n
 def test_dkim_survives_a_virscan_that_only_adds_a_header(config_file, smtp_sink, mailauth, clamd):
     config = arc_config(config_file, smtp_sink, mailauth,
                         f'default_filter = ["av"]\n[filter.av]\ntype = "virscan"\nsocket = "{clamd.socket}"')
-    wire = deliver(config, signed(mailauth), smtp_sink)
+    wire = deliver(config, signed(mailauth, SIMPLE), smtp_sink)
     assert wire.startswith(b"ARC-Seal: ")                   # changed (a header), so sealed
     assert b"X-ispMailGate-VirScan: scanned" in wire
     assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)       # the signed bytes are intact
@@ -176,7 +167,7 @@ def test_dkim_survives_a_virscan_that_only_adds_a_header(config_file, smtp_sink,
 def test_top_banner_and_subject_tag_on_signed_mail_is_sealed_and_verifies(config_file, smtp_sink, mailauth):
     data = (f"Authentication-Results: {AUTHSERV}; dkim=pass header.d=sender.example header.s=sel\n"
             "Authentication-Results: other.example; dkim=fail header.d=sender.example\n").encode()
-    data += signed(mailauth)
+    data += signed(mailauth, SIMPLE)
     config = arc_config(config_file, smtp_sink, mailauth,
                         'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\n' + WARNING)
     wire = deliver(config, data, smtp_sink)
@@ -194,7 +185,7 @@ def test_top_banner_and_subject_tag_on_signed_mail_is_sealed_and_verifies(config
 
 
 def test_a_banner_on_mail_with_an_arc_set_gets_instance_2(config_file, smtp_sink, mailauth):
-    original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n" + signed(mailauth)
+    original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n" + signed(mailauth, SIMPLE)
     relay = mailauth.relay_key
     first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
                           relay.private_pem, b"relay.example")
@@ -211,7 +202,7 @@ def test_skip_leaves_signed_mail_verifiable_and_still_banners_unsigned_mail(conf
     config = arc_config(config_file, smtp_sink, mailauth,
                         'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\non_dkim_signed = "skip"\n'
                         + WARNING)
-    data = signed(mailauth)
+    data = signed(mailauth, SIMPLE)
     wire = deliver(config, data, smtp_sink)
     assert wire == data.replace(b"\n", b"\r\n")               # untouched: not even sealed
     assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)

@@ -19,7 +19,8 @@ import re
 import pytest
 
 from conftest import CORPUS
-from postfix_instance import PostfixInstance, e2e_gate
+from mailauth import mailauth, signed  # noqa: F401  (mailauth: a fixture)
+from postfix_instance import PIPE_USER, PostfixInstance, e2e_gate
 
 NESTED = (CORPUS / "multi-nested.msg").read_bytes()
 SIMPLE_BODY = b"Subject: e2e\nFrom: sender@e2e.test\nTo: alice@e2e.test\n\nHello through Postfix.\n"
@@ -242,3 +243,38 @@ def test_a_virus_is_bounced_and_clean_mail_marked(postfix, clamd):
     [delivered] = postfix.wait_for_mail("alice")
     assert b"X-ispMailGate-VirScan: scanned\n" in delivered
     assert postfix.mailbox("alice") == [delivered]                # the infected one never arrived
+
+
+def test_a_banner_on_dkim_signed_mail_is_arc_sealed_on_the_way(postfix, mailauth):
+    """The gate verifies DKIM itself (through a real DNS server), adds a warning, seals."""
+    import pwd
+
+    import dkim
+
+    key = postfix.base / "arc.pem"                       # the pipe user's, and nobody else's
+    key.write_bytes(mailauth.gateway_key.private_pem)
+    os.chown(key, pwd.getpwnam(PIPE_USER).pw_uid, -1)
+    key.chmod(0o600)
+    postfix.rules(f'''
+        default_filter = ["warn"]
+        [filter.warn]
+        type = "banner"
+        position = "top"
+        text = "CAUTION: external sender"
+        subject_prefix = "[EXT] "
+        [arc]
+        domain = "{mailauth.gateway_key.domain}"
+        selector = "{mailauth.gateway_key.selector}"
+        private_key_file = "{key}"
+        authserv_id = "mx.e2e.test"
+        verify_dkim = true
+        resolver = "{mailauth.dns.address}"
+    ''')
+    postfix.submit("author@sender.example", ["alice@e2e.test"], signed(mailauth, SIMPLE_BODY))
+    [delivered] = postfix.wait_for_mail("alice")
+    wire = delivered.replace(b"\n", b"\r\n")
+    assert b"Subject: [EXT] e2e" in delivered and b"\n\nCAUTION: external sender" in delivered
+    verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+    assert re.search(rb"ARC-Authentication-Results: i=1; mx.e2e.test;\s+dkim=pass header.d=sender.example",
+                     delivered)
