@@ -287,3 +287,4 @@ def gate_executable() -> Path:
 # -- ClamAV ----------------------------------------------------------------------------------
 
 from clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)
+from mailauth import mailauth  # noqa: E402,F401  (fixture)

@@ -12,7 +12,7 @@ import dkim
 import pytest
 
 from conftest import CORPUS, run_gate, run_inline
-from mailauth import mailauth, signed  # noqa: F401  (mailauth: a fixture)
+from mailauth import signed
 
 SIMPLE = (CORPUS / "simple.msg").read_bytes()
 AUTHSERV = "mx.example.net"
@@ -93,7 +93,7 @@ def test_verify_dkim_reports_a_bad_signature_as_fail(config_file, smtp_sink, mai
 
 
 def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file, smtp_sink, mailauth):
-    original = (f"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n").encode()
+    original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n"
     original += signed(mailauth, SIMPLE)
     relay = mailauth.relay_key
     first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),

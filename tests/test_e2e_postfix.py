@@ -19,7 +19,7 @@ import re
 import pytest
 
 from conftest import CORPUS
-from mailauth import mailauth, signed  # noqa: F401  (mailauth: a fixture)
+from mailauth import signed
 from postfix_instance import PIPE_USER, PostfixInstance, e2e_gate
 
 NESTED = (CORPUS / "multi-nested.msg").read_bytes()
