@@ -327,9 +327,9 @@ SETTINGS: dict[str, Setting] = {
                           "Wall-clock seconds one message may take in all; past it: tempfail (75)."),
     "max_mime_depth": Setting(64, count(1), "MIME nesting deeper than this is kept as one opaque part."),
     "max_mime_parts": Setting(10_000, count(1), "MIME parts beyond this many are kept in one opaque part."),
-    "mail_user": Setting("", _string, "Started as root: the user to run as (the message is never "
-                                      "touched as root). Required when started as root."),
-    "mail_group": Setting("", _string, "Started as root: the group to run as (default: mail_user's group)."),
+    "mail_user": Setting("nobody", _string, "Started as root: the user to become before the message is "
+                                            "read (never root unless spelled out; \"\" refuses to run)."),
+    "mail_group": Setting("", _string, "Started as root: the group to become (default: mail_user's group)."),
     "helo_name": Setting("", _string, "Name for EHLO (default: this host's name)."),
     "default_filter": Setting(("dummy",), _strings, "Chain for recipients no rule matches."),
     "internal_domains": Setting((), _domains, "Our own domains (subdomains included), for the "
@@ -826,11 +826,8 @@ class StepTrace(NamedTuple):
 # the process: privileges and time
 # =========================================================================================
 
-BUILT_IN_USER = ("nobody", "nogroup")    # for trying things out as root without a rule file
-
-
 def drop_privileges(config: Config) -> None:
-    """Started as root: become mail_user/mail_group (no supplementary groups) or refuse.
+    """Started as root: become mail_user/mail_group (default nobody), groups cleared.
 
     Called after the rule file is read and before the message is: nothing in a message is
     ever handled with root's rights.
@@ -841,10 +838,8 @@ def drop_privileges(config: Config) -> None:
     import pwd
 
     user, group = config.mail_user, config.mail_group
-    if not user and config.path == BUILT_IN_CONFIG:
-        user, group = BUILT_IN_USER
     if not user:
-        raise tempfail("4.3.5", f"refusing to run as root: set mail_user in {config.path}")
+        raise tempfail("4.3.5", f"refusing to run as root: mail_user is empty in {config.path}")
     if user == "root":      # spelled out by the administrator: allowed, never silently
         log.warning("mail_user is root: this message is handled with root's rights")
         return

@@ -131,7 +131,7 @@ class Identity:
         import pwd
 
         if not config.mail_user:
-            raise ConfigError("mail_user", "required when the server is started as root")
+            raise ConfigError("mail_user", "empty: the server must not run its workers as root")
         try:
             user = pwd.getpwnam(config.mail_user)
         except KeyError:

@@ -45,12 +45,28 @@ def test_started_as_root_it_drops_to_mail_user_before_the_message(config_file, s
 
 
 @root_only
-def test_as_root_without_mail_user_it_refuses(tmp_path):
+def test_as_root_without_mail_user_it_becomes_nobody(tmp_path, shared_dir):
+    record = shared_dir / "ids"
     config = tmp_path / "c.toml"
-    config.write_text('default_filter = ["dummy"]\n')
+    config.write_text(f'[filter.w]\ntype = "gate_test_filters:WhoAmI"\npath = "{record}"\n'
+                      '[[recipients]]\nfilters = ["w"]\n')
+    run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 0, run.stderr
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    assert record.read_text() == f"{nobody.pw_uid} {nobody.pw_uid} {nobody.pw_gid} {nobody.pw_gid} []"
+    assert run.stdout == SIMPLE
+
+
+@root_only
+@pytest.mark.parametrize("user, complaint", [("", "4.3.5 refusing to run as root: mail_user is empty"),
+                                             ("no-such-user-here", "4.3.5 cannot become no-such-user-here")])
+def test_as_root_with_no_usable_mail_user_it_refuses(tmp_path, user, complaint):
+    config = tmp_path / "c.toml"
+    config.write_text(f'mail_user = "{user}"\ndefault_filter = ["dummy"]\n')
     run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 75
-    assert run.first_line.startswith("4.3.5 refusing to run as root: set mail_user")
+    assert run.first_line.startswith(complaint)
     assert run.stdout == b""
 
 
