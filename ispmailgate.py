@@ -26,7 +26,7 @@ from typing import Annotated, Any, BinaryIO, NamedTuple, TextIO
 import typer
 
 from ispmailgate_delivery import (Delivery, Reports, Result, SmtpHop, StdoutHop, configured_hop,
-                                  one_line, parse_hop)
+                                  loggable, one_line, parse_hop)
 from ispmailgate_filters.base import (ConfigError, Context, Envelope, Filter, FilterError, Notice,
                                       TempFail, Verdict, argv as argv_option, count,
                                       parse_size)
@@ -1201,7 +1201,7 @@ class SyslogHandler(logging.Handler):
         try:
             priority = getattr(self.syslog, self.PRIORITIES.get(record.levelno, "LOG_INFO"))
             for line in self.format(record).splitlines() or [""]:
-                self.syslog.syslog(priority, line)
+                self.syslog.syslog(priority, loggable(line))
         except Exception:       # logging must never be what loses a message
             self.handleError(record)
 
@@ -1224,12 +1224,13 @@ def configure_logging(facility: str, debug: bool, log_file: str, errors: list[st
             handler.close()
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
+    logging.raiseExceptions = False     # a failing handler never writes a traceback to stderr
     log.addHandler(SyslogHandler(facility))
     log.addHandler(_Collector(errors))
     if log_file:
         try:
             handler = (logging.StreamHandler(sys.stderr) if log_file == "-"
-                       else logging.FileHandler(log_file, encoding="utf-8"))
+                       else logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
         except OSError as error:
             log.warning("cannot open log_file %s: %s", log_file, error)
         else:

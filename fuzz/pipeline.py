@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import logging
 import os
 import shutil
 import sys
@@ -51,6 +52,14 @@ def load_configs() -> dict[str, ispmailgate.Config]:
 
 
 CONFIGS = load_configs()
+
+
+def _failing_handler(self, record) -> None:
+    """A log handler that fails would write logging's own traceback to the MTA's stderr."""
+    raise AssertionError(f"log handler {type(self).__name__} failed on {record.msg!r}")
+
+
+logging.Handler.handleError = _failing_handler
 
 
 def one_input(data: bytes) -> None:

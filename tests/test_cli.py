@@ -179,3 +179,13 @@ def test_the_log_line_names_the_message_id(config_file, smtp_sink, tmp_path):
     data = b"Message-ID: <abc.123@example.org>\nSubject: x\n\nbody\n"
     assert run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], data).code == 0
     assert "msgid=<abc.123@example.org> from=<a@b.example>" in (tmp_path / "gate.log").read_text()
+
+
+def test_undecodable_bytes_and_nul_in_logged_fields_never_break_logging(config_file, tmp_path):
+    config = config_file()
+    data = b"Message-ID: <\x9a\xdc\xff\x00nul@example.org>\nSubject: \xff\xfe\n\nbody\n"
+    run = run_gate(["-c", str(config), "--stdout", "-d", "-f", "a@b.example", "c@d.example"], data)
+    assert run.code == 0 and run.stdout == data
+    assert "Logging error" not in run.stderr
+    log = (tmp_path / "gate.log").read_text()
+    assert "msgid=<\\x9a\\xdc\\xff\\0nul@example.org>" in log
