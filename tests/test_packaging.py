@@ -21,10 +21,10 @@ def test_wheel_contains_every_filter_module_and_no_bare_filters_package(tmp_path
     top_level = {name.split("/", 1)[0] for name in names}
     assert not any(name == "filters" or name.startswith("filters/") for name in names)
     assert {t for t in top_level if not t.endswith(".dist-info")} <= {
-        "ispmailgate.py", "ispmailgate_delivery.py", "ispmailgate_arc.py", "ispmailgate_filters",
-        "ispmailgate_client.py", "ispmailgate_serve.py", "ispmailgate_admin.py"}
+        "ispmailgate.py", "ispmailgate_start.py", "ispmailgate_delivery.py", "ispmailgate_arc.py",
+        "ispmailgate_filters", "ispmailgate_client.py", "ispmailgate_serve.py", "ispmailgate_admin.py"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "ispmailgate = ispmailgate:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "ispmailgate = ispmailgate_start:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_filters_never_import_the_core():
