@@ -465,8 +465,16 @@ class _Parser:
             return
         token = boundary.encode("utf-8", "surrogateescape")
         child_type = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
+        lines, room = [], self.max_parts - self.count
+        for line in _boundary_lines(body, b"--" + token):
+            lines.append(line)
+            if line[2]:
+                break
+            if len(lines) > room:        # each delimiter opens a part: too many to take apart
+                self.defects.append(f"more than {self.max_parts} parts: the rest is kept as one opaque part")
+                return
         children, delimiters, start = [], [], None
-        for begin, end, closing in _boundary_lines(body, b"--" + token):
+        for begin, end, closing in lines:
             cut = _eol_start(body, begin)
             if start is None:
                 part.preamble = body[:cut]

@@ -141,6 +141,45 @@ def test_mime_limits_are_configurable(config_file):
     assert run.stdout.endswith(b"HELLO\n")
 
 
+def test_the_parts_limit_is_configurable(config_file):
+    parts = b"".join(b"--b\nContent-Type: application/octet-stream\n\npart %d\n" % n for n in range(4))
+    message = (b"Content-Type: multipart/mixed; boundary=b\n\n" + parts
+               + b"--b\nContent-Type: text/plain\n\npart 4\n--b--\n")
+    config = config_file('max_mime_parts = 3\ndefault_filter = ["gate_test_filters:Upcase"]\n')
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], message)
+    assert run.code == 0
+    assert run.stdout == message      # the text part comes after the third: opaque, left alone
+    config = config_file('max_mime_parts = 10\ndefault_filter = ["gate_test_filters:Upcase"]\n', name="b.toml")
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], message)
+    assert b"PART 4" in run.stdout
+
+
+def test_a_flat_multipart_of_twenty_thousand_parts_stays_whole(config_file):
+    parts = b"--b\nContent-Type: application/octet-stream\n\nx\n" * 20_000
+    message = (b"Content-Type: multipart/mixed; boundary=b\n\n" + parts
+               + b"--b\nContent-Type: text/plain\n\nlast\n--b--\n")
+    config = config_file('default_filter = ["gate_test_filters:Upcase"]\n')       # max_mime_parts: 10,000
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], message)
+    assert run.code == 0
+    assert run.stdout == message
+
+
+@root_only
+def test_a_tmp_dir_the_mail_user_cannot_write_is_a_tempfail(config_file, shared_dir):
+    spool = shared_dir / "spool"
+    spool.mkdir(mode=0o555)
+    spool.chmod(0o555)                        # root's, and not writable for nobody
+    config = config_file(f'mail_user = "nobody"\nmail_group = "nogroup"\ntmp_dir = "{spool}"\n'
+                         'default_filter = ["gate_test_filters:NeedsWorkdir"]\n')
+    config.chmod(0o644)
+    run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.0 needs-workdir: cannot create a work directory in "), run.stderr
+    assert "Permission denied" in run.first_line
+    assert run.stdout == b""
+    assert list(spool.iterdir()) == []
+
+
 def test_readable_by_walks_every_parent(tmp_path):
     import ispmailgate
 
