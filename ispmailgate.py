@@ -112,6 +112,11 @@ def deliver(
     if version:
         ctx.obj.streams.stdout.write(f"ispmailgate {__version__}\n".encode())
         return EX_OK
+    if facility is not None:
+        try:
+            facility = _facility(facility)
+        except ValueError as error:
+            raise tempfail("4.3.5", f"usage: -a/--facility: {error}") from None
     request = Request(recipients=list(recipients or ()), sender=sender, config=config,
                       mail_host=mail_host, to_stdout=to_stdout, debug=debug,
                       tmp_dir=tmp_dir, facility=facility, dry_run=dry_run)
@@ -287,10 +292,12 @@ def _one_of(*allowed: str):
     return convert
 
 
-def _facility(value: Any) -> str:
-    import syslog
+SYSLOG_FACILITIES = frozenset({"kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
+                               "uucp", "cron", "authpriv", "ftp", *(f"local{n}" for n in range(8))})
 
-    if not isinstance(value, str) or not hasattr(syslog, "LOG_" + value.upper()):
+
+def _facility(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in SYSLOG_FACILITIES:
         raise ValueError(f"not a syslog facility: {value!r} (mail, daemon, local0 ... local7)")
     return value.lower()
 
@@ -781,7 +788,8 @@ class ChainRunner:
         try:
             step.process(work, self.make_context(envelope, step))
         except Verdict as verdict:
-            self.log.info("%s: %s for %s: %s", step.title, verdict.outcome, ",".join(members), verdict)
+            # the summary line carries the verdict; this is the detail of -d
+            self.log.debug("%s: %s for %s: %s", step.title, verdict.outcome, ",".join(members), verdict)
             return self._record(step, started, Leaf(members, None, verdict, step.title))
         except ParseError as error:
             self.log.error("%s: cannot parse the message: %s", step.title, error)
@@ -963,9 +971,10 @@ class Gate:
         config = self._config()
         self.config = config
         configure_logging(self.request.facility or config.facility, self.request.debug,
-                          config.log_file, self.errors)
+                          config.log_file, self.errors, self.id)
         for warning in config.warnings:
             log.warning("%s", warning)
+        umask = os.umask(0o077)     # what the gate and its filters write is theirs alone
         try:
             drop_privileges(config)
             with time_limit(config.time_limit):
@@ -983,6 +992,7 @@ class Gate:
             return self._finish(EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
         finally:
             self._remove_workdir()
+            os.umask(umask)
 
     def _config(self) -> Config:
         path = find_config(self.request.config)
@@ -991,7 +1001,7 @@ class Gate:
         try:
             return load_config(path)
         except ConfigError as error:
-            configure_logging(self.request.facility or "mail", self.request.debug, "", self.errors)
+            configure_logging(self.request.facility or "mail", self.request.debug, "", self.errors, self.id)
             log.error("config error: %s", error)
             raise tempfail("4.3.5", f"config error: {error}") from None
 
@@ -1076,7 +1086,8 @@ class Gate:
 
     def _context(self, envelope: Envelope, step: Filter) -> Context:
         return Context(envelope, message_id=self.id, log=log.getChild(step.name),
-                       workdir=self.workdir, postmaster=self.config.postmaster, notices=self.notices)
+                       workdir=self.workdir, postmaster=self.config.postmaster, notices=self.notices,
+                       dry_run=self.request.dry_run)
 
     def workdir(self) -> Path:
         """This message's work directory under tmp_dir, created 0700 on first use."""
@@ -1156,7 +1167,7 @@ class Gate:
         sender = getattr(self, "sender", None)
         message = getattr(self, "message", None)
         message_id = one_line(message.header_value("Message-ID") or "-")[:200] if message else "-"
-        log.info("%s: msgid=%s from=<%s> size=%s %s %s ms=%.0f", self.id, message_id,
+        log.info("msgid=%s from=<%s> size=%s %s %s ms=%.0f", message_id,
                  sender if sender is not None else "?", getattr(self, "size", "?"),
                  "; ".join(self.summary) or "-", status, took)
 
@@ -1217,7 +1228,10 @@ class _Collector(logging.Handler):
         self.lines.append(one_line(record.getMessage()))
 
 
-def configure_logging(facility: str, debug: bool, log_file: str, errors: list[str]) -> None:
+def configure_logging(facility: str, debug: bool, log_file: str, errors: list[str],
+                      run_id: str = "") -> None:
+    """Syslog (and log_file); every line of one message starts with its run id."""
+    prefix = f"{run_id}: " if run_id else ""
     for handler in list(log.handlers):
         log.removeHandler(handler)
         if not isinstance(handler, _Collector):
@@ -1225,7 +1239,9 @@ def configure_logging(facility: str, debug: bool, log_file: str, errors: list[st
     log.setLevel(logging.DEBUG if debug else logging.INFO)
     log.propagate = False
     logging.raiseExceptions = False     # a failing handler never writes a traceback to stderr
-    log.addHandler(SyslogHandler(facility))
+    syslog_handler = SyslogHandler(facility)
+    syslog_handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    log.addHandler(syslog_handler)
     log.addHandler(_Collector(errors))
     if log_file:
         try:
@@ -1234,7 +1250,8 @@ def configure_logging(facility: str, debug: bool, log_file: str, errors: list[st
         except OSError as error:
             log.warning("cannot open log_file %s: %s", log_file, error)
         else:
-            handler.setFormatter(logging.Formatter("%(asctime)s ispmailgate[%(process)d]: %(message)s"))
+            handler.setFormatter(logging.Formatter("%(asctime)s ispmailgate[%(process)d]: " + prefix
+                                                   + "%(message)s"))
             log.addHandler(handler)
 
 

@@ -101,7 +101,7 @@ class Context:
 
     def __init__(self, envelope: Envelope, *, message_id: str, log: logging.Logger,
                  workdir: Callable[[], Path], postmaster: str, limits: Mapping[str, Any] | None = None,
-                 notices: list[Notice] | None = None) -> None:
+                 notices: list[Notice] | None = None, dry_run: bool = False) -> None:
         self.envelope = envelope
         self.message_id = message_id       # this run's id, as in the log
         self.log = log
@@ -109,6 +109,7 @@ class Context:
         self.postmaster = postmaster
         self.limits = dict(limits or {})
         self.notices = notices if notices is not None else []
+        self.dry_run = dry_run             # --dry-run: decide, but keep nothing (no quarantine copy)
 
     def workdir(self) -> Path:
         """This message's private work directory (0700), created on first use."""

@@ -94,14 +94,17 @@ class NeedsWorkdir(Filter):
     """Writes a file into the per-message work directory."""
 
     name = "needs-workdir"
-    record: str = option("", "file to write the work directory's path to")
+    record: str = option("", "file to write the work directory's path and modes to")
 
     def process(self, message, ctx) -> None:
+        import stat
+
         path = ctx.workdir()
         (path / "scratch").write_bytes(b"x")
         if self.record:
+            modes = (stat.S_IMODE(path.stat().st_mode), stat.S_IMODE((path / "scratch").stat().st_mode))
             with open(self.record, "w") as out:
-                out.write(str(path))
+                out.write(f"{path} {modes[0]:o} {modes[1]:o}")
 
 
 @dataclass(frozen=True)

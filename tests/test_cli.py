@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import CORPUS, run_gate, run_inline
+from conftest import CORPUS, HERE, run_gate, run_inline
 
 SIMPLE = (CORPUS / "simple.msg").read_bytes()
 MBOX = (CORPUS / "ak-0696.msg").read_bytes()      # starts with "From specht@kulturbox.de ..."
@@ -122,6 +122,33 @@ def test_an_unexpected_exception_is_a_tempfail_without_traceback(monkeypatch, co
     assert run.first_line.startswith("4.3.0 internal error: RuntimeError('boom')")
 
 
+def test_a_broken_installation_is_a_tempfail_not_a_bounce(tmp_path):
+    """A dependency that no longer imports: the console script still answers 75, one line."""
+    (tmp_path / "typer.py").write_text("raise ImportError('typer is broken here')\n")
+    run = run_gate(["-f", "a@b.example", "c@d.example"], SIMPLE,
+                   env={"PYTHONPATH": f"{tmp_path}:{HERE}"})
+    assert run.code == 75
+    assert run.stderr == "4.3.0 ispmailgate cannot start: ImportError('typer is broken here')\n"
+    assert run.stdout == b""
+
+
+@pytest.mark.parametrize("facility", ["kitchen", "err", ""])
+def test_an_unknown_syslog_facility_is_a_usage_error(facility):
+    run = run_inline(["-a", facility, "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.5 usage: -a/--facility: not a syslog facility")
+
+
+def test_the_facility_reaches_syslog(monkeypatch, config_file):
+    import syslog
+    opened = []
+    monkeypatch.setattr(syslog, "openlog", lambda *args: opened.append(args))
+    run = run_inline(["-c", str(config_file()), "-a", "LOCAL3", "--stdout", "-f", "a@b.example", "c@d.example"],
+                     SIMPLE)
+    assert run.code == 0, run.stderr
+    assert opened[-1] == ("ispmailgate", syslog.LOG_PID, syslog.LOG_LOCAL3)
+
+
 def test_oversize_message_tempfails_or_rejects_as_configured(config_file, smtp_sink):
     for action, code, status in (("tempfail", 75, "4.3.4"), ("reject", 69, "5.3.4")):
         config = config_file(f'mail_host = "{smtp_sink.address}"\nmax_message_size = "1K"\n'
@@ -159,8 +186,9 @@ def test_work_directory_is_private_and_removed(config_file, smtp_sink, tmp_path)
                          f'[[recipients]]\nfilters = ["w"]\n')
     run = run_inline(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 0, run.stderr
-    workdir = record.read_text()
+    workdir, mode, scratch_mode = record.read_text().split()
     assert workdir.startswith(str(tmp_path / "spool"))
+    assert (mode, scratch_mode) == ("700", "600")       # whatever the umask the MTA left
     assert not (tmp_path / "spool").joinpath(workdir).exists()
     assert list((tmp_path / "spool").iterdir()) == []
 

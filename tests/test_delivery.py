@@ -125,6 +125,14 @@ def test_one_recipient_refused_others_delivered_gets_our_own_bounce(config_file,
     assert b"Final-Recipient: rfc822; b@x" in bounce.content and b"Status: 5.1.1" in bounce.content
 
 
+def test_own_bounce_that_cannot_be_sent_defers_the_message(config_file, smtp_sink):
+    smtp_sink.handler.rcpt_replies["b@x.ispmailgate"] = "550 5.1.1 no such user"
+    smtp_sink.handler.rcpt_replies["s@x.example.ispmailgate"] = "451 4.3.0 try later"
+    run = run_gate(["-c", smtp_config(config_file, smtp_sink), "-f", "s@x.example", "a@x", "b@x"], SIMPLE)
+    assert run.code == 75, run.stderr        # b@x's refusal must reach the sender: the MTA's turn
+    assert [m.rcpt_tos for m in smtp_sink.messages] == [["a@x.ispmailgate"]]
+
+
 def test_bounce_of_a_bounce_goes_to_the_postmaster(config_file, smtp_sink):
     smtp_sink.handler.rcpt_replies["b@x"] = "550 5.1.1 no such user"
     config = smtp_config(config_file, smtp_sink, 'loop_suffix = ""\npostmaster = "pm@gw"\n')
