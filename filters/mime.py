@@ -218,7 +218,10 @@ class Part:
         value = self._mime().get_param(name, header=header)
         if value is None or value == "":
             return value
-        return collapse_rfc2231_value(value).strip()
+        try:
+            return collapse_rfc2231_value(value).strip()
+        except ValueError:      # an RFC 2231 charset no codec takes (a NUL in its name ...): UTF-8
+            return collapse_rfc2231_value(("utf-8", value[1], value[2])).strip()
 
     @property
     def charset(self) -> str | None:
@@ -591,12 +594,13 @@ def decode_words(value: str) -> str:
     """RFC 2047 encoded words decoded; garbage is left as it stands."""
     if "=?" not in value:
         return value
+    from email.errors import MessageError
     from email.header import decode_header, make_header
 
     try:
         return str(make_header(decode_header(value)))
-    except (ValueError, LookupError, UnicodeError, AssertionError):
-        return value
+    except (ValueError, LookupError, UnicodeError, AssertionError, MessageError):
+        return value    # MessageError: bad base64, a charset name that is not ASCII (the fuzzer's)
 
 
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Co", "Cn", "Zl", "Zp"})

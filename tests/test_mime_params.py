@@ -75,3 +75,19 @@ def test_set_text_survives_what_the_fuzzer_found():
     assert part.headers.raw("Content-Type").isascii()
     assert part.charset == "utf-8"
     assert part.decoded() == "S\ufffdBJECT: GREETINGS\n\nSALUTATIONS\n\n\n".encode()
+
+
+@pytest.mark.parametrize("charset", ["ISO-8859\0\0-1", "idna"])
+def test_an_rfc2231_charset_no_codec_takes_falls_back_to_utf8(charset):
+    """Found by the fuzzer: a NUL in an RFC 2231 charset made the packer fail."""
+    part = Part.from_bytes(b"Content-Type: application/octet-stream\nContent-Disposition: attachment;\n"
+                           b" filename*=" + charset.encode() + b"''caf%C3%A9%2Etxt\n\nx\n")
+    assert part.filename == "caf\u00e9.txt"
+
+
+@pytest.mark.parametrize("value", ["=?ko\xdfi8-r?B?89DJ08/=?=", "=?utf-8?b?A?="])
+def test_an_encoded_word_email_header_cannot_decode_is_left_as_it_stands(value):
+    """Found by the fuzzer: a charset name that is not ASCII, or bad base64 (CharsetError,
+    HeaderParseError from email.header), made the banner fail."""
+    part = Part.from_bytes(b"Content-Type: text/plain; name=\"" + value.encode("latin-1") + b"\"\n\nx\n")
+    assert part.filename == value.encode("latin-1").decode("utf-8", "replace")
