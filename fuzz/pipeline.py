@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Coverage-guided fuzzing of the whole pipeline (parse, route, every filter, serialise).
 
-    .venv/bin/python fuzz/pipeline.py -max_total_time=3600 fuzz/work   # the long run
-    .venv/bin/python fuzz/pipeline.py -runs=20000                       # what the tests run
+    .venv/bin/python fuzz/pipeline.py -max_total_time=3600 fuzz/work   # the long run (see README)
+    .venv/bin/python fuzz/pipeline.py -runs=15000                       # what the tests run
 
-Each input is one message through ``ispmailgate --stdout`` in this process.  A crash is:
+Each input is one message through ``ispmailgate --stdout`` in this process, three times:
+the dummy chain, two changing test filters, and the built-in filters that need no outside
+service (banner, packer both ways, pgp) routed by a rule to two recipients.  A crash is:
 an exit status other than 0, 69 or 75; a traceback on stderr; an internal error or a
 filter failure (both exit 75, so no mail is lost, but each is a bug); or, for the dummy
 chain, output that differs from the input.  Seeds: the shared corpus.
@@ -32,22 +34,26 @@ with atheris.instrument_imports():
     import ispmailgate_filters.mime  # noqa: F401
     import gate_test_filters  # noqa: F401
 
+from hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
+
 CHAINS = {
-    "dummy": '["dummy"]',
-    "changing": '["gate_test_filters:Upcase", "gate_test_filters:Stamp"]',
+    "dummy": ('default_filter = ["dummy"]\n', ["c@d.example"]),
+    "changing": ('default_filter = ["gate_test_filters:Upcase", "gate_test_filters:Stamp"]\n', ["c@d.example"]),
+    "built-in": (BUILT_IN_RULES, BUILT_IN_RECIPIENTS),
 }
 
 
-def load_configs() -> dict[str, ispmailgate.Config]:
+def load_configs() -> dict[str, tuple[ispmailgate.Config, list[str]]]:
     """Rule files read once, as ``serve`` does: each input costs only its own work."""
     directory = Path(tempfile.mkdtemp(prefix="igfuzz"))
     atexit.register(shutil.rmtree, directory, True)
+    (directory / "gnupg").mkdir(mode=0o700)     # an empty key ring: nothing can be decrypted
     configs = {}
-    for name, chain in CHAINS.items():
+    for name, (rules, recipients) in CHAINS.items():
         path = directory / f"{name}.toml"
         user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
-        path.write_text(f'{user}tmp_dir = "{directory}"\ndefault_filter = {chain}\n')
-        configs[name] = ispmailgate.load_config(path)
+        path.write_text(f'{user}tmp_dir = "{directory}"\n' + rules.replace("{directory}", str(directory)))
+        configs[name] = ispmailgate.load_config(path), recipients
     return configs
 
 
@@ -63,9 +69,9 @@ logging.Handler.handleError = _failing_handler
 
 
 def one_input(data: bytes) -> None:
-    for name, config in CONFIGS.items():
+    for name, (config, recipients) in CONFIGS.items():
         stdout, stderr = io.BytesIO(), io.StringIO()
-        request = ispmailgate.Request(["c@d.example"], "a@b.example", Path(config.path), to_stdout=True)
+        request = ispmailgate.Request(recipients, "a@b.example", Path(config.path), to_stdout=True)
         code = ispmailgate.Gate(request, ispmailgate.Streams(io.BytesIO(data), stdout, stderr), config).run()
         complaint = stderr.getvalue()
         if code not in (0, 69, 75) or "Traceback" in complaint or "internal error" in complaint \
@@ -85,6 +91,8 @@ def main() -> None:
         directories.append(str(seeds))
     if not any(flag.startswith("-timeout=") for flag in flags):
         flags.append("-timeout=20")       # one input may take 20 s at most: a hang is a crash
+    if not any(flag.startswith("-artifact_prefix=") for flag in flags):
+        flags.append(f"-artifact_prefix={directories[0]}/")     # crashing inputs beside the corpus
     atheris.Setup([sys.argv[0], *flags, *directories], one_input)
     atheris.Fuzz()
 

@@ -5,6 +5,36 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+# The built-in filters that need no outside service, routed by rules: c@d.example gets the
+# default chain, e@f.example (from a@b.example) the first rule's, so every input is also
+# routed, split into two groups and written out as an mbox of two results.
+BUILT_IN_RULES = """
+default_filter = ["decrypt", "disclaimer"]
+[[recipients]]
+recipient = '^e@f\\.example$'
+sender = '^a@b\\.example$'
+filters = ["disclaimer", "zip", "unzip"]
+[filter.disclaimer]
+type = "banner"
+text = "-- \\nÄußerst vertraulich"
+html = "<p>Äußerst <b>vertraulich</b></p>"
+subject_prefix = "[EXTERN] "
+position = "top"
+[filter.zip]
+type = "packer"
+direction = "pos"
+codec = "gzip"
+[filter.unzip]
+type = "packer"
+direction = "neg"
+[filter.decrypt]
+type = "pgp"
+direction = "neg"
+gnupghome = "{directory}/gnupg"
+"""
+BUILT_IN_RECIPIENTS = ["c@d.example", "e@f.example"]
+
+
 NASTY_BYTES = [b"\0", b"\r", b"\r\n", b"\n", b"\xff", b"\x1b", b"=", b"--", b"\t", b" "]
 
 header_name = st.sampled_from([b"Subject", b"From", b"To", b"Content-Type", b"Content-Transfer-Encoding",

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from conftest import run_gate, run_inline
-from hostile import message
+from hostile import BUILT_IN_RECIPIENTS, BUILT_IN_RULES, message
 
 DEFINED = {0, 69, 75}
 PROPERTY = settings(max_examples=150, deadline=5000, derandomize=True,
@@ -66,6 +66,27 @@ def test_changing_filters_end_in_a_defined_state(changing_config, data):
     assert run.code in DEFINED, run.stderr
     if run.code == 0:
         assert run.stdout.startswith(b"X-Stamp: yes")
+
+
+@pytest.fixture(scope="module")
+def built_in_config(tmp_path_factory):
+    """banner, packer both ways and pgp (an empty key ring), routed by a rule: two groups."""
+    directory = tmp_path_factory.mktemp("hostile")
+    (directory / "gnupg").mkdir(mode=0o700)
+    path = directory / "rules.toml"
+    path.write_text(f'mail_user = "root"\ntmp_dir = "{directory}"\n'
+                    + BUILT_IN_RULES.replace("{directory}", str(directory)))
+    return path
+
+
+@PROPERTY
+@given(data=message())
+def test_the_built_in_filters_end_in_a_defined_state(built_in_config, data):
+    run = run_inline(["-c", str(built_in_config), "--stdout", "-f", "a@b.example", *BUILT_IN_RECIPIENTS], data)
+    assert run.code in DEFINED, run.stderr
+    assert "failed" not in run.stderr and "internal error" not in run.stderr, run.stderr
+    if run.code == 0:
+        assert run.stdout                               # one result, or an mbox of two
 
 
 def nested(depth: int) -> bytes:
