@@ -108,6 +108,28 @@ def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file
     assert re.search(rb"ARC-Authentication-Results: i=2; mx.example.net;\s+arc=pass", wire)
 
 
+def aar_of(wire: bytes) -> bytes:
+    """The unfolded value of the newest ARC-Authentication-Results, without its ``i=N; ``."""
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    value = re.search(rb"ARC-Authentication-Results: i=\d+; (.*?)\r\n(?![ \t])", head, re.S).group(1)
+    return re.sub(rb"\r\n[ \t]+", b" ", value)
+
+
+def test_without_any_results_the_aar_still_says_arc_none(config_file, smtp_sink, mailauth):
+    """dkimpy drops a bare ``none``: the gateway's ``arc=none`` keeps the AAR valid RFC 8601."""
+    import authres
+
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
+    wire = deliver(config, SIMPLE, smtp_sink)
+    aar = aar_of(wire).decode()
+    header = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + aar)
+    assert header.authserv_id == AUTHSERV
+    assert [(r.method, r.result) for r in header.results] == [("arc", "none")]
+    assert re.search(rb"ARC-Seal: i=1; cv=none;", wire)
+    verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+
+
 def test_sealing_for_the_sendmail_hop_matches_the_wire(config_file, mailauth, recorder):
     """The sendmail hop gets LF line ends; on the wire (CRLF) the seal must still verify."""
     script, calls = recorder(0)
