@@ -81,8 +81,10 @@ class Pgp(Filter):
                                  convert=choice("clear", "reject", "tempfail"))
     on_undecryptable: str = option("deliver", "encrypted mail the gateway cannot decrypt (no secret key, "
                                    "corrupt, too large): deliver (as it came, with a result header, the "
-                                   "postmaster told), report (the postmaster gets it instead), reject, "
-                                   "tempfail", convert=choice("deliver", "report", "reject", "tempfail"))
+                                   "postmaster told), report (the postmaster gets it instead, as for a "
+                                   "filter error), reject (5.7.5, the postmaster told), tempfail (4.7.5; "
+                                   "only the log records it, as a report would repeat on every retry)",
+                                   convert=choice("deliver", "report", "reject", "tempfail"))
     gnupghome: str = option("/var/lib/ispmailgate/gnupg", "the gateway's GnuPG home (never ~/.gnupg)",
                             convert=_absolute)
     passphrases: tuple = option((), "passphrases of secret keys: a table of key id, fingerprint, user id "
