@@ -89,8 +89,8 @@ class Pgp(Filter):
                             convert=_absolute)
     passphrases: tuple = option((), "passphrases of secret keys: a table of key id, fingerprint, user id "
                                 "or address = passphrase", convert=_passphrase_table, secret=True)
-    passphrase_file: str = option("", "a TOML file with the same table, readable by the gateway alone "
-                                  "(0600); entries in passphrases win")
+    passphrase_file: str = option("", "a TOML file with the same table; refused if others can read it "
+                                  "(0600, or 0640 for a group such as root:mail); entries in passphrases win")
     always_trust: bool = option(True, "every key in the gateway's key ring is trusted (false: gpg's web "
                                 "of trust decides)")
     max_size: int = option(50 * 1024 * 1024, "largest decrypted data accepted (bytes, or 10M)",
@@ -224,7 +224,7 @@ def read_passphrase_file(path: str) -> dict[str, str]:
     try:
         with open(path, "rb") as stream:
             if os.fstat(stream.fileno()).st_mode & 0o004:
-                raise GpgTrouble(f"passphrase_file {path} is readable by others: chmod 600 it")
+                raise GpgTrouble(f"passphrase_file {path} is readable by others: chmod o-r it")
             table = tomllib.load(stream)
     except OSError as error:
         raise GpgTrouble(f"cannot read passphrase_file {path}: {error.strerror or error}") from None

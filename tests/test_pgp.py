@@ -358,9 +358,11 @@ def test_passphrases_by_key_id_fingerprint_or_file(world, run, tmp_path):
         assert field(decrypted, "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"], selector
     secrets = tmp_path / "pgp-pass"
     secrets.write_text('"gw@b.example" = %s\n' % json.dumps(World.B_PASSPHRASE, ensure_ascii=False))
-    secrets.chmod(0o600)
     from_file = decrypter(world, passphrases={}, passphrase_file=str(secrets))
-    assert field(run(from_file, encrypted)[0], "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"]
+    for mode in (0o600, 0o640):                 # a group may read it (root:mail), others never
+        secrets.chmod(mode)
+        assert field(run(from_file, encrypted)[0], "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"]
+        assert from_file.problems() == []
     secrets.chmod(0o644)
     with pytest.raises(TempFail, match="readable by others"):
         run(from_file, encrypted)
