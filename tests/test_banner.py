@@ -56,6 +56,7 @@ def alternative(plain: bytes, html: bytes, *, charset: str = "utf-8", encoding: 
     ('html = "x"\nhtml_file = "/etc/hostname"', "filter.b.html_file", "not both"),
     ("", "filter.b.text", "nothing to add"),
     ('text = "x"\nposition = "middle"', "filter.b.position", "bottom, top"),
+    ('text = "x"\nhtml_position = "middle"', "filter.b.html_position", "same, top, bottom"),
     ('text = "x"\non_dkim_signed = "strip"', "filter.b.on_dkim_signed", "modify, skip"),
     ('text = "x"\non_protected = "open"', "filter.b.on_protected", "skip, wrap"),
     ('subject_prefix = "[X]\\r\\nBcc: victim@example.net"', "filter.b.subject_prefix", "control characters"),
@@ -137,6 +138,21 @@ def test_every_alternative_gets_it_and_html_after_body_or_before_its_end(config_
         assert b"CAUTION" in plain.decoded()
         assert expected in markup.decoded()
         assert markup.decoded().count(b"CAUTION") == 1
+
+
+@pytest.mark.parametrize("position, html_position", [("bottom", "top"), ("top", "bottom")])
+def test_html_position_places_the_html_apart_from_the_text(config_file, position, html_position):
+    """bottom + top is the original's banner: text appended, HTML right after <body>."""
+    data = alternative(b"Hallo", b"<html><head></head><body class=x><p>Hallo</p></body></html>")
+    options = f'text = "CAUTION"\nposition = "{position}"\nhtml_position = "{html_position}"'
+    run = gate(config_file, options, data)
+    plain, markup = parsed(run.stdout).leaves()
+    expected_plain = "Hallo\n\nCAUTION" if position == "bottom" else "CAUTION\n\nHallo"
+    assert text_of(plain) == expected_plain
+    expected_html = b"<body class=x><div>CAUTION</div><p>Hallo</p>" if html_position == "top" else \
+        b"<p>Hallo</p><div>CAUTION</div></body>"
+    assert expected_html in markup.decoded()
+    assert gate(config_file, options, run.stdout).stdout == run.stdout       # once only
 
 
 def test_html_falls_back_to_head_then_html_and_leaves_fragments_alone(config_file, tmp_path):
