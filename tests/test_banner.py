@@ -482,6 +482,7 @@ def gpg():
     try:
         handle = gnupg.GPG(gnupghome=home, options=["--pinentry-mode", "loopback"])
         key = handle.gen_key(handle.gen_key_input(key_type="EDDSA", key_curve="ed25519", no_protection=True,
+                                                  subkey_type="ECDH", subkey_curve="cv25519",
                                                   name_email="sender@example.org", expire_date=0))
         assert key.fingerprint, key.stderr
         yield handle, key.fingerprint
@@ -509,12 +510,27 @@ def gpg_verifies(gpg, entity: bytes, signature: bytes, tmp_path) -> bool:
     return bool(gpg[0].verify_data(str(path), entity).valid)
 
 
-def test_signed_mail_is_skipped_by_default_subject_tag_aside(config_file, gpg, tmp_path):
-    data, _ = pgp_signed(gpg)
-    run = gate(config_file, 'text = "CAUTION"', data)
-    assert run.stdout == data
-    assert "multipart/signed message: body left untouched (on_protected = skip)" in \
-        (tmp_path / "gate.log").read_text()
+def pgp_encrypted(gpg) -> bytes:
+    """PGP/MIME (RFC 3156) encrypted by a real gpg."""
+    handle, fingerprint = gpg
+    entity = f"Content-Type: text/plain; charset=utf-8\r\n\r\n{GERMAN}\r\n".encode()
+    armor = handle.encrypt(entity, fingerprint, always_trust=True)
+    assert armor.ok, armor.stderr
+    return (b"From: sender@example.org\nTo: b@example.com\nSubject: encrypted\nMIME-Version: 1.0\n"
+            b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="enc"\n\n'
+            b"--enc\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n\n"
+            b"--enc\nContent-Type: application/octet-stream\n\n" + armor.data + b"\n--enc--\n")
+
+
+PROTECTED = {"multipart/signed": lambda gpg: pgp_signed(gpg)[0], "multipart/encrypted": pgp_encrypted}
+
+
+@pytest.mark.parametrize("kind", PROTECTED)
+def test_signed_or_encrypted_mail_is_skipped_by_default_subject_tag_aside(config_file, gpg, tmp_path, kind):
+    data = PROTECTED[kind](gpg)
+    run = gate(config_file, 'text = "CAUTION"\nhtml = "<p>CAUTION</p>"', data)
+    assert run.code == 0 and run.stdout == data
+    assert f"{kind} message: body left untouched (on_protected = skip)" in (tmp_path / "gate.log").read_text()
     run = gate(config_file, 'text = "CAUTION"\nsubject_prefix = "[EXT] "', data)
     assert parsed(run.stdout).root.body_bytes() == parsed(data).root.body_bytes()
 
@@ -540,17 +556,26 @@ def test_wrap_attaches_the_signed_message_whole_under_the_banner(config_file, gp
     assert second.stdout == run.stdout
 
 
-def test_signed_part_inside_a_mixed_message_is_never_touched(config_file, gpg):
-    data, _ = pgp_signed(gpg)
-    head, body = data.split(b"\r\n\r\n", 1)
-    inner = head.split(b"MIME-Version: 1.0\r\n")[1] + b"\r\n\r\n" + body
-    outer = (b"From: a@example.org\r\nSubject: list\r\nMIME-Version: 1.0\r\n"
-             b'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n--outer\r\n' + inner
-             + b"\r\n--outer\r\nContent-Type: text/plain\r\n\r\nlist footer\r\n--outer--\r\n")
+def in_a_list(data: bytes) -> bytes:
+    """``data``'s MIME entity as the first part of a multipart/mixed, a list footer after it."""
+    eol = b"\r\n" if b"\r\n" in data else b"\n"
+    head, body = data.split(eol + eol, 1)
+    inner = head.split(b"MIME-Version: 1.0" + eol)[1] + eol + eol + body
+    lines = [b"From: a@example.org", b"Subject: list", b"MIME-Version: 1.0",
+             b'Content-Type: multipart/mixed; boundary="outer"', b"", b"--outer", inner,
+             b"--outer", b"Content-Type: text/plain", b"", b"list footer", b"--outer--", b""]
+    return eol.join(lines)
+
+
+@pytest.mark.parametrize("kind", PROTECTED)
+def test_signed_or_encrypted_part_inside_a_mixed_message_is_never_touched(config_file, gpg, kind):
+    data = PROTECTED[kind](gpg)
+    eol = b"\r\n" if b"\r\n" in data else b"\n"
+    outer = in_a_list(data)
     run = gate(config_file, 'text = "CAUTION"', outer)
     before, after = parsed(outer).root.children, parsed(run.stdout).root.children
     assert after[0].to_bytes() == before[0].to_bytes()
-    assert after[1].decoded() == b"list footer\r\n\r\nCAUTION"
+    assert after[1].decoded() == b"list footer" + eol + eol + b"CAUTION"
 
 
 def test_banner_files_with_cr_or_control_characters_put_no_bare_cr_on_the_wire(config_file, tmp_path):
