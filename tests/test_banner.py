@@ -204,6 +204,15 @@ def test_only_html_configured_gives_text_parts_its_words(config_file):
     assert markup.decoded() == b"<html><body>Hallo<p><b>Vertraulich</b> &amp; geheim</p><p>Zweite Zeile</p></body></html>"
 
 
+def test_html_file_goes_into_html_parts_and_its_words_into_text_parts(config_file, tmp_path):
+    (tmp_path / "banner.html").write_text("<p><b>Vertraulich</b> &amp; geheim</p>\n", "utf-8")
+    run = gate(config_file, f'html_file = "{tmp_path / "banner.html"}"',
+               alternative(b"Hallo", b"<html><body>Hallo</body></html>"))
+    plain, markup = parsed(run.stdout).leaves()
+    assert markup.decoded() == b"<html><body>Hallo<p><b>Vertraulich</b> &amp; geheim</p></body></html>"
+    assert text_of(plain) == "Hallo\n\nVertraulich & geheim"
+
+
 def test_only_text_configured_goes_into_html_escaped(config_file):
     run = gate(config_file, "text = '''Vertraulich <intern>\nZweite & letzte Zeile'''",
                alternative(b"Hallo", b"<html><body>Hallo</body></html>"))
@@ -236,6 +245,16 @@ def test_koi8r_part_is_reencoded_as_utf8_when_the_banner_does_not_fit(config_fil
     out = parsed(run.stdout).root
     assert out.charset == "koi8-r" and out.transfer_encoding == "8bit"
     assert text_of(out) == russian + "\nКонфиденциально\n"
+
+
+def test_html_in_a_charset_that_lacks_the_banners_letters_gets_character_references(config_file):
+    russian = "<html><body><p>Привет</p></body></html>"
+    data = alternative("Привет".encode("koi8-r"), russian.encode("koi8-r"), charset="koi8-r")
+    run = gate(config_file, 'html = "<p>Grüße aus der Straße</p>"', data)
+    markup = parsed(run.stdout).root.children[1]
+    assert markup.charset == "koi8-r" and markup.transfer_encoding == "8bit"     # not re-encoded
+    assert markup.decoded().decode("koi8-r") == \
+        "<html><body><p>Привет</p><p>Gr&#252;&#223;e aus der Stra&#223;e</p></body></html>"
 
 
 def test_undeclared_8bit_body_is_left_alone_rather_than_guessed(config_file, tmp_path):
