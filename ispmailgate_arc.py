@@ -116,12 +116,18 @@ class Sealer:
         return (head if eol == b"\r\n" else head.replace(b"\r\n", eol)) + bytes(changed)
 
     def _results(self, original: bytes) -> list[str]:
-        """What the gateway adds to the trusted results: its own DKIM and ARC findings."""
+        """What the gateway adds to the trusted results: its own DKIM and ARC findings.
+
+        The ARC finding is always there unless the trusted verifier gave one: dkimpy drops
+        a bare ``none`` when it merges results, and an AAR with no result at all is not
+        valid RFC 8601 (nor what RFC 8617 asks for, which is the ``arc`` result).
+        """
         if self._gateway_results is None:
             trusted = _trusted_methods(original, self.settings.authserv_id)
             results = self._dkim_results(original) if self.settings.verify_dkim else []
-            if "arc" not in trusted and _headers(original).get("ARC-Seal") is not None:
-                results.append(f"arc={self._chain(original)}")
+            if "arc" not in trusted:
+                arrived_sealed = _headers(original).get("ARC-Seal") is not None
+                results.append(f"arc={self._chain(original) if arrived_sealed else 'none'}")
             self._gateway_results = results
         return self._gateway_results
 

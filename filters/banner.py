@@ -51,8 +51,13 @@ class Banner(Filter):
     html: str = option("", "HTML snippet inserted into text/html parts (its text, tags removed, "
                            "goes into text/plain parts when no text is set)")
     html_file: str = option("", "file holding the HTML snippet (UTF-8), read at each run; instead of html")
-    position: str = option("bottom", "bottom: after a part's last line (HTML: before </body>); top: before "
-                                     "its first line (HTML: right after <body>)", convert=choice("bottom", "top"))
+    position: str = option("bottom", "bottom: after a text part's last line; top: before its first line "
+                                     "(for text/html parts see html_position)", convert=choice("bottom", "top"))
+    html_position: str = option("same", "where the snippet goes in text/html parts: same (as position), "
+                                        "top (right after <body>, else after </head>, else after <html>) or "
+                                        "bottom (before </body>, else before </html>); position = \"bottom\" "
+                                        "with html_position = \"top\" is the original's banner",
+                                convert=choice("same", "top", "bottom"))
     subject_prefix: str = option("", "added to the start of the Subject unless it already starts "
                                      "with it, e.g. \"[EXTERNAL] \"")
     on_dkim_signed: str = option("modify", "modify: change DKIM-signed mail too (its signature breaks: "
@@ -196,7 +201,7 @@ class Banner(Filter):
         snippet = eol.join(html.split("\n")).encode(codec, "xmlcharrefreplace")
         if marked and snippet in data:
             return False
-        at = insertion_point(data, self.position)
+        at = insertion_point(data, self.position if self.html_position == "same" else self.html_position)
         if at is None:
             ctx.log.info("%s: no <body>, </head> or <html> tag: left alone", where)
             return False

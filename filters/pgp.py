@@ -81,14 +81,16 @@ class Pgp(Filter):
                                  convert=choice("clear", "reject", "tempfail"))
     on_undecryptable: str = option("deliver", "encrypted mail the gateway cannot decrypt (no secret key, "
                                    "corrupt, too large): deliver (as it came, with a result header, the "
-                                   "postmaster told), report (the postmaster gets it instead), reject, "
-                                   "tempfail", convert=choice("deliver", "report", "reject", "tempfail"))
+                                   "postmaster told), report (the postmaster gets it instead, as for a "
+                                   "filter error), reject (5.7.5, the postmaster told), tempfail (4.7.5; "
+                                   "only the log records it, as a report would repeat on every retry)",
+                                   convert=choice("deliver", "report", "reject", "tempfail"))
     gnupghome: str = option("/var/lib/ispmailgate/gnupg", "the gateway's GnuPG home (never ~/.gnupg)",
                             convert=_absolute)
     passphrases: tuple = option((), "passphrases of secret keys: a table of key id, fingerprint, user id "
                                 "or address = passphrase", convert=_passphrase_table, secret=True)
-    passphrase_file: str = option("", "a TOML file with the same table, readable by the gateway alone "
-                                  "(0600); entries in passphrases win")
+    passphrase_file: str = option("", "a TOML file with the same table; refused if others can read it "
+                                  "(0600, or 0640 for a group such as root:mail); entries in passphrases win")
     always_trust: bool = option(True, "every key in the gateway's key ring is trusted (false: gpg's web "
                                 "of trust decides)")
     max_size: int = option(50 * 1024 * 1024, "largest decrypted data accepted (bytes, or 10M)",
@@ -222,7 +224,7 @@ def read_passphrase_file(path: str) -> dict[str, str]:
     try:
         with open(path, "rb") as stream:
             if os.fstat(stream.fileno()).st_mode & 0o004:
-                raise GpgTrouble(f"passphrase_file {path} is readable by others: chmod 600 it")
+                raise GpgTrouble(f"passphrase_file {path} is readable by others: chmod o-r it")
             table = tomllib.load(stream)
     except OSError as error:
         raise GpgTrouble(f"cannot read passphrase_file {path}: {error.strerror or error}") from None

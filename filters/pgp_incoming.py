@@ -200,20 +200,24 @@ class Incoming:
     def _undecryptable(self, message: Message) -> None:
         reasons = "; ".join(dict.fromkeys(self.failures))
         policy = self.pgp.on_undecryptable
-        if policy == "reject":
-            raise Reject(f"cannot decrypt: {reasons}", "5.7.5")
-        if policy == "tempfail":
+        if policy == "tempfail":        # no report: it would go out again on every retry
             raise TempFail(f"cannot decrypt: {reasons}", "4.7.5")
-        if policy == "report":
+        if policy == "report":          # the core sends the original to the postmaster
             raise FilterError(f"cannot decrypt: {reasons}")
+        if policy == "reject":
+            self._tell_postmaster(reasons, "It was rejected (on_undecryptable = \"reject\"), "
+                                           "so the sender gets a bounce")
+            raise Reject(f"cannot decrypt: {reasons}", "5.7.5")
         self.ctx.log.warning("not decrypted, delivered as it came: %s", reasons)
         message.headers.add(RESULT, 'undecryptable; reason="%s"' % reasons.replace('"', "'"))
+        self._tell_postmaster(reasons, "It was delivered as it came (on_undecryptable = \"deliver\")")
+
+    def _tell_postmaster(self, reasons: str, outcome: str) -> None:
         envelope = self.ctx.envelope
         self.ctx.notify([self.ctx.postmaster], "ispmailgate: encrypted message not decrypted",
                         f"ispmailgate could not decrypt message {self.ctx.message_id}\n"
                         f"from <{envelope.sender}> to {', '.join(envelope.recipients)}:\n\n  {reasons}\n\n"
-                        "It was delivered as it came (on_undecryptable = \"deliver\"); "
-                        "the original is attached.\n", attach_original=True)
+                        f"{outcome}; the original is attached.\n", attach_original=True)
 
 
 def _scope(parent: Part | None) -> str:

@@ -92,13 +92,18 @@ def test_verify_dkim_reports_a_bad_signature_as_fail(config_file, smtp_sink, mai
     assert re.search(rb"ARC-Authentication-Results: i=1; mx.example.net;\s+dkim=fail", wire)
 
 
-def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file, smtp_sink, mailauth):
+def relay_sealed(mailauth, tamper=lambda message: message) -> bytes:
+    """Signed mail as an earlier hop (relay.example) sealed it; ``tamper`` changes it afterwards."""
     original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n"
     original += signed(mailauth, SIMPLE)
     relay = mailauth.relay_key
     first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
                           relay.private_pem, b"relay.example")
-    data = b"".join(first).replace(b"\r\n", b"\n") + original
+    return b"".join(first).replace(b"\r\n", b"\n") + tamper(original)
+
+
+def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file, smtp_sink, mailauth):
+    data = relay_sealed(mailauth)
     config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
     wire = deliver(config, data, smtp_sink)
     verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
@@ -106,6 +111,52 @@ def test_an_existing_arc_chain_gets_instance_2_with_its_validated_cv(config_file
     assert sorted(s["instance"] for s in sets) == [1, 2]
     assert re.search(rb"ARC-Seal: i=2; cv=pass; a=rsa-sha256; d=gw.example.net", wire)
     assert re.search(rb"ARC-Authentication-Results: i=2; mx.example.net;\s+arc=pass", wire)
+
+
+def aar_of(wire: bytes) -> bytes:
+    """The unfolded value of the newest ARC-Authentication-Results, without its ``i=N; ``."""
+    head = wire.split(b"\r\n\r\n", 1)[0]
+    value = re.search(rb"ARC-Authentication-Results: i=\d+; (.*?)\r\n(?![ \t])", head, re.S).group(1)
+    return re.sub(rb"\r\n[ \t]+", b" ", value)
+
+
+def test_without_any_results_the_aar_still_says_arc_none(config_file, smtp_sink, mailauth):
+    """dkimpy drops a bare ``none``: the gateway's ``arc=none`` keeps the AAR valid RFC 8601."""
+    import authres
+
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
+    wire = deliver(config, SIMPLE, smtp_sink)
+    aar = aar_of(wire).decode()
+    header = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + aar)
+    assert header.authserv_id == AUTHSERV
+    assert [(r.method, r.result) for r in header.results] == [("arc", "none")]
+    assert re.search(rb"ARC-Seal: i=1; cv=none;", wire)
+    verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict == dkim.CV_Pass, reason
+
+
+def test_a_tampered_earlier_arc_set_is_sealed_as_cv_fail(config_file, smtp_sink, mailauth):
+    data = relay_sealed(mailauth, lambda m: m.replace(b"Subject: ", b"Subject: tampered ", 1))
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]')
+    wire = deliver(config, data, smtp_sink)
+    assert re.search(rb"ARC-Seal: i=2; cv=fail; a=rsa-sha256; d=gw.example.net", wire)
+    assert b"arc=fail" in aar_of(wire)
+    # dkimpy answers None ("chain is terminated"), not CV_Fail, for a chain a seal declared failed
+    verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
+    assert verdict is None and "ARC-Seal[2] reported failure" in reason
+    # a cv=fail seal covers its own set only (dkimpy signs it so, its verifier hashes all sets):
+    # without the broken set 1, the gateway's seal and message signature verify
+    alone = without_arc_instance(wire, 1)
+    _, sets, _ = dkim.arc_verify(alone, dnsfunc=mailauth.dns.txt)
+    assert sets[0]["instance"] == 2 and sets[0]["as-valid"] and sets[0]["ams-valid"]
+
+
+def without_arc_instance(wire: bytes, instance: int) -> bytes:
+    head, body = wire.split(b"\r\n\r\n", 1)
+    fields = re.findall(rb"[^\r\n]+\r\n(?:[ \t][^\r\n]*\r\n)*", head + b"\r\n")
+    mark = f"i={instance};".encode()
+    kept = [f for f in fields if not (f.lower().startswith(b"arc-") and mark in f)]
+    return b"".join(kept) + b"\r\n" + body
 
 
 def test_sealing_for_the_sendmail_hop_matches_the_wire(config_file, mailauth, recorder):
@@ -178,18 +229,14 @@ def test_top_banner_and_subject_tag_on_signed_mail_is_sealed_and_verifies(config
     verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
     assert verdict == dkim.CV_Pass, reason
     aar = re.search(rb"ARC-Authentication-Results: (.*?)\r\n(?![ \t])", head, re.S).group(1)
-    assert b"dkim=pass header.d=sender.example" in aar and b"other.example" not in aar
+    assert b"dkim=pass header.d=sender.example" in aar and b"dkim=fail" not in aar
     # a second pass through the gateway adds nothing and sends the bytes as they came
     again = deliver(config, wire.replace(b"\r\n", b"\n"), smtp_sink)
     assert again == wire
 
 
 def test_a_banner_on_mail_with_an_arc_set_gets_instance_2(config_file, smtp_sink, mailauth):
-    original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n" + signed(mailauth, SIMPLE)
-    relay = mailauth.relay_key
-    first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
-                          relay.private_pem, b"relay.example")
-    data = b"".join(first).replace(b"\r\n", b"\n") + original
+    data = relay_sealed(mailauth)
     config = arc_config(config_file, smtp_sink, mailauth,
                         'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\n' + WARNING)
     wire = deliver(config, data, smtp_sink)

@@ -56,6 +56,7 @@ def alternative(plain: bytes, html: bytes, *, charset: str = "utf-8", encoding: 
     ('html = "x"\nhtml_file = "/etc/hostname"', "filter.b.html_file", "not both"),
     ("", "filter.b.text", "nothing to add"),
     ('text = "x"\nposition = "middle"', "filter.b.position", "bottom, top"),
+    ('text = "x"\nhtml_position = "middle"', "filter.b.html_position", "same, top, bottom"),
     ('text = "x"\non_dkim_signed = "strip"', "filter.b.on_dkim_signed", "modify, skip"),
     ('text = "x"\non_protected = "open"', "filter.b.on_protected", "skip, wrap"),
     ('subject_prefix = "[X]\\r\\nBcc: victim@example.net"', "filter.b.subject_prefix", "control characters"),
@@ -139,6 +140,21 @@ def test_every_alternative_gets_it_and_html_after_body_or_before_its_end(config_
         assert markup.decoded().count(b"CAUTION") == 1
 
 
+@pytest.mark.parametrize("position, html_position", [("bottom", "top"), ("top", "bottom")])
+def test_html_position_places_the_html_apart_from_the_text(config_file, position, html_position):
+    """bottom + top is the original's banner: text appended, HTML right after <body>."""
+    data = alternative(b"Hallo", b"<html><head></head><body class=x><p>Hallo</p></body></html>")
+    options = f'text = "CAUTION"\nposition = "{position}"\nhtml_position = "{html_position}"'
+    run = gate(config_file, options, data)
+    plain, markup = parsed(run.stdout).leaves()
+    expected_plain = "Hallo\n\nCAUTION" if position == "bottom" else "CAUTION\n\nHallo"
+    assert text_of(plain) == expected_plain
+    expected_html = b"<body class=x><div>CAUTION</div><p>Hallo</p>" if html_position == "top" else \
+        b"<p>Hallo</p><div>CAUTION</div></body>"
+    assert expected_html in markup.decoded()
+    assert gate(config_file, options, run.stdout).stdout == run.stdout       # once only
+
+
 def test_html_falls_back_to_head_then_html_and_leaves_fragments_alone(config_file, tmp_path):
     cases = [(b"<html><head></head><p>x</p>", b"<html><head></head><b>!</b><p>x</p>"),
              (b"<HTML lang=de><p>x</p>", b"<HTML lang=de><b>!</b><p>x</p>"),
@@ -188,6 +204,15 @@ def test_only_html_configured_gives_text_parts_its_words(config_file):
     assert markup.decoded() == b"<html><body>Hallo<p><b>Vertraulich</b> &amp; geheim</p><p>Zweite Zeile</p></body></html>"
 
 
+def test_html_file_goes_into_html_parts_and_its_words_into_text_parts(config_file, tmp_path):
+    (tmp_path / "banner.html").write_text("<p><b>Vertraulich</b> &amp; geheim</p>\n", "utf-8")
+    run = gate(config_file, f'html_file = "{tmp_path / "banner.html"}"',
+               alternative(b"Hallo", b"<html><body>Hallo</body></html>"))
+    plain, markup = parsed(run.stdout).leaves()
+    assert markup.decoded() == b"<html><body>Hallo<p><b>Vertraulich</b> &amp; geheim</p></body></html>"
+    assert text_of(plain) == "Hallo\n\nVertraulich & geheim"
+
+
 def test_only_text_configured_goes_into_html_escaped(config_file):
     run = gate(config_file, "text = '''Vertraulich <intern>\nZweite & letzte Zeile'''",
                alternative(b"Hallo", b"<html><body>Hallo</body></html>"))
@@ -220,6 +245,16 @@ def test_koi8r_part_is_reencoded_as_utf8_when_the_banner_does_not_fit(config_fil
     out = parsed(run.stdout).root
     assert out.charset == "koi8-r" and out.transfer_encoding == "8bit"
     assert text_of(out) == russian + "\nКонфиденциально\n"
+
+
+def test_html_in_a_charset_that_lacks_the_banners_letters_gets_character_references(config_file):
+    russian = "<html><body><p>Привет</p></body></html>"
+    data = alternative("Привет".encode("koi8-r"), russian.encode("koi8-r"), charset="koi8-r")
+    run = gate(config_file, 'html = "<p>Grüße aus der Straße</p>"', data)
+    markup = parsed(run.stdout).root.children[1]
+    assert markup.charset == "koi8-r" and markup.transfer_encoding == "8bit"     # not re-encoded
+    assert markup.decoded().decode("koi8-r") == \
+        "<html><body><p>Привет</p><p>Gr&#252;&#223;e aus der Stra&#223;e</p></body></html>"
 
 
 def test_undeclared_8bit_body_is_left_alone_rather_than_guessed(config_file, tmp_path):
@@ -466,6 +501,7 @@ def gpg():
     try:
         handle = gnupg.GPG(gnupghome=home, options=["--pinentry-mode", "loopback"])
         key = handle.gen_key(handle.gen_key_input(key_type="EDDSA", key_curve="ed25519", no_protection=True,
+                                                  subkey_type="ECDH", subkey_curve="cv25519",
                                                   name_email="sender@example.org", expire_date=0))
         assert key.fingerprint, key.stderr
         yield handle, key.fingerprint
@@ -493,12 +529,27 @@ def gpg_verifies(gpg, entity: bytes, signature: bytes, tmp_path) -> bool:
     return bool(gpg[0].verify_data(str(path), entity).valid)
 
 
-def test_signed_mail_is_skipped_by_default_subject_tag_aside(config_file, gpg, tmp_path):
-    data, _ = pgp_signed(gpg)
-    run = gate(config_file, 'text = "CAUTION"', data)
-    assert run.stdout == data
-    assert "multipart/signed message: body left untouched (on_protected = skip)" in \
-        (tmp_path / "gate.log").read_text()
+def pgp_encrypted(gpg) -> bytes:
+    """PGP/MIME (RFC 3156) encrypted by a real gpg."""
+    handle, fingerprint = gpg
+    entity = f"Content-Type: text/plain; charset=utf-8\r\n\r\n{GERMAN}\r\n".encode()
+    armor = handle.encrypt(entity, fingerprint, always_trust=True)
+    assert armor.ok, armor.stderr
+    return (b"From: sender@example.org\nTo: b@example.com\nSubject: encrypted\nMIME-Version: 1.0\n"
+            b'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="enc"\n\n'
+            b"--enc\nContent-Type: application/pgp-encrypted\n\nVersion: 1\n\n"
+            b"--enc\nContent-Type: application/octet-stream\n\n" + armor.data + b"\n--enc--\n")
+
+
+PROTECTED = {"multipart/signed": lambda gpg: pgp_signed(gpg)[0], "multipart/encrypted": pgp_encrypted}
+
+
+@pytest.mark.parametrize("kind", PROTECTED)
+def test_signed_or_encrypted_mail_is_skipped_by_default_subject_tag_aside(config_file, gpg, tmp_path, kind):
+    data = PROTECTED[kind](gpg)
+    run = gate(config_file, 'text = "CAUTION"\nhtml = "<p>CAUTION</p>"', data)
+    assert run.code == 0 and run.stdout == data
+    assert f"{kind} message: body left untouched (on_protected = skip)" in (tmp_path / "gate.log").read_text()
     run = gate(config_file, 'text = "CAUTION"\nsubject_prefix = "[EXT] "', data)
     assert parsed(run.stdout).root.body_bytes() == parsed(data).root.body_bytes()
 
@@ -524,17 +575,26 @@ def test_wrap_attaches_the_signed_message_whole_under_the_banner(config_file, gp
     assert second.stdout == run.stdout
 
 
-def test_signed_part_inside_a_mixed_message_is_never_touched(config_file, gpg):
-    data, _ = pgp_signed(gpg)
-    head, body = data.split(b"\r\n\r\n", 1)
-    inner = head.split(b"MIME-Version: 1.0\r\n")[1] + b"\r\n\r\n" + body
-    outer = (b"From: a@example.org\r\nSubject: list\r\nMIME-Version: 1.0\r\n"
-             b'Content-Type: multipart/mixed; boundary="outer"\r\n\r\n--outer\r\n' + inner
-             + b"\r\n--outer\r\nContent-Type: text/plain\r\n\r\nlist footer\r\n--outer--\r\n")
+def in_a_list(data: bytes) -> bytes:
+    """``data``'s MIME entity as the first part of a multipart/mixed, a list footer after it."""
+    eol = b"\r\n" if b"\r\n" in data else b"\n"
+    head, body = data.split(eol + eol, 1)
+    inner = head.split(b"MIME-Version: 1.0" + eol)[1] + eol + eol + body
+    lines = [b"From: a@example.org", b"Subject: list", b"MIME-Version: 1.0",
+             b'Content-Type: multipart/mixed; boundary="outer"', b"", b"--outer", inner,
+             b"--outer", b"Content-Type: text/plain", b"", b"list footer", b"--outer--", b""]
+    return eol.join(lines)
+
+
+@pytest.mark.parametrize("kind", PROTECTED)
+def test_signed_or_encrypted_part_inside_a_mixed_message_is_never_touched(config_file, gpg, kind):
+    data = PROTECTED[kind](gpg)
+    eol = b"\r\n" if b"\r\n" in data else b"\n"
+    outer = in_a_list(data)
     run = gate(config_file, 'text = "CAUTION"', outer)
     before, after = parsed(outer).root.children, parsed(run.stdout).root.children
     assert after[0].to_bytes() == before[0].to_bytes()
-    assert after[1].decoded() == b"list footer\r\n\r\nCAUTION"
+    assert after[1].decoded() == b"list footer" + eol + eol + b"CAUTION"
 
 
 def test_banner_files_with_cr_or_control_characters_put_no_bare_cr_on_the_wire(config_file, tmp_path):

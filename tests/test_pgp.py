@@ -32,8 +32,8 @@ def world():
 @pytest.fixture
 def run(tmp_path):
     """Run one filter step on bytes, as the core would: -> (result bytes, message, notices)."""
-    def run(step: Pgp, data: bytes, recipients=("user@b.example",), sender="someone@c.example"):
-        message, notices = Message(data), []
+    def run(step: Pgp, data: bytes, recipients=("user@b.example",), sender="someone@c.example", notices=None):
+        message, notices = Message(data), [] if notices is None else notices
         ctx = Context(Envelope(sender, tuple(recipients)), message_id="TESTRUN",
                       log=logging.getLogger("ispmailgate.pgp"), workdir=lambda: tmp_path,
                       postmaster="postmaster@b.example", notices=notices)
@@ -280,13 +280,19 @@ def test_missing_secret_key_is_delivered_as_it_came_and_reported(world, run):
     assert "TESTRUN" in notice.text and "no secret key" in notice.text
 
 
-@pytest.mark.parametrize("policy, verdict, status", [("reject", Reject, "5.7.5"),
-                                                     ("tempfail", TempFail, "4.7.5"),
-                                                     ("report", FilterError, "4.3.0")])
-def test_undecryptable_policies(world, run, policy, verdict, status):
+@pytest.mark.parametrize("policy, verdict, status, told", [("reject", Reject, "5.7.5", 1),
+                                                           ("tempfail", TempFail, "4.7.5", 0),
+                                                           ("report", FilterError, "4.3.0", 0)])
+def test_undecryptable_policies(world, run, policy, verdict, status, told):
+    """reject tells the postmaster itself; report leaves it to the core; tempfail would repeat."""
+    notices = []
     with pytest.raises(verdict) as raised:
-        run(decrypter(world, on_undecryptable=policy), foreign(world))
+        run(decrypter(world, on_undecryptable=policy), foreign(world), notices=notices)
     assert raised.value.status == status and "no secret key" in str(raised.value)
+    assert len(notices) == told
+    for notice in notices:
+        assert notice.recipients == ("postmaster@b.example",) and notice.attach_original
+        assert 'on_undecryptable = "reject"' in notice.text and "no secret key" in notice.text
 
 
 def corrupted(armor: bytes) -> bytes:
@@ -352,9 +358,11 @@ def test_passphrases_by_key_id_fingerprint_or_file(world, run, tmp_path):
         assert field(decrypted, "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"], selector
     secrets = tmp_path / "pgp-pass"
     secrets.write_text('"gw@b.example" = %s\n' % json.dumps(World.B_PASSPHRASE, ensure_ascii=False))
-    secrets.chmod(0o600)
     from_file = decrypter(world, passphrases={}, passphrase_file=str(secrets))
-    assert field(run(from_file, encrypted)[0], "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"]
+    for mode in (0o600, 0o640):                 # a group may read it (root:mail), others never
+        secrets.chmod(mode)
+        assert field(run(from_file, encrypted)[0], "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"]
+        assert from_file.problems() == []
     secrets.chmod(0o644)
     with pytest.raises(TempFail, match="readable by others"):
         run(from_file, encrypted)

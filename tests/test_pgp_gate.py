@@ -171,6 +171,33 @@ def test_undecryptable_mail_is_delivered_and_the_postmaster_told(world, config_f
     assert crlf(data) in notice.content                       # the original, attached
 
 
+@pytest.mark.parametrize("policy, code, status", [("report", 0, ""), ("reject", 69, "5.7.5 ")])
+def test_undecryptable_mail_reported_or_rejected_reaches_the_postmaster_once(world, config_file, smtp_sink,
+                                                                              policy, code, status):
+    armor = world.outsider.encrypt(b"Content-Type: text/plain\r\n\r\nnot for B\r\n", "out@c.example")
+    data = b"From: x@c.example\nTo: user@b.example\nSubject: foreign\n\n" + armor
+    config = passphrase_table(config_file, smtp_sink, world.receiving, direction="neg", on_undecryptable=policy)
+    run = run_gate(["-c", config, "-f", SENDER, "user@b.example"], data)
+    assert run.code == code and run.first_line.startswith(status), run.stderr
+    [report] = smtp_sink.messages                             # the recipient gets nothing
+    assert report.rcpt_tos == ["postmaster@b.example"] and report.mail_from == "<>"
+    assert b"no secret key for " in report.content
+    assert crlf(data) in report.content                       # the original, attached
+
+
+def test_missing_gpg_defers_and_sends_nothing(world, config_file, smtp_sink):
+    armor = world.outsider.encrypt(b"Content-Type: text/plain\r\n\r\nfor B\r\n", "gw@b.example")
+    work = {"pos": (CORPUS / "simple.msg").read_bytes(),
+            "neg": b"From: x@c.example\nTo: user@b.example\nSubject: for B\n\n" + armor}
+    for direction, data in work.items():
+        config = pgp_config(config_file, smtp_sink, world.receiving, direction=direction, uid=World.A_UID,
+                            gpg_binary="/nonexistent/gpg")
+        run = run_gate(["-c", config, "-f", SENDER, "user@b.example"], data)
+        assert run.code == 75, (direction, run.stderr)
+        assert run.first_line.startswith("4.3.5 gw: pgp: cannot run gpg"), run.first_line
+    assert smtp_sink.messages == []
+
+
 def test_missing_gnupghome_defers_and_home_gnupg_is_never_touched(world, config_file, smtp_sink, tmp_path):
     message = (CORPUS / "simple.msg").read_bytes()
     config = pgp_config(config_file, smtp_sink, tmp_path / "missing", direction="pos", uid=World.B_UID)
