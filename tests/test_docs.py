@@ -99,6 +99,17 @@ def test_every_command_line_option_and_command_is_in_the_man_page():
         assert re.search(rf"^\s+{command.name} ", commands_section, re.M), command.name
 
 
+def test_the_client_and_its_options_are_in_the_man_page():
+    """ispmailgate-client parses its own few options by hand (no typer), so they are listed here."""
+    import ispmailgate_client
+
+    text = rendered(MAN / "ispmailgate.1")
+    assert mentions(text, "ispmailgate-client")
+    for name in ("--socket", "--fallback", "ISPMAILGATE_SOCKET", "ISPMAILGATE_FALLBACK",
+                 *ispmailgate_client.FALLBACKS):
+        assert mentions(text, name), name
+
+
 def test_every_exit_status_and_file_is_in_the_man_page():
     text = rendered(MAN / "ispmailgate.1")
     section = text.split("\nEXIT STATUS\n")[1].split("\nDELIVERY\n")[0]

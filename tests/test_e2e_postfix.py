@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
 
@@ -243,6 +244,26 @@ def test_a_virus_is_bounced_and_clean_mail_marked(postfix, clamd):
     [delivered] = postfix.wait_for_mail("alice")
     assert b"X-ispMailGate-VirScan: scanned\n" in delivered
     assert postfix.mailbox("alice") == [delivered]                # the infected one never arrived
+
+
+def test_a_virus_can_be_discarded_into_the_quarantine_instead(postfix, clamd):
+    from clamav import EICAR, EICAR_NAME
+
+    for path, mode in ((clamd.home, 0o755), (clamd.socket, 0o666)):
+        os.chmod(path, mode)
+    quarantine = postfix.spool / "quarantine"
+    postfix.rules(f'default_filter = ["av"]\n[filter.av]\ntype = "virscan"\nsocket = "{clamd.socket}"\n'
+                  f'on_infected = "discard"\nquarantine_dir = "{quarantine}"\nclamd_config = ""\n')
+    infected = SIMPLE_BODY.replace(b"Hello through Postfix.\n", EICAR + b"\n")
+    postfix.submit("sender@e2e.test", ["alice@e2e.test"], infected)
+    deadline = time.monotonic() + 60
+    while "status=done" not in postfix.gate_log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "outcome=discarded by av" in postfix.gate_log(), postfix.log_tail()
+    postfix.wait_for_queue(lambda queue: queue == [])
+    [kept] = quarantine.glob("*.eml")
+    assert infected in kept.read_bytes() and EICAR_NAME in postfix.gate_log()
+    assert postfix.mailbox("alice") == [] and postfix.mailbox("sender") == []   # no backscatter
 
 
 def test_a_banner_on_dkim_signed_mail_is_arc_sealed_on_the_way(postfix, mailauth):

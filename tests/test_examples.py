@@ -125,6 +125,11 @@ def test_example_rules_route_as_their_comments_say():
 
 
 # -- sendmail: the .mc files build into .cf files with the mailer in them ------------------------------
+#
+# Only built, never run: Debian's sendmail-bin conflicts with postfix (both provide
+# mail-transport-agent), and the end-to-end tests need a real Postfix on the same machine.
+# What the two-instance set-up passes to ispmailgate (argv, -f, the .ispmailgate suffix,
+# exit 75 leaving mail queued) is what the Postfix tests drive for real.
 
 @pytest.fixture
 def sendmail_cf(tmp_path):
