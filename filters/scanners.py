@@ -23,6 +23,8 @@ INFECTED, UNSCANNABLE = "infected", "unscannable"
 # clamd with AlertExceedsMax reports its own skipped limits as a "virus" of this family:
 # the object was not looked at, which is not the same as infected.
 LIMIT_SIGNATURE = "Heuristics.Limits.Exceeded"
+# The same with AlertEncrypted(Archive): clamd could not look inside.
+ENCRYPTED_SIGNATURE = "Heuristics.Encrypted."
 
 
 class ScannerError(Exception):
@@ -41,6 +43,8 @@ def found(label: str, name: str) -> Finding:
     name = printable(name.strip(), 120) or "unknown virus"
     if name.startswith(LIMIT_SIGNATURE):
         return Finding(label, UNSCANNABLE, f"scanner limit reached ({name})")
+    if name.startswith(ENCRYPTED_SIGNATURE):
+        return Finding(label, UNSCANNABLE, f"encrypted, the scanner cannot look inside ({name})")
     return Finding(label, INFECTED, name)
 
 

@@ -9,7 +9,8 @@ way.  The message gets one of three verdicts:
 - ``infected``: the scanner found something; ``on_infected`` decides;
 - ``unscannable``: something could not be looked into (a limit, an encrypted member, a
   corrupt archive, an object past the scanner's stream limit, a clamd limit reported as
-  ``Heuristics.Limits.Exceeded``); ``on_unscannable`` decides.  Infected wins.
+  ``Heuristics.Limits.Exceeded``, an encrypted object reported as ``Heuristics.Encrypted``);
+  ``on_unscannable`` decides.  Infected wins.
 
 Actions: ``reject`` (the MTA bounces), ``discard`` (dropped, a copy kept in
 ``quarantine_dir``), ``tag`` (the header says what was found, the subject gets a prefix,

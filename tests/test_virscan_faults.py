@@ -192,6 +192,17 @@ def test_clamd_limits_are_unscannable_never_clean(gate):
         own_clamd_limits.remove()
 
 
+@pytest.mark.parametrize("name, detail", [
+    ("Heuristics.Encrypted.7Zip", "encrypted, the scanner cannot look inside (Heuristics.Encrypted.7Zip)"),
+    ("Heuristics.Limits.Exceeded.MaxFileSize", "scanner limit reached (Heuristics.Limits.Exceeded.MaxFileSize)"),
+])
+def test_scanner_heuristics_for_what_it_could_not_read_are_unscannable(gate, babbler, name, detail):
+    path, replies = babbler
+    replies["text"] = f"stream: {name} FOUND\0".encode()
+    outcome = gate(CLEAN, socket=path)
+    assert outcome.header == f"unscannable ({detail})"
+
+
 # -- the command back end with a real clamscan ---------------------------------------------------
 
 def clamscan(database: Path, placeholder: str = "{paths}") -> list[str]:
