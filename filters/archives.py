@@ -14,7 +14,9 @@ bounded before it happens, so a bomb costs at most the configured limits:
 
 Whatever cannot be looked into (a limit, an encrypted member, a corrupt or unknown
 archive) is recorded as a problem: the message is then ``unscannable``, a verdict of its
-own, while everything that could be read is still handed to the scanner.
+own, while everything that could be read is still handed to the scanner.  Entries
+without content (links, devices, fifos) and hostile member names are recorded as notes,
+for the log: they are not a verdict.
 """
 
 from __future__ import annotations
@@ -50,6 +52,12 @@ class Item:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Note:
+    """An entry worth a line in the log but no verdict: no content of its own, a hostile name."""
+    reason: str
+
+
 class Unscannable(Exception):
     """Why an archive or a member cannot be looked into."""
 
@@ -82,8 +90,9 @@ class Unpacker:
     standard library cannot read is handed over whole as well.
 
     ``opaque`` names kinds left whole to the scanner (clamd unpacks 7z itself); other
-    recognised kinds this class cannot open are problems.  Problems collect in
-    ``problems`` as (label, reason) pairs while the items are consumed.
+    recognised kinds this class cannot open are problems.  Problems collect in ``problems``
+    and notes on entries in ``notes``, both as (label, reason) pairs, while the items are
+    consumed.
     """
 
     def __init__(self, limits: Limits, opaque: frozenset[str] = frozenset({"7z"})) -> None:
@@ -91,6 +100,7 @@ class Unpacker:
         self.opaque = opaque
         self.unpacked = 0
         self.problems: list[tuple[str, str]] = []
+        self.notes: list[tuple[str, str]] = []
 
     def items(self, label: str, data: bytes, depth: int = 0) -> Iterator[Item]:
         """``data`` or, for an archive, every member inside it, depth first."""
@@ -117,6 +127,8 @@ class Unpacker:
                 child = label_of(label, name)
                 if isinstance(member, Unscannable):
                     self.problems.append((child, str(member)))
+                elif isinstance(member, Note):
+                    self.notes.append((child, member.reason))
                 else:
                     yield from self._expand(child, member, depth + 1)
         except Exhausted:
@@ -144,7 +156,7 @@ class Unpacker:
         return data
 
 
-Members = Iterator[tuple[str, "bytes | Unscannable"]]
+Members = Iterator[tuple[str, "bytes | Unscannable | Note"]]
 
 
 def _zip_members(unpacker: Unpacker, data: bytes) -> Members:
@@ -198,12 +210,31 @@ def _tar_members(unpacker: Unpacker, data: bytes) -> Members:
             count += 1
             if count > unpacker.limits.members:
                 raise Unscannable(f"more than max_members ({unpacker.limits.members}) members")
-            if entry.isreg():       # links, devices, fifos, directories: no data of their own
+            if entry.isreg():
                 yield entry.name, unpacker.bounded(archive.extractfile(entry).read, entry.size)
+            note = _tar_note(entry)
+            if note:
+                yield entry.name, Note(note)
             archive.members.clear()     # keep memory flat over many members
         # Python stops at a damaged header where GNU tar skips ahead: nothing may hide there.
         if data[archive.offset:].strip(b"\0"):
             raise Unscannable("data after the end of the tar archive")
+
+
+def _tar_note(entry) -> str | None:
+    """Why a tar entry deserves a line in the log: no content of its own, or a hostile name."""
+    import tarfile
+
+    kinds = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
+             tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
+    notes = []
+    if not (entry.isreg() or entry.isdir()):     # links, devices, fifos: no data of their own
+        kind = kinds.get(entry.type, f"entry of tar type {printable(repr(entry.type), 20)}")
+        target = f' to "{printable(entry.linkname, 120)}"' if entry.issym() or entry.islnk() else ""
+        notes.append(f"{kind}{target}: no content, not scanned")
+    if entry.name.startswith("/") or ".." in entry.name.split("/"):
+        notes.append("absolute or ../ name, used as a label only")
+    return "; ".join(notes) or None
 
 
 def _stream_member(opener: Callable[[io.BytesIO], io.BufferedIOBase], name: str) -> Callable:

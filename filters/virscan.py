@@ -24,6 +24,9 @@ the scanner (clamd parses MIME itself) and it is at best ``unscannable``.  A mes
 parts nest past the parser's limits is scanned part by part and as a whole, and is
 ``unscannable`` as well.
 
+Entries an archive holds without content (tar links, devices, fifos) and hostile member
+names are logged as notes; they are not a verdict.
+
 clamd's own limits are silent by default (``AlertExceedsMax no``): past MaxFileSize,
 MaxRecursion or MaxFiles it answers OK.  Run it with ``AlertExceedsMax yes`` so that such
 skips come back as unscannable; ``ispmailgate check`` warns if its configuration does not.
@@ -81,6 +84,7 @@ class Report:
     """What scanning one message found."""
     findings: list[Finding] = field(default_factory=list)
     scanner_error: str = ""
+    notes: list[tuple[str, str]] = field(default_factory=list)     # (label, reason): no verdict
 
     def of(self, verdict: str) -> list[Finding]:
         return [f for f in self.findings if f.verdict == verdict]
@@ -168,6 +172,8 @@ class VirScan(Filter):
             raise TempFail(f"virus scanner unavailable: {report.scanner_error}", "4.7.0")
         for finding in report.findings:
             ctx.log.warning("%s: %s: %s: %s", ctx.message_id, finding.verdict, finding.label, finding.detail)
+        for label, reason in report.notes:
+            ctx.log.info("%s: note, not a verdict: %s: %s", ctx.message_id, label, reason)
         if verdict == "clean":
             self._mark(message, "scanned")
         elif verdict == "not scanned":
@@ -186,6 +192,7 @@ class VirScan(Filter):
         except ScannerError as error:
             report.scanner_error = str(error)
         report.findings += [Finding(label, UNSCANNABLE, reason) for label, reason in unpacker.problems]
+        report.notes = unpacker.notes
         return report
 
     def limits(self) -> Limits:

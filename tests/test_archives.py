@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import os
 import resource
+import tarfile
 import time
 
 import pytest
@@ -136,13 +138,41 @@ def test_tar_data_hidden_behind_a_damaged_header_is_unscannable():
     assert ("part", "data after the end of the tar archive") in problems
 
 
-def test_hostile_tar_names_are_labels_and_links_devices_are_skipped(tmp_path):
+def test_hostile_tar_names_are_labels_and_links_devices_are_skipped_with_a_note(tmp_path):
     escape = tmp_path / "escape"
-    items, problems, _ = unpack(hostile_tar(escape))
+    items, problems, unpacker = unpack(hostile_tar(escape))
     assert problems == []
     assert list(items.values()) == [EICAR, b"absolute path\n"]
     assert all(label.startswith('part > "') for label in items)
     assert not escape.exists()
+    notes = {label.removeprefix("part > "): reason for label, reason in unpacker.notes}
+    climb = "../" * 12 + str(escape).lstrip("/")
+    assert notes == {
+        f'"(gunzipped)" > "{climb}/dotdot.com"': "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{escape}/absolute.txt"': "absolute or ../ name, used as a label only",
+        '"(gunzipped)" > "link-out"': f'symbolic link to "{escape}/symlink-target": no content, not scanned',
+        '"(gunzipped)" > "link-up"': f'symbolic link to "{"../" * 12}etc/passwd": no content, not scanned',
+        '"(gunzipped)" > "hard"': 'hard link to "/etc/passwd": no content, not scanned',
+        f'"(gunzipped)" > "{escape}/chr"': "character device: no content, not scanned; "
+                                          "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{escape}/blk"': "block device: no content, not scanned; "
+                                          "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{escape}/fifo"': "fifo: no content, not scanned; "
+                                           "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{climb}/dir"': "absolute or ../ name, used as a label only",
+    }
+
+
+def test_note_names_stay_printable():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("evil\r\nX-Injected: yes\x1b[31m")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/\npasswd\u202e"
+        archive.addfile(info)
+    _, problems, unpacker = unpack(buffer.getvalue())
+    assert problems == []
+    assert unpacker.notes == [('part > "evil??X-Injected: yes?[31m"',
+                               'symbolic link to "/etc/?passwd?": no content, not scanned')]
 
 
 def test_rar_is_unscannable_and_7z_left_to_the_scanner():

@@ -228,9 +228,14 @@ def test_hostile_tar_member_found_and_nothing_escapes(gate, tmp_path):
     assert not escape.exists()
 
 
-def test_hostile_tar_without_a_virus_is_clean(gate, tmp_path):
+def test_hostile_tar_without_a_virus_is_clean_and_its_odd_entries_logged(gate, tmp_path):
     outcome = gate(message(("odd.tgz", "application/gzip", hostile_tar(tmp_path / "escape", b"harmless"))))
     assert outcome.header == "scanned"
+    assert outcome.notices == []
+    notes = [line for line in outcome.log.splitlines() if "note, not a verdict" in line]
+    assert len(notes) == 9
+    assert any(line.endswith('note, not a verdict: part 2 "odd.tgz" > "(gunzipped)" > "hard": '
+                             'hard link to "/etc/passwd": no content, not scanned') for line in notes)
 
 
 # -- names from the message never inject anything ------------------------------------------------
