@@ -14,16 +14,17 @@ bounded before it happens, so a bomb costs at most the configured limits:
 
 Whatever cannot be looked into (a limit, an encrypted member, a corrupt or unknown
 archive) is recorded as a problem: the message is then ``unscannable``, a verdict of its
-own, while everything that could be read is still handed to the scanner.  Entries
-without content (links, devices, fifos) and hostile member names are recorded as notes,
-for the log: they are not a verdict.
+own, while everything that could be read is still handed to the scanner.  A kind left
+whole to the scanner (7z) is checked by a lister first (see :mod:`.sevenzip`): what its
+listing declares must pass the same limits.  Entries without content (links, devices,
+fifos) and hostile member names are recorded as notes, for the log: they are not a verdict.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .base import printable
@@ -50,6 +51,14 @@ class Item:
     """One object for the scanner: a label for people (never a path) and its bytes."""
     label: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A member as the listing of an archive left to the scanner declares it."""
+    name: str
+    size: int
+    encrypted: bool
 
 
 @dataclass(frozen=True)
@@ -90,14 +99,17 @@ class Unpacker:
     standard library cannot read is handed over whole as well.
 
     ``opaque`` names kinds left whole to the scanner (clamd unpacks 7z itself); other
-    recognised kinds this class cannot open are problems.  Problems collect in ``problems``
-    and notes on entries in ``notes``, both as (label, reason) pairs, while the items are
-    consumed.
+    recognised kinds this class cannot open are problems.  ``listers`` check an opaque
+    kind before it goes: ``lister(unpacker, label, data)`` reports through
+    :meth:`declared` or raises Unscannable.  Problems collect in ``problems`` and notes on
+    entries in ``notes``, both as (label, reason) pairs, while the items are consumed.
     """
 
-    def __init__(self, limits: Limits, opaque: frozenset[str] = frozenset({"7z"})) -> None:
+    def __init__(self, limits: Limits, opaque: frozenset[str] = frozenset(),
+                 listers: Mapping[str, Lister] | None = None) -> None:
         self.limits = limits
         self.opaque = opaque
+        self.listers = dict(listers or {})
         self.unpacked = 0
         self.problems: list[tuple[str, str]] = []
         self.notes: list[tuple[str, str]] = []
@@ -112,6 +124,8 @@ class Unpacker:
     def _expand(self, label: str, data: bytes, depth: int) -> Iterator[Item]:
         """An archive is represented by its members; anything else goes to the scanner whole."""
         kind = sniff(data)
+        if kind in self.opaque and kind in self.listers:
+            self._list(kind, label, data)
         if kind is None or kind in self.opaque:
             yield Item(label, data)
             return
@@ -139,6 +153,36 @@ class Unpacker:
             self.problems.append((label, f"corrupt {kind}: {printable(str(error), 120) or type(error).__name__}"))
             yield Item(label, data)     # the scanner may read what the standard library could not
 
+    def _list(self, kind: str, label: str, data: bytes) -> None:
+        try:
+            self.listers[kind](self, label, data)
+        except Unscannable as reason:
+            self.problems.append((label, str(reason)))
+
+    def declared(self, label: str, members: list[Declared], packed: int) -> bool:
+        """Hold what a listing declares to the limits; False if anything is unscannable.
+
+        The ratio is the whole archive's (solid 7z blocks have no packed size per member);
+        the scanner will do the unpacking, so the declared size is charged to the budget.
+        """
+        limits = self.limits
+        if len(members) > limits.members:
+            self.problems.append((label, f"{len(members)} members, more than max_members "
+                                         f"({limits.members})"))
+            return False
+        found = [(label_of(label, m.name), "encrypted member") for m in members if m.encrypted]
+        found += [(label_of(label, m.name), f"member larger than max_member_size ({limits.member} bytes)")
+                  for m in members if m.size > limits.member]
+        total = sum(m.size for m in members)
+        if total > max(RATIO_GRACE, packed * limits.ratio):
+            found.append((label, f"compression ratio above max_ratio ({limits.ratio})"))
+        if total > limits.unpacked - self.unpacked:
+            found.append((label, f"more than max_unpacked ({limits.unpacked} bytes) unpacked in total"))
+        else:
+            self.unpacked += total
+        self.problems += found
+        return not found
+
     def bounded(self, read: Callable[[int], bytes], packed: int) -> bytes | Unscannable:
         """Read one member through ``read(n)`` no further than every limit allows."""
         limits = self.limits
@@ -157,6 +201,7 @@ class Unpacker:
 
 
 Members = Iterator[tuple[str, "bytes | Unscannable | Note"]]
+Lister = Callable[[Unpacker, str, bytes], None]
 
 
 def _zip_members(unpacker: Unpacker, data: bytes) -> Members:

@@ -24,6 +24,10 @@ the scanner (clamd parses MIME itself) and it is at best ``unscannable``.  A mes
 parts nest past the parser's limits is scanned part by part and as a whole, and is
 ``unscannable`` as well.
 
+A 7z left to the scanner (``scanner_unpacks``) is first listed and tested with 7-Zip
+(``sevenzip``), because clamd answers OK for one it cannot open: encrypted members,
+encrypted headers, damage, or declared sizes past the limits make it ``unscannable``.
+
 Entries an archive holds without content (tar links, devices, fifos) and hostile member
 names are logged as notes; they are not a verdict.
 
@@ -46,6 +50,7 @@ from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv
                    option, parse_size, printable)
 from .mime import Message, Part, ParseError, decode_words
 from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError, write_private
+from .sevenzip import SevenZip, sevenzip_problems
 
 HEADER = "X-ispMailGate-VirScan"
 ACTIONS = ("reject", "discard", "tag", "pass")
@@ -108,8 +113,8 @@ class VirScan(Filter):
 
     name = "virscan"
     description = "scan every part and archive member for viruses (clamd or a command)"
-    lazy_modules = ("bz2", "gzip", "json", "lzma", "socket", "subprocess", "tarfile", "unicodedata",
-                    "zipfile", "zlib")
+    lazy_modules = ("bz2", "gzip", "json", "lzma", "select", "socket", "subprocess", "tarfile",
+                    "unicodedata", "zipfile", "zlib")
 
     scanner: str = option("clamd", "clamd | command", convert=choice("clamd", "command"))
     socket: str = option("/run/clamav/clamd.ctl", "clamd's Unix socket")
@@ -139,6 +144,8 @@ class VirScan(Filter):
     scanner_unpacks: tuple[str, ...] = option(("7z",), "archive kinds left whole to the scanner "
                                               "(7z, rar); other kinds not unpacked here are "
                                               "unscannable", convert=_subset("7z", "rar"))
+    sevenzip: str = option("/usr/bin/7z", "7-Zip (p7zip-full), which lists and tests a 7z before "
+                           "the scanner gets it; encrypted, damaged or missing: unscannable")
     on_infected: str = option("reject", " | ".join(ACTIONS), convert=choice(*ACTIONS))
     on_unscannable: str = option("tag", " | ".join(ACTIONS), convert=choice(*ACTIONS))
     on_scanner_error: str = option("tempfail", "tempfail (exit 75) | pass (deliver marked "
@@ -185,7 +192,8 @@ class VirScan(Filter):
     def inspect(self, message: Message, ctx: Context) -> Report:
         """Scan the message; scanner faults end up in ``scanner_error``, never as clean."""
         report = Report()
-        unpacker = Unpacker(self.limits(), frozenset(self.scanner_unpacks))
+        seven = SevenZip(self.sevenzip, timeout=self.timeout, directory=ctx.workdir)
+        unpacker = Unpacker(self.limits(), frozenset(self.scanner_unpacks), {"7z": seven})
         try:
             for finding in self.back_end(ctx).scan(self._objects(message, unpacker, report)):
                 report.findings.append(finding)
@@ -325,6 +333,8 @@ class VirScan(Filter):
                 found.append(f"scanner command not found or not executable: {self.command[0]}")
         else:
             found += self.back_end(None).problems(self.clamd_config)
+        if "7z" in self.scanner_unpacks:
+            found += sevenzip_problems(self.sevenzip)
         if "discard" in (self.on_infected, self.on_unscannable):
             found += _directory_problems(Path(self.quarantine_dir))
         return found

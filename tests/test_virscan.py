@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from attacks import (encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message, nested_zip,
-                     nested_zip_bomb, overlapping_zip, tar_of, zip_of)
+from attacks import (corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message,
+                     nested_zip, nested_zip_bomb, overlapping_zip, seven_zip, tar_of, zip_of)
 from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME
 from conftest import corpus_messages, crlf, run_inline, without_from_line
 from ispmailgate_filters.mime import Message
@@ -89,6 +89,9 @@ HIDING_PLACES = {
                           'part 2 "a.zip" > "b.zip" > "c.zip" > "eicar.com"'),
     "custom signature in tar.xz": (tar_of({"payload.bin": CUSTOM}, "w:xz"), "p.tar.xz",
                                    'part 2 "p.tar.xz" > "(unxzed)" > "payload.bin"'),
+    "7z (unpacked by clamd)": (seven_zip({"readme.txt": b"hi", "eicar.com": EICAR}), "a.7z", 'part 2 "a.7z"'),
+    "7z in zip": (zip_of({"inner.7z": seven_zip({"eicar.com": EICAR})}), "a.zip",
+                  'part 2 "a.zip" > "inner.7z"'),
 }
 
 
@@ -191,6 +194,10 @@ ATTACKS = {
     "high-ratio gzip": (high_ratio_gzip, "compression ratio above max_ratio (100)"),
     "100,000-member zip": (many_member_zip, "100000 members, more than max_members (1000)"),
     "overlapping zip entries": (overlapping_zip, "overlapping or misplaced members (zip bomb construction)"),
+    "encrypted 7z": (lambda: seven_zip({"eicar.com": EICAR}, "-pSecret"), "encrypted member"),
+    "encrypted 7z headers": (lambda: seven_zip({"eicar.com": EICAR}, "-pSecret", "-mhe=on"),
+                             "encrypted 7z headers (cannot be listed without the password)"),
+    "corrupt 7z": (corrupt_seven_zip, "corrupt 7z: "),
 }
 
 
@@ -206,6 +213,13 @@ def test_archive_attacks_are_unscannable_and_tagged(case, gate):
     assert b"\r\nSubject: [UNSCANNED] test\r\n" in content
     [notice] = outcome.notices
     assert f": unscannable: {reason}" in notice
+
+
+def test_7z_without_7zip_is_unscannable(gate, tmp_path):
+    missing = tmp_path / "no-7z"
+    outcome = gate(message(("a.7z", "application/x-7z-compressed", seven_zip({"a.txt": b"harmless"}))),
+                   sevenzip=str(missing))
+    assert outcome.header == f"unscannable (cannot run 7-Zip ({missing}): No such file or directory)"
 
 
 def test_unscannable_can_be_rejected(gate):

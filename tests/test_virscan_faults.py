@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, zip_of
+from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, seven_zip, zip_of
 from clamav import EICAR, EICAR_NAME, ClamdProcess
 from conftest import corpus_messages, crlf, without_from_line
 from hostile import message as hostile_message
@@ -358,7 +358,8 @@ def test_nothing_is_written_outside_the_work_directory(back_end, config_file, sm
     script.write_text(AUDITED_GATE)
     data = message(("evil.tgz", "application/gzip", hostile_tar(escape)),
                    ("bomb.zip", "application/zip", nested_zip_bomb()),
-                   ("secret.zip", "application/zip", encrypted_zip()))
+                   ("secret.zip", "application/zip", encrypted_zip()),
+                   ("a.7z", "application/x-7z-compressed", seven_zip({"a.txt": b"listed by 7-Zip"})))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     process = subprocess.run([sys.executable, str(script), str(record), "-c", str(config), "-f", SENDER,
                               RECIPIENT], input=data, capture_output=True, env=env, timeout=120)
@@ -372,8 +373,9 @@ def test_nothing_is_written_outside_the_work_directory(back_end, config_file, sm
     outside = [event for event in events if not event.split(" ", 1)[1].startswith(allowed)]
     assert outside == []
     assert not [event for event in events if event.startswith(("os.symlink", "os.link"))]
+    written = [event.split(" ", 1)[1] for event in events if event.startswith("open ")]
+    assert any(path.endswith("/7z/000001.7z") for path in written)     # the copy 7-Zip lists
     if back_end == "clamscan":      # the members were written, under generated names
-        written = [event.split(" ", 1)[1] for event in events if event.startswith("open ")]
         assert any(path.endswith("/scan/000001.bin") for path in written)
     assert not escape.exists()
     for path in tmp_path.rglob("*"):
@@ -415,6 +417,15 @@ def test_check_reports_clamd_state(clamd, tmp_path):
     assert "cannot connect" in VirScan(socket=str(tmp_path / "none"), clamd_config="").problems()[0]
     assert VirScan(scanner="command", command=("no-such-scanner", "{path}")).problems() == [
         "scanner command not found or not executable: no-such-scanner"]
+
+
+def test_check_reports_a_missing_7zip_when_7z_is_left_to_the_scanner(clamd, tmp_path):
+    missing = str(tmp_path / "7z")
+    options = {"socket": clamd.socket, "clamd_config": str(clamd.config), "sevenzip": missing}
+    assert VirScan(**options).problems() == [
+        f"sevenzip {missing} is not an executable (install p7zip-full): every 7z left to the scanner "
+        "is unscannable"]
+    assert VirScan(**options, scanner_unpacks=("rar",)).problems() == []
 
 
 def test_the_readme_example_is_a_valid_rule_file():
