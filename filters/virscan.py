@@ -33,7 +33,8 @@ names are logged as notes; they are not a verdict.
 
 clamd's own limits are silent by default (``AlertExceedsMax no``): past MaxFileSize,
 MaxRecursion or MaxFiles it answers OK.  Run it with ``AlertExceedsMax yes`` so that such
-skips come back as unscannable; ``ispmailgate check`` warns if its configuration does not.
+skips come back as unscannable, and with ``AlertEncryptedArchive yes`` for encrypted
+archives inside a 7z; ``ispmailgate check`` warns if its configuration does not.
 """
 
 from __future__ import annotations
@@ -332,7 +333,7 @@ class VirScan(Filter):
             if not shutil.which(self.command[0]):
                 found.append(f"scanner command not found or not executable: {self.command[0]}")
         else:
-            found += self.back_end(None).problems(self.clamd_config)
+            found += self.back_end(None).problems(self.clamd_config, self.scanner_unpacks)
         if "7z" in self.scanner_unpacks:
             found += sevenzip_problems(self.sevenzip)
         if "discard" in (self.on_infected, self.on_unscannable):

@@ -198,6 +198,9 @@ ATTACKS = {
     "encrypted 7z headers": (lambda: seven_zip({"eicar.com": EICAR}, "-pSecret", "-mhe=on"),
                              "encrypted 7z headers (cannot be listed without the password)"),
     "corrupt 7z": (corrupt_seven_zip, "corrupt 7z: "),
+    # 7-Zip lists only the outer archive: the inner one is left to clamd's AlertEncryptedArchive.
+    "encrypted 7z inside a 7z": (lambda: seven_zip({"inner.7z": seven_zip({"eicar.com": EICAR}, "-pSecret")}),
+                                 "encrypted, the scanner cannot look inside (Heuristics.Encrypted.7Zip)"),
 }
 
 

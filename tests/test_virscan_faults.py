@@ -414,6 +414,10 @@ def test_check_reports_clamd_state(clamd, tmp_path):
     problems = VirScan(socket=clamd.socket, clamd_config=str(silent)).problems()
     assert any("AlertExceedsMax is off" in p for p in problems)
     assert any("above clamd's StreamMaxLength (10M)" in p for p in problems)
+    assert f"{silent}: AlertEncryptedArchive is off: clamd reports an encrypted archive inside a 7z as " \
+           "clean; set 'AlertEncryptedArchive yes'" in problems
+    whole_to_none = VirScan(socket=clamd.socket, clamd_config=str(silent), scanner_unpacks=()).problems()
+    assert not any("AlertEncryptedArchive" in p for p in whole_to_none)
     assert "cannot connect" in VirScan(socket=str(tmp_path / "none"), clamd_config="").problems()[0]
     assert VirScan(scanner="command", command=("no-such-scanner", "{path}")).problems() == [
         "scanner command not found or not executable: no-such-scanner"]
