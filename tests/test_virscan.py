@@ -41,9 +41,13 @@ def gate(config_file, smtp_sink, clamd, tmp_path):
 class Outcome:
     def __init__(self, run, seconds, received, home) -> None:
         self.code, self.stderr, self.seconds = run.code, run.stderr, seconds
-        self.delivered = [m.content for m in received if RECIPIENT in m.rcpt_tos]
-        self.notices = [m.content.decode("utf-8", "replace") for m in received if POSTMASTER in m.rcpt_tos]
+        self.delivered = [m.content for m in received if m.mail_from != "<>" and RECIPIENT in m.rcpt_tos]
+        self.reports = [m for m in received if m.mail_from == "<>"]     # the gate's own mail
+        self.notices = self.notices_to(POSTMASTER)
         self.log = (home / "gate.log").read_text() if (home / "gate.log").exists() else ""
+
+    def notices_to(self, address: str) -> list[str]:
+        return [m.content.decode("utf-8", "replace") for m in self.reports if address in m.rcpt_tos]
 
     @property
     def header(self) -> str:
@@ -170,6 +174,17 @@ def test_pass_delivers_unchanged_but_tells_the_postmaster(gate):
     assert outcome.delivered == [crlf(data)]
     assert len(outcome.notices) == 1
     assert "Action:     delivered unchanged" in outcome.notices[0]
+
+
+@pytest.mark.parametrize("who, address", [("sender", SENDER), ("recipients", RECIPIENT)])
+def test_sender_or_recipients_are_told_the_virus_name(who, address, gate):
+    outcome = gate(message(("e.com", "application/octet-stream", EICAR)), notify=[who])
+    assert outcome.code == 69 and outcome.delivered == []
+    [notice] = outcome.notices_to(address)
+    assert [m.rcpt_tos for m in outcome.reports] == [[address]]     # nobody else, not the postmaster
+    assert f"\r\nTo: {address}\r\nSubject: ispmailgate: infected message ({EICAR_NAME})\r\n" in notice
+    assert f'\r\n- part 2 "e.com": infected: {EICAR_NAME}\r\n' in notice
+    assert f"Sender:     <{SENDER}>" in notice and "Action:     rejected" in notice
 
 
 def test_notify_nobody(gate):
