@@ -11,8 +11,8 @@ import pytest
 
 from attacks import (corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message,
                      nested_zip, nested_zip_bomb, overlapping_zip, seven_zip, tar_of, zip_of)
-from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME
-from conftest import corpus_messages, crlf, run_inline, without_from_line
+from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME, ClamdProcess
+from conftest import corpus_messages, crlf, free_port, run_inline, without_from_line
 from ispmailgate_filters.mime import Message
 
 SENDER, RECIPIENT, POSTMASTER = "alice@example.org", "bob@example.com", "postmaster@example.net"
@@ -268,6 +268,23 @@ def test_hostile_tar_without_a_virus_is_clean_and_its_odd_entries_logged(gate, t
     assert len(notes) == 9
     assert any(line.endswith('note, not a verdict: part 2 "odd.tgz" > "(gunzipped)" > "hard": '
                              'hard link to "/etc/passwd": no content, not scanned') for line in notes)
+
+
+# -- clamd over TCP ---------------------------------------------------------------------------------
+
+def test_clamd_over_tcp(gate, tmp_path):
+    port = free_port()
+    daemon = ClamdProcess(TCPSocket=str(port), TCPAddr="127.0.0.1")
+    try:
+        daemon.start()
+        tcp = {"host": f"127.0.0.1:{port}", "socket": str(tmp_path / "no-such-socket")}   # TCP or nothing
+        infected = message(("a.zip", "application/zip", zip_of({"eicar.com": EICAR})))
+        outcome = gate(infected, on_infected="tag", **tcp)
+        assert outcome.header == f"infected ({EICAR_NAME})"
+        assert f'- part 2 "a.zip" > "eicar.com": infected: {EICAR_NAME}' in outcome.notices[0]
+        assert gate(message(("a.txt", "text/plain", b"fine")), **tcp).header == "scanned"
+    finally:
+        daemon.remove()
 
 
 # -- names from the message never inject anything ------------------------------------------------
