@@ -14,14 +14,17 @@ bounded before it happens, so a bomb costs at most the configured limits:
 
 Whatever cannot be looked into (a limit, an encrypted member, a corrupt or unknown
 archive) is recorded as a problem: the message is then ``unscannable``, a verdict of its
-own, while everything that could be read is still handed to the scanner.
+own, while everything that could be read is still handed to the scanner.  A kind left
+whole to the scanner (7z) is checked by a lister first (see :mod:`.sevenzip`): what its
+listing declares must pass the same limits.  Entries without content (links, devices,
+fifos) and hostile member names are recorded as notes, for the log: they are not a verdict.
 """
 
 from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .base import printable
@@ -48,6 +51,20 @@ class Item:
     """One object for the scanner: a label for people (never a path) and its bytes."""
     label: str
     data: bytes
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A member as the listing of an archive left to the scanner declares it."""
+    name: str
+    size: int
+    encrypted: bool
+
+
+@dataclass(frozen=True)
+class Note:
+    """An entry worth a line in the log but no verdict: no content of its own, a hostile name."""
+    reason: str
 
 
 class Unscannable(Exception):
@@ -82,15 +99,20 @@ class Unpacker:
     standard library cannot read is handed over whole as well.
 
     ``opaque`` names kinds left whole to the scanner (clamd unpacks 7z itself); other
-    recognised kinds this class cannot open are problems.  Problems collect in
-    ``problems`` as (label, reason) pairs while the items are consumed.
+    recognised kinds this class cannot open are problems.  ``listers`` check an opaque
+    kind before it goes: ``lister(unpacker, label, data)`` reports through
+    :meth:`declared` or raises Unscannable.  Problems collect in ``problems`` and notes on
+    entries in ``notes``, both as (label, reason) pairs, while the items are consumed.
     """
 
-    def __init__(self, limits: Limits, opaque: frozenset[str] = frozenset({"7z"})) -> None:
+    def __init__(self, limits: Limits, opaque: frozenset[str] = frozenset(),
+                 listers: Mapping[str, Lister] | None = None) -> None:
         self.limits = limits
         self.opaque = opaque
+        self.listers = dict(listers or {})
         self.unpacked = 0
         self.problems: list[tuple[str, str]] = []
+        self.notes: list[tuple[str, str]] = []
 
     def items(self, label: str, data: bytes, depth: int = 0) -> Iterator[Item]:
         """``data`` or, for an archive, every member inside it, depth first."""
@@ -102,6 +124,8 @@ class Unpacker:
     def _expand(self, label: str, data: bytes, depth: int) -> Iterator[Item]:
         """An archive is represented by its members; anything else goes to the scanner whole."""
         kind = sniff(data)
+        if kind in self.opaque and kind in self.listers:
+            self._list(kind, label, data)
         if kind is None or kind in self.opaque:
             yield Item(label, data)
             return
@@ -117,6 +141,8 @@ class Unpacker:
                 child = label_of(label, name)
                 if isinstance(member, Unscannable):
                     self.problems.append((child, str(member)))
+                elif isinstance(member, Note):
+                    self.notes.append((child, member.reason))
                 else:
                     yield from self._expand(child, member, depth + 1)
         except Exhausted:
@@ -126,6 +152,36 @@ class Unpacker:
         except Exception as error:  # any library failure on hostile bytes: cannot be read
             self.problems.append((label, f"corrupt {kind}: {printable(str(error), 120) or type(error).__name__}"))
             yield Item(label, data)     # the scanner may read what the standard library could not
+
+    def _list(self, kind: str, label: str, data: bytes) -> None:
+        try:
+            self.listers[kind](self, label, data)
+        except Unscannable as reason:
+            self.problems.append((label, str(reason)))
+
+    def declared(self, label: str, members: list[Declared], packed: int) -> bool:
+        """Hold what a listing declares to the limits; False if anything is unscannable.
+
+        The ratio is the whole archive's (solid 7z blocks have no packed size per member);
+        the scanner will do the unpacking, so the declared size is charged to the budget.
+        """
+        limits = self.limits
+        if len(members) > limits.members:
+            self.problems.append((label, f"{len(members)} members, more than max_members "
+                                         f"({limits.members})"))
+            return False
+        found = [(label_of(label, m.name), "encrypted member") for m in members if m.encrypted]
+        found += [(label_of(label, m.name), f"member larger than max_member_size ({limits.member} bytes)")
+                  for m in members if m.size > limits.member]
+        total = sum(m.size for m in members)
+        if total > max(RATIO_GRACE, packed * limits.ratio):
+            found.append((label, f"compression ratio above max_ratio ({limits.ratio})"))
+        if total > limits.unpacked - self.unpacked:
+            found.append((label, f"more than max_unpacked ({limits.unpacked} bytes) unpacked in total"))
+        else:
+            self.unpacked += total
+        self.problems += found
+        return not found
 
     def bounded(self, read: Callable[[int], bytes], packed: int) -> bytes | Unscannable:
         """Read one member through ``read(n)`` no further than every limit allows."""
@@ -144,7 +200,8 @@ class Unpacker:
         return data
 
 
-Members = Iterator[tuple[str, "bytes | Unscannable"]]
+Members = Iterator[tuple[str, "bytes | Unscannable | Note"]]
+Lister = Callable[[Unpacker, str, bytes], None]
 
 
 def _zip_members(unpacker: Unpacker, data: bytes) -> Members:
@@ -198,12 +255,31 @@ def _tar_members(unpacker: Unpacker, data: bytes) -> Members:
             count += 1
             if count > unpacker.limits.members:
                 raise Unscannable(f"more than max_members ({unpacker.limits.members}) members")
-            if entry.isreg():       # links, devices, fifos, directories: no data of their own
+            if entry.isreg():
                 yield entry.name, unpacker.bounded(archive.extractfile(entry).read, entry.size)
+            note = _tar_note(entry)
+            if note:
+                yield entry.name, Note(note)
             archive.members.clear()     # keep memory flat over many members
         # Python stops at a damaged header where GNU tar skips ahead: nothing may hide there.
         if data[archive.offset:].strip(b"\0"):
             raise Unscannable("data after the end of the tar archive")
+
+
+def _tar_note(entry) -> str | None:
+    """Why a tar entry deserves a line in the log: no content of its own, or a hostile name."""
+    import tarfile
+
+    kinds = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
+             tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "fifo"}
+    notes = []
+    if not (entry.isreg() or entry.isdir()):     # links, devices, fifos: no data of their own
+        kind = kinds.get(entry.type, f"entry of tar type {printable(repr(entry.type), 20)}")
+        target = f' to "{printable(entry.linkname, 120)}"' if entry.issym() or entry.islnk() else ""
+        notes.append(f"{kind}{target}: no content, not scanned")
+    if entry.name.startswith("/") or ".." in entry.name.split("/"):
+        notes.append("absolute or ../ name, used as a label only")
+    return "; ".join(notes) or None
 
 
 def _stream_member(opener: Callable[[io.BytesIO], io.BufferedIOBase], name: str) -> Callable:

@@ -23,6 +23,8 @@ INFECTED, UNSCANNABLE = "infected", "unscannable"
 # clamd with AlertExceedsMax reports its own skipped limits as a "virus" of this family:
 # the object was not looked at, which is not the same as infected.
 LIMIT_SIGNATURE = "Heuristics.Limits.Exceeded"
+# The same with AlertEncrypted(Archive): clamd could not look inside.
+ENCRYPTED_SIGNATURE = "Heuristics.Encrypted."
 
 
 class ScannerError(Exception):
@@ -41,6 +43,8 @@ def found(label: str, name: str) -> Finding:
     name = printable(name.strip(), 120) or "unknown virus"
     if name.startswith(LIMIT_SIGNATURE):
         return Finding(label, UNSCANNABLE, f"scanner limit reached ({name})")
+    if name.startswith(ENCRYPTED_SIGNATURE):
+        return Finding(label, UNSCANNABLE, f"encrypted, the scanner cannot look inside ({name})")
     return Finding(label, INFECTED, name)
 
 
@@ -103,8 +107,11 @@ class Clamd:
                 raise ScannerError(f"{self}: {_reason(error)}") from None
             return self._reply(connection)
 
-    def problems(self, config: str) -> list[str]:
-        """For ``ispmailgate check``: is clamd there, and does its configuration fit?"""
+    def problems(self, config: str, whole: tuple[str, ...] = ()) -> list[str]:
+        """For ``ispmailgate check``: is clamd there, and does its configuration fit?
+
+        ``whole``: the archive kinds clamd gets whole and unpacks itself.
+        """
         trouble = []
         try:
             if self.command("PING") != "PONG":
@@ -112,9 +119,13 @@ class Clamd:
         except ScannerError as error:
             trouble.append(str(error))
         settings = _clamd_settings(config) if config else {}
-        if settings and settings.get("alertexceedsmax", "no").lower() not in ("yes", "true"):
+        if settings and not _on(settings, "alertexceedsmax"):
             trouble.append(f"{config}: AlertExceedsMax is off: clamd reports objects past its limits "
                          "as clean; set 'AlertExceedsMax yes'")
+        encrypted = _on(settings, "alertencryptedarchive") or _on(settings, "alertencrypted")
+        if settings and whole and not encrypted:
+            trouble.append(f"{config}: AlertEncryptedArchive is off: clamd reports an encrypted archive "
+                           f"inside a {' or '.join(whole)} as clean; set 'AlertEncryptedArchive yes'")
         stream = settings.get("streammaxlength", "")
         if _size(stream) < self.max_stream:
             trouble.append(f"max_stream ({self.max_stream}) is above clamd's StreamMaxLength ({stream})")
@@ -160,6 +171,10 @@ def _clamd_settings(path: str) -> dict[str, str]:
         return {}
     pairs = (line.split(None, 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
     return {pair[0].lower(): pair[1].strip() for pair in pairs if len(pair) == 2}
+
+
+def _on(settings: dict[str, str], name: str) -> bool:
+    return settings.get(name, "no").lower() in ("yes", "true")
 
 
 def _size(value: str) -> float:

@@ -9,7 +9,8 @@ way.  The message gets one of three verdicts:
 - ``infected``: the scanner found something; ``on_infected`` decides;
 - ``unscannable``: something could not be looked into (a limit, an encrypted member, a
   corrupt archive, an object past the scanner's stream limit, a clamd limit reported as
-  ``Heuristics.Limits.Exceeded``); ``on_unscannable`` decides.  Infected wins.
+  ``Heuristics.Limits.Exceeded``, an encrypted object reported as ``Heuristics.Encrypted``);
+  ``on_unscannable`` decides.  Infected wins.
 
 Actions: ``reject`` (the MTA bounces), ``discard`` (dropped, a copy kept in
 ``quarantine_dir``), ``tag`` (the header says what was found, the subject gets a prefix,
@@ -23,9 +24,17 @@ the scanner (clamd parses MIME itself) and it is at best ``unscannable``.  A mes
 parts nest past the parser's limits is scanned part by part and as a whole, and is
 ``unscannable`` as well.
 
+A 7z left to the scanner (``scanner_unpacks``) is first listed and tested with 7-Zip
+(``sevenzip``), because clamd answers OK for one it cannot open: encrypted members,
+encrypted headers, damage, or declared sizes past the limits make it ``unscannable``.
+
+Entries an archive holds without content (tar links, devices, fifos) and hostile member
+names are logged as notes; they are not a verdict.
+
 clamd's own limits are silent by default (``AlertExceedsMax no``): past MaxFileSize,
 MaxRecursion or MaxFiles it answers OK.  Run it with ``AlertExceedsMax yes`` so that such
-skips come back as unscannable; ``ispmailgate check`` warns if its configuration does not.
+skips come back as unscannable, and with ``AlertEncryptedArchive yes`` for encrypted
+archives inside a 7z; ``ispmailgate check`` warns if its configuration does not.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv
                    option, parse_size, printable)
 from .mime import Message, Part, ParseError, decode_words
 from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError, write_private
+from .sevenzip import SevenZip, sevenzip_problems
 
 HEADER = "X-ispMailGate-VirScan"
 ACTIONS = ("reject", "discard", "tag", "pass")
@@ -80,6 +90,7 @@ class Report:
     """What scanning one message found."""
     findings: list[Finding] = field(default_factory=list)
     scanner_error: str = ""
+    notes: list[tuple[str, str]] = field(default_factory=list)     # (label, reason): no verdict
 
     def of(self, verdict: str) -> list[Finding]:
         return [f for f in self.findings if f.verdict == verdict]
@@ -103,8 +114,8 @@ class VirScan(Filter):
 
     name = "virscan"
     description = "scan every part and archive member for viruses (clamd or a command)"
-    lazy_modules = ("bz2", "gzip", "json", "lzma", "socket", "subprocess", "tarfile", "unicodedata",
-                    "zipfile", "zlib")
+    lazy_modules = ("bz2", "gzip", "json", "lzma", "select", "socket", "subprocess", "tarfile",
+                    "unicodedata", "zipfile", "zlib")
 
     scanner: str = option("clamd", "clamd | command", convert=choice("clamd", "command"))
     socket: str = option("/run/clamav/clamd.ctl", "clamd's Unix socket")
@@ -134,6 +145,8 @@ class VirScan(Filter):
     scanner_unpacks: tuple[str, ...] = option(("7z",), "archive kinds left whole to the scanner "
                                               "(7z, rar); other kinds not unpacked here are "
                                               "unscannable", convert=_subset("7z", "rar"))
+    sevenzip: str = option("/usr/bin/7z", "7-Zip (p7zip-full), which lists and tests a 7z before "
+                           "the scanner gets it; encrypted, damaged or missing: unscannable")
     on_infected: str = option("reject", " | ".join(ACTIONS), convert=choice(*ACTIONS))
     on_unscannable: str = option("tag", " | ".join(ACTIONS), convert=choice(*ACTIONS))
     on_scanner_error: str = option("tempfail", "tempfail (exit 75) | pass (deliver marked "
@@ -167,6 +180,8 @@ class VirScan(Filter):
             raise TempFail(f"virus scanner unavailable: {report.scanner_error}", "4.7.0")
         for finding in report.findings:
             ctx.log.warning("%s: %s: %s: %s", ctx.message_id, finding.verdict, finding.label, finding.detail)
+        for label, reason in report.notes:
+            ctx.log.info("%s: note, not a verdict: %s: %s", ctx.message_id, label, reason)
         if verdict == "clean":
             self._mark(message, "scanned")
         elif verdict == "not scanned":
@@ -178,13 +193,15 @@ class VirScan(Filter):
     def inspect(self, message: Message, ctx: Context) -> Report:
         """Scan the message; scanner faults end up in ``scanner_error``, never as clean."""
         report = Report()
-        unpacker = Unpacker(self.limits(), frozenset(self.scanner_unpacks))
+        seven = SevenZip(self.sevenzip, timeout=self.timeout, directory=ctx.workdir)
+        unpacker = Unpacker(self.limits(), frozenset(self.scanner_unpacks), {"7z": seven})
         try:
             for finding in self.back_end(ctx).scan(self._objects(message, unpacker, report)):
                 report.findings.append(finding)
         except ScannerError as error:
             report.scanner_error = str(error)
         report.findings += [Finding(label, UNSCANNABLE, reason) for label, reason in unpacker.problems]
+        report.notes = unpacker.notes
         return report
 
     def limits(self) -> Limits:
@@ -316,7 +333,9 @@ class VirScan(Filter):
             if not shutil.which(self.command[0]):
                 found.append(f"scanner command not found or not executable: {self.command[0]}")
         else:
-            found += self.back_end(None).problems(self.clamd_config)
+            found += self.back_end(None).problems(self.clamd_config, self.scanner_unpacks)
+        if "7z" in self.scanner_unpacks:
+            found += sevenzip_problems(self.sevenzip)
         if "discard" in (self.on_infected, self.on_unscannable):
             found += _directory_problems(Path(self.quarantine_dir))
         return found

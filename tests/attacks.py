@@ -114,6 +114,26 @@ def encrypted_zip(data: bytes = EICAR, name: str = "secret.com") -> bytes:
         return (Path(work) / "out.zip").read_bytes()
 
 
+def seven_zip(members: dict[str, bytes], *switches: str) -> bytes:
+    """A 7z made by the real 7-Zip (p7zip-full, tools/debian-packages); ``switches`` such as
+    ``-pSecret`` (encrypted members) and ``-mhe=on`` (encrypted headers too)."""
+    assert shutil.which("7z"), "7z is missing: install p7zip-full (tools/debian-packages)"
+    with tempfile.TemporaryDirectory(dir="/tmp") as work:
+        for name, data in members.items():
+            (Path(work) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(work) / name).write_bytes(data)
+        subprocess.run(["7z", "a", "-bd", "-bso0", *switches, "--", "out.7z", *members], cwd=work,
+                       stdin=subprocess.DEVNULL, check=True)
+        return (Path(work) / "out.7z").read_bytes()
+
+
+def corrupt_seven_zip() -> bytes:
+    """A 7z whose headers are intact but whose packed data is damaged (CRC errors)."""
+    data = bytearray(seven_zip({"eicar.com": EICAR, "readme.txt": b"hello\n" * 50}))
+    data[40:60] = b"\xff" * 20
+    return bytes(data)
+
+
 def hostile_tar(escape: Path, payload: bytes = EICAR) -> bytes:
     """``../`` and absolute names aimed at ``escape``, symlinks, hard links, devices, a fifo."""
     buffer = io.BytesIO()

@@ -46,7 +46,7 @@ class ClamdProcess:
         self.log = self.home / "clamd.log"
         config = {"Foreground": "yes", "LocalSocket": self.socket, "DatabaseDirectory": str(self.database),
                   "TemporaryDirectory": str(self.home / "tmp"), "PidFile": str(self.home / "pid"),
-                  "Bytecode": "no", "SelfCheck": "0", "AlertExceedsMax": "yes",
+                  "Bytecode": "no", "SelfCheck": "0", "AlertExceedsMax": "yes", "AlertEncryptedArchive": "yes",
                   "StreamMaxLength": "30M", **settings}
         self.config = self.home / "clamd.conf"
         self.config.write_text("".join(f"{key} {value}\n" for key, value in config.items()))

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
 import os
 import resource
+import sys
+import tarfile
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attacks import (MiB, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, nested_zip,
-                     nested_zip_bomb, overlapping_zip, tar_of, zip_of)
+from attacks import (MiB, corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip,
+                     nested_zip, nested_zip_bomb, overlapping_zip, seven_zip, tar_of, zip_of)
 from clamav import EICAR
 from ispmailgate_filters.archives import Limits, Unpacker, sniff
 from ispmailgate_filters.base import printable
+from ispmailgate_filters.scanners import ScannerError
+from ispmailgate_filters.sevenzip import SevenZip, listing, sevenzip_problems
 
 
 def unpack(data: bytes, **limits) -> tuple[dict[str, bytes], list[tuple[str, str]], Unpacker]:
@@ -136,22 +141,158 @@ def test_tar_data_hidden_behind_a_damaged_header_is_unscannable():
     assert ("part", "data after the end of the tar archive") in problems
 
 
-def test_hostile_tar_names_are_labels_and_links_devices_are_skipped(tmp_path):
+def test_hostile_tar_names_are_labels_and_links_devices_are_skipped_with_a_note(tmp_path):
     escape = tmp_path / "escape"
-    items, problems, _ = unpack(hostile_tar(escape))
+    items, problems, unpacker = unpack(hostile_tar(escape))
     assert problems == []
     assert list(items.values()) == [EICAR, b"absolute path\n"]
     assert all(label.startswith('part > "') for label in items)
     assert not escape.exists()
+    notes = {label.removeprefix("part > "): reason for label, reason in unpacker.notes}
+    climb = "../" * 12 + str(escape).lstrip("/")
+    assert notes == {
+        f'"(gunzipped)" > "{climb}/dotdot.com"': "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{escape}/absolute.txt"': "absolute or ../ name, used as a label only",
+        '"(gunzipped)" > "link-out"': f'symbolic link to "{escape}/symlink-target": no content, not scanned',
+        '"(gunzipped)" > "link-up"': f'symbolic link to "{"../" * 12}etc/passwd": no content, not scanned',
+        '"(gunzipped)" > "hard"': 'hard link to "/etc/passwd": no content, not scanned',
+        f'"(gunzipped)" > "{escape}/chr"': "character device: no content, not scanned; "
+                                          "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{escape}/blk"': "block device: no content, not scanned; "
+                                          "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{escape}/fifo"': "fifo: no content, not scanned; "
+                                           "absolute or ../ name, used as a label only",
+        f'"(gunzipped)" > "{climb}/dir"': "absolute or ../ name, used as a label only",
+    }
 
 
-def test_rar_is_unscannable_and_7z_left_to_the_scanner():
+def test_note_names_stay_printable():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("evil\r\nX-Injected: yes\x1b[31m")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/\npasswd\u202e"
+        archive.addfile(info)
+    _, problems, unpacker = unpack(buffer.getvalue())
+    assert problems == []
+    assert unpacker.notes == [('part > "evil??X-Injected: yes?[31m"',
+                               'symbolic link to "/etc/?passwd?": no content, not scanned')]
+
+
+def test_rar_and_7z_are_unscannable_unless_left_to_the_scanner():
     rar = b"Rar!\x1a\x07\x01\x00" + b"\0" * 40
     seven = b"7z\xbc\xaf\x27\x1c" + b"\0" * 40
-    items, problems, _ = unpack(rar)
-    assert problems == [("part", "rar archives cannot be unpacked here")] and items == {"part": rar}
-    items, problems, _ = unpack(seven)
-    assert problems == [] and items == {"part": seven}
+    for kind, data in (("rar", rar), ("7z", seven)):
+        items, problems, _ = unpack(data)
+        assert problems == [("part", f"{kind} archives cannot be unpacked here")] and items == {"part": data}
+    unpacker = Unpacker(Limits(), frozenset({"rar"}))
+    assert [item.data for item in unpacker.items("part", rar)] == [rar] and unpacker.problems == []
+
+
+# -- 7z: left whole to the scanner, after 7-Zip listed and tested it ------------------------------
+
+def unpack_7z(data: bytes, tmp_path, binary: str = "/usr/bin/7z", timeout: float = 30, **limits):
+    lister = SevenZip(binary, timeout=timeout, directory=lambda: tmp_path)
+    unpacker = Unpacker(Limits(**limits), frozenset({"7z"}), {"7z": lister})
+    items = {item.label: item.data for item in unpacker.items("part", data)}
+    assert list((tmp_path / "7z").iterdir()) == []        # the copy for 7-Zip is gone
+    return items, unpacker.problems, unpacker
+
+
+def test_plain_7z_goes_to_the_scanner_whole(tmp_path):
+    data = seven_zip({"eicar.com": EICAR, "docs/readme.txt": b"hello\n"})
+    items, problems, unpacker = unpack_7z(data, tmp_path)
+    assert problems == [] and items == {"part": data}
+    assert unpacker.unpacked == len(EICAR) + 6       # the scanner's work, charged to the budget
+
+
+@pytest.mark.parametrize("switches, expected", [
+    (["-pSecret"], [('part > "eicar.com"', "encrypted member"), ('part > "readme.txt"', "encrypted member")]),
+    (["-pSecret", "-mhe=on"], [("part", "encrypted 7z headers (cannot be listed without the password)")]),
+], ids=["encrypted members", "encrypted headers"])
+def test_encrypted_7z_is_unscannable(switches, expected, tmp_path):
+    data = seven_zip({"eicar.com": EICAR, "readme.txt": b"hello\n"}, *switches)
+    items, problems, _ = unpack_7z(data, tmp_path)
+    assert problems == expected
+    assert items == {"part": data}      # the scanner still sees what it can
+
+
+@pytest.mark.parametrize("damage, reasons", [
+    ("data", {"corrupt 7z: Data Error : eicar.com", "corrupt 7z: CRC Failed : eicar.com"}),
+    ("truncated", {"corrupt 7z: Unexpected end of archive"}),
+    ("tail", {"corrupt 7z: There are data after the end of archive"}),
+])
+def test_corrupt_7z_is_unscannable(damage, reasons, tmp_path):
+    whole = seven_zip({"eicar.com": EICAR})
+    data = {"data": corrupt_seven_zip(), "truncated": whole[:-20], "tail": whole + b"hidden"}[damage]
+    _, problems, _ = unpack_7z(data, tmp_path)
+    [(label, reason)] = problems
+    assert label == "part" and reason in reasons
+
+
+def test_7z_limits_are_held_to_what_the_listing_declares(tmp_path):
+    members = {f"{n}.txt": b"x" for n in range(4)}
+    _, problems, _ = unpack_7z(seven_zip(members), tmp_path, members=3)
+    assert problems == [("part", "4 members, more than max_members (3)")]
+    zeros = seven_zip({"zeros.bin": bytes(3 * MiB)})
+    _, problems, unpacker = unpack_7z(zeros, tmp_path)
+    assert problems == [("part", "compression ratio above max_ratio (100)")]
+    _, problems, _ = unpack_7z(zeros, tmp_path, member=2 * MiB, ratio=10_000)
+    assert problems == [('part > "zeros.bin"', f"member larger than max_member_size ({2 * MiB} bytes)")]
+    _, problems, unpacker = unpack_7z(zeros, tmp_path, unpacked=2 * MiB, ratio=10_000)
+    assert problems == [("part", f"more than max_unpacked ({2 * MiB} bytes) unpacked in total")]
+    assert unpacker.unpacked == 0
+
+
+def test_7z_inside_a_zip_is_listed_too(tmp_path):
+    inner = seven_zip({"eicar.com": EICAR}, "-pSecret", "-mhe=on")
+    items, problems, _ = unpack_7z(zip_of({"inner.7z": inner}), tmp_path)
+    assert items == {'part > "inner.7z"': inner}
+    assert problems == [('part > "inner.7z"', "encrypted 7z headers (cannot be listed without the password)")]
+
+
+def test_7z_without_7zip_is_unscannable(tmp_path):
+    data = seven_zip({"a.txt": b"a"})
+    items, problems, _ = unpack_7z(data, tmp_path, binary=str(tmp_path / "no-7z"))
+    assert problems == [("part", f"cannot run 7-Zip ({tmp_path / 'no-7z'}): No such file or directory")]
+    assert items == {"part": data}
+    assert sevenzip_problems(str(tmp_path / "no-7z")) == [
+        f"sevenzip {tmp_path / 'no-7z'} is not an executable (install p7zip-full): every 7z left to the "
+        "scanner is unscannable"]
+    assert sevenzip_problems("/usr/bin/7z") == []
+
+
+def test_7z_that_cannot_be_copied_for_7zip_is_a_scanner_error(tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    lister = SevenZip("/usr/bin/7z", timeout=30, directory=lambda: blocker)
+    unpacker = Unpacker(Limits(), frozenset({"7z"}), {"7z": lister})
+    with pytest.raises(ScannerError, match="cannot write .* for 7-Zip: Not a directory"):
+        list(unpacker.items("part", seven_zip({"a.txt": b"a"})))
+
+
+@pytest.mark.parametrize("behaviour, reason", [
+    ("import time; time.sleep(30)", "7-Zip took longer than 1 s"),
+    ("import sys\nwhile True: sys.stdout.write('Path = x\\n' * 1000)",
+     "7-Zip said more than 1032192 bytes about it (too many members or overlong names)"),
+    ("print('----------')\nprint('Path = a')\nprint('Size = 1e9')",
+     "corrupt 7z: 7-Zip listed a size that is not a number"),
+], ids=["hangs", "talks forever", "nonsense"])
+def test_a_misbehaving_7zip_makes_the_7z_unscannable_quickly(behaviour, reason, tmp_path):
+    fake = tmp_path / "fake7z"
+    fake.write_text(f"#!{sys.executable}\n{behaviour}\n")
+    fake.chmod(0o755)
+    started = time.monotonic()
+    _, problems, _ = unpack_7z(seven_zip({"a.txt": b"a"}), tmp_path, binary=str(fake), timeout=1)
+    assert problems == [("part", reason)]
+    assert time.monotonic() - started < 10
+
+
+def test_7z_listing_read_so_that_names_hide_nothing():
+    output = ("Path = x.7z\nType = 7z\n\n----------\nPath = a\nSize = 5\nEncrypted = -\n\n"
+              "Path = b\nSize = 7\n\nSize = 9\nEncrypted = +\n\n")
+    members = listing(output)
+    assert [(m.name, m.size, m.encrypted) for m in members] == [("a", 5, False), ("b", 7, False),
+                                                                ("?", 9, True)]
 
 
 def test_member_names_are_neutralised_in_labels():

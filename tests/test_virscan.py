@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from attacks import (encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message, nested_zip,
-                     nested_zip_bomb, overlapping_zip, tar_of, zip_of)
-from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME
-from conftest import corpus_messages, crlf, run_inline, without_from_line
+from attacks import (corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message,
+                     nested_zip, nested_zip_bomb, overlapping_zip, seven_zip, tar_of, zip_of)
+from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME, ClamdProcess
+from conftest import corpus_messages, crlf, free_port, run_inline, without_from_line
 from ispmailgate_filters.mime import Message
 
 SENDER, RECIPIENT, POSTMASTER = "alice@example.org", "bob@example.com", "postmaster@example.net"
@@ -41,9 +41,13 @@ def gate(config_file, smtp_sink, clamd, tmp_path):
 class Outcome:
     def __init__(self, run, seconds, received, home) -> None:
         self.code, self.stderr, self.seconds = run.code, run.stderr, seconds
-        self.delivered = [m.content for m in received if RECIPIENT in m.rcpt_tos]
-        self.notices = [m.content.decode("utf-8", "replace") for m in received if POSTMASTER in m.rcpt_tos]
+        self.delivered = [m.content for m in received if m.mail_from != "<>" and RECIPIENT in m.rcpt_tos]
+        self.reports = [m for m in received if m.mail_from == "<>"]     # the gate's own mail
+        self.notices = self.notices_to(POSTMASTER)
         self.log = (home / "gate.log").read_text() if (home / "gate.log").exists() else ""
+
+    def notices_to(self, address: str) -> list[str]:
+        return [m.content.decode("utf-8", "replace") for m in self.reports if address in m.rcpt_tos]
 
     @property
     def header(self) -> str:
@@ -89,6 +93,9 @@ HIDING_PLACES = {
                           'part 2 "a.zip" > "b.zip" > "c.zip" > "eicar.com"'),
     "custom signature in tar.xz": (tar_of({"payload.bin": CUSTOM}, "w:xz"), "p.tar.xz",
                                    'part 2 "p.tar.xz" > "(unxzed)" > "payload.bin"'),
+    "7z (unpacked by clamd)": (seven_zip({"readme.txt": b"hi", "eicar.com": EICAR}), "a.7z", 'part 2 "a.7z"'),
+    "7z in zip": (zip_of({"inner.7z": seven_zip({"eicar.com": EICAR})}), "a.zip",
+                  'part 2 "a.zip" > "inner.7z"'),
 }
 
 
@@ -169,6 +176,17 @@ def test_pass_delivers_unchanged_but_tells_the_postmaster(gate):
     assert "Action:     delivered unchanged" in outcome.notices[0]
 
 
+@pytest.mark.parametrize("who, address", [("sender", SENDER), ("recipients", RECIPIENT)])
+def test_sender_or_recipients_are_told_the_virus_name(who, address, gate):
+    outcome = gate(message(("e.com", "application/octet-stream", EICAR)), notify=[who])
+    assert outcome.code == 69 and outcome.delivered == []
+    [notice] = outcome.notices_to(address)
+    assert [m.rcpt_tos for m in outcome.reports] == [[address]]     # nobody else, not the postmaster
+    assert f"\r\nTo: {address}\r\nSubject: ispmailgate: infected message ({EICAR_NAME})\r\n" in notice
+    assert f'\r\n- part 2 "e.com": infected: {EICAR_NAME}\r\n' in notice
+    assert f"Sender:     <{SENDER}>" in notice and "Action:     rejected" in notice
+
+
 def test_notify_nobody(gate):
     outcome = gate(message(("e.com", "application/octet-stream", EICAR)), notify=[])
     assert outcome.code == 69 and outcome.notices == []
@@ -191,6 +209,13 @@ ATTACKS = {
     "high-ratio gzip": (high_ratio_gzip, "compression ratio above max_ratio (100)"),
     "100,000-member zip": (many_member_zip, "100000 members, more than max_members (1000)"),
     "overlapping zip entries": (overlapping_zip, "overlapping or misplaced members (zip bomb construction)"),
+    "encrypted 7z": (lambda: seven_zip({"eicar.com": EICAR}, "-pSecret"), "encrypted member"),
+    "encrypted 7z headers": (lambda: seven_zip({"eicar.com": EICAR}, "-pSecret", "-mhe=on"),
+                             "encrypted 7z headers (cannot be listed without the password)"),
+    "corrupt 7z": (corrupt_seven_zip, "corrupt 7z: "),
+    # 7-Zip lists only the outer archive: the inner one is left to clamd's AlertEncryptedArchive.
+    "encrypted 7z inside a 7z": (lambda: seven_zip({"inner.7z": seven_zip({"eicar.com": EICAR}, "-pSecret")}),
+                                 "encrypted, the scanner cannot look inside (Heuristics.Encrypted.7Zip)"),
 }
 
 
@@ -206,6 +231,13 @@ def test_archive_attacks_are_unscannable_and_tagged(case, gate):
     assert b"\r\nSubject: [UNSCANNED] test\r\n" in content
     [notice] = outcome.notices
     assert f": unscannable: {reason}" in notice
+
+
+def test_7z_without_7zip_is_unscannable(gate, tmp_path):
+    missing = tmp_path / "no-7z"
+    outcome = gate(message(("a.7z", "application/x-7z-compressed", seven_zip({"a.txt": b"harmless"}))),
+                   sevenzip=str(missing))
+    assert outcome.header == f"unscannable (cannot run 7-Zip ({missing}): No such file or directory)"
 
 
 def test_unscannable_can_be_rejected(gate):
@@ -228,9 +260,31 @@ def test_hostile_tar_member_found_and_nothing_escapes(gate, tmp_path):
     assert not escape.exists()
 
 
-def test_hostile_tar_without_a_virus_is_clean(gate, tmp_path):
+def test_hostile_tar_without_a_virus_is_clean_and_its_odd_entries_logged(gate, tmp_path):
     outcome = gate(message(("odd.tgz", "application/gzip", hostile_tar(tmp_path / "escape", b"harmless"))))
     assert outcome.header == "scanned"
+    assert outcome.notices == []
+    notes = [line for line in outcome.log.splitlines() if "note, not a verdict" in line]
+    assert len(notes) == 9
+    assert any(line.endswith('note, not a verdict: part 2 "odd.tgz" > "(gunzipped)" > "hard": '
+                             'hard link to "/etc/passwd": no content, not scanned') for line in notes)
+
+
+# -- clamd over TCP ---------------------------------------------------------------------------------
+
+def test_clamd_over_tcp(gate, tmp_path):
+    port = free_port()
+    daemon = ClamdProcess(TCPSocket=str(port), TCPAddr="127.0.0.1")
+    try:
+        daemon.start()
+        tcp = {"host": f"127.0.0.1:{port}", "socket": str(tmp_path / "no-such-socket")}   # TCP or nothing
+        infected = message(("a.zip", "application/zip", zip_of({"eicar.com": EICAR})))
+        outcome = gate(infected, on_infected="tag", **tcp)
+        assert outcome.header == f"infected ({EICAR_NAME})"
+        assert f'- part 2 "a.zip" > "eicar.com": infected: {EICAR_NAME}' in outcome.notices[0]
+        assert gate(message(("a.txt", "text/plain", b"fine")), **tcp).header == "scanned"
+    finally:
+        daemon.remove()
 
 
 # -- names from the message never inject anything ------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, zip_of
+from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, seven_zip, zip_of
 from clamav import EICAR, EICAR_NAME, ClamdProcess
 from conftest import corpus_messages, crlf, without_from_line
 from hostile import message as hostile_message
@@ -192,6 +192,17 @@ def test_clamd_limits_are_unscannable_never_clean(gate):
         own_clamd_limits.remove()
 
 
+@pytest.mark.parametrize("name, detail", [
+    ("Heuristics.Encrypted.7Zip", "encrypted, the scanner cannot look inside (Heuristics.Encrypted.7Zip)"),
+    ("Heuristics.Limits.Exceeded.MaxFileSize", "scanner limit reached (Heuristics.Limits.Exceeded.MaxFileSize)"),
+])
+def test_scanner_heuristics_for_what_it_could_not_read_are_unscannable(gate, babbler, name, detail):
+    path, replies = babbler
+    replies["text"] = f"stream: {name} FOUND\0".encode()
+    outcome = gate(CLEAN, socket=path)
+    assert outcome.header == f"unscannable ({detail})"
+
+
 # -- the command back end with a real clamscan ---------------------------------------------------
 
 def clamscan(database: Path, placeholder: str = "{paths}") -> list[str]:
@@ -347,7 +358,8 @@ def test_nothing_is_written_outside_the_work_directory(back_end, config_file, sm
     script.write_text(AUDITED_GATE)
     data = message(("evil.tgz", "application/gzip", hostile_tar(escape)),
                    ("bomb.zip", "application/zip", nested_zip_bomb()),
-                   ("secret.zip", "application/zip", encrypted_zip()))
+                   ("secret.zip", "application/zip", encrypted_zip()),
+                   ("a.7z", "application/x-7z-compressed", seven_zip({"a.txt": b"listed by 7-Zip"})))
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     process = subprocess.run([sys.executable, str(script), str(record), "-c", str(config), "-f", SENDER,
                               RECIPIENT], input=data, capture_output=True, env=env, timeout=120)
@@ -361,8 +373,9 @@ def test_nothing_is_written_outside_the_work_directory(back_end, config_file, sm
     outside = [event for event in events if not event.split(" ", 1)[1].startswith(allowed)]
     assert outside == []
     assert not [event for event in events if event.startswith(("os.symlink", "os.link"))]
+    written = [event.split(" ", 1)[1] for event in events if event.startswith("open ")]
+    assert any(path.endswith("/7z/000001.7z") for path in written)     # the copy 7-Zip lists
     if back_end == "clamscan":      # the members were written, under generated names
-        written = [event.split(" ", 1)[1] for event in events if event.startswith("open ")]
         assert any(path.endswith("/scan/000001.bin") for path in written)
     assert not escape.exists()
     for path in tmp_path.rglob("*"):
@@ -401,9 +414,22 @@ def test_check_reports_clamd_state(clamd, tmp_path):
     problems = VirScan(socket=clamd.socket, clamd_config=str(silent)).problems()
     assert any("AlertExceedsMax is off" in p for p in problems)
     assert any("above clamd's StreamMaxLength (10M)" in p for p in problems)
+    assert f"{silent}: AlertEncryptedArchive is off: clamd reports an encrypted archive inside a 7z as " \
+           "clean; set 'AlertEncryptedArchive yes'" in problems
+    whole_to_none = VirScan(socket=clamd.socket, clamd_config=str(silent), scanner_unpacks=()).problems()
+    assert not any("AlertEncryptedArchive" in p for p in whole_to_none)
     assert "cannot connect" in VirScan(socket=str(tmp_path / "none"), clamd_config="").problems()[0]
     assert VirScan(scanner="command", command=("no-such-scanner", "{path}")).problems() == [
         "scanner command not found or not executable: no-such-scanner"]
+
+
+def test_check_reports_a_missing_7zip_when_7z_is_left_to_the_scanner(clamd, tmp_path):
+    missing = str(tmp_path / "7z")
+    options = {"socket": clamd.socket, "clamd_config": str(clamd.config), "sevenzip": missing}
+    assert VirScan(**options).problems() == [
+        f"sevenzip {missing} is not an executable (install p7zip-full): every 7z left to the scanner "
+        "is unscannable"]
+    assert VirScan(**options, scanner_unpacks=("rar",)).problems() == []
 
 
 def test_the_readme_example_is_a_valid_rule_file():
