@@ -179,13 +179,13 @@ class VirScan(Filter):
             ctx.log.error("%s: %s", self.title, report.scanner_error)
             raise TempFail(f"virus scanner unavailable: {report.scanner_error}", "4.7.0")
         for finding in report.findings:
-            ctx.log.warning("%s: %s: %s: %s", ctx.message_id, finding.verdict, finding.label, finding.detail)
+            ctx.log.warning("%s: %s: %s", finding.verdict, finding.label, finding.detail)
         for label, reason in report.notes:
-            ctx.log.info("%s: note, not a verdict: %s: %s", ctx.message_id, label, reason)
+            ctx.log.info("note, not a verdict: %s: %s", label, reason)
         if verdict == "clean":
             self._mark(message, "scanned")
         elif verdict == "not scanned":
-            ctx.log.warning("%s: delivered unscanned: %s", ctx.message_id, report.scanner_error)
+            ctx.log.warning("delivered unscanned: %s", report.scanner_error)
             self._mark(message, "not scanned (scanner unavailable)")
         else:
             self._act(verdict, report, message, ctx)
@@ -257,13 +257,13 @@ class VirScan(Filter):
     def _act(self, verdict: str, report: Report, message: Message, ctx: Context) -> None:
         action = self.on_infected if verdict == INFECTED else self.on_unscannable
         summary = f"{verdict}: {report.details(verdict)}"
-        ctx.log.warning("%s: %s, action %s", ctx.message_id, summary, action)
+        ctx.log.warning("%s, action %s", summary, action)
         kept = self._quarantine(message, report, ctx) if action == "discard" else None
         self._notify(verdict, action, report, ctx, kept)
         if action == "reject":
             raise Reject(f"message {summary}", "5.7.1")
         if action == "discard":
-            raise Discard(f"{summary}; kept in {kept}")
+            raise Discard(f"{summary}; {'would be kept' if ctx.dry_run else 'kept'} in {kept}")
         if action == "tag":
             prefix = self.infected_prefix if verdict == INFECTED else self.unscannable_prefix
             self._mark(message, f"{verdict} ({report.details(verdict)})", prefix)
@@ -297,6 +297,8 @@ class VirScan(Filter):
                     "verdict": report.verdict,
                     "findings": [{"object": printable(f.label, 400), "verdict": f.verdict,
                                   "detail": f.detail} for f in report.findings]}
+        if ctx.dry_run:                 # --dry-run decides but keeps nothing
+            return directory / f"{stem}.eml"
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             write_private(directory / f"{stem}.eml", bytes(message.to_bytes()))

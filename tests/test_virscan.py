@@ -25,7 +25,7 @@ def toml_value(value) -> str:
 @pytest.fixture
 def gate(config_file, smtp_sink, clamd, tmp_path):
     """Run one message through a virscan chain: gate(data, **options) -> Outcome."""
-    def run(data: bytes, **options):
+    def run(data: bytes, *, args: tuple[str, ...] = (), **options):
         options.setdefault("socket", clamd.socket)
         options.setdefault("quarantine_dir", str(tmp_path / "quarantine"))
         table = "".join(f"{key} = {toml_value(value)}\n" for key, value in options.items())
@@ -33,14 +33,14 @@ def gate(config_file, smtp_sink, clamd, tmp_path):
                              f'postmaster = "{POSTMASTER}"\ndefault_filter = ["av"]\n'
                              f'[filter.av]\ntype = "virscan"\n{table}')
         started, before = time.monotonic(), len(smtp_sink.messages)
-        result = run_inline(["-c", str(config), "-f", SENDER, RECIPIENT], data)
+        result = run_inline([*args, "-c", str(config), "-f", SENDER, RECIPIENT], data)
         return Outcome(result, time.monotonic() - started, smtp_sink.messages[before:], tmp_path)
     return run
 
 
 class Outcome:
     def __init__(self, run, seconds, received, home) -> None:
-        self.code, self.stderr, self.seconds = run.code, run.stderr, seconds
+        self.code, self.stdout, self.stderr, self.seconds = run.code, run.stdout, run.stderr, seconds
         self.delivered = [m.content for m in received if m.mail_from != "<>" and RECIPIENT in m.rcpt_tos]
         self.reports = [m for m in received if m.mail_from == "<>"]     # the gate's own mail
         self.notices = self.notices_to(POSTMASTER)
@@ -148,6 +148,17 @@ def test_discard_keeps_a_private_copy_in_quarantine(gate, tmp_path):
     assert details["findings"][0]["detail"] == EICAR_NAME
     [notice] = outcome.notices
     assert str(kept) in notice
+
+
+def test_dry_run_decides_but_keeps_nothing_in_quarantine(gate, tmp_path):
+    data = message(("a.zip", "application/zip", zip_of({"eicar.com": EICAR})))
+    outcome = gate(data, args=("--dry-run",), on_infected="discard")
+    assert outcome.code == 0, outcome.stderr
+    assert outcome.delivered == [] and outcome.reports == []
+    assert not (tmp_path / "quarantine").exists()
+    report = outcome.stdout.decode()
+    assert f"discarded by av: 2.7.0 infected: {EICAR_NAME}; would be kept in {tmp_path / 'quarantine'}/" \
+        in report, report
 
 
 def test_discard_that_cannot_keep_a_copy_defers(gate, tmp_path):
