@@ -257,6 +257,11 @@ def _tar_members(unpacker: Unpacker, data: bytes) -> Members:
                 raise Unscannable(f"more than max_members ({unpacker.limits.members}) members")
             if entry.isreg():
                 yield entry.name, unpacker.bounded(archive.extractfile(entry).read, entry.size)
+            elif entry.size and entry.type not in tarfile.SUPPORTED_TYPES:
+                # GNU multi-volume parts and vendor types: data tarfile steps over unread
+                yield entry.name, Unscannable(f"tar entry of type {printable(repr(entry.type), 20)} "
+                                              f"holds {entry.size} bytes that are not read")
+                continue
             note = _tar_note(entry)
             if note:
                 yield entry.name, Note(note)

@@ -141,6 +141,19 @@ def test_tar_data_hidden_behind_a_damaged_header_is_unscannable():
     assert ("part", "data after the end of the tar archive") in problems
 
 
+@pytest.mark.parametrize("kind", [b"M", b"Q"])
+def test_tar_entries_of_a_type_that_carries_unread_data_are_unscannable(kind):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo("continued.com")
+        info.type, info.size = kind, len(EICAR)
+        archive.addfile(info, io.BytesIO(EICAR))
+    items, problems, _ = unpack(buffer.getvalue())
+    assert items == {}
+    assert problems == [('part > "continued.com"', f"tar entry of type {printable(repr(kind), 20)} "
+                                                   f"holds {len(EICAR)} bytes that are not read")]
+
+
 def test_hostile_tar_names_are_labels_and_links_devices_are_skipped_with_a_note(tmp_path):
     escape = tmp_path / "escape"
     items, problems, unpacker = unpack(hostile_tar(escape))
