@@ -253,21 +253,13 @@ class Command:
             last = output.strip().splitlines()[-1:] or [""]
             raise ScannerError(f"{self} exited {code}: {printable(last[0], 160)}")
 
-    def _execute(self, paths: list[str]) -> tuple[int, str]:
-        import subprocess
+    MAX_OUTPUT = 1 << 20        # a report, not a stream: more is a scanner gone wrong
 
+    def _execute(self, paths: list[str]) -> tuple[int, str]:
         argv = []
         for word in self.argv:
             argv += paths if word == "{paths}" else [word.replace("{path}", paths[0])]
-        try:
-            process = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                     timeout=self.timeout, cwd=self.directory(), check=False)
-        except subprocess.TimeoutExpired:
-            raise ScannerError(f"{self} timed out after {self.timeout:g} s") from None
-        except OSError as error:
-            raise ScannerError(f"cannot run {self}: {error.strerror or error}") from None
-        output = process.stdout + b"\n" + process.stderr
-        return process.returncode, output.decode("utf-8", "replace")
+        return bounded_run(argv, self.directory(), self.timeout, self.MAX_OUTPUT, str(self))
 
     def _label(self, match: re.Match, batch: dict[str, str]) -> str:
         path = _group(match, "path") if "path" in match.re.groupindex else ""
@@ -275,6 +267,43 @@ class Command:
             if path.startswith(stored):       # clamscan: "PATH!member" for archive contents
                 return label
         return _only_label(batch)
+
+
+def bounded_run(argv: list[str], folder: Path | None, timeout: float, most: int, name: str,
+                error: type[Exception] = ScannerError, too_much: str = "") -> tuple[int, str]:
+    """Run ``argv`` in ``folder``, stdin closed, and read at most ``most`` bytes of its output
+    (stdout and stderr together) in ``timeout`` seconds; else ``error`` naming ``name``."""
+    import select
+    import subprocess
+    import time
+
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, cwd=folder)
+    except OSError as failure:
+        raise error(f"cannot run {name} ({argv[0]}): {failure.strerror or failure}") from None
+    output, deadline = bytearray(), time.monotonic() + timeout
+    try:
+        while len(output) <= most:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise error(f"{name} took longer than {timeout:g} s")
+            if select.select([process.stdout], [], [], left)[0]:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
+        else:
+            raise error(f"{name} said more than {most} bytes{too_much}")
+        code = process.wait(max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise error(f"{name} took longer than {timeout:g} s") from None
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+    return code, output.decode("utf-8", "replace")
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -12,13 +12,12 @@ never prompts), a timeout, and no more output read than the member limit explain
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from .archives import Declared, Unpacker, Unscannable
 from .base import printable
-from .scanners import ScannerError, write_private
+from .scanners import ScannerError, bounded_run, write_private
 
 SEPARATOR = "----------"        # between the archive's properties and its members in -slt
 
@@ -53,7 +52,8 @@ class SevenZip:
     def run(self, command: list[str], name: str, folder: Path, most: int) -> str:
         """7-Zip's output for ``command`` on ``name``; any complaint raises Unscannable."""
         argv = [self.binary, *command, "-t7z", "-p", "-sccUTF-8", "--", name]
-        code, output = bounded_run(argv, folder, self.timeout, most)
+        code, output = bounded_run(argv, folder, self.timeout, most, "7-Zip", Unscannable,
+                                   " about it (too many members or overlong names)")
         lines = [line.strip() for line in output.splitlines()]
         if code != 0 and any("Wrong password" in line for line in lines):
             raise Unscannable("encrypted member" if command[0] == "t" else
@@ -105,38 +105,3 @@ def complaint(lines: list[str], code: int) -> str:
         if line.startswith(("Open ERROR:", "ERROR:")):
             return printable(line.partition(":")[2].strip(), 160)
     return f"7-Zip exited {code}"
-
-
-def bounded_run(argv: list[str], folder: Path, timeout: float, most: int) -> tuple[int, str]:
-    """Run ``argv`` in ``folder`` and read at most ``most`` bytes of its output in ``timeout``."""
-    import select
-    import subprocess
-
-    try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, cwd=folder)
-    except OSError as error:
-        raise Unscannable(f"cannot run 7-Zip ({argv[0]}): {error.strerror or error}") from None
-    output, deadline = bytearray(), time.monotonic() + timeout
-    try:
-        while len(output) <= most:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Unscannable(f"7-Zip took longer than {timeout:g} s")
-            if select.select([process.stdout], [], [], left)[0]:
-                chunk = os.read(process.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                output += chunk
-        else:
-            raise Unscannable(f"7-Zip said more than {most} bytes about it (too many members "
-                              "or overlong names)")
-        code = process.wait(max(0.1, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise Unscannable(f"7-Zip took longer than {timeout:g} s") from None
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        process.stdout.close()
-    return code, output.decode("utf-8", "replace")

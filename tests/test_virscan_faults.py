@@ -234,7 +234,15 @@ def test_clamscan_error_exit_defers(gate, tmp_path):
 def test_command_scanner_timeout_defers(gate):
     outcome = gate(CLEAN, scanner="command", timeout=1,
                    command=[sys.executable, "-c", "import time; time.sleep(60)", "{paths}"])
-    assert_deferred(outcome, "timed out after 1 s")
+    assert_deferred(outcome, "took longer than 1 s")
+    assert outcome.seconds < 30
+
+
+def test_command_scanner_that_floods_its_output_defers(gate):
+    outcome = gate(CLEAN, scanner="command", timeout=30,
+                   command=[sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)",
+                            "{paths}"])
+    assert_deferred(outcome, f"said more than {1 << 20} bytes")
     assert outcome.seconds < 30
 
 
