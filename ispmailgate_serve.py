@@ -477,8 +477,9 @@ class Arbiter:
             settings = settings_of(config).with_overrides(**self.overrides)
             identity = Identity.for_workers(config)
             ispmailgate.preload(config)
-        except ConfigError as error:
-            log.error("reload refused, still serving the previous rule file: %s", error)
+        except Exception as error:      # a plugin may fail in its own way: refuse, never die
+            log.error("reload refused, still serving the previous rule file: %s", error,
+                      exc_info=not isinstance(error, ConfigError))
             notify("READY=1")
             return
         if settings.socket != self.settings.socket:

@@ -240,6 +240,64 @@ def test_sighup_reloads_a_good_rule_file_and_refuses_a_bad_one(python, sink):
         assert stamps == [[b"one"], [b"two"], [b"two"]]
 
 
+# Filter modules outside the repo's import path: one that cannot even be imported, one whose
+# filter fails to build in a way of its own.  Each is a config error, never the master's end.
+BROKEN_PLUGINS = {
+    "broken_syntax.py": "def oops(:\n",
+    "broken_build.py": ("from ispmailgate_filters.base import Filter\n\n\n"
+                        "class Faulty(Filter):\n"
+                        "    @classmethod\n"
+                        "    def from_options(cls, options, where, label=''):\n"
+                        "        raise RuntimeError('no luck today')\n"),
+    "broken_preload.py": ("from ispmailgate_filters.base import Filter\n\n\n"
+                          "class Needy(Filter):\n"
+                          "    lazy_modules = ('no_such_module_here',)\n"),
+}
+
+
+class PluginServer(Server):
+    """A server whose PYTHONPATH also holds a folder of plugins."""
+
+    def __init__(self, python: Path, config: str, plugins: Path) -> None:
+        super().__init__(python, config)
+        self.plugins = plugins
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["PYTHONPATH"] += os.pathsep + str(self.plugins)
+        return env
+
+
+@pytest.mark.parametrize("kind, complaint, check_sees_it", [
+    ("broken_syntax:Any", "filter.bad.type: cannot load filter 'broken_syntax:Any' from broken_syntax:Any: "
+                          "SyntaxError: invalid syntax", True),
+    ("broken_build:Faulty", "filter.bad: cannot build filter broken_build:Faulty: RuntimeError: no luck today",
+     True),
+    ("broken_preload:Needy", "No module named 'no_such_module_here'", False),    # fails in preload()
+])
+def test_sighup_with_a_filter_that_fails_its_own_way_keeps_serving(python, sink, kind, complaint, check_sees_it):
+    drain(sink)
+    plugins = shared_folder()
+    for name, text in BROKEN_PLUGINS.items():
+        (plugins / name).write_text(text)
+    rules = f'mail_host = "{sink.address}"\n'
+    with PluginServer(python, rules, plugins) as server:
+        workers = wait_for_workers(server, 2)
+        server.write_config(rules + f'default_filter = ["bad"]\n[filter.bad]\ntype = "{kind}"\n')
+        if check_sees_it:
+            check = run_gate(["check", "-c", str(server.config)], b"", env=server.env())
+            assert check.code == 78 and complaint in check.stdout.decode(), check
+        server.signal(signal.SIGHUP)
+        assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
+        assert "reload refused, still serving the previous rule file" in server.log()
+        assert complaint in server.log()
+        run = server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)
+        assert run.code == 0, (run.stderr, server.log())
+        assert server.process.poll() is None and server.workers() == workers
+        assert server.socket.exists() and server.pidfile.exists()
+    assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
+
+
 def test_workers_are_recycled_after_max_requests(python, sink):
     drain(sink)
     config = f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nmax_requests = 3\nmax_requests_jitter = 0\n'
