@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, Sink, crlf, run_gate, wait_for
-from serving import CLIENT, Server, drain, proc_status, shared_folder, wait_for_workers
+from serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
 from serving import python, sink  # noqa: F401  (fixtures)
 
 SIMPLE = (CORPUS / "simple.msg").read_bytes()
@@ -50,6 +52,24 @@ def server(python, sink):
         yield server
 
 
+@pytest.fixture(scope="module")
+def client_folder(server, sink):
+    """The MTA's directory, not the server's: rule files and work folders by relative names."""
+    folder = shared_folder()
+    for name, stamp in (("rules.toml", "relative -c"), ("env.toml", "ISPMAILGATE_CONFIG")):
+        (folder / name).write_text(
+            f'mail_host = "{sink.address}"\ntmp_dir = "work"\nlog_file = "{server.gate_log}"\n'
+            f'mail_user = "{server.user}"\nmail_group = "{server.group}"\n'
+            'default_filter = ["stamp", "gate_test_filters:NeedsWorkdir"]\n'
+            f'[filter.stamp]\ntype = "gate_test_filters:Stamp"\nvalue = "{stamp}"\n')
+    for name in ("work", "other"):
+        (folder / name).mkdir(mode=0o777)
+        (folder / name).chmod(0o777)
+    yield folder
+    shutil.rmtree(folder)
+
+
+# Each case runs in client_folder; leading NAME=value words go to the environment, as with env(1).
 SAME_RESULT_CASES = [
     (["--help"], b""),
     (["-h"], b""),
@@ -70,15 +90,31 @@ SAME_RESULT_CASES = [
     (["-f", "a@b.example", "c@d.example", "e@f.example"], SIMPLE),
     (["-f", "", "--", "-odd@example.com"], MBOX),
     (["-f", "a@b.example", "ümlaut@exämple.org"], SIMPLE),
+    # relative paths resolve in the client's directory, and its $ISPMAILGATE_CONFIG counts
+    (["-c", "rules.toml", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-c", "rules.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-c", "rules.toml", "-t", "other", "-d", "--stdout", "-f", "a@b.example", "c@d.example"], MBOX),
+    (["-c", "rules.toml", "-t", "absent", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-c", "absent.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=env.toml", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=env.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=env.toml", "-c", "rules.toml", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=absent.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),   # empty: unset
 ]
 
 
 @pytest.mark.parametrize("args, stdin", SAME_RESULT_CASES)
-def test_served_result_is_the_one_shot_result(server, sink, args, stdin):
-    config_args = ["-c", str(server.config)] if args[:1] != ["--help"] else []
-    one_shot = run_gate(config_args + args, stdin)
+def test_served_result_is_the_one_shot_result(server, sink, client_folder, args, stdin):
+    env = {}
+    while args and re.match(r"[A-Z_]+=", args[0]):
+        name, _, value = args[0].partition("=")
+        env[name], args = value, args[1:]
+    names_a_config = "-c" in args or env.get("ISPMAILGATE_CONFIG") or args[:1] == ["--help"]
+    config_args = [] if names_a_config else ["-c", str(server.config)]
+    one_shot = run_gate(config_args + args, stdin, env=env, cwd=client_folder)
     delivered_one_shot = drain(sink)
-    served = server.client(config_args + args, stdin)
+    served = server.client(config_args + args, stdin, env=env, cwd=client_folder)
     delivered_served = drain(sink)
     assert (served.code, served.stdout, served.stderr) == (one_shot.code, one_shot.stdout, one_shot.stderr)
     assert [(m.mail_from, m.rcpt_tos, m.content) for m in delivered_served] == \
@@ -90,6 +126,68 @@ def test_a_config_error_reads_the_same_served_and_one_shot(server):
     one_shot, served = run_gate(args, SIMPLE), server.client(args, SIMPLE)
     assert served.code == one_shot.code == 75
     assert served.stderr == one_shot.stderr and served.first_line.startswith("4.3.5 config error")
+
+
+ENVELOPE = ["--stdout", "-f", "a@b.example", "c@d.example"]
+
+
+def test_a_directory_the_workers_cannot_enter_fails_only_relative_paths(server, client_folder):
+    """A procmail user's home of 0700: what is absolute works, what is relative is deferred
+    with the reason, and never resolved in another directory."""
+    private = Path(tempfile.mkdtemp(dir="/tmp"))           # root's, 0700: nobody cannot enter
+    shutil.copy(client_folder / "rules.toml", private)
+    try:
+        absolute = server.client(["-c", str(server.config), *ENVELOPE], SIMPLE, cwd=private)
+        relative = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=private)
+    finally:
+        shutil.rmtree(private)
+    assert (absolute.code, absolute.stdout) == (0, SIMPLE), absolute.stderr
+    assert relative.code == 75
+    assert relative.stderr.splitlines() == [
+        "4.3.5 config error: rules.toml: cannot read: No such file or directory",
+        f"ispmailgate serve: cannot enter the client's working directory {private}: Permission denied: "
+        "relative paths did not resolve"]
+    for _ in range(4):          # each worker went back to its own directory
+        again = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=client_folder)
+        assert again.code == 0 and b"X-Stamp: relative -c" in again.stdout, again.stderr
+
+
+def test_a_removed_client_directory_resolves_relative_paths_nowhere(server, client_folder):
+    def in_removed_directory(args: list[str]) -> subprocess.CompletedProcess:
+        gone = shared_folder()
+        shutil.copy(client_folder / "rules.toml", gone)
+        return subprocess.run(["sh", "-c", 'cd "$0" && rm -r "$0" && exec "$@"', str(gone), str(CLIENT),
+                               "--socket", str(server.socket), *args], input=SIMPLE, capture_output=True,
+                              env=client_env(), timeout=120)
+
+    absolute = in_removed_directory(["-c", str(server.config), *ENVELOPE])
+    relative = in_removed_directory(["-c", "rules.toml", *ENVELOPE])
+    assert (absolute.returncode, absolute.stdout) == (0, SIMPLE), absolute.stderr
+    assert relative.returncode == 75
+    assert relative.stderr.decode().splitlines() == [
+        "4.3.5 config error: rules.toml: cannot read: No such file or directory",
+        "ispmailgate serve: the client's working directory was removed: relative paths did not resolve"]
+
+
+class DashCServer(Server):
+    """Started as ``python -c``: sys.path begins with "", whatever the current directory is."""
+
+    def command(self) -> list[str]:
+        return [str(self.python), "-c", "import sys, ispmailgate; sys.exit(ispmailgate.main())",
+                *super().command()[3:]]
+
+
+def test_a_client_directory_never_supplies_modules_to_the_workers(python, sink):
+    folder = shared_folder()
+    (folder / "planted.py").write_text(f"open({str(folder / 'imported')!r}, 'w').close()\n")
+    (folder / "rules.toml").write_text('default_filter = ["planted:Filter"]\n')
+    try:
+        with DashCServer(python, f'mail_host = "{sink.address}"\n') as server:
+            run = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=folder)
+        assert run.code == 75 and "No module named 'planted'" in run.first_line, run.stderr
+        assert not (folder / "imported").exists()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_delivery_is_byte_identical_and_the_peer_is_logged(server, sink):
