@@ -43,12 +43,14 @@ def encode_arguments(args: list[str]) -> bytes:
 
 
 def encode_context() -> bytes:
-    """Where a one-shot run would resolve relative paths: our working directory, then
-    $ISPMAILGATE_CONFIG if it is set (nothing else from the environment), NUL-terminated."""
+    """Where a one-shot run would resolve relative paths: our working directory and its
+    device:inode (so the server can tell it sees the same one), then $ISPMAILGATE_CONFIG
+    if it is set (nothing else from the environment), each NUL-terminated."""
     try:
-        context = os.getcwdb() + b"\0"
-    except OSError:         # our directory was removed: relative paths resolve nowhere
-        context = b"\0"
+        here = os.stat(".")
+        context = b"%s\0%d:%d\0" % (os.getcwdb(), here.st_dev, here.st_ino)
+    except OSError:         # removed, or we cannot search it: relative paths resolve nowhere
+        context = b"\0\0"
     config = os.environ.get(CONFIG_VARIABLE)
     if config:              # empty counts as unset, as for the one-shot command line parser
         context += os.fsencode(f"{CONFIG_VARIABLE}={config}") + b"\0"

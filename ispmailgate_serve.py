@@ -164,24 +164,31 @@ class RequestError(OSError):
 
 
 class ClientContext(NamedTuple):
-    """Where the client runs (protocol 2): its working directory ("" when it was removed)
-    and its $ISPMAILGATE_CONFIG (None when unset).  Nothing else of its environment."""
+    """Where the client runs (protocol 2): its working directory and that directory's
+    (device, inode) -- "" and None when the client cannot tell -- and its
+    $ISPMAILGATE_CONFIG (None when unset).  Nothing else of its environment."""
     cwd: str
+    dev_ino: tuple[int, int] | None
     config: str | None
 
     @classmethod
     def decode(cls, payload: bytes) -> ClientContext:
-        if not payload.endswith(b"\0"):
+        items = [os.fsdecode(item) for item in payload.split(b"\0")[:-1]]
+        if not payload.endswith(b"\0") or len(items) < 2:
             raise RequestError("malformed context frame")
-        cwd, *variables = [os.fsdecode(item) for item in payload.split(b"\0")[:-1]]
-        if cwd and not cwd.startswith("/"):
-            raise RequestError(f"the client's working directory is not absolute: {cwd!r}")
+        cwd, dev_ino, *variables = items
+        device, _, inode = dev_ino.partition(":")
+        known = cwd.startswith("/") and device.isdecimal() and inode.isdecimal()
+        if not known and (cwd or dev_ino):
+            raise RequestError(f"the context frame's working directory is not an absolute path "
+                               f"and a device:inode: {cwd!r} {dev_ino!r}")
         names = [variable.partition("=")[0] for variable in variables]
         if names not in ([], [CONFIG_VARIABLE]):
             raise RequestError(f"the context frame carries {', '.join(names)} "
                                f"(only {CONFIG_VARIABLE}, once)")
         config = variables[0].partition("=")[2] if variables else ""
-        return cls(cwd, config or None)       # empty is unset, as for the command line parser
+        return cls(cwd, (int(device), int(inode)) if known else None,
+                   config or None)      # empty is unset, as for the command line parser
 
 
 class Request:
@@ -422,10 +429,10 @@ class Worker:
             yield ""
             return
         saved = os.environ.get(CONFIG_VARIABLE)
-        refused = enter(context.cwd)
+        refused = enter(context.cwd, context.dev_ino)
         if refused:
             refused = (f"cannot enter the client's working directory {context.cwd}: {refused}"
-                       if context.cwd else "the client's working directory was removed")
+                       if context.cwd else "the client cannot tell its working directory")
             log.info("worker %d: %s: relative paths will not resolve", self.pid, refused)
         if context.config is not None:
             os.environ[CONFIG_VARIABLE] = context.config
@@ -443,21 +450,26 @@ class Worker:
                 self.alive = False
 
 
-def enter(directory: str | int) -> str:
-    """chdir (or fchdir, given a descriptor): "" or why not.  Where it cannot, it goes to a
-    directory that no longer exists, so that a relative path fails (as in a one-shot run
-    that dropped root where mail_user cannot enter) instead of resolving where nobody meant
-    it to; an OSError if even that fails."""
+def enter(directory: str | int, dev_ino: tuple[int, int] | None = None) -> str:
+    """chdir (or fchdir, given a descriptor), to the very directory ``dev_ino`` names if
+    given: "" or why not.  Where it cannot, it goes to a directory that no longer exists, so
+    that a relative path fails (as in a one-shot run that dropped root where mail_user
+    cannot enter) instead of resolving where nobody meant it to; an OSError if even that
+    fails."""
     import tempfile
 
     try:
         os.chdir(directory)
-        return ""
+        here = os.stat(".")
+        if dev_ino is None or (here.st_dev, here.st_ino) == dev_ino:
+            return ""
+        reason = "the server sees another directory there (a private /tmp? another mount namespace?)"
     except OSError as error:
-        gone = tempfile.mkdtemp(prefix="ispmailgate-gone-")
-        os.chdir(gone)
-        os.rmdir(gone)
-        return error.strerror or str(error)
+        reason = error.strerror or str(error)
+    gone = tempfile.mkdtemp(prefix="ispmailgate-gone-")
+    os.chdir(gone)
+    os.rmdir(gone)
+    return reason
 
 
 # =========================================================================================

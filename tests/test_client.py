@@ -41,13 +41,13 @@ def test_the_context_is_the_directory_and_only_ispmailgate_config(monkeypatch, t
     monkeypatch.chdir(here)
     monkeypatch.setenv("ISPMAILGATE_CONFIG", "rules.toml")
     monkeypatch.setenv("PATH", "/elsewhere")
-    assert encode_context() == os.getcwdb() + b"\0ISPMAILGATE_CONFIG=rules.toml\0"
-    assert os.getcwdb().endswith("/wörk".encode())
+    directory = os.fsencode(here) + b"\0%d:%d\0" % (here.stat().st_dev, here.stat().st_ino)
+    assert encode_context() == directory + b"ISPMAILGATE_CONFIG=rules.toml\0"
     monkeypatch.setenv("ISPMAILGATE_CONFIG", "")          # empty is unset, as for the parser
-    assert encode_context() == os.getcwdb() + b"\0"
+    assert encode_context() == directory
     here.rmdir()                                            # removed under us: no directory
     monkeypatch.delenv("ISPMAILGATE_CONFIG")
-    assert encode_context() == b"\0"
+    assert encode_context() == b"\0\0"
 
 
 # -- malformed, oversize and slow requests ------------------------------------------------
@@ -88,17 +88,21 @@ def exchange(path, data: bytes, *, close_early: bool = False) -> tuple[int | Non
 
 
 ARGS = encode_arguments(["-f", "a@b.example", "c@d.example"])
-HERE = frame(CONTEXT, b"/\0")
+HERE = frame(CONTEXT, b"/\0%d:%d\0" % (os.stat("/").st_dev, os.stat("/").st_ino))
 BAD_REQUESTS = [                # most in protocol 1, which old clients still speak
     (b"\x03" + HERE + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 3 (this server "
                                              "speaks 1 and 2)"),
     (b"\x02" + frame(ARGUMENTS, ARGS), "bad request: expected the context frame first"),
-    (b"\x02" + frame(CONTEXT, b"/") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
-    (b"\x02" + frame(CONTEXT, b"tmp\0") + frame(ARGUMENTS, ARGS),
-     "bad request: the client's working directory is not absolute: 'tmp'"),
-    (b"\x02" + frame(CONTEXT, b"/\0PATH=/tmp\0") + frame(ARGUMENTS, ARGS),
+    (b"\x02" + frame(CONTEXT, b"/\x001:2") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
+    (b"\x02" + frame(CONTEXT, b"/\0") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
+    (b"\x02" + frame(CONTEXT, b"tmp\x001:2\0") + frame(ARGUMENTS, ARGS),
+     "bad request: the context frame's working directory is not an absolute path and a device:inode: "
+     "'tmp' '1:2'"),
+    (b"\x02" + frame(CONTEXT, b"/tmp\0\0") + frame(ARGUMENTS, ARGS),
+     "bad request: the context frame's working directory is not an absolute path and a device:inode"),
+    (b"\x02" + frame(CONTEXT, b"\0\0PATH=/tmp\0") + frame(ARGUMENTS, ARGS),
      "bad request: the context frame carries PATH (only ISPMAILGATE_CONFIG, once)"),
-    (b"\x02" + frame(CONTEXT, b"/\0ISPMAILGATE_CONFIG=a\0ISPMAILGATE_CONFIG=b\0") + frame(ARGUMENTS, ARGS),
+    (b"\x02" + frame(CONTEXT, b"\0\0ISPMAILGATE_CONFIG=a\0ISPMAILGATE_CONFIG=b\0") + frame(ARGUMENTS, ARGS),
      "bad request: the context frame carries ISPMAILGATE_CONFIG, ISPMAILGATE_CONFIG"),
     (b"\x02" + HERE + frame(DATA, b"x"), "bad request: expected the argument frame next"),
     (b"GET / HTTP/1.0\r\n\r\n", "bad request: unsupported protocol version 71"),

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, Sink, crlf, run_gate, wait_for
+from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, encode_arguments, frame
 from serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
 from serving import python, sink  # noqa: F401  (fixtures)
 
@@ -166,7 +167,32 @@ def test_a_removed_client_directory_resolves_relative_paths_nowhere(server, clie
     assert relative.returncode == 75
     assert relative.stderr.decode().splitlines() == [
         "4.3.5 config error: rules.toml: cannot read: No such file or directory",
-        "ispmailgate serve: the client's working directory was removed: relative paths did not resolve"]
+        "ispmailgate serve: the client cannot tell its working directory: relative paths did not resolve"]
+
+
+def test_a_directory_that_is_another_one_for_the_server_resolves_nothing(server, client_folder):
+    """Same path, another directory (the server's private /tmp, another mount namespace):
+    told apart by device and inode, it is treated as a directory the worker cannot enter."""
+    def request(dev_ino: bytes) -> tuple[int, bytes]:
+        context = os.fsencode(client_folder) + b"\0" + dev_ino + b"\0"
+        args = encode_arguments(["-c", "rules.toml", *ENVELOPE])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(60)
+            connection.connect(str(server.socket))
+            connection.sendall(b"\x02" + frame(CONTEXT, context) + frame(ARGUMENTS, args)
+                               + frame(DATA, SIMPLE) + frame(END))
+            connection.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := connection.recv(65536):
+                reply += chunk
+        return reply[-1], reply
+
+    here = client_folder.stat()
+    assert request(b"%d:%d" % (here.st_dev, here.st_ino))[0] == 0
+    status, reply = request(b"%d:%d" % (here.st_dev, here.st_ino + 1))
+    assert status == 75
+    assert (b"ispmailgate serve: cannot enter the client's working directory " + os.fsencode(client_folder)
+            + b": the server sees another directory there") in reply
 
 
 class DashCServer(Server):
