@@ -405,20 +405,23 @@ def test_sighup_with_a_filter_that_fails_its_own_way_keeps_serving(python, sink,
     for name, text in BROKEN_PLUGINS.items():
         (plugins / name).write_text(text)
     rules = f'mail_host = "{sink.address}"\n'
-    with PluginServer(python, rules, plugins) as server:
-        workers = wait_for_workers(server, 2)
-        server.write_config(rules + f'default_filter = ["bad"]\n[filter.bad]\ntype = "{kind}"\n')
-        if check_sees_it:
-            check = run_gate(["check", "-c", str(server.config)], b"", env=server.env())
-            assert check.code == 78 and complaint in check.stdout.decode(), check
-        server.signal(signal.SIGHUP)
-        assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
-        assert "reload refused, still serving the previous rule file" in server.log()
-        assert complaint in server.log()
-        run = server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)
-        assert run.code == 0, (run.stderr, server.log())
-        assert server.process.poll() is None and server.workers() == workers
-        assert server.socket.exists() and server.pidfile.exists()
+    try:
+        with PluginServer(python, rules, plugins) as server:
+            workers = wait_for_workers(server, 2)
+            server.write_config(rules + f'default_filter = ["bad"]\n[filter.bad]\ntype = "{kind}"\n')
+            if check_sees_it:
+                check = run_gate(["check", "-c", str(server.config)], b"", env=server.env())
+                assert check.code == 78 and complaint in check.stdout.decode(), check
+            server.signal(signal.SIGHUP)
+            assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
+            assert "reload refused, still serving the previous rule file" in server.log()
+            assert complaint in server.log()
+            run = server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)
+            assert run.code == 0, (run.stderr, server.log())
+            assert server.process.poll() is None and server.workers() == workers
+            assert server.socket.exists() and server.pidfile.exists()
+    finally:
+        shutil.rmtree(plugins)
     assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
 
 
