@@ -605,14 +605,26 @@ def _named_filter(name: str, options: Any) -> Filter:
     kind = options.pop("type", None)
     if not isinstance(kind, str):
         raise ConfigError(f"{where}.type", "missing: the filter type (dummy, banner, ...)")
-    return filter_class(kind, f"{where}.type").from_options(options, where, name)
+    return _built(filter_class(kind, f"{where}.type"), options, where, name)
 
 
 def resolve_chain(names: tuple[str, ...], where: str, filters: dict[str, Filter]) -> tuple[Filter, ...]:
     """A chain's names: each a ``[filter.NAME]`` instance or a type with its defaults."""
     return tuple(filters[name] if name in filters
-                 else filter_class(name, f"{where}[{i}]").from_options({}, f"{where}[{i}]")
+                 else _built(filter_class(name, f"{where}[{i}]"), {}, f"{where}[{i}]")
                  for i, name in enumerate(names))
+
+
+def _built(cls: type[Filter], options: dict[str, Any], where: str, label: str = "") -> Filter:
+    """A plugin failing in a way of its own is a config error too: ``check`` reports it, and
+    a server's reload refuses it instead of dying."""
+    try:
+        return cls.from_options(options, where, label)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(where, f"cannot build filter {cls.__module__}:{cls.__qualname__}: "
+                                 f"{type(error).__name__}: {error}") from None
 
 
 def filter_class(kind: str, where: str) -> type[Filter]:
@@ -629,8 +641,9 @@ def filter_class(kind: str, where: str) -> type[Filter]:
     try:
         import importlib
         cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ConfigError(where, f"cannot load filter {kind!r} from {target}: {error}") from None
+    except Exception as error:      # ImportError, and whatever the module raises (SyntaxError...)
+        raise ConfigError(where, f"cannot load filter {kind!r} from {target}: "
+                                 f"{type(error).__name__}: {error}") from None
     if not (isinstance(cls, type) and issubclass(cls, Filter)):
         raise ConfigError(where, f"{target} is not a Filter class")
     return cls

@@ -3,12 +3,13 @@
     ispmailgate-client [--socket PATH] [--fallback oneshot|tempfail] [ispmailgate arguments] < message
 
 The MTA runs this where it would run ``ispmailgate``: every argument after the client's
-own leading options goes to a server worker unparsed, with the message, and the worker
-answers with what a one-shot run would have written to stdout and stderr and its exit
-status.  The client starts fast because it imports almost nothing (no typer, no email
-package); keep it that way.  When the server cannot be reached it runs the one-shot
-``ispmailgate`` with the same arguments and the untouched stdin, or exits 75, as
-configured: the message is never lost.  The wire protocol is described in docs/protocol.md.
+own leading options goes to a server worker unparsed, with the message, our working
+directory and $ISPMAILGATE_CONFIG, and the worker answers with what a one-shot run started
+here would have written to stdout and stderr and its exit status.  The client starts fast
+because it imports almost nothing (no typer, no email package); keep it that way.  When
+the server cannot be reached it runs the one-shot ``ispmailgate`` with the same arguments
+and the untouched stdin, or exits 75, as configured: the message is never lost.  The wire
+protocol is described in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import sys
 
 DEFAULT_SOCKET = "/run/ispmailgate/ispmailgate.sock"
 DEFAULT_CONFIG_PATH = "/etc/ispmailgate/ispmailgate.toml"    # as in ispmailgate.py
+CONFIG_VARIABLE = "ISPMAILGATE_CONFIG"                       # what -c defaults to
 EX_TEMPFAIL = 75
 FALLBACKS = ("oneshot", "tempfail")
 
 # The wire protocol, shared with ispmailgate_serve.
-PROTOCOL_VERSION = 1
-ARGUMENTS, DATA, END = b"A", b"D", b"."            # client -> server frames
+PROTOCOL_VERSION = 2                               # what a client sends
+PROTOCOL_VERSIONS = (1, 2)                         # what either side reads
+CONTEXT, ARGUMENTS, DATA, END = b"C", b"A", b"D", b"."      # client -> server frames
 STDOUT, STDERR, EXIT = b"O", b"E", b"X"            # server -> client frames
 MAX_FRAME = 2 << 20                                # bytes of payload in one frame
 CHUNK = 1 << 16
@@ -37,6 +40,21 @@ def frame(kind: bytes, payload: bytes = b"") -> bytes:
 def encode_arguments(args: list[str]) -> bytes:
     """Each argument NUL-terminated, as the bytes the kernel gave us (like the C wrapper)."""
     return b"".join(os.fsencode(arg) + b"\0" for arg in args)
+
+
+def encode_context() -> bytes:
+    """Where a one-shot run would resolve relative paths: our working directory and its
+    device:inode (so the server can tell it sees the same one), then $ISPMAILGATE_CONFIG
+    if it is set (nothing else from the environment), each NUL-terminated."""
+    try:
+        here = os.stat(".")
+        context = b"%s\0%d:%d\0" % (os.getcwdb(), here.st_dev, here.st_ino)
+    except OSError:         # removed, or we cannot search it: relative paths resolve nowhere
+        context = b"\0\0"
+    config = os.environ.get(CONFIG_VARIABLE)
+    if config:              # empty counts as unset, as for the one-shot command line parser
+        context += os.fsencode(f"{CONFIG_VARIABLE}={config}") + b"\0"
+    return context
 
 
 def main() -> int:
@@ -87,7 +105,7 @@ def connect(path: str):
 
 
 def send_request(connection, args: list[str]) -> None:
-    """Arguments, then stdin in chunks; stops early when the server has already answered.
+    """Context and arguments, then stdin in chunks; stops early when the server has answered.
 
     The server answers before the end of the message when it needs no message (--help,
     a usage error) or refuses it (too large): then the rest is not sent.
@@ -95,7 +113,8 @@ def send_request(connection, args: list[str]) -> None:
     import select
 
     try:
-        connection.sendall(bytes([PROTOCOL_VERSION]) + frame(ARGUMENTS, encode_arguments(args)))
+        connection.sendall(bytes([PROTOCOL_VERSION]) + frame(CONTEXT, encode_context())
+                           + frame(ARGUMENTS, encode_arguments(args)))
         while True:
             readable, _, _ = select.select([0, connection], [], [])
             if connection in readable:
@@ -113,7 +132,7 @@ def relay_reply(connection) -> int:
     """Copies stdout and stderr frames to ours; the exit frame ends the reply."""
     reader = Reader(connection)
     try:
-        if reader.exactly(1) != bytes([PROTOCOL_VERSION]):
+        if reader.exactly(1)[0] not in PROTOCOL_VERSIONS:     # an old server's refusal is relayed
             return tempfail("the server speaks another protocol version")
         while True:
             kind, length = reader.exactly(1), int.from_bytes(reader.exactly(4), "big")
@@ -179,7 +198,7 @@ def fall_back(fallback: str | None, args: list[str], reason: str) -> int:
 
 def configured_fallback() -> str:
     """``[serve] fallback`` from the rule file; read only on this rare path."""
-    path = os.environ.get("ISPMAILGATE_CONFIG") or DEFAULT_CONFIG_PATH
+    path = os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG_PATH
     try:
         import tomllib
 

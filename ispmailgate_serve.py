@@ -15,6 +15,7 @@ instead of a fork loop.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -23,12 +24,12 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import ispmailgate
 from ispmailgate import EX_CONFIG, EX_OK, EX_TEMPFAIL, Config, Setting, Streams
-from ispmailgate_client import (ARGUMENTS, DATA, DEFAULT_SOCKET, END, EXIT, FALLBACKS, MAX_FRAME,
-                                PROTOCOL_VERSION, STDERR, STDOUT, frame)
+from ispmailgate_client import (ARGUMENTS, CONFIG_VARIABLE, CONTEXT, DATA, DEFAULT_SOCKET, END, EXIT,
+                                FALLBACKS, MAX_FRAME, PROTOCOL_VERSIONS, STDERR, STDOUT, frame)
 from ispmailgate_filters.base import ConfigError, count, parse_size
 
 log = logging.getLogger("ispmailgate.serve")
@@ -162,8 +163,36 @@ class RequestError(OSError):
     core's message reader turns it into a tempfail like any other read error)."""
 
 
+class ClientContext(NamedTuple):
+    """Where the client runs (protocol 2): its working directory and that directory's
+    (device, inode) -- "" and None when the client cannot tell -- and its
+    $ISPMAILGATE_CONFIG (None when unset).  Nothing else of its environment."""
+    cwd: str
+    dev_ino: tuple[int, int] | None
+    config: str | None
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ClientContext:
+        items = [os.fsdecode(item) for item in payload.split(b"\0")[:-1]]
+        if not payload.endswith(b"\0") or len(items) < 2:
+            raise RequestError("malformed context frame")
+        cwd, dev_ino, *variables = items
+        device, _, inode = dev_ino.partition(":")
+        known = cwd.startswith("/") and device.isdecimal() and inode.isdecimal()
+        if not known and (cwd or dev_ino):
+            raise RequestError(f"the context frame's working directory is not an absolute path "
+                               f"and a device:inode: {cwd!r} {dev_ino!r}")
+        names = [variable.partition("=")[0] for variable in variables]
+        if names not in ([], [CONFIG_VARIABLE]):
+            raise RequestError(f"the context frame carries {', '.join(names)} "
+                               f"(only {CONFIG_VARIABLE}, once)")
+        config = variables[0].partition("=")[2] if variables else ""
+        return cls(cwd, (int(device), int(inode)) if known else None,
+                   config or None)      # empty is unset, as for the command line parser
+
+
 class Request:
-    """One client's request: its arguments, then its message as a readable stream."""
+    """One client's request: its context and arguments, then its message as a readable stream."""
 
     def __init__(self, connection, settings: ServeSettings) -> None:
         self.connection = connection
@@ -173,15 +202,24 @@ class Request:
         self.received = 0
         self.pending = b""
         self.ended = False
+        self.version = PROTOCOL_VERSIONS[0]         # the reply's, until the client says
+        self.context: ClientContext | None = None   # protocol 1 sends none
 
     def arguments(self) -> list[str]:
-        version = self._exactly(1)
-        if version != bytes([PROTOCOL_VERSION]):
-            raise RequestError(f"unsupported protocol version {version[0]} (this server speaks "
-                               f"{PROTOCOL_VERSION})")
+        """The head of the request: the version, the context (protocol 2), the arguments."""
+        version = self._exactly(1)[0]
+        if version not in PROTOCOL_VERSIONS:
+            raise RequestError(f"unsupported protocol version {version} (this server speaks "
+                               f"{' and '.join(map(str, PROTOCOL_VERSIONS))})")
+        self.version = version
+        if version >= 2:
+            kind, payload = self._frame()
+            if kind != CONTEXT:
+                raise RequestError("expected the context frame first")
+            self.context = ClientContext.decode(payload)
         kind, payload = self._frame()
         if kind != ARGUMENTS or (payload and not payload.endswith(b"\0")):
-            raise RequestError("expected the argument frame first")
+            raise RequestError("expected the argument frame " + ("first" if version == 1 else "next"))
         return [os.fsdecode(arg) for arg in payload.split(b"\0")[:-1]]
 
     def read(self, size: int = -1) -> bytes:
@@ -227,8 +265,8 @@ class Request:
         return bytes(data)
 
 
-def send_reply(connection, stdout: bytes, stderr: bytes, status: int) -> None:
-    frames = [bytes([PROTOCOL_VERSION])]
+def send_reply(connection, stdout: bytes, stderr: bytes, status: int, version: int) -> None:
+    frames = [bytes([version])]
     for kind, data in ((STDOUT, stdout), (STDERR, stderr)):
         frames += [frame(kind, data[i:i + MAX_FRAME]) for i in range(0, len(data), MAX_FRAME)]
     frames.append(frame(EXIT, bytes([status & 0xFF])))
@@ -291,6 +329,7 @@ class Worker:
     master: int = 0
     alive: bool = True
     pid: int = 0
+    home: int = -1                      # the worker's own directory, to come back to
     stop_by: float | None = None        # set in the master when asked to stop
 
     def run(self) -> int:
@@ -320,6 +359,7 @@ class Worker:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        self.home = os.open(".", os.O_PATH)     # before privileges go: whoever we become
         if self.identity is not None:
             self.identity.assume()
 
@@ -354,7 +394,7 @@ class Worker:
             status, stdout, stderr = EX_TEMPFAIL, b"", f"4.3.0 ispmailgate serve: internal error: {error!r}\n".encode()
         try:
             connection.settimeout(self.settings.read_timeout)
-            send_reply(connection, stdout, stderr, status)
+            send_reply(connection, stdout, stderr, status, request.version)
             linger(connection, self.settings.read_timeout)
         except OSError as error:
             log.error("worker %d: could not answer pid=%d (exit %d was due): %s", self.pid, pid, status, error)
@@ -371,11 +411,65 @@ class Worker:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = text_stdout, stderr
         try:
-            status = ispmailgate.run(argv, Streams(request, stdout, stderr), preloaded=self.config)
+            with self.client_context(request.context) as refused:
+                status = ispmailgate.run(argv, Streams(request, stdout, stderr), preloaded=self.config)
         finally:
             sys.stdout, sys.stderr = saved
             text_stdout.detach()
+        if refused and status != EX_OK:         # after the status line: for the MTA's log
+            stderr.write(f"ispmailgate serve: {refused}: relative paths did not resolve\n")
         return status, stdout.getvalue(), stderr.getvalue().encode("utf-8", "backslashreplace")
+
+    @contextlib.contextmanager
+    def client_context(self, context: ClientContext | None) -> Iterator[str]:
+        """The client's working directory and $ISPMAILGATE_CONFIG for one request, as a
+        one-shot run would have them; yields why the directory could not be entered, or "".
+        Protocol 1 sends no context: such a request runs in the worker's own directory."""
+        if context is None:
+            yield ""
+            return
+        saved = os.environ.get(CONFIG_VARIABLE)
+        refused = enter(context.cwd, context.dev_ino)
+        if refused:
+            refused = (f"cannot enter the client's working directory {context.cwd}: {refused}"
+                       if context.cwd else "the client cannot tell its working directory")
+            log.info("worker %d: %s: relative paths will not resolve", self.pid, refused)
+        if context.config is not None:
+            os.environ[CONFIG_VARIABLE] = context.config
+        try:
+            yield refused
+        finally:
+            os.environ.pop(CONFIG_VARIABLE, None)
+            if saved is not None:
+                os.environ[CONFIG_VARIABLE] = saved
+            try:
+                enter(self.home)
+            except OSError as error:    # never the next client in this one's directory
+                log.error("worker %d: cannot leave the client's directory (%s); exits after this "
+                          "message", self.pid, error)
+                self.alive = False
+
+
+def enter(directory: str | int, dev_ino: tuple[int, int] | None = None) -> str:
+    """chdir (or fchdir, given a descriptor), to the very directory ``dev_ino`` names if
+    given: "" or why not.  Where it cannot, it goes to a directory that no longer exists, so
+    that a relative path fails (as in a one-shot run that dropped root where mail_user
+    cannot enter) instead of resolving where nobody meant it to; an OSError if even that
+    fails."""
+    import tempfile
+
+    try:
+        os.chdir(directory)
+        here = os.stat(".")
+        if dev_ino is None or (here.st_dev, here.st_ino) == dev_ino:
+            return ""
+        reason = "the server sees another directory there (a private /tmp? another mount namespace?)"
+    except OSError as error:
+        reason = error.strerror or str(error)
+    gone = tempfile.mkdtemp(prefix="ispmailgate-gone-")
+    os.chdir(gone)
+    os.rmdir(gone)
+    return reason
 
 
 # =========================================================================================
@@ -477,8 +571,9 @@ class Arbiter:
             settings = settings_of(config).with_overrides(**self.overrides)
             identity = Identity.for_workers(config)
             ispmailgate.preload(config)
-        except ConfigError as error:
-            log.error("reload refused, still serving the previous rule file: %s", error)
+        except Exception as error:      # a plugin may fail in its own way: refuse, never die
+            log.error("reload refused, still serving the previous rule file: %s", error,
+                      exc_info=not isinstance(error, ConfigError))
             notify("READY=1")
             return
         if settings.socket != self.settings.socket:
@@ -610,6 +705,7 @@ def serve(config_path: Path | None, *, socket: str | None = None, workers: int |
 
 def _load(path: Path | None) -> tuple[Path | None, Config]:
     """The rule file, once; requests without -c (or with the same -c) use it as loaded."""
+    _pin_search_paths()
     path = ispmailgate.find_config(path)
     if path is not None:
         path = Path(os.path.abspath(path))
@@ -622,6 +718,16 @@ def _load(path: Path | None) -> tuple[Path | None, Config]:
     for cli in (ispmailgate.gate_cli, ispmailgate.admin_cli):
         ispmailgate.click_command(cli)          # built once here, not in every worker
     return path, config
+
+
+def _pin_search_paths() -> None:
+    """Workers enter each client's directory: a relative entry of sys.path ("" under
+    ``python -c``) or $PATH ("" or ".") would let that directory supply the modules a
+    worker imports or the commands it runs.  Each is made absolute, as it means now."""
+    sys.path[:] = [os.path.abspath(entry) for entry in sys.path]
+    if "PATH" in os.environ:
+        os.environ["PATH"] = os.pathsep.join(os.path.abspath(entry)
+                                             for entry in os.environ["PATH"].split(os.pathsep))
 
 
 def _configure_logging(config: Config, foreground: bool) -> None:

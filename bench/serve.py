@@ -11,7 +11,8 @@ of ``ispmailgate-client`` talking to ``ispmailgate serve`` (both as the MTA runs
 new process per message), then throughput (messages/s) of the one-shot run done
 sequentially and of the served run with 1, 2 and 8 concurrent clients.
 Targets (issue 5): served <= 1/3 of one-shot per message; served throughput with 2
-workers >= 4x one-shot sequential.  Run as root, the workers drop to nobody/nogroup.
+workers >= 4x one-shot sequential.  Run as root, the workers drop to nobody/nogroup; the
+one-shot baseline names mail_user = "root", as bench/oneshot.py does (see write_configs).
 """
 
 from __future__ import annotations
@@ -29,6 +30,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from oneshot import Sink, median_ms, regular_install, small_message  # noqa: E402
+
+
+def write_configs(tmp: Path, sink: str, sock: Path, workers: int) -> tuple[Path, Path]:
+    """The server's rule file (workers as nobody) and the one-shot baseline's."""
+    common = f'tmp_dir = "{tmp / "spool"}"\nmail_host = "{sink}"\ndefault_filter = ["dummy"]\n'
+    served, one_shot = tmp / "serve.toml", tmp / "oneshot.toml"
+    served.write_text(common + 'mail_user = "nobody"\nmail_group = "nogroup"\n'
+                      f'[serve]\nsocket = "{sock}"\nworkers = {workers}\n')
+    # As root, name root, as bench/oneshot.py does: the MTA's usual path.  With nobody, a
+    # one-shot run on an interpreter nobody cannot read (under /root) would import
+    # everything before it drops privileges, and the baseline would be inflated.
+    one_shot.write_text(common + ('mail_user = "root"\n' if os.geteuid() == 0 else ""))
+    for path in (served, one_shot):
+        path.chmod(0o644)
+    return served, one_shot
 
 
 def start_server(venv_bin: Path, config: Path, sock: Path) -> subprocess.Popen:
@@ -84,17 +100,14 @@ def main() -> None:
         tmp = Path(tmp)
         tmp.chmod(0o755)                    # the workers (nobody) read the venv and write tmp_dir
         venv_bin = args.venv / "bin" if args.venv else regular_install(tmp / "venv")
-        sock, message, config = tmp / "s.sock", tmp / "small.eml", tmp / "bench.toml"
+        sock, message = tmp / "s.sock", tmp / "small.eml"
         (tmp / "spool").mkdir(mode=0o777)
         (tmp / "spool").chmod(0o777)
         message.write_bytes(small_message())
-        config.write_text(f'tmp_dir = "{tmp / "spool"}"\nmail_host = "{sink}"\ndefault_filter = ["dummy"]\n'
-                          'mail_user = "nobody"\nmail_group = "nogroup"\n'
-                          f'[serve]\nsocket = "{sock}"\nworkers = {args.workers}\n')
-        config.chmod(0o644)
-        envelope = ["-c", str(config), "-f", "alice@example.org", "bob@example.com"]
-        one_shot = [str(venv_bin / "ispmailgate"), *envelope]
-        served = [str(venv_bin / "ispmailgate-client"), "--socket", str(sock), *envelope]
+        config, one_shot_config = write_configs(tmp, sink, sock, args.workers)
+        envelope = ["-f", "alice@example.org", "bob@example.com"]
+        one_shot = [str(venv_bin / "ispmailgate"), "-c", str(one_shot_config), *envelope]
+        served = [str(venv_bin / "ispmailgate-client"), "--socket", str(sock), "-c", str(config), *envelope]
         server = start_server(venv_bin, config, sock)
         try:
             rows = [("python -c pass", median_ms([str(venv_bin / "python"), "-c", "pass"], message, args.runs)),

@@ -176,13 +176,13 @@ class Run:
 
 
 def run_gate(args: list[str], stdin: bytes, *, env: dict[str, str] | None = None,
-             timeout: float = 60) -> Run:
+             timeout: float = 60, cwd: Path | None = None) -> Run:
     """The installed ``ispmailgate`` as an MTA runs it: a process, argv, stdin, exit status."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ISPMAILGATE_")}
     environment["PYTHONPATH"] = str(HERE)
     environment.update(env or {})
     process = subprocess.run([str(GATE), *args], input=stdin, capture_output=True,
-                             env=environment, timeout=timeout, check=False)
+                             env=environment, timeout=timeout, check=False, cwd=cwd)
     stderr = process.stderr.decode("utf-8", "replace")
     assert "Traceback" not in stderr, stderr
     return Run(process.returncode, process.stdout, stderr)

@@ -74,9 +74,10 @@ def client_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_client(socket_path: Path | str, args: list[str], stdin: bytes, *,
-               env: dict[str, str] | None = None, timeout: float = 120) -> Run:
+               env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None) -> Run:
     process = subprocess.run([str(CLIENT), "--socket", str(socket_path), *args], input=stdin,
-                             capture_output=True, env=client_env(env), timeout=timeout, check=False)
+                             capture_output=True, env=client_env(env), timeout=timeout, check=False,
+                             cwd=cwd)
     stderr = process.stderr.decode("utf-8", "replace")
     assert "Traceback" not in stderr, stderr
     return Run(process.returncode, process.stdout, stderr)

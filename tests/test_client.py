@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -10,7 +11,8 @@ import sys
 import pytest
 
 from conftest import CORPUS, crlf, run_gate
-from ispmailgate_client import ARGUMENTS, DATA, MAX_FRAME, client_options, encode_arguments, frame
+from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, client_options, encode_arguments,
+                                encode_context, frame)
 from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
 from serving import python, sink  # noqa: F401  (fixtures)
 
@@ -31,6 +33,21 @@ def test_client_options_come_first_and_everything_else_is_forwarded(monkeypatch)
 def test_arguments_travel_as_nul_terminated_bytes():
     assert encode_arguments([]) == b""
     assert encode_arguments(["", "-f", "ä"]) == b"\0-f\0\xc3\xa4\0"
+
+
+def test_the_context_is_the_directory_and_only_ispmailgate_config(monkeypatch, tmp_path):
+    here = tmp_path / "wörk"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("ISPMAILGATE_CONFIG", "rules.toml")
+    monkeypatch.setenv("PATH", "/elsewhere")
+    directory = os.fsencode(here) + b"\0%d:%d\0" % (here.stat().st_dev, here.stat().st_ino)
+    assert encode_context() == directory + b"ISPMAILGATE_CONFIG=rules.toml\0"
+    monkeypatch.setenv("ISPMAILGATE_CONFIG", "")          # empty is unset, as for the parser
+    assert encode_context() == directory
+    here.rmdir()                                            # removed under us: no directory
+    monkeypatch.delenv("ISPMAILGATE_CONFIG")
+    assert encode_context() == b"\0\0"
 
 
 # -- malformed, oversize and slow requests ------------------------------------------------
@@ -57,7 +74,7 @@ def exchange(path, data: bytes, *, close_early: bool = False) -> tuple[int | Non
         reply = b""
         while chunk := connection.recv(65536):
             reply += chunk
-    assert reply[:1] == b"\x01", reply
+    assert reply[:1] in (b"\x01", b"\x02"), reply
     position, stderr, status = 1, b"", None
     while position < len(reply):
         kind, length = reply[position:position + 1], int.from_bytes(reply[position + 1:position + 5], "big")
@@ -71,8 +88,23 @@ def exchange(path, data: bytes, *, close_early: bool = False) -> tuple[int | Non
 
 
 ARGS = encode_arguments(["-f", "a@b.example", "c@d.example"])
-BAD_REQUESTS = [
-    (b"\x02" + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 2"),
+HERE = frame(CONTEXT, b"/\0%d:%d\0" % (os.stat("/").st_dev, os.stat("/").st_ino))
+BAD_REQUESTS = [                # most in protocol 1, which old clients still speak
+    (b"\x03" + HERE + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 3 (this server "
+                                             "speaks 1 and 2)"),
+    (b"\x02" + frame(ARGUMENTS, ARGS), "bad request: expected the context frame first"),
+    (b"\x02" + frame(CONTEXT, b"/\x001:2") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
+    (b"\x02" + frame(CONTEXT, b"/\0") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
+    (b"\x02" + frame(CONTEXT, b"tmp\x001:2\0") + frame(ARGUMENTS, ARGS),
+     "bad request: the context frame's working directory is not an absolute path and a device:inode: "
+     "'tmp' '1:2'"),
+    (b"\x02" + frame(CONTEXT, b"/tmp\0\0") + frame(ARGUMENTS, ARGS),
+     "bad request: the context frame's working directory is not an absolute path and a device:inode"),
+    (b"\x02" + frame(CONTEXT, b"\0\0PATH=/tmp\0") + frame(ARGUMENTS, ARGS),
+     "bad request: the context frame carries PATH (only ISPMAILGATE_CONFIG, once)"),
+    (b"\x02" + frame(CONTEXT, b"\0\0ISPMAILGATE_CONFIG=a\0ISPMAILGATE_CONFIG=b\0") + frame(ARGUMENTS, ARGS),
+     "bad request: the context frame carries ISPMAILGATE_CONFIG, ISPMAILGATE_CONFIG"),
+    (b"\x02" + HERE + frame(DATA, b"x"), "bad request: expected the argument frame next"),
     (b"GET / HTTP/1.0\r\n\r\n", "bad request: unsupported protocol version 71"),
     (b"\x01" + frame(DATA, b"x"), "bad request: expected the argument frame first"),
     (b"\x01" + frame(ARGUMENTS, b"-f\0a@b"), "bad request: expected the argument frame first"),
@@ -97,6 +129,19 @@ def test_a_bad_request_gets_an_error_reply_and_the_worker_goes_on(strict_server,
     assert run.code == 0, run.stderr
     assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
     assert strict_server.workers() == {worker}
+
+
+def test_a_protocol_1_client_is_still_served(strict_server, sink):  # noqa: F811
+    """What an old client sends: no context, and a reply of its own version."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(60)
+        connection.connect(str(strict_server.socket))
+        connection.sendall(b"\x01" + frame(ARGUMENTS, ARGS) + frame(DATA, SIMPLE) + frame(END))
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    assert reply == b"\x01" + frame(b"X", b"\0")
+    assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
 
 
 def test_a_client_that_hangs_up_does_not_hurt_the_worker(strict_server, sink):  # noqa: F811

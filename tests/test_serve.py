@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, Sink, crlf, run_gate, wait_for
-from serving import CLIENT, Server, drain, proc_status, shared_folder, wait_for_workers
+from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, encode_arguments, frame
+from serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
 from serving import python, sink  # noqa: F401  (fixtures)
 
 SIMPLE = (CORPUS / "simple.msg").read_bytes()
@@ -50,6 +53,24 @@ def server(python, sink):
         yield server
 
 
+@pytest.fixture(scope="module")
+def client_folder(server, sink):
+    """The MTA's directory, not the server's: rule files and work folders by relative names."""
+    folder = shared_folder()
+    for name, stamp in (("rules.toml", "relative -c"), ("env.toml", "ISPMAILGATE_CONFIG")):
+        (folder / name).write_text(
+            f'mail_host = "{sink.address}"\ntmp_dir = "work"\nlog_file = "{server.gate_log}"\n'
+            f'mail_user = "{server.user}"\nmail_group = "{server.group}"\n'
+            'default_filter = ["stamp", "gate_test_filters:NeedsWorkdir"]\n'
+            f'[filter.stamp]\ntype = "gate_test_filters:Stamp"\nvalue = "{stamp}"\n')
+    for name in ("work", "other"):
+        (folder / name).mkdir(mode=0o777)
+        (folder / name).chmod(0o777)
+    yield folder
+    shutil.rmtree(folder)
+
+
+# Each case runs in client_folder; leading NAME=value words go to the environment, as with env(1).
 SAME_RESULT_CASES = [
     (["--help"], b""),
     (["-h"], b""),
@@ -70,15 +91,31 @@ SAME_RESULT_CASES = [
     (["-f", "a@b.example", "c@d.example", "e@f.example"], SIMPLE),
     (["-f", "", "--", "-odd@example.com"], MBOX),
     (["-f", "a@b.example", "ümlaut@exämple.org"], SIMPLE),
+    # relative paths resolve in the client's directory, and its $ISPMAILGATE_CONFIG counts
+    (["-c", "rules.toml", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-c", "rules.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-c", "rules.toml", "-t", "other", "-d", "--stdout", "-f", "a@b.example", "c@d.example"], MBOX),
+    (["-c", "rules.toml", "-t", "absent", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["-c", "absent.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=env.toml", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=env.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=env.toml", "-c", "rules.toml", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=absent.toml", "-f", "a@b.example", "c@d.example"], SIMPLE),
+    (["ISPMAILGATE_CONFIG=", "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE),   # empty: unset
 ]
 
 
 @pytest.mark.parametrize("args, stdin", SAME_RESULT_CASES)
-def test_served_result_is_the_one_shot_result(server, sink, args, stdin):
-    config_args = ["-c", str(server.config)] if args[:1] != ["--help"] else []
-    one_shot = run_gate(config_args + args, stdin)
+def test_served_result_is_the_one_shot_result(server, sink, client_folder, args, stdin):
+    env = {}
+    while args and re.match(r"[A-Z_]+=", args[0]):
+        name, _, value = args[0].partition("=")
+        env[name], args = value, args[1:]
+    names_a_config = "-c" in args or env.get("ISPMAILGATE_CONFIG") or args[:1] == ["--help"]
+    config_args = [] if names_a_config else ["-c", str(server.config)]
+    one_shot = run_gate(config_args + args, stdin, env=env, cwd=client_folder)
     delivered_one_shot = drain(sink)
-    served = server.client(config_args + args, stdin)
+    served = server.client(config_args + args, stdin, env=env, cwd=client_folder)
     delivered_served = drain(sink)
     assert (served.code, served.stdout, served.stderr) == (one_shot.code, one_shot.stdout, one_shot.stderr)
     assert [(m.mail_from, m.rcpt_tos, m.content) for m in delivered_served] == \
@@ -90,6 +127,93 @@ def test_a_config_error_reads_the_same_served_and_one_shot(server):
     one_shot, served = run_gate(args, SIMPLE), server.client(args, SIMPLE)
     assert served.code == one_shot.code == 75
     assert served.stderr == one_shot.stderr and served.first_line.startswith("4.3.5 config error")
+
+
+ENVELOPE = ["--stdout", "-f", "a@b.example", "c@d.example"]
+
+
+def test_a_directory_the_workers_cannot_enter_fails_only_relative_paths(server, client_folder):
+    """A procmail user's home of 0700: what is absolute works, what is relative is deferred
+    with the reason, and never resolved in another directory."""
+    private = Path(tempfile.mkdtemp(dir="/tmp"))           # root's, 0700: nobody cannot enter
+    shutil.copy(client_folder / "rules.toml", private)
+    try:
+        absolute = server.client(["-c", str(server.config), *ENVELOPE], SIMPLE, cwd=private)
+        relative = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=private)
+    finally:
+        shutil.rmtree(private)
+    assert (absolute.code, absolute.stdout) == (0, SIMPLE), absolute.stderr
+    assert relative.code == 75
+    assert relative.stderr.splitlines() == [
+        "4.3.5 config error: rules.toml: cannot read: No such file or directory",
+        f"ispmailgate serve: cannot enter the client's working directory {private}: Permission denied: "
+        "relative paths did not resolve"]
+    for _ in range(4):          # each worker went back to its own directory
+        again = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=client_folder)
+        assert again.code == 0 and b"X-Stamp: relative -c" in again.stdout, again.stderr
+
+
+def test_a_removed_client_directory_resolves_relative_paths_nowhere(server, client_folder):
+    def in_removed_directory(args: list[str]) -> subprocess.CompletedProcess:
+        gone = shared_folder()
+        shutil.copy(client_folder / "rules.toml", gone)
+        return subprocess.run(["sh", "-c", 'cd "$0" && rm -r "$0" && exec "$@"', str(gone), str(CLIENT),
+                               "--socket", str(server.socket), *args], input=SIMPLE, capture_output=True,
+                              env=client_env(), timeout=120)
+
+    absolute = in_removed_directory(["-c", str(server.config), *ENVELOPE])
+    relative = in_removed_directory(["-c", "rules.toml", *ENVELOPE])
+    assert (absolute.returncode, absolute.stdout) == (0, SIMPLE), absolute.stderr
+    assert relative.returncode == 75
+    assert relative.stderr.decode().splitlines() == [
+        "4.3.5 config error: rules.toml: cannot read: No such file or directory",
+        "ispmailgate serve: the client cannot tell its working directory: relative paths did not resolve"]
+
+
+def test_a_directory_that_is_another_one_for_the_server_resolves_nothing(server, client_folder):
+    """Same path, another directory (the server's private /tmp, another mount namespace):
+    told apart by device and inode, it is treated as a directory the worker cannot enter."""
+    def request(dev_ino: bytes) -> tuple[int, bytes]:
+        context = os.fsencode(client_folder) + b"\0" + dev_ino + b"\0"
+        args = encode_arguments(["-c", "rules.toml", *ENVELOPE])
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.settimeout(60)
+            connection.connect(str(server.socket))
+            connection.sendall(b"\x02" + frame(CONTEXT, context) + frame(ARGUMENTS, args)
+                               + frame(DATA, SIMPLE) + frame(END))
+            connection.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := connection.recv(65536):
+                reply += chunk
+        return reply[-1], reply
+
+    here = client_folder.stat()
+    assert request(b"%d:%d" % (here.st_dev, here.st_ino))[0] == 0
+    status, reply = request(b"%d:%d" % (here.st_dev, here.st_ino + 1))
+    assert status == 75
+    assert (b"ispmailgate serve: cannot enter the client's working directory " + os.fsencode(client_folder)
+            + b": the server sees another directory there") in reply
+
+
+class DashCServer(Server):
+    """Started as ``python -c``: sys.path begins with "", whatever the current directory is."""
+
+    def command(self) -> list[str]:
+        return [str(self.python), "-c", "import sys, ispmailgate; sys.exit(ispmailgate.main())",
+                *super().command()[3:]]
+
+
+def test_a_client_directory_never_supplies_modules_to_the_workers(python, sink):
+    folder = shared_folder()
+    (folder / "planted.py").write_text(f"open({str(folder / 'imported')!r}, 'w').close()\n")
+    (folder / "rules.toml").write_text('default_filter = ["planted:Filter"]\n')
+    try:
+        with DashCServer(python, f'mail_host = "{sink.address}"\n') as server:
+            run = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=folder)
+        assert run.code == 75 and "No module named 'planted'" in run.first_line, run.stderr
+        assert not (folder / "imported").exists()
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_delivery_is_byte_identical_and_the_peer_is_logged(server, sink):
@@ -238,6 +362,67 @@ def test_sighup_reloads_a_good_rule_file_and_refuses_a_bad_one(python, sink):
         assert server.workers() == new
         stamps = [re.findall(rb"X-Stamp: (\w+)", m.content) for m in drain(sink)]
         assert stamps == [[b"one"], [b"two"], [b"two"]]
+
+
+# Filter modules outside the repo's import path: one that cannot even be imported, one whose
+# filter fails to build in a way of its own.  Each is a config error, never the master's end.
+BROKEN_PLUGINS = {
+    "broken_syntax.py": "def oops(:\n",
+    "broken_build.py": ("from ispmailgate_filters.base import Filter\n\n\n"
+                        "class Faulty(Filter):\n"
+                        "    @classmethod\n"
+                        "    def from_options(cls, options, where, label=''):\n"
+                        "        raise RuntimeError('no luck today')\n"),
+    "broken_preload.py": ("from ispmailgate_filters.base import Filter\n\n\n"
+                          "class Needy(Filter):\n"
+                          "    lazy_modules = ('no_such_module_here',)\n"),
+}
+
+
+class PluginServer(Server):
+    """A server whose PYTHONPATH also holds a folder of plugins."""
+
+    def __init__(self, python: Path, config: str, plugins: Path) -> None:
+        super().__init__(python, config)
+        self.plugins = plugins
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["PYTHONPATH"] += os.pathsep + str(self.plugins)
+        return env
+
+
+@pytest.mark.parametrize("kind, complaint, check_sees_it", [
+    ("broken_syntax:Any", "filter.bad.type: cannot load filter 'broken_syntax:Any' from broken_syntax:Any: "
+                          "SyntaxError: invalid syntax", True),
+    ("broken_build:Faulty", "filter.bad: cannot build filter broken_build:Faulty: RuntimeError: no luck today",
+     True),
+    ("broken_preload:Needy", "No module named 'no_such_module_here'", False),    # fails in preload()
+])
+def test_sighup_with_a_filter_that_fails_its_own_way_keeps_serving(python, sink, kind, complaint, check_sees_it):
+    drain(sink)
+    plugins = shared_folder()
+    for name, text in BROKEN_PLUGINS.items():
+        (plugins / name).write_text(text)
+    rules = f'mail_host = "{sink.address}"\n'
+    try:
+        with PluginServer(python, rules, plugins) as server:
+            workers = wait_for_workers(server, 2)
+            server.write_config(rules + f'default_filter = ["bad"]\n[filter.bad]\ntype = "{kind}"\n')
+            if check_sees_it:
+                check = run_gate(["check", "-c", str(server.config)], b"", env=server.env())
+                assert check.code == 78 and complaint in check.stdout.decode(), check
+            server.signal(signal.SIGHUP)
+            assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
+            assert "reload refused, still serving the previous rule file" in server.log()
+            assert complaint in server.log()
+            run = server.client(["-f", "a@b.example", "c@d.example"], SIMPLE)
+            assert run.code == 0, (run.stderr, server.log())
+            assert server.process.poll() is None and server.workers() == workers
+            assert server.socket.exists() and server.pidfile.exists()
+    finally:
+        shutil.rmtree(plugins)
+    assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
 
 
 def test_workers_are_recycled_after_max_requests(python, sink):
