@@ -966,6 +966,15 @@ class time_limit:
 # one run, from argv to exit status
 # =========================================================================================
 
+def _absolute(path: Path) -> str | None:
+    """``path`` made absolute; None where the working directory is gone (a served request
+    from a client directory the worker cannot enter runs in a removed one)."""
+    try:
+        return os.path.abspath(path)
+    except OSError:
+        return None
+
+
 class Gate:
     """One message through the gate."""
 
@@ -1009,7 +1018,7 @@ class Gate:
 
     def _config(self) -> Config:
         path = find_config(self.request.config)
-        if self.preloaded is not None and (path is None or str(path) == self.preloaded.path):
+        if self.preloaded is not None and (path is None or _absolute(path) == self.preloaded.path):
             return self.preloaded
         try:
             return load_config(path)

@@ -686,6 +686,9 @@ def serve(config_path: Path | None, *, socket: str | None = None, workers: int |
     except (ConfigError, HaltServer, OSError) as error:
         sys.stderr.write(f"ispmailgate serve: cannot start: {error}\n")
         return EX_CONFIG
+    except Exception as error:      # a plugin whose preload fails: the rule file names it, 78 too
+        sys.stderr.write(f"ispmailgate serve: cannot start: {error!r}\n")
+        return EX_CONFIG
     role, ready_pipe = ("foreground", None) if foreground else daemonize()
     if role == "parent":
         return _parent_of_daemon(listener, ready_pipe)

@@ -9,6 +9,7 @@ what a production install looks like.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import shutil
@@ -63,6 +64,7 @@ def shared_folder(prefix: str = "igs-") -> Path:
     """A short path under /tmp that the workers (nobody) can read and write."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     folder.chmod(0o777)
+    atexit.register(shutil.rmtree, folder, True)      # removed when the test session ends
     return folder
 
 
