@@ -219,7 +219,7 @@ class Packer(Filter):
         if encoding in _IDENTITY:
             restored.body = data
         elif encoding in ("base64", "quoted-printable"):
-            restored.body = _ending_like(exact_encoding(data, encoding, part.headers.eol), part.body)
+            restored.body = exact_encoding(data, encoding, part.headers.eol, final_eol=part.body.endswith(b"\n"))
         else:
             raise UnpackError(f"recorded Content-Transfer-Encoding {encoding!r} cannot be restored")
         return restored, len(data)
@@ -268,25 +268,34 @@ def packed_parts(root: Part) -> list[tuple[Part | None, int, Part]]:
     return found
 
 
-def exact_encoding(data: bytes, encoding: str, eol: bytes) -> bytes:
+def exact_encoding(data: bytes, encoding: str, eol: bytes, *, final_eol: bool = True) -> bytes:
     """``data`` in base64 or quoted-printable such that decoding gives back every byte.
 
     Quoted-printable written as text turns CRLF inside the data into the message's line
     ends; where that would change the data, line breaks are encoded (=0D=0A) instead.
+    Without ``final_eol`` the last line end goes (the boundary line brings its own) — unless
+    it was the data's own, as in a body that is one line break, or a CR at the very end.
     """
     encoded = encode_body(data, encoding, eol)
-    if decode_body(encoded, encoding) != data:
+    if not final_eol:
+        encoded = _without_last_eol(encoded)
+    # a bare CR at the end would join the boundary line's LF into one line end
+    if decode_body(encoded, encoding) != data or (not final_eol and encoded.endswith(b"\r")):
         import binascii
 
         encoded = binascii.b2a_qp(data, istext=False).replace(b"\n", eol)
+        if not final_eol:
+            encoded = _without_last_eol(encoded)
     return encoded
+
+
+def _without_last_eol(encoded: bytes) -> bytes:
+    return encoded[:-2] if encoded.endswith(b"\r\n") else encoded.removesuffix(b"\n")
 
 
 def _ending_like(encoded: bytes, body: bytes) -> bytes:
     """``encoded`` without its last line end when ``body`` had none (the boundary line has it)."""
-    if body.endswith(b"\n"):
-        return encoded
-    return encoded[:-2] if encoded.endswith(b"\r\n") else encoded.removesuffix(b"\n")
+    return encoded if body.endswith(b"\n") else _without_last_eol(encoded)
 
 
 def _matches(content_type: str, media: str) -> bool:

@@ -243,6 +243,13 @@ class PostfixInstance:
         path = self.spool / "gate.log"
         return path.read_text() if path.exists() else ""
 
+    def wait_for_gate_log(self, text: str, timeout: float = 60) -> str:
+        """The gate's log once ``text`` is in it (or the timeout passed)."""
+        deadline = time.monotonic() + timeout
+        while text not in (log := self.gate_log()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return log
+
     def log_tail(self, lines: int = 40) -> str:
         text = self.maillog.read_text(errors="replace") if self.maillog.exists() else "(no maillog)"
         return "maillog:\n" + "\n".join(text.splitlines()[-lines:]) + "\ngate log:\n" + self.gate_log()
