@@ -2,7 +2,8 @@
 sendmail .mc files build with sendmail's own m4 files, and the procmail and maildrop recipes
 filter and defer for real.
 
-(examples/postfix/master.cf is what test_e2e_postfix.py runs.)
+(examples/postfix/master.cf is what test_e2e_postfix.py runs, examples/sendmail/sendmail.mc what
+test_e2e_sendmail.py runs.)
 """
 
 from __future__ import annotations
@@ -126,10 +127,8 @@ def test_example_rules_route_as_their_comments_say():
 
 # -- sendmail: the .mc files build into .cf files with the mailer in them ------------------------------
 #
-# Only built, never run: Debian's sendmail-bin conflicts with postfix (both provide
-# mail-transport-agent), and the end-to-end tests need a real Postfix on the same machine.
-# What the two-instance set-up passes to ispmailgate (argv, -f, the .ispmailgate suffix,
-# exit 75 leaving mail queued) is what the Postfix tests drive for real.
+# test_e2e_sendmail.py runs sendmail.mc for real, in a private sendmail with ispmailgate as its
+# mailer; sendmail2.mc is only built here (a test SMTP server plays the second instance there).
 
 @pytest.fixture
 def sendmail_cf(tmp_path):
