@@ -122,6 +122,31 @@ def _readable_by_all(top: Path) -> None:
                 os.chmod(path, mode | extra | (0o111 if mode & 0o100 else 0))
 
 
+# -- shared by the end-to-end tests (this one and sendmail_instance.py) -------------------------
+
+def write_rules(path: Path, spool: Path, mail_host: str, text: str = "") -> Path:
+    """The rule file an e2e gate reads: its spool and log under ``spool``, then ``text``."""
+    head = (f'tmp_dir = "{spool}"\nlog_file = "{spool}/gate.log"\nmail_host = "{mail_host}"\n'
+            f'postmaster = "postmaster@{DOMAIN}"\n')
+    path.write_text(head + textwrap.dedent(text))
+    path.chmod(0o644)
+    return path
+
+
+def run_failing_test(tmp_path: Path, source: str) -> str:
+    """Run ``source`` (a test that fails on purpose) in another pytest; the BASE= it printed."""
+    (tmp_path / "test_failing.py").write_text(source)
+    process = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+         str(tmp_path / "test_failing.py")],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path)
+    assert process.returncode == 1, process.stdout + process.stderr
+    assert "AssertionError: on purpose" in process.stdout
+    [line] = [line for line in process.stdout.splitlines() if line.startswith("BASE=")]
+    return line.removeprefix("BASE=")
+
+
 # -- the instance -------------------------------------------------------------------------------
 
 class PostfixInstance:
@@ -178,16 +203,8 @@ class PostfixInstance:
 
     def rules(self, text: str = "") -> Path:
         """Write the rule file every ispmailgate run reads (the run reads it afresh)."""
-        head = textwrap.dedent(f'''\
-            tmp_dir = "{self.spool}"
-            log_file = "{self.spool}/gate.log"
-            mail_host = "127.0.0.1:{self.ports['reinject']}"
-            loop_suffix = ""
-            postmaster = "postmaster@{DOMAIN}"
-            ''')
-        self.rules_file.write_text(head + textwrap.dedent(text))
-        self.rules_file.chmod(0o644)
-        return self.rules_file
+        return write_rules(self.rules_file, self.spool, f"127.0.0.1:{self.ports['reinject']}",
+                           'loop_suffix = ""\n' + textwrap.dedent(text))
 
     def broken_rules(self, text: str) -> None:
         self.rules_file.write_text(text)

@@ -39,6 +39,7 @@ import textwrap
 from pathlib import Path
 
 from conftest import PROJECT
+from postfix_instance import write_rules
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SENDMAIL_CF = Path("/usr/share/sendmail/cf")         # Debian package sendmail-cf
@@ -141,15 +142,7 @@ class SendmailInstance:
 
     def rules(self, mail_host: str, text: str = "") -> Path:
         """The rule file every ispmailgate run reads (sendmail passes its path in the environment)."""
-        head = textwrap.dedent(f'''\
-            tmp_dir = "{self.spool}"
-            log_file = "{self.spool}/gate.log"
-            mail_host = "{mail_host}"
-            postmaster = "postmaster@{DOMAIN}"
-            ''')
-        self.rules_file.write_text(head + textwrap.dedent(text))
-        self.rules_file.chmod(0o644)
-        return self.rules_file
+        return write_rules(self.rules_file, self.spool, mail_host, text)
 
     def command(self, *args: str) -> str:
         """Run ``sendmail -C cf ARGS`` to its end; returns what it printed."""

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import CORPUS
 from mailauth import signed
-from postfix_instance import PIPE_USER, PostfixInstance, e2e_gate
+from postfix_instance import PIPE_USER, PostfixInstance, e2e_gate, run_failing_test
 
 NESTED = (CORPUS / "multi-nested.msg").read_bytes()
 SIMPLE_BODY = b"Subject: e2e\nFrom: sender@e2e.test\nTo: alice@e2e.test\n\nHello through Postfix.\n"
@@ -193,26 +193,11 @@ def test_reinjection_through_sendmail_and_pickup(postfix):
 
 def test_the_instance_is_torn_down_even_when_a_test_fails(tmp_path):
     """A failing test in another pytest run, with these very fixtures: nothing survives it."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import HERE
-
-    (tmp_path / "test_failing.py").write_text(
-        "from test_e2e_postfix import postfix, postfix_instance\n\n"
-        "def test_fails(postfix):\n"
-        "    print(f'BASE={postfix.base} MASTER={postfix._master_pid()}')\n"
-        "    assert False, 'on purpose'\n")
-    process = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-         str(tmp_path / "test_failing.py")],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path)
-    assert process.returncode == 1, process.stdout + process.stderr
-    assert "AssertionError: on purpose" in process.stdout
-    [line] = [line for line in process.stdout.splitlines() if line.startswith("BASE=")]
-    base, master = line.removeprefix("BASE=").split(" MASTER=")
+    printed = run_failing_test(tmp_path, "from test_e2e_postfix import postfix, postfix_instance\n\n"
+                                         "def test_fails(postfix):\n"
+                                         "    print(f'BASE={postfix.base} MASTER={postfix._master_pid()}')\n"
+                                         "    assert False, 'on purpose'\n")
+    base, master = printed.split(" MASTER=")
     assert int(master) > 1
     assert not os.path.exists(base)
     assert not os.path.exists(f"/proc/{master}"), "Postfix master outlived the failed test"

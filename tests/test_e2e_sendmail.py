@@ -13,7 +13,7 @@ import re
 import pytest
 
 from conftest import free_port
-from postfix_instance import e2e_gate
+from postfix_instance import e2e_gate, run_failing_test
 from sendmail_instance import SendmailInstance, sendmail_binary
 
 MESSAGE = (b"Date: Thu, 01 Jan 2026 12:00:00 +0000\r\n"
@@ -97,23 +97,10 @@ def test_exit_75_keeps_the_mail_queued_until_a_queue_run_delivers_it_once(sendma
 def test_the_instance_is_removed_even_when_a_test_fails(tmp_path):
     """A failing test in another pytest run, with these very fixtures: nothing survives it."""
     import os
-    import subprocess
-    import sys
 
-    from conftest import HERE
-
-    (tmp_path / "test_failing.py").write_text(
-        "from test_e2e_sendmail import sendmail, sendmail_parts\n\n"
-        "def test_fails(sendmail):\n"
-        "    print(f'BASE={sendmail.base}')\n"
-        "    assert sendmail.cf.exists()\n"
-        "    assert False, 'on purpose'\n")
-    process = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-         str(tmp_path / "test_failing.py")],
-        capture_output=True, text=True, timeout=600, check=False,
-        env={**os.environ, "PYTHONPATH": str(HERE)}, cwd=tmp_path)
-    assert process.returncode == 1, process.stdout + process.stderr
-    assert "AssertionError: on purpose" in process.stdout
-    [line] = [line for line in process.stdout.splitlines() if line.startswith("BASE=")]
-    assert not os.path.exists(line.removeprefix("BASE="))
+    base = run_failing_test(tmp_path, "from test_e2e_sendmail import sendmail, sendmail_parts\n\n"
+                                      "def test_fails(sendmail):\n"
+                                      "    print(f'BASE={sendmail.base}')\n"
+                                      "    assert sendmail.cf.exists()\n"
+                                      "    assert False, 'on purpose'\n")
+    assert not os.path.exists(base)
