@@ -641,7 +641,7 @@ def filter_class(kind: str, where: str) -> type[Filter]:
     try:
         import importlib
         cls = getattr(importlib.import_module(module_name), class_name)
-    except Exception as error:      # ImportError, and whatever the module raises (SyntaxError...)
+    except (Exception, SystemExit) as error:    # ImportError, whatever the module raises
         raise ConfigError(where, f"cannot load filter {kind!r} from {target}: "
                                  f"{type(error).__name__}: {error}") from None
     if not (isinstance(cls, type) and issubclass(cls, Filter)):

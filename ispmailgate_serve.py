@@ -571,7 +571,8 @@ class Arbiter:
             settings = settings_of(config).with_overrides(**self.overrides)
             identity = Identity.for_workers(config)
             ispmailgate.preload(config)
-        except Exception as error:      # a plugin may fail in its own way: refuse, never die
+        except (Exception, SystemExit) as error:    # a plugin may fail in its own way, even by
+            # calling sys.exit() at import: refuse the new rule file, never die
             log.error("reload refused, still serving the previous rule file: %s", error,
                       exc_info=not isinstance(error, ConfigError))
             notify("READY=1")

@@ -373,6 +373,7 @@ BROKEN_PLUGINS = {
                         "    @classmethod\n"
                         "    def from_options(cls, options, where, label=''):\n"
                         "        raise RuntimeError('no luck today')\n"),
+    "broken_exit.py": "import sys\n\nsys.exit('this plugin gives up')\n",
     "broken_preload.py": ("from ispmailgate_filters.base import Filter\n\n\n"
                           "class Needy(Filter):\n"
                           "    lazy_modules = ('no_such_module_here',)\n"),
@@ -397,6 +398,7 @@ class PluginServer(Server):
                           "SyntaxError: invalid syntax", True),
     ("broken_build:Faulty", "filter.bad: cannot build filter broken_build:Faulty: RuntimeError: no luck today",
      True),
+    ("broken_exit:Any", "SystemExit: this plugin gives up", True),
     ("broken_preload:Needy", "No module named 'no_such_module_here'", False),    # fails in preload()
 ])
 def test_sighup_with_a_filter_that_fails_its_own_way_keeps_serving(python, sink, kind, complaint, check_sees_it):
