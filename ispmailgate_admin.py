@@ -163,6 +163,10 @@ def _filter_problems(config: Config) -> list[ConfigError]:
             found = step.problems()
         except Exception as error:      # a filter's own check must not end the others'
             found = [f"cannot check: {error!r}"]
+        try:
+            step.preload()              # what a run imports later (serve: before its workers)
+        except (Exception, SystemExit) as error:
+            found.append(f"cannot import what it needs: {type(error).__name__}: {error}")
         problems += [ConfigError(where, problem) for problem in found]
     return problems
 
