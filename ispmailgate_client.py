@@ -182,13 +182,15 @@ def tempfail(text: str) -> int:
 
 def fall_back(fallback: str | None, args: list[str], reason: str) -> int:
     """Server unreachable: the one-shot run on the same stdin (nothing was read), or 75."""
-    mode = fallback or configured_fallback()
+    mode = fallback or configured_fallback(args)
     if mode not in FALLBACKS:
         return tempfail(f"{reason}; unknown fallback {mode!r} (oneshot or tempfail)")
     if mode == "tempfail":
         return tempfail(reason)
     # -P: never import an ispmailgate.py that happens to lie in the current directory.
-    command = [sys.executable, "-P", "-c", "import sys, ispmailgate; sys.exit(ispmailgate.main())", *args]
+    # ispmailgate_start, as the console script: a broken installation still exits 75.
+    command = [sys.executable, "-P", "-c", "import sys, ispmailgate_start; sys.exit(ispmailgate_start.main())",
+               *args]
     try:
         os.execv(sys.executable, command)
     except OSError as error:
@@ -196,9 +198,9 @@ def fall_back(fallback: str | None, args: list[str], reason: str) -> int:
     return EX_TEMPFAIL      # not reached
 
 
-def configured_fallback() -> str:
-    """``[serve] fallback`` from the rule file; read only on this rare path."""
-    path = os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG_PATH
+def configured_fallback(args: list[str]) -> str:
+    """``[serve] fallback`` from the rule file the run would read; only on this rare path."""
+    path = config_argument(args) or os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG_PATH
     try:
         import tomllib
 
@@ -207,6 +209,20 @@ def configured_fallback() -> str:
     except (OSError, ValueError, AttributeError):
         return "oneshot"    # the one-shot run reports a broken rule file itself (and exits 75)
     return value if isinstance(value, str) else "oneshot"
+
+
+def config_argument(args: list[str]) -> str | None:
+    """The value of ``-c``/``--config`` among ispmailgate's arguments (before ``--``), if any."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg in ("-c", "--config"):
+            return args[i + 1] if i + 1 < len(args) else None
+        if arg.startswith("--config="):
+            return arg.removeprefix("--config=")
+        if arg.startswith("-c") and not arg.startswith("--"):
+            return arg[2:]
+    return None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import CORPUS, crlf, run_gate
+from conftest import CORPUS, HERE, crlf, run_gate
 from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, client_options, encode_arguments,
                                 encode_context, frame)
 from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
@@ -197,7 +197,7 @@ def test_a_stale_socket_file_counts_as_absent(config_file):
     assert (run.code, run.stdout) == (0, SIMPLE)
 
 
-@pytest.mark.parametrize("how", ["option", "environment", "rule file"])
+@pytest.mark.parametrize("how", ["option", "environment", "rule file", "rule file given with -c"])
 def test_server_absent_with_fallback_tempfail_exits_75(config_file, smtp_sink, how):
     config = config_file(f'mail_host = "{smtp_sink.address}"\n[serve]\nfallback = "tempfail"\n')
     args, env = ["-c", str(config), "-f", "a@b.example", "c@d.example"], {}
@@ -205,7 +205,7 @@ def test_server_absent_with_fallback_tempfail_exits_75(config_file, smtp_sink, h
         args = ["--fallback", "tempfail", *args]
     elif how == "environment":
         env = {"ISPMAILGATE_FALLBACK": "tempfail"}
-    else:
+    elif how == "rule file":
         env = {"ISPMAILGATE_CONFIG": str(config)}
     socket_path = absent_socket()
     run = run_client(socket_path, args, SIMPLE, env=env)
@@ -213,6 +213,25 @@ def test_server_absent_with_fallback_tempfail_exits_75(config_file, smtp_sink, h
     assert run.first_line == (f"4.3.0 ispmailgate-client: cannot reach the server at {socket_path}: "
                               "No such file or directory")
     assert smtp_sink.messages == []
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["-c", "a.toml", "-f", "x"], "a.toml"), (["--config", "b.toml"], "b.toml"), (["--config=c.toml"], "c.toml"),
+    (["-cd.toml", "r@x"], "d.toml"), (["-f", "s", "--", "-c", "rcpt"], None), (["-c"], None), ([], None),
+])
+def test_the_client_finds_the_rule_file_among_the_arguments(args, expected):
+    from ispmailgate_client import config_argument
+
+    assert config_argument(args) == expected
+
+
+def test_the_fallback_survives_a_broken_installation(tmp_path):
+    """The one-shot fallback starts through ispmailgate_start: 75, not a traceback and 1."""
+    (tmp_path / "typer.py").write_text("raise ImportError('typer is broken here')\n")
+    run = run_client(absent_socket(), ["-f", "a@b.example", "c@d.example"], SIMPLE,
+                     env={"PYTHONPATH": f"{tmp_path}:{HERE}"})
+    assert run.code == 75
+    assert run.stderr == "4.3.0 ispmailgate cannot start: ImportError('typer is broken here')\n"
 
 
 def test_the_fallback_gives_the_one_shot_result_for_usage_errors_too():
