@@ -62,11 +62,12 @@ class GpgHome:
         return [line.split(":")[9] for i, line in enumerate(lines)
                 if line.startswith("fpr:") and i and lines[i - 1].startswith(("pub:", "sec:"))]
 
-    def encrypt(self, data: bytes, *recipients: str, sign: str = "", passphrase: str = "") -> bytes:
-        """Armored, as ``gpg --encrypt --armor`` makes it."""
+    def encrypt(self, data: bytes, *recipients: str, sign: str = "", passphrase: str = "",
+                hidden: bool = False) -> bytes:
+        """Armored, as ``gpg --encrypt --armor`` makes it (``hidden``: with -R, no key ids)."""
         args = ["--trust-model", "always", "--armor", "--encrypt"]
         for recipient in recipients:
-            args += ["--recipient", recipient]
+            args += ["--hidden-recipient" if hidden else "--recipient", recipient]
         if sign:
             args += ["--sign", "--local-user", sign, "--passphrase", passphrase]
         return self.gpg(*args, data=data).stdout

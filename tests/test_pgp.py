@@ -218,6 +218,15 @@ def test_pgp_mime_from_plain_gpg_is_decrypted(world, run):
         f"unknown-key; key={world.outsider_key[-16:]}; scope=message"]
 
 
+def test_pgp_mime_to_a_hidden_recipient_is_decrypted(world, run):
+    """gpg -R: no key id in the message; the gateway's key is found by trying its secret keys."""
+    inner = b"Content-Type: text/plain; charset=us-ascii\n\nno key id on the outside\n"
+    armor = world.outsider.encrypt(inner.replace(b"\n", b"\r\n"), "gw@b.example", hidden=True)
+    decrypted, message, _ = run(decrypter(world), pgp_mime(armor))
+    assert message.root.decoded() == b"no key id on the outside\n"
+    assert field(decrypted, "X-ispMailGate-PGP-Result") == ["decrypted; scope=message"]
+
+
 def test_inline_pgp_text_is_decrypted_in_place(world, run):
     armor = world.sending.encrypt("Geheim: Äpfel\n".encode(), "gw@b.example", sign="gw@a.example")
     decrypted, message, _ = run(decrypter(world), text_message(b"Hello,\n\n" + armor + b"\nBye\n"))
