@@ -1,7 +1,7 @@
 """The pgp filter's direction ``neg``: decrypt what the gateway can, verify every signature.
 
 PGP/MIME parts are replaced by the entity they carry, inline ``BEGIN PGP MESSAGE``
-blocks by their text, armored attachments by their file.  Signatures are checked on the
+blocks by their text, armored and binary (``.pgp``/``.gpg``) attachments by their file.  Signatures are checked on the
 raw bytes they cover, before anything changes, and recorded in
 ``X-ispMailGate-PGP-Signature`` header fields; the gateway's own result fields are
 removed from incoming mail first, so a sender cannot forge them.  What cannot be
@@ -17,7 +17,7 @@ from .base import Context, FilterError, Reject, TempFail, marked_direction
 from .mime import Message, Part, python_codec
 from .pgp_gpg import Keyring, NoSecretKey, Signature, Undecryptable
 from .pgp_mime import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
-                       encrypted_payload, has_armor, is_pgp_encrypted, is_pgp_signed, merge_decrypted,
+                       encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed, merge_decrypted,
                        native, signed_content)
 
 if TYPE_CHECKING:
@@ -62,6 +62,8 @@ class Incoming:
         elif part.is_leaf:
             if has_armor(part):
                 self._inline(part, parent)
+            elif is_binary_pgp_file(part):
+                self._binary_file(part, parent)
         elif not part.is_message:           # a forwarded message is a document: left alone
             if is_pgp_signed(part):
                 self._verify_mime(part, parent)
@@ -110,6 +112,13 @@ class Incoming:
             self._inline_file(part, whole)
         elif part.content_type == "text/plain":
             self._inline_text(part)
+
+    def _binary_file(self, part: Part, parent: Part | None) -> None:
+        try:
+            self._not_beside_html(part, parent)
+        except Undecryptable as error:
+            return self._fail(error)
+        self._inline_file(part, part.decoded())
 
     def _inline_text(self, part: Part) -> None:
         text, pieces, last = part.text(), [], 0

@@ -77,6 +77,25 @@ def encryption_kind(part: Part) -> str | None:
     return None
 
 
+_BINARY_NAME = re.compile(r"\.(pgp|gpg)$", re.I)
+
+
+def is_binary_pgp_file(part: Part) -> bool:
+    """An attachment named ``.pgp``/``.gpg`` that starts with an OpenPGP session key packet
+    (public-key or symmetric): what ``gpg --encrypt`` writes without ``--armor``."""
+    if not part.is_leaf or not _BINARY_NAME.search(part.filename or ""):
+        return False
+    head = decode_body(part.body[:128], part.transfer_encoding)
+    return bool(head) and _packet_tag(head[0]) in (1, 3)
+
+
+def _packet_tag(first: int) -> int | None:
+    """RFC 4880 4.2: the tag of a packet from its first byte, old or new format."""
+    if not first & 0x80:
+        return None
+    return first & 0x3F if first & 0x40 else (first >> 2) & 0x0F
+
+
 def _head(part: Part, size: int = 4096) -> bytes:
     """The start of a leaf's decoded body, without decoding a large attachment whole."""
     return decode_body(part.body[:size], part.transfer_encoding).lstrip()

@@ -63,9 +63,9 @@ class GpgHome:
                 if line.startswith("fpr:") and i and lines[i - 1].startswith(("pub:", "sec:"))]
 
     def encrypt(self, data: bytes, *recipients: str, sign: str = "", passphrase: str = "",
-                hidden: bool = False) -> bytes:
+                hidden: bool = False, armor: bool = True) -> bytes:
         """Armored, as ``gpg --encrypt --armor`` makes it (``hidden``: with -R, no key ids)."""
-        args = ["--trust-model", "always", "--armor", "--encrypt"]
+        args = ["--trust-model", "always", *(["--armor"] if armor else []), "--encrypt"]
         for recipient in recipients:
             args += ["--hidden-recipient" if hidden else "--recipient", recipient]
         if sign:

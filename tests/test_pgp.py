@@ -248,6 +248,29 @@ def test_armored_attachment_is_decrypted_to_its_file(world, run):
     assert attachment.decoded() == b"%PDF-1.4 fake\n"
 
 
+@pytest.mark.parametrize("name", ["report.pdf.gpg", "report.pdf.PGP"])
+def test_binary_encrypted_attachment_is_decrypted_to_its_file(world, run, name):
+    import base64
+
+    packets = world.outsider.encrypt(b"%PDF-1.4 fake\n", "gw@b.example", armor=False)
+    data = (HEAD + b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="b"\n\n--b\n'
+            b"Content-Type: text/plain\n\nSee attachment.\n--b\nContent-Type: application/octet-stream;"
+            + f' name="{name}"\nContent-Disposition: attachment; filename="{name}"\n'.encode()
+            + b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(packets) + b"--b--\n")
+    decrypted, message, _ = run(decrypter(world), data)
+    attachment = message.root.children[1]
+    assert attachment.filename == "report.pdf" and attachment.content_type == "application/pdf"
+    assert attachment.decoded() == b"%PDF-1.4 fake\n"
+    assert field(decrypted, "X-ispMailGate-PGP-Result") == ["decrypted; scope=inline"]
+
+
+def test_a_gpg_named_attachment_that_is_not_openpgp_is_left_alone(world, run):
+    data = (HEAD + b'MIME-Version: 1.0\nContent-Type: application/octet-stream; name="x.gpg"\n'
+            b"Content-Transfer-Encoding: base64\n\nSnVzdCBzb21lIGJ5dGVzCg==\n")
+    decrypted, _, _ = run(decrypter(world), data)
+    assert decrypted == data                        # not encrypted: passed byte for byte
+
+
 def test_nested_pgp_mime_beside_a_list_footer_is_decrypted(world, run):
     armor = world.outsider.encrypt(b"Content-Type: text/plain\r\n\r\nlist secret\r\n", "gw@b.example")
     nested = pgp_mime(armor, head=b"")
