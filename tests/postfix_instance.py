@@ -133,6 +133,20 @@ def write_rules(path: Path, spool: Path, mail_host: str, text: str = "") -> Path
     return path
 
 
+def smtp_transaction(client: smtplib.SMTP, sender: str, recipients: list[str], data: bytes,
+                     mail_options=()) -> bytes:
+    """EHLO, MAIL, RCPT for each, DATA, every reply 250; the text of the last one."""
+    client.ehlo("client.e2e.test")
+    code, text = client.mail(sender, list(mail_options))
+    assert code == 250, (code, text)
+    for recipient in recipients:
+        code, text = client.rcpt(recipient)
+        assert code == 250, (recipient, code, text)
+    code, text = client.data(data)
+    assert code == 250, (code, text)
+    return text
+
+
 def run_failing_test(tmp_path: Path, source: str) -> str:
     """Run ``source`` (a test that fails on purpose) in another pytest; the BASE= it printed."""
     (tmp_path / "test_failing.py").write_text(source)
@@ -213,14 +227,7 @@ class PostfixInstance:
     def submit(self, sender: str, recipients: list[str], data: bytes) -> str:
         """Hand a message to Postfix by SMTP; returns its queue id."""
         with smtplib.SMTP("127.0.0.1", self.ports["submit"], timeout=60) as client:
-            client.ehlo("client.e2e.test")
-            code, text = client.mail(sender)
-            assert code == 250, (code, text)
-            for recipient in recipients:
-                code, text = client.rcpt(recipient)
-                assert code == 250, (recipient, code, text)
-            code, text = client.data(data)
-            assert code == 250, (code, text)
+            text = smtp_transaction(client, sender, recipients, data)
         return text.decode().rsplit(" ", 1)[-1]
 
     def mailbox(self, user: str) -> list[bytes]:

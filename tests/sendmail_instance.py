@@ -39,7 +39,7 @@ import textwrap
 from pathlib import Path
 
 from conftest import PROJECT
-from postfix_instance import write_rules
+from postfix_instance import smtp_transaction, write_rules
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SENDMAIL_CF = Path("/usr/share/sendmail/cf")         # Debian package sendmail-cf
@@ -160,14 +160,7 @@ class SendmailInstance:
         try:
             with _PipeSMTP(mine) as client:
                 client.connect("localhost")
-                client.ehlo("client.e2e.test")
-                code, text = client.mail(sender, list(mail_options))
-                assert code == 250, (code, text)
-                for recipient in recipients:
-                    code, text = client.rcpt(recipient)
-                    assert code == 250, (recipient, code, text)
-                code, text = client.data(data)
-                assert code == 250, (code, text)
+                text = smtp_transaction(client, sender, recipients, data, mail_options)
         finally:
             mine.close()
             assert process.wait(timeout=120) == 0, process.stderr.read()
