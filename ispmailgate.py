@@ -297,7 +297,10 @@ SYSLOG_FACILITIES = frozenset({"kern", "user", "mail", "daemon", "auth", "syslog
 
 
 def _facility(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in SYSLOG_FACILITIES:
+    import syslog       # loaded for the log anyway; it says which facilities this system has
+
+    if not isinstance(value, str) or value.lower() not in SYSLOG_FACILITIES \
+            or not hasattr(syslog, "LOG_" + value.upper()):
         raise ValueError(f"not a syslog facility: {value!r} (mail, daemon, local0 ... local7)")
     return value.lower()
 

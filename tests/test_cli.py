@@ -132,7 +132,7 @@ def test_a_broken_installation_is_a_tempfail_not_a_bounce(tmp_path):
     assert run.stdout == b""
 
 
-@pytest.mark.parametrize("facility", ["kitchen", "err", ""])
+@pytest.mark.parametrize("facility", ["kitchen", "err", "", "ftp"])     # ftp: no LOG_FTP in Python
 def test_an_unknown_syslog_facility_is_a_usage_error(facility):
     run = run_inline(["-a", facility, "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 75
