@@ -1,8 +1,8 @@
 """The pgp filter's direction ``neg``: decrypt what the gateway can, verify every signature.
 
 PGP/MIME parts are replaced by the entity they carry, inline ``BEGIN PGP MESSAGE``
-blocks by their text, armored and binary (``.pgp``/``.gpg``) attachments by their file.  Signatures are checked on the
-raw bytes they cover, before anything changes, and recorded in
+blocks by their text, armored and binary (``.pgp``/``.gpg``) attachments by their file.
+Signatures are checked on the raw bytes they cover, before anything changes, and recorded in
 ``X-ispMailGate-PGP-Signature`` header fields; the gateway's own result fields are
 removed from incoming mail first, so a sender cannot forge them.  What cannot be
 decrypted follows ``on_undecryptable``; nothing is ever dropped.
@@ -17,8 +17,8 @@ from .base import Context, FilterError, Reject, TempFail, marked_direction
 from .mime import Message, Part, python_codec
 from .pgp_gpg import Keyring, NoSecretKey, Signature, Undecryptable
 from .pgp_mime import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
-                       encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed, merge_decrypted,
-                       native, signed_content)
+                       encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed,
+                       merge_decrypted, native, signed_content)
 
 if TYPE_CHECKING:
     from .pgp import Pgp
