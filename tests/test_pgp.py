@@ -555,6 +555,52 @@ def test_forged_result_fields_are_removed_on_the_way_in(world, run):
     assert delivered == plain and not message.changed
 
 
+FORGED = (b"X-ispMailGate-PGP-Result: decrypted; scope=inline\n"
+          b'X-ispMailGate-PGP-Signature: good; key=0123456789ABCDEF; signer="CEO <ceo@b.example>"\n'
+          b"X-ispMailGate-PGP: neg\n")
+
+
+def foreign_inline(world) -> bytes:
+    """A text part whose inline block is encrypted to a key gateway B does not hold."""
+    armor = world.outsider.encrypt(b"not for B\n", "out@c.example")
+    return text_message(armor)
+
+
+def foreign_binary(world) -> bytes:
+    """A binary .gpg attachment (gpg --encrypt without --armor) to a key B does not hold."""
+    import base64
+
+    packets = world.outsider.encrypt(b"%PDF-1.4 fake\n", "out@c.example", armor=False)
+    return (HEAD + b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="b"\n\n--b\n'
+            b"Content-Type: application/octet-stream; name=\"report.pdf.gpg\"\n"
+            b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(packets) + b"--b--\n")
+
+
+@pytest.mark.parametrize("make", [foreign_inline, foreign_binary, foreign])
+def test_forged_verdicts_on_mail_for_other_keys_are_removed_in_auto(world, run, make):
+    """auto passes mail encrypted to somebody else's key as it is -- all but the verdicts
+    the sender wrote: that early return used to come before they were removed."""
+    data = make(world)
+    auto_b = decrypter(world, direction="auto", uid=World.A_UID)
+    delivered, _, notices = run(auto_b, FORGED + data)
+    assert delivered == data and notices == []
+    assert run(auto_b, data)[0] == data                 # nothing forged: byte for byte
+
+
+def test_forged_verdicts_are_removed_on_the_way_out_too(world, run):
+    """pos in clear (no key for the recipient) and pos passing encrypted mail on."""
+    clear = gateway(world.sending, direction="pos", per_recipient=True)
+    plain = text_message(b"Hello Carol.\n")
+    delivered, _, _ = run(clear, FORGED + plain, recipients=("carol@b.example",))
+    assert delivered == plain
+    encrypted = foreign_inline(world)
+    delivered, _, _ = run(encrypter(world), FORGED + encrypted)
+    assert delivered == encrypted
+    sealed, _, _ = run(encrypter(world), FORGED + plain)
+    assert field(sealed, "X-ispMailGate-PGP") == ["pos"]
+    assert not field(sealed, "X-ispMailGate-PGP-Result") and not field(sealed, "X-ispMailGate-PGP-Signature")
+
+
 # -- per recipient -------------------------------------------------------------------------
 
 def test_per_recipient_variants_follow_the_keys(world):
