@@ -18,7 +18,7 @@ from .mime import Message, Part, python_codec
 from .pgp_gpg import Keyring, NoSecretKey, Signature, Undecryptable
 from .pgp_mime import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
                        encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed,
-                       merge_decrypted, native, signed_content)
+                       may_render_as_markup, merge_decrypted, native, signed_content)
 
 if TYPE_CHECKING:
     from .pgp import Pgp
@@ -151,12 +151,16 @@ class Incoming:
         part.set_decoded(plain, "base64")
 
     def _not_beside_html(self, part: Part, parent: Part | None) -> None:
-        """Plaintext never joins HTML the sender wrapped around it (EFAIL direct exfiltration)."""
+        """Plaintext never joins markup the sender wrapped around it (EFAIL direct exfiltration):
+        HTML, XHTML, SVG and whatever else a reader may render as markup."""
         if parent is None:
             return
         inside = {id(p) for p in part.walk()}
-        if any(leaf.content_type == "text/html" and id(leaf) not in inside for leaf in self.message.leaves()):
-            raise Undecryptable("an encrypted part beside HTML parts is not decrypted (EFAIL)")
+        beside = next((leaf for leaf in self.message.leaves()
+                       if id(leaf) not in inside and may_render_as_markup(leaf)), None)
+        if beside is not None:
+            raise Undecryptable(f"an encrypted part beside a {beside.content_type} part is not "
+                                "decrypted (EFAIL)")
 
     # -- gpg, within a budget ----------------------------------------------------------------
 

