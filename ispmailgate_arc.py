@@ -8,6 +8,10 @@ changed message with its own key, so receivers that trust the gateway can accept
 Only messages that some filter changed are sealed; an untouched message goes out byte
 for byte.  The seal is computed over the wire form (CRLF line ends, exactly the bytes the
 next hop gets).  This module and dkimpy are imported only when ``[arc]`` is configured.
+
+DNS is asked on a budget per message (``dns_lookups`` queries, ``dns_timeout`` seconds,
+each name once): a timeout, a failure or a spent budget is ``temperror``, never ``fail``,
+and an existing chain DNS could not decide gets no new set rather than ``cv=fail``.
 """
 
 from __future__ import annotations
