@@ -39,6 +39,7 @@ class Incoming:
         self.failures: list[str] = []
         self.foreign_only = True        # every failure so far was "no secret key here"
         self.gpg_calls = 0
+        self.markup: int | None = None  # parts a reader may render as markup, counted once per tree
 
     def run(self, message: Message) -> None:
         self.message = message
@@ -155,12 +156,12 @@ class Incoming:
         HTML, XHTML, SVG and whatever else a reader may render as markup."""
         if parent is None:
             return
-        inside = {id(p) for p in part.walk()}
-        beside = next((leaf for leaf in self.message.leaves()
-                       if id(leaf) not in inside and may_render_as_markup(leaf)), None)
-        if beside is not None:
-            raise Undecryptable(f"an encrypted part beside a {beside.content_type} part is not "
-                                "decrypted (EFAIL)")
+        if self.markup is None:         # counted again only after a decryption changed the tree
+            self.markup = sum(1 for leaf in self.message.leaves() if may_render_as_markup(leaf))
+        inside = sum(1 for leaf in part.leaves() if may_render_as_markup(leaf))
+        if self.markup > inside:        # one outside this part: linear, not parts times leaves
+            raise Undecryptable("an encrypted part beside a part a reader may render as markup "
+                                "(HTML, XHTML, SVG ...) is not decrypted (EFAIL)")
 
     # -- gpg, within a budget ----------------------------------------------------------------
 
@@ -185,6 +186,7 @@ class Incoming:
     # -- outcome --------------------------------------------------------------------------
 
     def _found(self, scope: str, signatures: list[Signature]) -> None:
+        self.markup = None              # the plaintext took the encrypted part's place
         self.decrypted.append(scope)
         self.signatures += [(scope, sig) for sig in signatures]
 
