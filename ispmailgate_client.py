@@ -1,15 +1,17 @@
 """ispmailgate-client: hands one message to a running ``ispmailgate serve``.
 
-    ispmailgate-client [--socket PATH] [--fallback oneshot|tempfail] [ispmailgate arguments] < message
+    ispmailgate-client [--socket PATH] [--fallback oneshot|tempfail] [--deadline SECONDS]
+                       [ispmailgate arguments] < message
 
 The MTA runs this where it would run ``ispmailgate``: every argument after the client's
 own leading options goes to a server worker unparsed, with the message, our working
 directory and $ISPMAILGATE_CONFIG, and the worker answers with what a one-shot run started
 here would have written to stdout and stderr and its exit status.  The client starts fast
 because it imports almost nothing (no typer, no email package); keep it that way.  When
-the server cannot be reached it runs the one-shot ``ispmailgate`` with the same arguments
-and the untouched stdin, or exits 75, as configured: the message is never lost.  The wire
-protocol is described in docs/protocol.md.
+the server cannot be reached, or no worker takes the request within the deadline, it runs
+the one-shot ``ispmailgate`` with the same arguments and the untouched stdin, or exits 75,
+as configured: the message is never lost, and never handled twice (once a worker has taken
+it, the client waits for its result).  The wire protocol is described in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ DEFAULT_CONFIG_PATH = "/etc/ispmailgate/ispmailgate.toml"    # as in ispmailgate
 CONFIG_VARIABLE = "ISPMAILGATE_CONFIG"                       # what -c defaults to
 EX_TEMPFAIL = 75
 FALLBACKS = ("oneshot", "tempfail")
+DEFAULT_DEADLINE = 10.0         # seconds for a worker to take the request, else the fallback
 
 # The wire protocol, shared with ispmailgate_serve.
-PROTOCOL_VERSION = 2                               # what a client sends
-PROTOCOL_VERSIONS = (1, 2)                         # what either side reads
+PROTOCOL_VERSION = 3                               # what a client sends
+PROTOCOL_VERSIONS = (1, 2, 3)                      # what either side reads
 CONTEXT, ARGUMENTS, DATA, END = b"C", b"A", b"D", b"."      # client -> server frames
 STDOUT, STDERR, EXIT = b"O", b"E", b"X"            # server -> client frames
 MAX_FRAME = 2 << 20                                # bytes of payload in one frame
@@ -59,26 +62,37 @@ def encode_context() -> bytes:
 
 def main() -> int:
     """Console-script entry point: ``ispmailgate-client``."""
-    socket_path, fallback, args = client_options(sys.argv[1:])
+    import time         # built in: nothing to load
+
+    socket_path, fallback, deadline, args = client_options(sys.argv[1:])
+    until = time.monotonic() + deadline
     try:
-        connection = connect(socket_path)
+        connection = connect(socket_path, deadline)
     except OSError as error:
         return fall_back(fallback, args, f"cannot reach the server at {socket_path}: "
                                          f"{error.strerror or error}")
     try:
-        send_request(connection, args)
-        return relay_reply(connection)
+        taken = hand_over(connection, args, until)
+    except OSError as error:    # no worker took the request: it was not run, stdin is untouched
+        connection.close()
+        why = f"within {deadline:g} s" if isinstance(error, TimeoutError) else f"({error.strerror or error})"
+        return fall_back(fallback, args, f"no worker of the server at {socket_path} took the message {why}")
+    try:
+        if taken == PROTOCOL_VERSION:
+            send_message(connection)
+        return relay_reply(connection, taken)
     finally:
         connection.close()
 
 
-def client_options(argv: list[str]) -> tuple[str, str | None, list[str]]:
+def client_options(argv: list[str]) -> tuple[str, str | None, float, list[str]]:
     """The client's own options, only in front; everything after belongs to ispmailgate."""
     socket_path = os.environ.get("ISPMAILGATE_SOCKET") or DEFAULT_SOCKET
     fallback = os.environ.get("ISPMAILGATE_FALLBACK") or None
+    deadline = seconds(os.environ.get("ISPMAILGATE_DEADLINE"))
     while argv:
         name, has_value, value = argv[0].partition("=")
-        if name not in ("--socket", "--fallback"):
+        if name not in ("--socket", "--fallback", "--deadline"):
             break
         if not has_value:
             if len(argv) < 2:
@@ -87,16 +101,28 @@ def client_options(argv: list[str]) -> tuple[str, str | None, list[str]]:
         argv = argv[1:]
         if name == "--socket":
             socket_path = value
-        else:
+        elif name == "--fallback":
             fallback = value
-    return socket_path, fallback, argv
+        else:
+            deadline = seconds(value)
+    return socket_path, fallback, deadline, argv
 
 
-def connect(path: str):
+def seconds(value: str | None) -> float:
+    """A deadline in seconds; anything but a positive number gives the default."""
+    try:
+        number = float(value or DEFAULT_DEADLINE)
+    except ValueError:
+        return DEFAULT_DEADLINE
+    return number if 0 < number < 86400 else DEFAULT_DEADLINE
+
+
+def connect(path: str, timeout: float):
     import _socket      # the C module: socket.py would pull in enum and selectors
 
     connection = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
+        connection.settimeout(timeout)
         connection.connect(path)
     except OSError:
         connection.close()
@@ -104,8 +130,25 @@ def connect(path: str):
     return connection
 
 
-def send_request(connection, args: list[str]) -> None:
-    """Context and arguments, then stdin in chunks; stops early when the server has answered.
+def hand_over(connection, args: list[str], until: float) -> int:
+    """Send the head of the request (context and arguments, no byte of stdin) and wait, until
+    ``until``, for the server's first byte: a worker's acknowledgement (our version), or
+    the start of a refusal.  An OSError (a timeout, a hang-up) means no worker took it."""
+    import time
+
+    connection.settimeout(max(until - time.monotonic(), 0.001))
+    connection.sendall(bytes([PROTOCOL_VERSION]) + frame(CONTEXT, encode_context())
+                       + frame(ARGUMENTS, encode_arguments(args)))
+    connection.settimeout(max(until - time.monotonic(), 0.001))
+    first = connection.recv(1)
+    if not first:
+        raise ConnectionResetError("it closed the connection before a worker took the message")
+    connection.settimeout(None)         # taken: the server's own timeouts rule from here
+    return first[0]
+
+
+def send_message(connection) -> None:
+    """Stdin in chunks, then the end frame; stops early when the server has answered.
 
     The server answers before the end of the message when it needs no message (--help,
     a usage error) or refuses it (too large): then the rest is not sent.
@@ -113,8 +156,6 @@ def send_request(connection, args: list[str]) -> None:
     import select
 
     try:
-        connection.sendall(bytes([PROTOCOL_VERSION]) + frame(CONTEXT, encode_context())
-                           + frame(ARGUMENTS, encode_arguments(args)))
         while True:
             readable, _, _ = select.select([0, connection], [], [])
             if connection in readable:
@@ -128,12 +169,13 @@ def send_request(connection, args: list[str]) -> None:
         return          # the server closed early; its answer, if any, is still readable
 
 
-def relay_reply(connection) -> int:
-    """Copies stdout and stderr frames to ours; the exit frame ends the reply."""
+def relay_reply(connection, version: int) -> int:
+    """Copies stdout and stderr frames to ours; the exit frame ends the reply.  ``version``,
+    its first byte, came already (an old server's refusal is relayed too)."""
     reader = Reader(connection)
+    if version not in PROTOCOL_VERSIONS:
+        return tempfail("the server speaks another protocol version")
     try:
-        if reader.exactly(1)[0] not in PROTOCOL_VERSIONS:     # an old server's refusal is relayed
-            return tempfail("the server speaks another protocol version")
         while True:
             kind, length = reader.exactly(1), int.from_bytes(reader.exactly(4), "big")
             if length > MAX_FRAME:

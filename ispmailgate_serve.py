@@ -65,6 +65,9 @@ SERVE_SETTINGS: dict[str, Setting] = {
     "max_requests": Setting(1000, count(0), "Messages a worker handles before it is replaced (0: never)."),
     "max_requests_jitter": Setting(50, count(0),
                                    "Up to this many more, at random, so workers are not replaced together."),
+    "head_timeout": Setting(5.0, ispmailgate._positive,
+                            "Seconds a new connection may take to send its request head (arguments); "
+                            "until then it waits without holding a worker, then it is closed."),
     "read_timeout": Setting(30.0, ispmailgate._positive, "Seconds to wait for each read from a client."),
     "request_timeout": Setting(600.0, ispmailgate._positive,
                                "Seconds a client may take to send its whole request."),
@@ -265,8 +268,142 @@ class Request:
         return bytes(data)
 
 
-def send_reply(connection, stdout: bytes, stderr: bytes, status: int, version: int) -> None:
-    frames = [bytes([version])]
+class Doorway:
+    """Connections accepted but not yet taken: a worker takes one only when its whole request
+    head (version, context, arguments) has arrived, so connections that send nothing, or
+    half a head, never hold a worker.  Each waits at most ``head_timeout`` from its accept,
+    then gets an error reply and is closed; past ``MAX_WAITING`` the oldest goes first.
+    What was read while waiting is handed over with the connection."""
+
+    MAX_WAITING = 64
+    MAX_HEAD = 256 * 1024       # a head this long is handed over as it is (read on with timeouts)
+
+    def __init__(self, listener, head_timeout: float) -> None:
+        import select
+
+        self.listener, self.head_timeout = listener, head_timeout
+        self.waiting: dict[int, tuple[Any, float, bytearray]] = {}     # fd: (socket, deadline, read)
+        self.poll = select.poll()
+        self.poll.register(listener, select.POLLIN)
+
+    def next(self, wait: float) -> tuple[Any, bytes] | None:
+        """A connection whose head is complete, with the bytes read from it; None after ``wait``."""
+        now = time.monotonic()
+        soonest = min((deadline for _, deadline, _ in self.waiting.values()), default=now + wait)
+        for fd, _ in self.poll.poll(max(0.0, min(wait, soonest - now)) * 1000):
+            if fd == self.listener.fileno():
+                self._accept()
+            elif fd in self.waiting and (ready := self._read(fd)) is not None:
+                return ready
+        self._expire(time.monotonic())
+        return None
+
+    def _accept(self) -> None:
+        import select
+
+        try:
+            connection = self.listener.accept()[0]
+        except (BlockingIOError, InterruptedError):     # another worker was quicker
+            return
+        connection.setblocking(False)
+        if len(self.waiting) >= self.MAX_WAITING:
+            self._drop(min(self.waiting, key=lambda fd: self.waiting[fd][1]), "too many connections waiting")
+        self.waiting[connection.fileno()] = (connection, time.monotonic() + self.head_timeout, bytearray())
+        self.poll.register(connection, select.POLLIN)
+
+    def _read(self, fd: int) -> tuple[Any, bytes] | None:
+        connection, _, data = self.waiting[fd]
+        try:
+            chunk = connection.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            chunk = b""
+        if not chunk:                       # hung up before a worker took it: nothing to answer
+            self._forget(fd).close()
+            return None
+        data += chunk
+        if not head_complete(data) and len(data) < self.MAX_HEAD:
+            return None
+        self._forget(fd).setblocking(True)
+        return connection, bytes(data)
+
+    def _expire(self, now: float) -> None:
+        for fd in [fd for fd, (_, deadline, _) in self.waiting.items() if deadline <= now]:
+            self._drop(fd, f"the client sent no complete request head within {self.head_timeout:g} s")
+
+    def _drop(self, fd: int, reason: str) -> None:
+        """Answer (if the socket takes it at once) and close: a connection no worker took."""
+        data = self.waiting[fd][2]
+        connection = self._forget(fd)
+        version = data[0] if data and data[0] in PROTOCOL_VERSIONS else PROTOCOL_VERSIONS[0]
+        log.warning("worker %d: connection closed: %s", os.getpid(), reason)
+        try:
+            send_reply(connection, b"", f"4.3.0 ispmailgate serve: bad request: {reason}\n".encode(),
+                       EX_TEMPFAIL, version)
+        except OSError:
+            pass
+        connection.close()
+
+    def _forget(self, fd: int):
+        connection = self.waiting.pop(fd)[0]
+        self.poll.unregister(fd)
+        return connection
+
+    def close(self) -> None:
+        for fd in list(self.waiting):
+            self._forget(fd).close()
+
+
+def head_complete(data: bytes | bytearray) -> bool:
+    """Has the whole request head arrived: the version, the context frame (protocol 2 and
+    later) and the argument frame?  A head a worker must refuse counts as complete."""
+    if not data or data[0] not in PROTOCOL_VERSIONS:
+        return bool(data)
+    at = 1
+    for kind in (CONTEXT, ARGUMENTS) if data[0] >= 2 else (ARGUMENTS,):
+        if len(data) < at + 5:
+            return len(data) > at and data[at:at + 1] != kind
+        length = int.from_bytes(data[at + 1:at + 5], "big")
+        if data[at:at + 1] != kind or length > MAX_FRAME:
+            return True
+        at += 5 + length
+    return len(data) >= at
+
+
+class Prefixed:
+    """A connection whose first bytes were read while it waited in the doorway."""
+
+    def __init__(self, connection, data: bytes) -> None:
+        self.connection, self.data = connection, data
+
+    def recv(self, size: int) -> bytes:
+        if not self.data:
+            return self.connection.recv(size)
+        chunk, self.data = self.data[:size], self.data[size:]
+        return chunk
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+
+def acknowledge(connection, version: int, timeout: float) -> bool:
+    """Protocol 3: tell the client a worker took its request, so that from now on it waits
+    for the result instead of falling back (that would deliver twice)."""
+    if version < 3:
+        return False
+    connection.settimeout(timeout)
+    try:
+        connection.sendall(bytes([version]))
+    except OSError as error:            # gone (it gave up waiting): its request is not run
+        raise RequestError(f"the client left before its request was taken ({error.strerror or error})") from None
+    return True
+
+
+def send_reply(connection, stdout: bytes, stderr: bytes, status: int, version: int, *,
+               acknowledged: bool = False) -> None:
+    """The reply; its version byte went ahead already when the request was ``acknowledged``."""
+    frames = [] if acknowledged else [bytes([version])]
     for kind, data in ((STDOUT, stdout), (STDERR, stderr)):
         frames += [frame(kind, data[i:i + MAX_FRAME]) for i in range(0, len(data), MAX_FRAME)]
     frames.append(frame(EXIT, bytes([status & 0xFF])))
@@ -340,14 +477,17 @@ class Worker:
         except Exception as error:
             log.error("worker %d cannot start: %s", self.pid, error)
             return WORKER_BOOT_ERROR
-        handled = 0
+        handled, doorway = 0, Doorway(self.listener, self.settings.head_timeout)
         while self.alive and (not self.max_requests or handled < self.max_requests):
             self.heartbeat.beat()
-            connection = self._accept()
-            if connection is not None:
-                with connection:
-                    self.handle(connection)
+            arrived = doorway.next(1.0)
+            if os.getppid() != self.master:     # the master died: do not linger
+                self.alive = False
+            elif arrived is not None:
+                with arrived[0]:
+                    self.handle(*arrived)
                 handled += 1
+        doorway.close()         # what waits was never taken: a client of protocol 3 falls back
         log.info("worker %d exits after %d messages", self.pid, handled)
         return EX_OK
 
@@ -366,25 +506,15 @@ class Worker:
     def _stop(self, signum, frame) -> None:
         self.alive = False          # finish the message in hand, then exit
 
-    def _accept(self):
-        import select
-
-        try:
-            ready, _, _ = select.select([self.listener], [], [], 1.0)
-            if os.getppid() != self.master:     # the master died: do not linger
-                self.alive = False
-                return None
-            return self.listener.accept()[0] if ready else None
-        except (BlockingIOError, InterruptedError):     # another worker was quicker
-            return None
-
-    def handle(self, connection) -> None:
+    def handle(self, connection, head: bytes = b"") -> None:
         started = time.monotonic()
         pid, uid, gid = peer_credentials(connection)
         log.info("worker %d: connection from pid=%d uid=%d gid=%d", self.pid, pid, uid, gid)
-        request = Request(connection, self.settings)
+        request = Request(Prefixed(connection, head), self.settings)
+        acknowledged = False
         try:
             argv = request.arguments()
+            acknowledged = acknowledge(connection, request.version, self.settings.read_timeout)
             status, stdout, stderr = self.run_request(argv, request)
         except RequestError as error:
             log.warning("worker %d: bad request from pid=%d uid=%d: %s", self.pid, pid, uid, error)
@@ -394,7 +524,7 @@ class Worker:
             status, stdout, stderr = EX_TEMPFAIL, b"", f"4.3.0 ispmailgate serve: internal error: {error!r}\n".encode()
         try:
             connection.settimeout(self.settings.read_timeout)
-            send_reply(connection, stdout, stderr, status, request.version)
+            send_reply(connection, stdout, stderr, status, request.version, acknowledged=acknowledged)
             linger(connection, self.settings.read_timeout)
         except OSError as error:
             log.error("worker %d: could not answer pid=%d (exit %d was due): %s", self.pid, pid, status, error)

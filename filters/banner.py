@@ -6,7 +6,15 @@ with ``Content-Disposition: attachment`` or a file name), never an embedded mess
 never the content of ``multipart/signed``, ``multipart/encrypted`` or S/MIME.  Text is
 added to ``text/plain`` parts, an HTML snippet to ``text/html`` parts; every other part
 keeps its bytes.  A message that already went through the same banner (its marker
-header names this banner and the text is in place) is left byte for byte as it is.
+header names this banner and the text is exactly where this configuration puts it) is
+left byte for byte as it is.
+
+A filter that says it warned must have warned where the reader looks: where the banner
+cannot go in place -- no text part, an alternative it cannot carry, a structure past the
+parser's limits, a charset it cannot write, an HTML part with no place for it -- the
+message's body goes, byte for byte, under a new multipart/mixed beside the banner, and
+the log says why.  Stateful charsets (ISO-2022-*, HZ, UTF-7) and wide ones (UTF-16,
+UTF-32) are decoded and encoded again, never appended to by byte.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from .base import Context, Filter, OptionError, TempFail, choice, option
 from .mime import Message, Part, decode_words, printable
@@ -25,6 +34,7 @@ PROTECTED = frozenset({"multipart/signed", "multipart/encrypted",
 _KNOWN_ENCODINGS = frozenset({"", "7bit", "8bit", "binary", "quoted-printable", "base64"})
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_BESIDE_THE_BODY = frozenset({"text/calendar", "application/ics"})    # an invitation, shown with the body
 
 
 @dataclass(frozen=True)
@@ -139,74 +149,97 @@ class Banner(Filter):
             ctx.log.info("%s: %s message attached whole under the banner (on_protected = wrap)",
                          self.title, root.content_type)
             return True
+        if marked and is_wrapped(root, self._carrier(texts, root.headers.eol), self.position):
+            return False
         parts = chosen_parts(root)
-        if not parts:
-            ctx.log.info("%s: no text part can carry the banner", self.title)
         if ctx.log.isEnabledFor(logging.DEBUG):
             names = [printable(p.filename) for p in root.leaves() if p.filename and p not in parts]
             if names:
                 ctx.log.debug("%s: attachments left alone: %s", self.title, ", ".join(names))
+        plans = [(part, self._plan(part, texts, marked)) for part in parts]
+        refused = [f"{part.content_type} part: {plan}" for part, plan in plans if isinstance(plan, str)]
+        if refused or not parts:
+            self._wrap_instead(message, texts, refused, ctx)
+            return True
+        return self._apply(root, [(part, plan) for part, plan in plans if plan is not None], ctx)
+
+    def _wrap_instead(self, message: Message, texts: Texts, refused: list[str], ctx: Context) -> None:
+        """Where the banner cannot go in place, the whole body goes under it: a reader sees
+        the warning first (or last), never a marker or a subject tag without it."""
+        opaque = any("opaque" in defect for defect in message.defects)
+        why = "; ".join(refused) or ("MIME structure beyond the parser's limits" if opaque
+                                     else "no text part can carry the banner")
+        wrap(message, self._carrier(texts, message.root.headers.eol), self.position, whole=False)
+        log = ctx.log.info if not refused and not opaque else ctx.log.warning
+        log("%s: %s: the body was put under the banner instead (multipart/mixed)", self.title, why)
+
+    def _apply(self, root: Part, changes: list[tuple[Part, Change]], ctx: Context) -> bool:
         mime_fields = ("Content-Type", "Content-Transfer-Encoding")
         before = [root.headers.raw(name) for name in mime_fields]
-        changed = False
-        for part in parts:
-            changed = self._add_to_part(part, texts, marked, ctx) or changed
+        for part, change in changes:
+            if change.charset:
+                ctx.log.info("%s: %s part re-encoded from %s to UTF-8 to carry the banner", self.title,
+                             part.content_type, printable(part.charset or "us-ascii"))
+                part.set_param("charset", change.charset)
+            part.set_decoded(change.data)
         if "MIME-Version" not in root.headers and before != [root.headers.raw(n) for n in mime_fields]:
             root.headers.add("MIME-Version", "1.0", top=False)     # else readers ignore the new fields
-        return changed
+        return bool(changes)
 
-    def _add_to_part(self, part: Part, texts: Texts, marked: bool, ctx: Context) -> bool:
-        where = f"{self.title}: {part.content_type} part"
+    def _plan(self, part: Part, texts: Texts, marked: bool) -> Change | str | None:
+        """The part's new decoded body; None if the banner is in place already; else why not."""
         if part.transfer_encoding not in _KNOWN_ENCODINGS:
-            ctx.log.info("%s in Content-Transfer-Encoding %s: left alone", where, part.transfer_encoding)
-            return False
-        codec = ascii_codec(part.charset)
+            return f"Content-Transfer-Encoding {printable(part.transfer_encoding)} left alone"
+        raw = part.decoded()
+        codec = body_codec(part.charset, raw)
         if codec is None:
-            ctx.log.warning("%s in charset %s (unknown or not ASCII-compatible): left alone",
-                            where, printable(part.charset or ""))
-            return False
+            return f"charset {printable(part.charset or '')} unknown: left alone"
+        try:
+            data = codec.to_working(raw)
+        except UnicodeError:
+            return f"body is not valid {printable(part.charset or 'us-ascii')}: left alone"
         if part.content_type == "text/html":
-            return self._add_html(part, codec, texts.html, marked, ctx, where)
-        return self._add_plain(part, codec, texts.plain, marked, ctx, where)
+            return self._plan_html(part, codec, data, texts.html, marked)
+        return self._plan_plain(part, codec, data, texts.plain, marked)
 
-    def _add_plain(self, part: Part, codec: str, text: str, marked: bool, ctx: Context, where: str) -> bool:
-        data = part.decoded()
+    def _plan_plain(self, part: Part, codec: BodyCodec, data: bytes, text: str,
+                    marked: bool) -> Change | str | None:
         eol = line_end(data, part.headers.eol)
         lines = eol.decode().join(text.split("\n"))
         charset = None
         try:
-            banner = lines.encode(codec)
+            banner = lines.encode(codec.working)
         except UnicodeEncodeError:      # the banner does not fit: the whole part becomes UTF-8
             try:
-                data = data.decode(codec).encode("utf-8")
+                data = data.decode(codec.working).encode("utf-8")
             except UnicodeDecodeError:
-                ctx.log.warning("%s: body is not valid %s and the banner needs UTF-8: left alone",
-                                where, printable(part.charset or "us-ascii"))
-                return False
+                return (f"body is not valid {printable(part.charset or 'us-ascii')} and the banner "
+                        "needs UTF-8: left alone")
             banner, charset = lines.encode("utf-8"), "utf-8"
         if marked and has_plain_banner(data, banner, self.position):
-            return False
+            return None
+        joined = join_plain(data, banner, eol, self.position)
         if charset:
-            ctx.log.info("%s re-encoded from %s to UTF-8 to carry the banner", where,
-                         printable(part.charset or "us-ascii"))
-            part.set_param("charset", charset)
-        part.set_decoded(join_plain(data, banner, eol, self.position))
-        return True
+            return Change(joined, charset)
+        try:
+            return Change(codec.from_working(joined), None)
+        except UnicodeEncodeError:      # a stateful or wide charset that lacks the banner's letters
+            return Change(joined, "utf-8")
 
-    def _add_html(self, part: Part, codec: str, html: str, marked: bool, ctx: Context, where: str) -> bool:
+    def _plan_html(self, part: Part, codec: BodyCodec, data: bytes, html: str,
+                   marked: bool) -> Change | str | None:
         from .markup import insertion_point
 
-        data = part.decoded()
         eol = line_end(data, part.headers.eol).decode()
-        snippet = eol.join(html.split("\n")).encode(codec, "xmlcharrefreplace")
-        if marked and snippet in data:
-            return False
-        at = insertion_point(data, self.position if self.html_position == "same" else self.html_position)
+        snippet = eol.join(html.split("\n")).encode(codec.working, "xmlcharrefreplace")
+        position = self.position if self.html_position == "same" else self.html_position
+        at = insertion_point(data, position)
         if at is None:
-            ctx.log.info("%s: no <body>, </head> or <html> tag: left alone", where)
-            return False
-        part.set_decoded(data[:at] + snippet + data[at:])
-        return True
+            return "no <body>, </head> or <html> tag"
+        placed = data[at:at + len(snippet)] if position == "top" else data[max(at - len(snippet), 0):at]
+        if marked and placed == snippet:    # exactly where this banner goes, not just somewhere
+            return None
+        return Change(codec.from_working(data[:at] + snippet + data[at:], "xmlcharrefreplace"), None)
 
     def _carrier(self, texts: Texts, eol: bytes) -> Part:
         """The part that carries the banner beside a wrapped message."""
@@ -244,8 +277,14 @@ def chosen_parts(part: Part) -> list[Part]:
         return [part] if takes and part.filename is None else []
     if not part.is_multipart:           # an embedded message: somebody else's text
         return []
-    if part.content_type == "multipart/alternative":
-        return [chosen for child in part.children for chosen in chosen_parts(child)]
+    if part.content_type == "multipart/alternative":      # the reader shows one, often the last:
+        found = []                                         # each must carry the banner
+        for child in part.children:
+            chosen = chosen_parts(child)
+            if not chosen and child.content_type not in _BESIDE_THE_BODY:
+                return []
+            found += chosen
+        return found
     for child in part.children:
         chosen = chosen_parts(child)
         if chosen:
@@ -253,17 +292,24 @@ def chosen_parts(part: Part) -> list[Part]:
     return []
 
 
-def wrap(message: Message, carrier: Part, position: str) -> None:
-    """Attach the whole message as message/rfc822 under a new multipart/mixed with ``carrier``.
+def wrap(message: Message, carrier: Part, position: str, *, whole: bool = True) -> None:
+    """Put the message's body under a new multipart/mixed beside ``carrier``.
 
-    The attached message keeps every byte (its signature stays valid); the new top part
-    keeps the original's header fields except the Content-* ones.
+    ``whole``: the whole message is attached as message/rfc822, every byte kept (a
+    signature stays valid).  Else the message's own MIME entity -- its Content-* fields
+    and its body, byte for byte -- becomes the other part, shown inline as it was (as
+    Mailman's decorate does where a footer cannot go in place).  The new top part keeps
+    the original's header fields except the Content-* ones.
     """
     root = message.root
     eol = root.headers.eol
-    attached = Part.new_message([("Content-Description", "original message")],
-                                Part.from_bytes(bytes(root.to_bytes())), eol=eol)
-    children = [carrier, attached] if position == "top" else [attached, carrier]
+    if whole:
+        inner = Part.new_message([("Content-Description", "original message")],
+                                 Part.from_bytes(bytes(root.to_bytes())), eol=eol)
+    else:
+        content = b"".join(raw for name, raw in root.headers.fields() if name.lower().startswith("content-"))
+        inner = Part.from_bytes(content + (root.separator or eol) + root.body_bytes())
+    children = [carrier, inner] if position == "top" else [inner, carrier]
     outer = Part.new_multipart("mixed", children, eol=eol)
     headers = root.headers
     for name in {n for n in headers.names() if n.lower().startswith("content-")}:
@@ -273,6 +319,20 @@ def wrap(message: Message, carrier: Part, position: str) -> None:
     headers.add("Content-Type", outer.headers.get("Content-Type") or "", top=False)
     outer.headers = headers
     message.root = outer
+
+
+def is_wrapped(root: Part, carrier: Part, position: str) -> bool:
+    """Is ``root`` a multipart/mixed of two whose first (top) or last (bottom) part is the
+    banner's ``carrier``, word for word: where :func:`wrap` puts it, and nowhere else."""
+    if root.content_type != "multipart/mixed" or len(root.children) != 2:
+        return False
+    found = root.children[0 if position == "top" else 1]
+    return _texts_of(found) == _texts_of(carrier)
+
+
+def _texts_of(part: Part) -> list[tuple[str, bytes]]:
+    leaves = [part] if part.is_leaf else part.children if part.content_type == "multipart/alternative" else []
+    return [(leaf.content_type, leaf.decoded()) for leaf in leaves if leaf.is_leaf]
 
 
 # -- text ------------------------------------------------------------------------------------
@@ -300,22 +360,71 @@ def line_end(data: bytes, default: bytes) -> bytes:
     return b"\n" if b"\n" in data else default
 
 
-def ascii_codec(charset: str | None) -> str | None:
-    """Python's codec for a MIME charset, or None when unknown or not ASCII-compatible.
+class Change(NamedTuple):
+    """A part's new decoded body, and its new charset if it had to change (None: kept)."""
+    data: bytes
+    charset: str | None
 
-    Only an ASCII-compatible charset lets bytes be appended and markup be found by byte
-    offset; UTF-16 and the like are left alone.
+
+@dataclass(frozen=True)
+class BodyCodec:
+    """How to add text to a body in a MIME charset.
+
+    In a stateless ASCII-compatible charset the banner's bytes go in by byte offset
+    (``working`` is the charset itself).  A stateful charset (ISO-2022-*, HZ, UTF-7: bytes
+    appended after a shift into two-byte mode would read as garbage), a wide one
+    (UTF-16, UTF-32) or one that is not ASCII-compatible (EBCDIC) is decoded, worked on as
+    UTF-8 and encoded again, shift sequences ended properly, a byte order mark kept.
     """
+    name: str
+    working: str
+    bom: bytes = b""
+
+    def to_working(self, data: bytes) -> bytes:
+        if self.working == self.name:
+            return data
+        if not data.startswith(self.bom):
+            raise UnicodeError("byte order mark changed")
+        return data[len(self.bom):].decode(self.name).encode("utf-8")
+
+    def from_working(self, data: bytes, errors: str = "strict") -> bytes:
+        if self.working == self.name:
+            return data
+        text = data.decode("utf-8")
+        encoded = text.encode(self.name, errors)
+        if errors == "strict" and encoded.decode(self.name) != text:
+            raise UnicodeEncodeError(self.name, text, 0, len(text), "does not read back the same")
+        return self.bom + encoded
+
+
+_STATEFUL = ("iso2022", "hz", "utf-7")
+_WIDE = {"utf-16": ("utf-16-be", "utf-16-le"), "utf-32": ("utf-32-be", "utf-32-le")}
+
+
+def body_codec(charset: str | None, data: bytes = b"") -> BodyCodec | None:
+    """The codec for a part's charset (``data``: its body, for a byte order mark), or None
+    when the charset is unknown or not a text encoding."""
     import codecs
 
     name = (charset or "us-ascii").strip().strip('"')
     try:
         info = codecs.lookup(name)
+        if not getattr(info, "_is_text_encoding", True):        # never zlib, base64, rot13 ...
+            return None
         probe = "<body>\r\n =?;"
-        text = getattr(info, "_is_text_encoding", True)     # never zlib, base64, rot13 ...
-        return info.name if text and probe.encode(info.name) == probe.encode("ascii") else None
+        stateless_ascii = not info.name.startswith(_STATEFUL) and probe.encode(info.name) == probe.encode("ascii")
     except (LookupError, UnicodeError, TypeError, ValueError):
         return None
+    if stateless_ascii:
+        return BodyCodec(info.name, info.name)
+    if info.name in _WIDE:     # the byte order its mark says, else big-endian (RFC 2781)
+        marks = ((codecs.BOM_UTF16_BE, codecs.BOM_UTF16_LE) if info.name == "utf-16"
+                 else (codecs.BOM_UTF32_BE, codecs.BOM_UTF32_LE))
+        for variant, mark in zip(_WIDE[info.name], marks):
+            if data.startswith(mark):
+                return BodyCodec(variant, "utf-8", mark)
+        return BodyCodec(_WIDE[info.name][0], "utf-8")
+    return BodyCodec(info.name, "utf-8")
 
 
 def _clean(text: str) -> str:

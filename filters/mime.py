@@ -202,7 +202,7 @@ class Part:
             for name in ("Content-Type", "Content-Disposition"):
                 value = self.headers.get(name)
                 if value is not None:       # raw 8-bit bytes as text: UTF-8, else U+FFFD
-                    info[name] = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                    info[name] = bare_head(value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
             self._info = info
         return self._info
 
@@ -230,8 +230,8 @@ class Part:
 
     @property
     def disposition(self) -> str | None:
-        value = self.headers.get("Content-Disposition") or ""
-        return value.split(";", 1)[0].strip().lower() or None
+        value = bare_head(self.headers.get("Content-Disposition") or "")
+        return value.split(";", 1)[0].lower() or None
 
     @property
     def is_attachment(self) -> bool:
@@ -245,8 +245,7 @@ class Part:
 
     @property
     def transfer_encoding(self) -> str:
-        value = self.headers.get("Content-Transfer-Encoding") or ""
-        return value.strip().lower()
+        return bare_head(self.headers.get("Content-Transfer-Encoding") or "").lower()
 
     # -- bodies ----------------------------------------------------------------------------
 
@@ -556,6 +555,29 @@ def _parse_headers(data: bytes) -> tuple[Headers, bytes, int]:
             fields.append((match.group(1).decode("ascii"), line))
         position = end
     return Headers(fields, eol), b"", position
+
+
+def bare_head(value: str) -> str:
+    """A structured field's value with the token(s) before its parameters read as a strict
+    parser reads them: comments (nested, with quoted pairs) and white space removed, so
+    ``(c) multipart/mixed`` is the multipart/mixed a reader sees.  The parameters after
+    the first ``;`` outside a comment stay as written.  One pass, linear."""
+    if "(" not in value and not re.search(r"\s", value.split(";", 1)[0].strip()):
+        return value.strip()
+    head, depth, escaped = [], 0, False
+    for index, char in enumerate(value):
+        if escaped:
+            escaped = False
+        elif depth:
+            escaped = char == "\\"
+            depth += {"(": 1, ")": -1}.get(char, 0)
+        elif char == "(":
+            depth = 1
+        elif char == ";":
+            return "".join(head) + value[index:]
+        elif not char.isspace():
+            head.append(char)
+    return "".join(head)
 
 
 def _field_value(raw: bytes) -> str:

@@ -329,8 +329,9 @@ def recorded_fields(part: Part, top: bool) -> list[tuple[str, bytes]]:
     names = [name.lower() for name, _ in fields]
     if holder.body or set(names) - allowed or len(names) != len(set(names)):
         raise UnpackError(f"{PACKED_FIELDS} holds fields other than {', '.join(sorted(allowed))}")
-    if holder.content_type.startswith("multipart/"):
-        raise UnpackError("a packed part cannot restore to a multipart")
+    if holder.content_type.startswith(("multipart/", "message/")):     # read as a strict parser does
+        raise UnpackError(f"a packed part cannot restore to a {holder.content_type.split('/')[0]} "
+                          "(pos never packs one)")
     return fields
 
 

@@ -18,7 +18,7 @@ from .mime import Message, Part, python_codec
 from .pgp_gpg import Keyring, NoSecretKey, Signature, Undecryptable
 from .pgp_mime import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
                        encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed,
-                       merge_decrypted, native, signed_content)
+                       may_render_as_markup, merge_decrypted, native, signed_content)
 
 if TYPE_CHECKING:
     from .pgp import Pgp
@@ -39,6 +39,7 @@ class Incoming:
         self.failures: list[str] = []
         self.foreign_only = True        # every failure so far was "no secret key here"
         self.gpg_calls = 0
+        self.markup: int | None = None  # parts a reader may render as markup, counted once per tree
 
     def run(self, message: Message) -> None:
         self.message = message
@@ -151,12 +152,16 @@ class Incoming:
         part.set_decoded(plain, "base64")
 
     def _not_beside_html(self, part: Part, parent: Part | None) -> None:
-        """Plaintext never joins HTML the sender wrapped around it (EFAIL direct exfiltration)."""
+        """Plaintext never joins markup the sender wrapped around it (EFAIL direct exfiltration):
+        HTML, XHTML, SVG and whatever else a reader may render as markup."""
         if parent is None:
             return
-        inside = {id(p) for p in part.walk()}
-        if any(leaf.content_type == "text/html" and id(leaf) not in inside for leaf in self.message.leaves()):
-            raise Undecryptable("an encrypted part beside HTML parts is not decrypted (EFAIL)")
+        if self.markup is None:         # counted again only after a decryption changed the tree
+            self.markup = sum(1 for leaf in self.message.leaves() if may_render_as_markup(leaf))
+        inside = sum(1 for leaf in part.leaves() if may_render_as_markup(leaf))
+        if self.markup > inside:        # one outside this part: linear, not parts times leaves
+            raise Undecryptable("an encrypted part beside a part a reader may render as markup "
+                                "(HTML, XHTML, SVG ...) is not decrypted (EFAIL)")
 
     # -- gpg, within a budget ----------------------------------------------------------------
 
@@ -181,6 +186,7 @@ class Incoming:
     # -- outcome --------------------------------------------------------------------------
 
     def _found(self, scope: str, signatures: list[Signature]) -> None:
+        self.markup = None              # the plaintext took the encrypted part's place
         self.decrypted.append(scope)
         self.signatures += [(scope, sig) for sig in signatures]
 

@@ -115,6 +115,23 @@ def _smime_enveloped(part: Part) -> bool:
     return (part.param("smime-type") or "").lower() in ("enveloped-data", "authenveloped-data")
 
 
+# Types a mail reader may render as markup, which can load a URL made of what follows it
+# (EFAIL's direct exfiltration): HTML and AMP for email, XML with its stylesheets, and every
+# "+xml" type (XHTML, SVG, MathML ...); enriched text, which readers turn into HTML.
+_MARKUP = frozenset({"text/html", "text/x-amp-html", "text/xml", "application/xml", "text/xsl",
+                     "text/enriched", "text/richtext"})
+_HIDING = ("multipart/", "message/rfc822", "message/global", "message/partial")
+
+
+def may_render_as_markup(part: Part) -> bool:
+    """A leaf a reader may render as markup, or one that may hide such a part from this
+    parser (a multipart or message kept opaque past the parser's limits, a message/rfc822
+    sent base64-encoded): what a reader renders counts, not what this gateway parsed."""
+    content_type = part.content_type
+    return (content_type in _MARKUP or content_type.endswith("+xml")
+            or content_type.startswith(_HIDING))
+
+
 def is_pgp_encrypted(part: Part) -> bool:
     return part.content_type == "multipart/encrypted" and \
         (part.param("protocol") or "").lower() == ENCRYPTED_PROTOCOL

@@ -88,6 +88,69 @@ class DnsServer:
         self.process.wait(timeout=10)
 
 
+class MisbehavingDns:
+    """A DNS server on 127.0.0.1 (UDP) that misbehaves as asked, counting the names it is asked:
+    ``silent`` never answers, ``garbage`` answers bytes that are no DNS message, ``servfail``
+    answers SERVFAIL, ``records`` answers the TXT records it is given (NXDOMAIN for others)."""
+
+    def __init__(self, mode: str, records: dict[str, str] | None = None) -> None:
+        import socket
+        import threading
+
+        self.mode, self.records = mode, {k.lower(): v for k, v in (records or {}).items()}
+        self.names: list[str] = []
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.socket.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+
+        while True:
+            try:
+                data, peer = self.socket.recvfrom(4096)
+            except OSError:         # closed
+                return
+            query = dns.message.from_wire(data)
+            self.names.append(str(query.question[0].name).rstrip(".").lower())
+            answer = self._answer(query, data)
+            if answer is not None:
+                self.socket.sendto(answer, peer)
+
+    def _answer(self, query, data: bytes) -> bytes | None:
+        import dns.message
+        import dns.rcode
+        import dns.rdata
+        import dns.rdataclass
+        import dns.rdatatype
+
+        if self.mode == "silent":
+            return None
+        if self.mode == "garbage":
+            return data[:2] + b"\x81\x80 this is not DNS \xff\xfe"
+        response = dns.message.make_response(query)
+        text = self.records.get(self.names[-1])
+        if self.mode == "servfail":
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif text is None:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        else:
+            pieces = " ".join(f'"{text[i:i + 255]}"' for i in range(0, len(text), 255))
+            rrset = response.find_rrset(response.answer, query.question[0].name, dns.rdataclass.IN,
+                                        dns.rdatatype.TXT, create=True)
+            rrset.add(dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, pieces), 300)
+        return response.to_wire(max_size=65535)
+
+    @property
+    def distinct(self) -> set[str]:
+        return set(self.names)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
 def signed(auth: "MailAuth", message: bytes, sender: str = "sender.example") -> bytes:
     """The message with a From: in the author domain, DKIM-signed by it (LF line ends)."""
     import re
@@ -104,6 +167,7 @@ def signed(auth: "MailAuth", message: bytes, sender: str = "sender.example") -> 
 @dataclass
 class MailAuth:
     sender_key: Key        # the author domain's DKIM key
+    sender_txt: str        # its TXT record
     gateway_key: Key       # the gateway's ARC key
     relay_key: Key         # an earlier intermediary's ARC key
     dns: DnsServer
@@ -118,6 +182,6 @@ def mailauth(tmp_path_factory) -> MailAuth:
     server = DnsServer({sender.dns_name: sender_txt, gateway.dns_name: gateway_txt,
                         relay.dns_name: relay_txt})
     try:
-        yield MailAuth(sender, gateway, relay, server)
+        yield MailAuth(sender, sender_txt, gateway, relay, server)
     finally:
         server.stop()

@@ -12,7 +12,7 @@ import dkim
 import pytest
 
 from conftest import CORPUS, run_gate, run_inline
-from mailauth import signed
+from mailauth import MisbehavingDns, signed
 
 SIMPLE = (CORPUS / "simple.msg").read_bytes()
 AUTHSERV = "mx.example.net"
@@ -92,10 +92,10 @@ def test_verify_dkim_reports_a_bad_signature_as_fail(config_file, smtp_sink, mai
     assert re.search(rb"ARC-Authentication-Results: i=1; mx.example.net;\s+dkim=fail", wire)
 
 
-def relay_sealed(mailauth, tamper=lambda message: message) -> bytes:
+def relay_sealed(mailauth, tamper=lambda message: message, base: bytes = SIMPLE) -> bytes:
     """Signed mail as an earlier hop (relay.example) sealed it; ``tamper`` changes it afterwards."""
     original = b"Authentication-Results: relay.example; dkim=pass header.d=sender.example\n"
-    original += signed(mailauth, SIMPLE)
+    original += signed(mailauth, base)
     relay = mailauth.relay_key
     first = dkim.arc_sign(original.replace(b"\n", b"\r\n"), relay.selector.encode(), relay.domain.encode(),
                           relay.private_pem, b"relay.example")
@@ -256,3 +256,122 @@ def test_skip_leaves_signed_mail_verifiable_and_still_banners_unsigned_mail(conf
     unsigned = deliver(config, SIMPLE, smtp_sink)
     assert b"Subject: [EXTERNAL] Request for Leave" in unsigned
     assert dkim.arc_verify(unsigned, dnsfunc=mailauth.dns.txt)[0] == dkim.CV_Pass
+
+
+# -- DNS on a budget (issue 15): a resolver that does not answer, or answers garbage --------
+
+LETTER = (b"From: Author <author@sender.example>\nTo: rcpt@example.com\nSubject: Request for Leave\n"
+          b"Date: Mon, 1 Jan 2024 10:00:00 +0000\nMessage-ID: <leave@sender.example>\n\n"
+          b"Please grant me leave next week.\n")
+
+
+@pytest.fixture
+def misbehaving():
+    servers = []
+
+    def start(mode: str, records: dict[str, str] | None = None) -> MisbehavingDns:
+        servers.append(MisbehavingDns(mode, records))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def dkim_results(wire: bytes) -> list[str]:
+    """The dkim results of the newest AAR, as ``result header.d=...``."""
+    return [m.decode() for m in re.findall(rb"dkim=(\w+(?: header\.d=\S+)?)", aar_of(wire))]
+
+
+def budget_config(config_file, sink, auth, resolver: str, extra: str = "") -> str:
+    return arc_config(config_file, sink, auth, 'default_filter = ["gate_test_filters:Upcase"]',
+                      f'verify_dkim = true\n{extra}').read_text().replace(auth.dns.address, resolver)
+
+
+@pytest.mark.parametrize("mode", ["silent", "garbage", "servfail"])
+def test_a_resolver_that_fails_gives_temperror_never_fail_and_the_seal_holds(config_file, smtp_sink,
+                                                                            mailauth, misbehaving, mode):
+    """dkimpy swallows its own DnsTimeoutError into False ("fail"): the gateway watches its lookups."""
+    server = misbehaving(mode)
+    config = config_file(budget_config(config_file, smtp_sink, mailauth, server.address,
+                                       "dns_timeout = 1.5"), name="budget.toml")
+    wire = deliver(config, signed(mailauth, LETTER), smtp_sink)
+    assert dkim_results(wire) == ["temperror header.d=sender.example"]
+    assert server.distinct == {"sel._domainkey.sender.example"}
+    verdict, _, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)      # sealed, honestly
+    assert verdict == dkim.CV_Pass, reason
+
+
+def with_signatures(mauth, count: int, *, same_domain: bool = False) -> bytes:
+    """A signed message with ``count`` DKIM-Signature fields, each for another d= (or the same)."""
+    message = signed(mauth, LETTER)
+    first, rest = message.split(b"\n", 1)
+    while rest[:1] in (b" ", b"\t"):
+        line, rest = rest.split(b"\n", 1)
+        first += b"\n" + line
+    copies = [first if same_domain else first.replace(b"sender.example", f"s{i}.example".encode())
+              for i in range(count)]
+    return b"\n".join(copies) + b"\n" + rest
+
+
+def test_thirty_signatures_and_a_failing_resolver_stay_within_the_budget(config_file, smtp_sink, mailauth,
+                                                                          misbehaving, tmp_path):
+    server = misbehaving("servfail")
+    config = config_file(budget_config(config_file, smtp_sink, mailauth, server.address, "dns_lookups = 4"),
+                         name="budget.toml")
+    wire = deliver(config, with_signatures(mailauth, 30), smtp_sink)
+    assert len(server.distinct) == 4                     # the budget: four names asked, no more
+    results = dkim_results(wire)
+    assert len(results) == 10 and all(r.startswith("temperror") for r in results)
+    log = (tmp_path / "gate.log").read_text()
+    assert "30 DKIM signatures: only the first 10 are checked" in log
+    assert dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)[0] == dkim.CV_Pass
+
+
+def test_a_silent_resolver_costs_the_time_budget_once_not_per_signature(config_file, smtp_sink, mailauth,
+                                                                        misbehaving):
+    server = misbehaving("silent")
+    config = config_file(budget_config(config_file, smtp_sink, mailauth, server.address, "dns_timeout = 1"),
+                         name="budget.toml")
+    wire = deliver(config, with_signatures(mailauth, 30), smtp_sink)
+    assert len(server.distinct) == 1                      # the second query found the time spent
+    assert dkim_results(wire).count("temperror header.d=s0.example") == 1
+    assert all(r.startswith("temperror") for r in dkim_results(wire))
+
+
+def test_answers_are_cached_per_message_and_a_bad_key_is_permerror(config_file, smtp_sink, mailauth,
+                                                                   misbehaving):
+    server = misbehaving("records", {"sel._domainkey.sender.example": mailauth.sender_txt,
+                                     "sel._domainkey.s1.example": "v=DKIM1; k=rsa; p=not a key"})
+    config = config_file(budget_config(config_file, smtp_sink, mailauth, server.address), name="budget.toml")
+    wire = deliver(config, with_signatures(mailauth, 5, same_domain=True), smtp_sink)
+    assert dkim_results(wire) == ["pass header.d=sender.example"] * 5
+    assert server.names == ["sel._domainkey.sender.example"]         # asked once for five signatures
+    wire = deliver(config, with_signatures(mailauth, 3), smtp_sink)
+    assert dkim_results(wire) == ["permerror header.d=s0.example", "permerror header.d=s1.example",
+                                  "permerror header.d=s2.example"]     # no key, a broken key: never fail
+
+
+def test_an_arc_chain_dns_cannot_decide_is_not_sealed_over(config_file, smtp_sink, mailauth, misbehaving,
+                                                           tmp_path):
+    """cv can only be none, pass or fail: with DNS silent the chain is none of them, so the
+    changed message goes on without a new set (never cv=fail for a chain that may be good)."""
+    server = misbehaving("silent")
+    config = arc_config(config_file, smtp_sink, mailauth, 'default_filter = ["gate_test_filters:Upcase"]',
+                        "dns_timeout = 1").read_text().replace(mailauth.dns.address, server.address)
+    data = relay_sealed(mailauth, base=LETTER)
+    wire = deliver(config_file(config, name="budget.toml"), data, smtp_sink)
+    assert b"ARC-Seal: i=2" not in wire and b"ARC-Seal: i=1" in wire
+    assert wire.endswith(b"\r\n\r\nPLEASE GRANT ME LEAVE NEXT WEEK.\r\n")      # delivered, changed
+    log = (tmp_path / "gate.log").read_text()
+    assert "existing ARC chain not validated (DNS: relay._domainkey.relay.example: no answer" in log
+    assert server.distinct == {"relay._domainkey.relay.example"}
+
+
+@pytest.mark.parametrize("setting, complaint", [("dns_lookups = -1", "arc.dns_lookups: expected a count"),
+                                                ("dns_lookups = true", "arc.dns_lookups: expected a count"),
+                                                ("dns_timeout = 0", "arc.dns_timeout: expected seconds"),
+                                                ('dns_timeout = "5"', "arc.dns_timeout: expected seconds")])
+def test_the_dns_budget_is_checked_with_the_rule_file(config_file, smtp_sink, mailauth, setting, complaint):
+    config = arc_config(config_file, smtp_sink, mailauth, arc_extra=setting)
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], LETTER)
+    assert run.code == 75 and complaint in run.first_line

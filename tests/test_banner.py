@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import codecs
 import email
 import email.policy
 import re
@@ -47,6 +49,21 @@ def alternative(plain: bytes, html: bytes, *, charset: str = "utf-8", encoding: 
             + plain + b"\n--alt\n"
             + f"Content-Type: text/html; charset={charset}\nContent-Transfer-Encoding: {encoding}\n\n".encode()
             + html + b"\n--alt--\n")
+
+
+def wrapped(data: bytes, position: str = "bottom"):
+    """(the original MIME entity, the banner's part) of a message the banner put under itself."""
+    root = parsed(data).root
+    assert root.content_type == "multipart/mixed" and len(root.children) == 2
+    entity, carrier = root.children if position == "bottom" else reversed(root.children)
+    return entity, carrier
+
+
+def entity_of(data: bytes) -> bytes:
+    """A message's own MIME entity: its Content-* fields, the blank line, its body."""
+    root = parsed(data).root
+    content = b"".join(raw for name, raw in root.headers.fields() if name.lower().startswith("content-"))
+    return content + (root.separator or root.headers.eol) + root.body_bytes()
 
 
 # -- options ------------------------------------------------------------------------------
@@ -155,23 +172,31 @@ def test_html_position_places_the_html_apart_from_the_text(config_file, position
     assert gate(config_file, options, run.stdout).stdout == run.stdout       # once only
 
 
-def test_html_falls_back_to_head_then_html_and_leaves_fragments_alone(config_file, tmp_path):
+def test_html_falls_back_to_head_then_html_and_a_fragment_goes_under_the_banner(config_file, tmp_path):
     cases = [(b"<html><head></head><p>x</p>", b"<html><head></head><b>!</b><p>x</p>"),
-             (b"<HTML lang=de><p>x</p>", b"<HTML lang=de><b>!</b><p>x</p>"),
-             (b"<p>just a fragment</p>", b"<p>just a fragment</p>")]
+             (b"<HTML lang=de><p>x</p>", b"<HTML lang=de><b>!</b><p>x</p>")]
+    options = 'text = "!"\nhtml = "<b>!</b>"\nposition = "top"'
     for html, expected in cases:
-        run = gate(config_file, 'text = "!"\nhtml = "<b>!</b>"\nposition = "top"', alternative(b"x", html))
+        run = gate(config_file, options, alternative(b"x", html))
         assert parsed(run.stdout).root.children[1].decoded() == expected
+    fragment = alternative(b"x", b"<p>just a fragment</p>")      # no place for it: the reader of
+    run = gate(config_file, options, fragment)                   # the HTML would see no banner
+    entity, carrier = wrapped(run.stdout, "top")
+    assert entity.to_bytes() == entity_of(fragment)
+    assert [p.decoded() for p in carrier.children] == [b"!\n", b"<html><body><b>!</b></body></html>\n"]
     log = (tmp_path / "gate.log").read_text()
-    assert "text/html part: no <body>, </head> or <html> tag: left alone" in log
+    assert "text/html part: no <body>, </head> or <html> tag: the body was put under the banner" in log
+    assert gate(config_file, options, run.stdout).stdout == run.stdout      # once only
 
 
-def test_postcard_text_alternative_changes_and_everything_else_keeps_its_bytes(config_file):
-    data = (CORPUS / "bluedot-postcard.msg").read_bytes()
+def test_an_invitation_beside_the_alternatives_keeps_its_bytes(config_file):
+    data = alternative(b"Hallo", b"<html><body><p>Hallo</p></body></html>")
+    data = data.replace(b'\n--alt--\n', b'\n--alt\nContent-Type: text/calendar; method=REQUEST\n\n'
+                        b'BEGIN:VCALENDAR\nEND:VCALENDAR\n--alt--\n')
     run = gate(config_file, 'text = "CAUTION"', data)
     before, after = list(parsed(data).leaves()), list(parsed(run.stdout).leaves())
-    assert [p.to_bytes() == q.to_bytes() for p, q in zip(before, after)] == [False, True, True]
-    assert after[0].decoded().endswith(b"\n\nCAUTION\n")
+    assert [p.to_bytes() == q.to_bytes() for p, q in zip(before, after)] == [False, False, True]
+    assert after[0].decoded().endswith(b"\n\nCAUTION")
 
 
 def test_mixed_gets_only_its_first_text_part_never_attachments(config_file):
@@ -184,16 +209,30 @@ def test_mixed_gets_only_its_first_text_part_never_attachments(config_file):
         assert len(before) == len(after) > 1
 
 
-def test_messages_without_a_text_body_only_get_the_subject_prefix(config_file):
-    for name in ("bluedot-simple.msg", "multi-digest.msg", "re-fwd.msg", "russian.msg"):
-        data = (CORPUS / name).read_bytes()
-        run = gate(config_file, 'text = "CAUTION"', data)
-        assert run.code == 0
-        assert run.stdout == data, name            # nothing changed: the original bytes go out
-        run = gate(config_file, 'text = "CAUTION"\nsubject_prefix = "[EXT] "', data)
-        out = parsed(run.stdout)
-        assert out.root.body_bytes() == parsed(data).root.body_bytes(), name
-        assert out.headers.decoded("Subject").startswith("[EXT]")
+WITHOUT_TEXT = {
+    "image": b"Content-Type: image/png\nContent-Transfer-Encoding: base64\n\niVBORw0KGgo=\n",
+    "forwarded": b"Content-Type: message/rfc822\n\nFrom: ceo@example.com\nSubject: pay now\n\nPay.\n",
+    "attachment only": (b'Content-Type: multipart/mixed; boundary="m"\n\n--m\nContent-Type: text/plain\n'
+                        b'Content-Disposition: attachment; filename="invoice.txt"\n\nPay.\n--m--\n'),
+    "AMP alternative": (b'Content-Type: multipart/alternative; boundary="a"\n\n--a\nContent-Type: text/plain\n\n'
+                        b'Hi\n--a\nContent-Type: text/x-amp-html\n\n<html amp4email><body>Pay</body></html>\n--a--\n'),
+}
+
+
+@pytest.mark.parametrize("kind", WITHOUT_TEXT)
+def test_a_message_without_a_place_for_the_banner_goes_under_it(config_file, tmp_path, kind):
+    """An image, a forwarded message, attachments only, an alternative a reader may prefer
+    (AMP) that takes no banner: the reader still sees the warning, and the tag is not alone."""
+    data = b"From: a@example.org\nSubject: x\nMIME-Version: 1.0\n" + WITHOUT_TEXT[kind]
+    options = 'text = "CAUTION"\nsubject_prefix = "[EXT] "'
+    run = gate(config_file, options, data)
+    assert run.code == 0
+    entity, carrier = wrapped(run.stdout)
+    assert entity.to_bytes() == entity_of(data)                 # the body byte for byte, inline
+    assert (carrier.content_type, carrier.decoded()) == ("text/plain", b"CAUTION\n")
+    assert parsed(run.stdout).headers.decoded("Subject") == "[EXT] x"
+    assert "the body was put under the banner" in (tmp_path / "gate.log").read_text()
+    assert gate(config_file, options, run.stdout).stdout == run.stdout        # once only
 
 
 def test_only_html_configured_gives_text_parts_its_words(config_file):
@@ -257,21 +296,75 @@ def test_html_in_a_charset_that_lacks_the_banners_letters_gets_character_referen
         "<html><body><p>Привет</p><p>Gr&#252;&#223;e aus der Stra&#223;e</p></body></html>"
 
 
-def test_undeclared_8bit_body_is_left_alone_rather_than_guessed(config_file, tmp_path):
+def test_undeclared_8bit_body_is_not_guessed_but_put_under_the_banner(config_file, tmp_path):
     data = message("From: a@example.org\nSubject: alt", "Grüße von früher\n".encode("latin-1"))
     run = gate(config_file, f'text = "{GERMAN}"', data)
-    assert run.code == 0 and run.stdout == data
-    assert "body is not valid us-ascii" in (tmp_path / "gate.log").read_text()
+    entity, carrier = wrapped(run.stdout)
+    assert run.code == 0 and entity.to_bytes() == entity_of(data)
+    assert carrier.decoded() == GERMAN.encode() + b"\n"
+    assert "body is not valid us-ascii and the banner needs UTF-8" in (tmp_path / "gate.log").read_text()
     run = gate(config_file, 'text = "ASCII only"', data)      # bytes appended, nothing re-read
     assert parsed(run.stdout).root.decoded() == "Grüße von früher\n\nASCII only\n".encode("latin-1")
 
 
-def test_hostile_or_unknown_charsets_leave_the_part_alone(config_file, tmp_path):
+def test_hostile_or_unknown_charsets_leave_the_part_alone_under_the_banner(config_file, tmp_path):
     for charset in ("rot13", "zlib_codec", "base64", "utf-16", "x-made-up", "utf-8\\0"):
         data = message(f"From: a@example.org\nSubject: x\nContent-Type: text/plain; charset={charset}", b"body\n")
         run = gate(config_file, 'text = "CAUTION"', data)
-        assert run.code == 0 and run.stdout == data, charset
-    assert "(unknown or not ASCII-compatible): left alone" in (tmp_path / "gate.log").read_text()
+        entity, carrier = wrapped(run.stdout)
+        assert run.code == 0 and entity.to_bytes() == entity_of(data), charset
+        assert carrier.decoded() == b"CAUTION\n"
+    log = (tmp_path / "gate.log").read_text()
+    assert "charset x-made-up unknown: left alone" in log and "body is not valid utf-16" in log
+
+
+def plain_in(charset: str, body: bytes, kind: str = "plain") -> bytes:
+    return message(f"From: a@example.org\nSubject: x\nMIME-Version: 1.0\n"
+                   f"Content-Type: text/{kind}; charset={charset}\nContent-Transfer-Encoding: 8bit", body)
+
+
+@pytest.mark.parametrize("charset, codec", [("iso-2022-jp", "iso2022_jp"), ("ISO-2022-KR", "iso2022_kr"),
+                                            ("hz-gb-2312", "hz"), ("utf-7", "utf-7")])
+def test_a_stateful_charset_is_shifted_back_before_the_banner(config_file, charset, codec):
+    """A body that ends in its two-byte mode: raw ASCII appended there would read as garbage."""
+    text = {"iso2022_jp": "お世話になっております", "iso2022_kr": "안녕하세요",
+            "hz": "你好世界", "utf-7": "Grüße €"}[codec]
+    shift_back = {"iso2022_jp": b"\x1b(B", "iso2022_kr": b"\x0f", "hz": b"~}", "utf-7": b"-"}[codec]
+    body = text.encode(codec)
+    assert body.endswith(shift_back)
+    body = body.removesuffix(shift_back)         # a body that ends in its shifted mode
+    for banner in ("CAUTION: external", "Ελληνικά: Achtung"):
+        run = gate(config_file, f'text = "{banner}"', plain_in(charset, body))
+        out = parsed(run.stdout).root
+        fits = codec == "utf-7" or banner.isascii()         # else the part becomes UTF-8
+        assert out.charset == (charset.lower() if fits else "utf-8"), banner
+        assert out.decoded().decode(codec if fits else "utf-8") == text + "\n\n" + banner
+        if fits and codec != "utf-7":
+            assert out.decoded().endswith(shift_back + b"\n\n" + banner.encode("ascii"))
+    html = f"<html><body><p>{text}</p></body></html>".encode(codec)
+    run = gate(config_file, 'html = "<p>Ελληνικά</p>"', plain_in(charset, html, "html"))
+    out = parsed(run.stdout).root
+    snippet = "<p>Ελληνικά</p>".encode(codec, "xmlcharrefreplace").decode(codec)
+    assert out.charset == charset.lower()
+    assert out.decoded().decode(codec) == f"<html><body><p>{text}</p>{snippet}</body></html>"
+
+
+@pytest.mark.parametrize("charset, variant, mark", [
+    ("utf-16", "utf-16-le", codecs.BOM_UTF16_LE), ("utf-16", "utf-16-be", codecs.BOM_UTF16_BE),
+    ("utf-16", "utf-16-be", b""), ("utf-16le", "utf-16-le", b""),
+    ("UTF-32", "utf-32-le", codecs.BOM_UTF32_LE), ("utf-32be", "utf-32-be", b""),
+])
+def test_wide_charsets_get_the_banner_in_their_own_encoding(config_file, charset, variant, mark):
+    """UTF-16 and UTF-32 in the byte order the part has (its mark kept; none: big-endian)."""
+    body = base64.encodebytes(mark + "Hallo Welt\n".encode(variant))
+    original = message(f"From: a@example.org\nSubject: x\nMIME-Version: 1.0\n"
+                       f"Content-Type: text/plain; charset={charset}\nContent-Transfer-Encoding: base64", body)
+    run = gate(config_file, f'text = "{GERMAN}"', original)
+    out = parsed(run.stdout).root
+    assert out.charset == charset.lower() and out.transfer_encoding == "base64"
+    data = out.decoded()
+    assert data.startswith(mark) and data[len(mark):].decode(variant) == "Hallo Welt\n\n" + GERMAN + "\n"
+    assert gate(config_file, f'text = "{GERMAN}"', run.stdout).stdout == run.stdout
 
 
 def test_transfer_encoding_keeps_lines_within_limits(config_file):
@@ -386,6 +479,47 @@ def test_a_forged_marker_does_not_suppress_the_banner(config_file, tmp_path):
     assert parsed(run.stdout).root.decoded().endswith(b"\n\nCAUTION\n")
     assert run.stdout.count(b"X-ispMailGate-Banner:") == 1
     assert "forged or stale marker" in (tmp_path / "gate.log").read_text()
+
+
+@pytest.mark.parametrize("position", ["bottom", "top"])
+def test_a_forged_marker_and_the_snippet_elsewhere_do_not_suppress_the_html_banner(config_file, tmp_path,
+                                                                                  position):
+    """The snippet inside a comment, or at the other end: not where this banner goes."""
+    options = f'html = "<p>CAUTION</p>"\nposition = "{position}"'
+    clean = alternative(b"Hallo", b"<html><body><p>Hallo</p></body></html>")
+    marker = parsed(gate(config_file, options, clean).stdout).headers.get("X-ispMailGate-Banner")
+    elsewhere = b"<p>CAUTION</p>"
+    html = (b"<html><!-- <p>CAUTION</p> --><body><p>Hallo</p></body></html>" if position == "bottom" else
+            b"<html><body><p>Hallo</p>" + elsewhere + b"</body></html>")
+    forged = f"X-ispMailGate-Banner: {marker}\n".encode() + alternative(b"Hallo\n\nCAUTION", html)
+    run = gate(config_file, options, forged)
+    markup = parsed(run.stdout).root.children[1].decoded()
+    expected = (b"<p>Hallo</p><p>CAUTION</p></body>" if position == "bottom"
+                else b"<body><p>CAUTION</p><p>Hallo</p>")
+    assert expected in markup and run.stdout != forged
+    assert "forged or stale marker" in (tmp_path / "gate.log").read_text()
+    assert gate(config_file, options, run.stdout).stdout == run.stdout
+
+
+def many_parts(count: int) -> bytes:
+    """One text part, then ``count`` empty parts."""
+    return (b'From: a@example.org\nSubject: hi\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="m"\n'
+            b"\n--m\nContent-Type: text/plain\n\nPay the invoice.\n" + b"--m\n\n" * count + b"--m--\n")
+
+
+def test_ten_thousand_empty_parts_cannot_switch_the_banner_off(config_file, tmp_path):
+    """Past the parser's part limit the structure is opaque: the banner goes on top of it all,
+    never a marker and a subject tag alone.  Below the limit it goes in place."""
+    options = 'text = "CAUTION"\nsubject_prefix = "[EXTERNAL] "'
+    data = many_parts(10_000)
+    run = gate(config_file, options, data)
+    entity, carrier = wrapped(run.stdout)
+    assert carrier.decoded() == b"CAUTION\n" and entity.to_bytes() == entity_of(data)
+    assert parsed(run.stdout).headers.decoded("Subject") == "[EXTERNAL] hi"
+    assert "MIME structure beyond the parser's limits" in (tmp_path / "gate.log").read_text()
+    assert gate(config_file, options, run.stdout).stdout == run.stdout
+    run = gate(config_file, options, many_parts(9_990))
+    assert parsed(run.stdout).root.children[0].decoded() == b"Pay the invoice.\n\nCAUTION"
 
 
 def test_a_reply_quoting_the_banner_still_gets_one(config_file):

@@ -23,11 +23,16 @@ MBOX = (CORPUS / "ak-0696.msg").read_bytes()
 def test_client_options_come_first_and_everything_else_is_forwarded(monkeypatch):
     monkeypatch.delenv("ISPMAILGATE_SOCKET", raising=False)
     monkeypatch.delenv("ISPMAILGATE_FALLBACK", raising=False)
+    monkeypatch.delenv("ISPMAILGATE_DEADLINE", raising=False)
     assert client_options(["--socket", "/s", "--fallback=tempfail", "-f", "a", "--socket", "x"]) == \
-        ("/s", "tempfail", ["-f", "a", "--socket", "x"])
-    assert client_options(["--", "--socket"]) == ("/run/ispmailgate/ispmailgate.sock", None, ["--", "--socket"])
+        ("/s", "tempfail", 10.0, ["-f", "a", "--socket", "x"])
+    assert client_options(["--", "--socket"]) == ("/run/ispmailgate/ispmailgate.sock", None, 10.0,
+                                                  ["--", "--socket"])
+    assert client_options(["--deadline", "2.5", "--deadline=x", "-f"])[2:] == (10.0, ["-f"])
+    assert client_options(["--deadline=0.5", "-f"])[2] == 0.5
     monkeypatch.setenv("ISPMAILGATE_SOCKET", "/env.sock")
-    assert client_options(["-f", "a"])[0] == "/env.sock"
+    monkeypatch.setenv("ISPMAILGATE_DEADLINE", "3")
+    assert client_options(["-f", "a"])[::2] == ("/env.sock", 3.0)
 
 
 def test_arguments_travel_as_nul_terminated_bytes():
@@ -54,7 +59,7 @@ def test_the_context_is_the_directory_and_only_ispmailgate_config(monkeypatch, t
 
 @pytest.fixture(scope="module")
 def strict_server(python, sink):  # noqa: F811
-    config = (f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nread_timeout = 1\n'
+    config = (f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nread_timeout = 1\nhead_timeout = 1\n'
               'request_timeout = 4\nmax_request_size = "64K"\n')
     with Server(python, config) as server:
         yield server
@@ -90,8 +95,8 @@ def exchange(path, data: bytes, *, close_early: bool = False) -> tuple[int | Non
 ARGS = encode_arguments(["-f", "a@b.example", "c@d.example"])
 HERE = frame(CONTEXT, b"/\0%d:%d\0" % (os.stat("/").st_dev, os.stat("/").st_ino))
 BAD_REQUESTS = [                # most in protocol 1, which old clients still speak
-    (b"\x03" + HERE + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 3 (this server "
-                                             "speaks 1 and 2)"),
+    (b"\x04" + HERE + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 4 (this server "
+                                             "speaks 1 and 2 and 3)"),
     (b"\x02" + frame(ARGUMENTS, ARGS), "bad request: expected the context frame first"),
     (b"\x02" + frame(CONTEXT, b"/\x001:2") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
     (b"\x02" + frame(CONTEXT, b"/\0") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
@@ -112,10 +117,11 @@ BAD_REQUESTS = [                # most in protocol 1, which old clients still sp
     (b"\x01" + frame(ARGUMENTS, ARGS) + frame(b"Q", b"?"), "cannot read the message: unexpected frame b'Q'"),
     (b"\x01" + frame(ARGUMENTS, ARGS) + frame(DATA, b"x" * 40000) * 2,
      "request larger than serve.max_request_size (65536 bytes)"),
-    (b"\x01" + frame(ARGUMENTS, ARGS)[:3], "bad request: the client sent nothing for 1 s"),
+    (b"\x01" + frame(ARGUMENTS, ARGS)[:3], "bad request: the client sent no complete request head within 1 s"),
     (b"\x01" + frame(ARGUMENTS, ARGS) + frame(DATA, b"Subject: slow\n\n"),
      "cannot read the message: the client sent nothing for 1 s"),
-    (b"", "bad request: the client sent nothing for 1 s"),
+    (b"", "bad request: the client sent no complete request head within 1 s"),
+    (b"\x02" + HERE, "bad request: the client sent no complete request head within 1 s"),
 ]
 
 
@@ -171,6 +177,92 @@ def test_the_server_answers_before_the_message_when_it_needs_none(strict_server)
     finally:
         process.stdin.close()
         process.kill()
+
+
+# -- idle connections and the client's deadline --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def patient_server(python, sink):  # noqa: F811
+    """One worker, and a minute for every wait: only the doorway keeps idle clients off it."""
+    config = (f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nhead_timeout = 60\n'
+              'read_timeout = 60\n')
+    with Server(python, config) as server:
+        yield server
+
+
+def idle_connections(path, heads: list[bytes]) -> list[socket.socket]:
+    """Connections that send ``heads`` (b"": nothing) and then nothing more."""
+    connections = []
+    for head in heads:
+        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        connection.connect(str(path))
+        connection.sendall(head)
+        connections.append(connection)
+    return connections
+
+
+def test_idle_connections_never_hold_the_worker(patient_server, sink):  # noqa: F811
+    """Four silent connections and two with half a head, one worker: a client is served at once,
+    while they still wait (before, each held the worker for read_timeout)."""
+    idle = idle_connections(patient_server.socket, [b""] * 4 + [b"\x02", b"\x02" + HERE])
+    try:
+        for _ in range(2):
+            run = patient_server.client(["--deadline", "30", "-f", "a@b.example", "c@d.example"], SIMPLE,
+                                        timeout=50)
+            assert run.code == 0, run.stderr
+        assert [m.content for m in drain(sink)] == [crlf(SIMPLE)] * 2
+        for connection in idle:                 # still open, nothing answered: they are waiting
+            connection.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                connection.recv(1)
+    finally:
+        for connection in idle:
+            connection.close()
+
+
+@pytest.mark.parametrize("fallback, code", [("oneshot", 0), ("tempfail", 75)])
+def test_a_client_no_worker_takes_follows_its_fallback_after_its_deadline(config_file, fallback, code):
+    """A server that accepts nothing (all workers busy, or stuck): after --deadline the client
+    runs the one-shot command on the untouched stdin, or defers."""
+    path = shared_folder() / "busy.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.bind(str(path))
+        busy.listen(8)                  # connections queue, nobody takes them
+        args = ["--deadline", "1", "--fallback", fallback, "-c", str(config_file()), "--stdout",
+                "-f", "a@b.example", "c@d.example"]
+        run = run_client(path, args, SIMPLE, timeout=50)
+        taken, _ = busy.accept()        # what it sent: the head, never a byte of the message
+        taken.settimeout(5)
+        head = b""
+        while chunk := taken.recv(65536):
+            head += chunk
+        taken.close()
+    assert run.code == code
+    assert run.stdout == (SIMPLE if code == 0 else b"")
+    if code == 75:
+        assert run.first_line == f"4.3.0 ispmailgate-client: no worker of the server at {path} took the " \
+                                 "message within 1 s"
+    assert head.startswith(b"\x03C") and DATA + len(SIMPLE[:1]).to_bytes(4, "big") not in head
+    assert frame(END) not in head
+
+
+def test_a_request_given_up_by_its_client_is_never_run_as_well(patient_server, sink):  # noqa: F811
+    """The worker is busy; the client falls back to the one-shot run; when the worker comes to
+    the abandoned request it finds nobody to acknowledge and runs nothing: delivered once."""
+    stall = idle_connections(patient_server.socket, [b"\x02" + HERE + frame(ARGUMENTS, ARGS)
+                                                     + frame(DATA, b"Subject: slow\n")])
+    try:
+        config = patient_server.config
+        run = patient_server.client(["--deadline", "1", "-c", str(config), "-f", "a@b.example",
+                                     "c@d.example"], SIMPLE, timeout=50)
+        assert run.code == 0, run.stderr            # by the one-shot run
+        assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
+    finally:
+        stall[0].close()                            # the worker is free again ...
+    run = patient_server.client(["--deadline", "30", "-f", "a@b.example", "c@d.example"], SIMPLE, timeout=50)
+    assert run.code == 0, run.stderr                # ... and has passed the abandoned request by
+    assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
+    assert "the client left before its request was taken" in patient_server.log()
 
 
 # -- the server is not there ---------------------------------------------------------------------

@@ -105,7 +105,8 @@ def test_the_client_and_its_options_are_in_the_man_page():
 
     text = rendered(MAN / "ispmailgate.1")
     assert mentions(text, "ispmailgate-client")
-    for name in ("--socket", "--fallback", "ISPMAILGATE_SOCKET", "ISPMAILGATE_FALLBACK",
+    for name in ("--socket", "--fallback", "--deadline", "ISPMAILGATE_SOCKET", "ISPMAILGATE_FALLBACK",
+                 "ISPMAILGATE_DEADLINE",
                  *ispmailgate_client.FALLBACKS):
         assert mentions(text, name), name
 

@@ -91,3 +91,15 @@ def test_an_encoded_word_email_header_cannot_decode_is_left_as_it_stands(value):
     HeaderParseError from email.header), made the banner fail."""
     part = Part.from_bytes(b"Content-Type: text/plain; name=\"" + value.encode("latin-1") + b"\"\n\nx\n")
     assert part.filename == value.encode("latin-1").decode("utf-8", "replace")
+
+
+def test_comments_and_white_space_in_a_type_are_read_as_a_strict_parser_reads_them():
+    """``(c) multipart/mixed`` is the multipart a reader shows: scanners and banners see its parts."""
+    part = Part.from_bytes(b'Content-Type: (c) multipart (x)/\n mixed; boundary="(b)"\n\n--(b)\n'
+                           b"Content-Type: application/zip\nContent-Transfer-Encoding: base64 (as ever)\n"
+                           b'Content-Disposition: (no) attachment; filename="x.zip"\n\nUEsDBA==\n--(b)--\n')
+    assert part.content_type == "multipart/mixed" and part.param("boundary") == "(b)"
+    [child] = part.children
+    assert (child.transfer_encoding, child.decoded()) == ("base64", b"PK\x03\x04")
+    assert child.is_attachment and child.filename == "x.zip"
+    assert Part.from_bytes(b"Content-Type: (unterminated text/html\n\nx").content_type == "text/plain"

@@ -356,6 +356,10 @@ def test_a_filter_error_sends_the_postmaster_a_report_not_the_recipient(config_f
     (b"Content-Type: text/plain\rBcc: victim@example.net\n", "control characters"),
     (b"Content-Type: text/plain", "a cut field"),
     (b"Content-Type: multipart/mixed; boundary=x\n", "cannot restore to a multipart"),
+    (b"Content-Type: (c) multipart/mixed; boundary=x\n", "cannot restore to a multipart"),   # a comment
+    (b"Content-Type: multipart (c)/mixed; boundary=x\n", "cannot restore to a multipart"),
+    (b"Content-Type: (a (nested) \\) comment)\n multipart/mixed; boundary=x\n", "cannot restore to a multipart"),
+    (b"Content-Type: message/rfc822\n", "cannot restore to a message"),
     (b"MIME-Version: 1.0\n", "fields other than"),         # only a message's top part had one
 ])
 def test_forged_records_are_refused(tmp_path, fields, words):

