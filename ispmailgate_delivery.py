@@ -71,33 +71,66 @@ class Reply(NamedTuple):
         return Result(state, status, text)
 
 
+class Transfer(NamedTuple):
+    """One delivery group made ready: its recipients and bytes, or the verdict that ended it."""
+    recipients: list[str]
+    data: bytes | bytearray | None
+    leaf: Any
+
+
 class Delivery:
-    """Hands each distinct result to the next hop once, for all of its recipients."""
+    """Hands each distinct result to the next hop once, for all of its recipients.
+
+    In two stages around the commit point: :meth:`prepare` does all the work (the bytes of
+    each group, ARC seals, the backup of an unparsable original) while the time limit can
+    still stop the run; :meth:`deliver` only hands over, and from the first hand-over on
+    nothing the gate does can make the run end in 75 except a recipient whose message no
+    next hop accepted.
+    """
 
     def __init__(self, gate, hop, config) -> None:
         self.gate, self.hop, self.config = gate, hop, config
         self.sealer = None
 
-    def deliver(self, leaves: list, original: Message) -> dict[str, Result]:
-        results: dict[str, Result] = {}
+    def prepare(self, leaves: list, original: Message) -> list[Transfer]:
+        transfers = []
         groups = self.groups(leaves)
         if isinstance(self.hop, StdoutHop):
             self.hop.mbox = sum(1 for _, _, leaf in groups if leaf.verdict is None) > 1
         for recipients, message, leaf in groups:
             if leaf.verdict is not None:
-                results.update(self._verdict(leaf, original))
+                transfers.append(Transfer(recipients, None, leaf))
                 continue
             if leaf.unparsed:
                 self._unparsed(leaf, original)
             data = message.to_bytes()
             if message.changed and self.config.sections.get("arc"):
                 data = self._seal(original, message, data, recipients)
-            replies = self.hop.deliver(self.gate.sender, recipients, data)
-            results.update({r: reply.result() for r, reply in replies.items()})
+            transfers.append(Transfer(recipients, data, leaf))
+        return transfers
+
+    def deliver(self, transfers: list[Transfer], original: Message,
+                refused: dict[str, Result] | None = None) -> dict[str, Result]:
+        """Each group in turn; ``refused`` are recipients no next hop could be given.  Once a
+        group is deferred the rest wait for the MTA's retry too: handed over now, they would
+        be delivered twice."""
+        results: dict[str, Result] = dict(refused or {})
+        for transfer in transfers:
+            verdict = transfer.leaf.verdict
+            if isinstance(verdict, (Discard, Reject)):
+                results.update(self._verdict(transfer.leaf, original))
+            elif any(result.state == "deferred" for result in results.values()):
+                results.update(dict.fromkeys(transfer.recipients, Result(
+                    "deferred", "4.3.0", "not handed over: an earlier delivery group was deferred")))
+            elif verdict is not None:
+                results.update(self._verdict(transfer.leaf, original))
+            else:
+                replies = hand_over(self.gate, self.hop, self.gate.sender, transfer.recipients, transfer.data)
+                results.update({r: reply.result() for r, reply in replies.items()})
         if isinstance(self.hop, StdoutHop):
             for notice in self.gate.notices:
                 log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
-        elif self.gate.notices:
+        elif self.gate.notices and not any(result.state == "deferred" for result in results.values()):
             Reports(self.gate, self.hop, self.config).send_notices(original)
         return results
 
@@ -153,6 +186,27 @@ class Delivery:
                 f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         self.gate.notices.append(Notice((self.config.postmaster,), "ispmailgate: message delivered "
                                         "unfiltered (parse error)", text))
+
+
+def hand_over(gate, hop, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
+    """The one way anything leaves for a next hop: the message, reports, notices.
+
+    The time limit is checked before the hand-over starts as long as nothing was accepted,
+    and never interrupts one (the hop bounds each step by delivery_timeout): an alarm
+    between the next hop's 250 and our reading it would otherwise turn an accepted message
+    into a retry.  A 2xx reply is the commit point (``gate.delivered``).
+    """
+    gate.clock.shield()
+    if not gate.delivered:
+        gate.clock.check()
+    try:
+        replies = hop.deliver(sender, recipients, data)
+    except Exception as error:      # the hops settle their own failures: this is a fault of ours
+        log.error("%s: internal error: %r", hop, error, exc_info=True)
+        replies = {r: Reply(451, f"4.3.0 {hop}: internal error: {error!r}") for r in recipients}
+    if any(reply.code // 100 == 2 for reply in replies.values()):
+        gate.delivered = True
+    return replies
 
 
 def configured_hop(config):
@@ -318,6 +372,7 @@ class SmtpProtocolError(SmtpError):
     status = "4.5.0"
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*?))?\r?\n", re.S)
 
 
@@ -388,8 +443,8 @@ class SmtpSession:
         return line
 
     def command(self, line: bytes) -> Reply:
-        if b"\r" in line or b"\n" in line:      # addresses are checked before; never send one
-            raise SmtpError("refusing to send a command containing CR or LF")
+        if _CONTROL.search(line):       # addresses are checked before; never send one
+            raise SmtpError(f"refusing to send a command with control characters: {line[:60]!r}")
         self._nothing_unasked(line.split(b" ", 1)[0])
         self.sock.sendall(line + b"\r\n")
         return self.reply()
@@ -564,7 +619,12 @@ class StdoutHop:
 # =========================================================================================
 
 class Reports:
-    """Messages the gate writes itself, sent with the null sender through the same next hop."""
+    """Messages the gate writes itself, sent with the null sender through the same next hop.
+
+    Reports go out after the message, past the commit point, so nothing here raises: a
+    report that cannot be written or sent is logged and counts as not sent.  Whatever
+    text goes into one (addresses, filter messages) is made printable first.
+    """
 
     def __init__(self, gate, hop, config) -> None:
         self.gate, self.hop, self.config = gate, hop, config
@@ -586,22 +646,39 @@ class Reports:
                            original.raw if notice.attach_original else None)
 
     def bounce(self, rejected: dict[str, Result]) -> bool:
-        """A delivery status notification (RFC 3464) to the sender for rejected recipients."""
+        """A delivery status notification (RFC 3464) to the sender for rejected recipients.
+
+        If the sender cannot be told and the others already have the message, the
+        postmaster gets it instead: a retry would deliver to them twice."""
         to = self.gate.sender or self.config.postmaster     # never bounce a bounce to <>
         lines = [f"Your message could not be delivered to {len(rejected)} recipient(s):", ""]
-        lines += [f"<{rcpt}>: {result.status} {result.text}" for rcpt, result in rejected.items()]
+        lines += [f"<{one_line(rcpt)}>: {result.status} {one_line(result.text)}" for rcpt, result in rejected.items()]
         status = [f"Reporting-MTA: dns; {_hostname()}", ""]
         for rcpt, result in rejected.items():
-            status += [f"Final-Recipient: rfc822; {rcpt}", "Action: failed",
+            status += [f"Final-Recipient: rfc822; {one_line(rcpt)}", "Action: failed",
                        f"Status: {result.status}", f"Diagnostic-Code: smtp; {one_line(result.text)}", ""]
-        report = _multipart_report("\n".join(lines) + "\n", "\n".join(status),
-                                   self.gate.original_headers())
-        return self._send((to,), "Undelivered Mail Returned to Sender", None, None, body=report)
+        subject = "Undelivered Mail Returned to Sender"
+        try:
+            report = _multipart_report("\n".join(lines) + "\n", "\n".join(status), self.gate.original_headers())
+        except Exception as error:      # noqa: BLE001 -- see the class
+            log.error("cannot write the bounce: %r", error, exc_info=True)
+            return False
+        if self._send((to,), subject, None, None, body=report):
+            return True
+        if self.gate.delivered and to != self.config.postmaster:
+            log.error("the sender <%s> cannot be told that %s failed; the postmaster is", to,
+                      ", ".join(one_line(r) for r in rejected))
+            self._send((self.config.postmaster,), subject, None, None, body=report)
+        return False
 
     def _send(self, recipients: tuple[str, ...], subject: str, text: str | None,
               attachment: bytes | bytearray | None, body: tuple[str, bytes] | None = None) -> bool:
-        data = _report_message(self.config.postmaster, recipients, subject, text, attachment, body)
-        replies = self.hop.deliver("", list(recipients), data)
+        try:
+            data = _report_message(self.config.postmaster, recipients, subject, text, attachment, body)
+        except Exception as error:      # noqa: BLE001 -- see the class
+            log.error("%s: cannot write report %r: %r", self.gate.id, subject, error, exc_info=True)
+            return False
+        replies = hand_over(self.gate, self.hop, "", list(recipients), data)
         bad = {r: reply for r, reply in replies.items() if reply.code // 100 != 2}
         for rcpt, reply in bad.items():
             log.error("%s: report %r to %s failed: %s %s", self.gate.id, subject, rcpt, reply.code, reply.text)
@@ -616,15 +693,16 @@ def _report_message(postmaster: str, recipients: tuple[str, ...], subject: str, 
     from ispmailgate_filters.mime import fold_field, new_boundary
 
     head = b"".join(fold_field(name, value) for name, value in (
-        ("From", f"Mail Delivery System <{postmaster}>"), ("To", ", ".join(recipients)),
-        ("Subject", subject), ("Date", formatdate(localtime=True)),
+        ("From", f"Mail Delivery System <{one_line(postmaster)}>"),
+        ("To", ", ".join(one_line(r) for r in recipients)),
+        ("Subject", one_line(subject)), ("Date", formatdate(localtime=True)),
         ("Message-ID", make_msgid("ispmailgate")), ("Auto-Submitted", "auto-replied"),
         ("MIME-Version", "1.0")))
     if body is not None:
         content_type, payload = body
         return head + fold_field("Content-Type", content_type) + b"\n" + payload
     text_part = (b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
-                 + text.encode("utf-8"))
+                 + loggable(text or "").encode("utf-8"))
     if attachment is None:
         return head + text_part
     boundary = new_boundary().encode()
@@ -640,8 +718,8 @@ def _multipart_report(text: str, status: str, headers: bytes) -> tuple[str, byte
 
     boundary = new_boundary()
     mark = f"--{boundary}\n".encode()
-    payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + text.encode("utf-8") + b"\n"
-               + mark + b"Content-Type: message/delivery-status\n\n" + status.encode("utf-8") + b"\n"
+    payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + loggable(text).encode("utf-8") + b"\n"
+               + mark + b"Content-Type: message/delivery-status\n\n" + loggable(status).encode("utf-8") + b"\n"
                + mark + b"Content-Type: text/rfc822-headers\n\n" + headers
                + f"\n--{boundary}--\n".encode())
     return f'multipart/report; report-type=delivery-status; boundary="{boundary}"', payload
