@@ -29,7 +29,7 @@ from ispmailgate_delivery import (Delivery, Reports, Result, SmtpHop, StdoutHop,
                                   loggable, one_line, parse_hop)
 from ispmailgate_filters.base import (ConfigError, Context, Envelope, Filter, FilterError, Notice,
                                       TempFail, Verdict, argv as argv_option, count,
-                                      parse_size)
+                                      parse_size, seconds)
 from ispmailgate_filters.mime import Message, ParseError
 
 __version__ = "2.0.0"
@@ -278,10 +278,12 @@ def _domains(value: Any) -> tuple[str, ...]:
     return tuple(v.strip(". ").lower() for v in value)
 
 
-def _positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a positive number of seconds, got {value!r}")
-    return float(value)
+_positive = seconds()      # a number of seconds: above 0, finite, at most a day
+
+# Each MIME level costs a few stack frames in the parser and in the filters that walk the
+# tree; 100 levels leave ample room below Python's recursion limit, also in a served run
+# (tests/test_config_ranges.py runs every built-in filter at this depth).
+MAX_MIME_DEPTH = 100
 
 
 def _one_of(*allowed: str):
@@ -335,8 +337,10 @@ SETTINGS: dict[str, Setting] = {
     "delivery_timeout": Setting(120.0, _positive, "Seconds to wait on each step of a delivery."),
     "time_limit": Setting(600.0, _positive,
                           "Wall-clock seconds one message may take in all; past it: tempfail (75)."),
-    "max_mime_depth": Setting(64, count(1), "MIME nesting deeper than this is kept as one opaque part."),
-    "max_mime_parts": Setting(10_000, count(1), "MIME parts beyond this many are kept in one opaque part."),
+    "max_mime_depth": Setting(64, count(1, MAX_MIME_DEPTH),
+                              "MIME nesting deeper than this is kept as one opaque part (at most 100)."),
+    "max_mime_parts": Setting(10_000, count(1, 1_000_000),
+                              "MIME parts beyond this many are kept in one opaque part."),
     "mail_user": Setting("nobody", _string, "Started as root: the user to become before the message is "
                                             "read (never root unless spelled out; \"\" refuses to run)."),
     "mail_group": Setting("", _string, "Started as root: the group to become (default: mail_user's group)."),
@@ -434,31 +438,101 @@ def load_config(path: Path | None, problems: list[ConfigError] | None = None) ->
         return build_config({}, BUILT_IN_CONFIG, problems)
     checked = _Checked(problems)
     try:
-        mode, table = _read_rule_file(path)
+        info, table = _read_rule_file(path)
     except ConfigError as error:
         return checked(_raise, error)
-    if mode & 0o002:
-        checked(_raise, ConfigError("", "writable by others: anyone could change what happens to "
-                                        f"mail (chmod o-w {path})", str(path)))
+    distrust = _distrust(path, info)
+    if distrust:        # not even its filter types are imported: that would run their code
+        return checked(_raise, ConfigError("", distrust, str(path)))
     try:
         config = build_config(table, str(path), problems)
+        if os.geteuid() == 0:
+            checked(_mail_identity, config)
+            for problem in _named_file_problems(config):
+                checked(_raise, problem)
     except ConfigError as error:
         error.source = str(path)
         raise
     finally:
         for problem in problems or ():
             problem.source = problem.source or str(path)
-    if mode & 0o004 and _holds_passphrases(table):
+    if info.st_mode & 0o004 and _holds_passphrases(table):
         config.warnings.append(f"{path} holds passphrases and is readable by others (chmod o-r)")
     return config
 
 
-def _read_rule_file(path: Path) -> tuple[int, dict[str, Any]]:
+def _distrust(path: Path, info: os.stat_result) -> str:
+    """Why this rule file must not be used: as root (Postfix and sendmail check theirs so),
+    unless root alone can change it and every directory above it; else if anyone can."""
+    if os.geteuid() == 0:
+        from ispmailgate_filters.files import untrusted
+
+        reason = untrusted(str(path), info)
+        if reason:
+            return f"{reason}: refused as root, whoever can change it could run commands as root"
+        if (os.stat(path).st_dev, os.stat(path).st_ino) != (info.st_dev, info.st_ino):
+            return "replaced while it was read"
+        return ""
+    if info.st_mode & 0o002:
+        return f"writable by others: anyone could change what happens to mail (chmod o-w {path})"
+    return ""
+
+
+def _named_file_problems(config: "Config") -> list[ConfigError]:
+    """Started as root: the commands the rule file runs and the secret files it names must
+    be files only root can change, like the rule file itself."""
+    import shutil
+
+    from ispmailgate_filters.files import untrusted
+
+    named = [("sendmail_command[0]", config.sendmail_command[0])] if config.sendmail_command else []
+    for where, step in _steps_with_places(config):
+        named += [(f"{where}.{key}", path) for key, path in step.trusted_files().items()]
+    problems = []
+    for where, name in dict.fromkeys(named):
+        found = name if "/" in name else shutil.which(name)
+        if found is None or not os.path.exists(found):
+            continue        # a missing file is the filter's own problem (check reports it)
+        reason = untrusted(found)
+        if reason:
+            problems.append(ConfigError(where, f"{reason}: refused as root"))
+    return problems
+
+
+def _steps_with_places(config: "Config") -> list[tuple[str, Filter]]:
+    places = [(f"filter.{name}", step) for name, step in config.filters.items()]
+    places += [(f"{rule.label}.filters[{i}]", step) for rule in config.rules for i, step in enumerate(rule.chain)]
+    places += [(f"default_filter[{i}]", step) for i, step in enumerate(config.default_chain)]
+    seen: set[int] = set()
+    return [(where, step) for where, step in places if id(step) not in seen and not seen.add(id(step))]
+
+
+def _mail_identity(config: "Config") -> tuple[int, int] | None:
+    """Started as root: the (uid, gid) to become, None to stay root (spelled out)."""
+    import grp
+    import pwd
+
+    user, group = config.mail_user, config.mail_group
+    if not user:
+        raise ConfigError("mail_user", "empty: refusing to run as root")
+    if user == "root":
+        return None
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError("mail_user", f"no such user: {user!r}") from None
+    try:
+        return entry.pw_uid, grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise ConfigError("mail_group", f"no such group: {group!r}") from None
+
+
+def _read_rule_file(path: Path) -> tuple[os.stat_result, dict[str, Any]]:
     import tomllib
 
     try:
         with open(path, "rb") as stream:
-            return os.fstat(stream.fileno()).st_mode, tomllib.load(stream)
+            return os.fstat(stream.fileno()), tomllib.load(stream)
     except OSError as error:
         raise ConfigError("", f"cannot read: {error.strerror or error}", str(path)) from None
     except tomllib.TOMLDecodeError as error:
@@ -895,27 +969,22 @@ def drop_privileges(config: Config) -> None:
     """
     if os.geteuid() != 0:
         return
-    import grp
-    import pwd
-
     user, group = config.mail_user, config.mail_group
-    if not user:
-        raise tempfail("4.3.5", f"refusing to run as root: mail_user is empty in {config.path}")
-    if user == "root":      # spelled out by the administrator: allowed, never silently
+    try:
+        identity = _mail_identity(config)       # load_config checked it already, as check does
+    except ConfigError as error:
+        raise tempfail("4.3.5", f"config error: {config.path}: {error}") from None
+    if identity is None:      # mail_user = "root", spelled out: allowed, never silently
         log.warning("mail_user is root: this message is handled with root's rights")
         return
-    try:
-        entry = pwd.getpwnam(user)
-        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
-    except KeyError as error:
-        raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
-    if not readable_by(entry.pw_uid, gid, os.path.dirname(os.__file__), os.path.dirname(__file__)):
+    uid, gid = identity
+    if not readable_by(uid, gid, os.path.dirname(os.__file__), os.path.dirname(__file__)):
         log.debug("%s cannot read this Python installation: importing everything first", user)
         preload(config)
     try:
         os.setgroups([])
         os.setgid(gid)
-        os.setuid(entry.pw_uid)
+        os.setuid(uid)
     except OSError as error:
         raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
     if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
