@@ -41,9 +41,13 @@ def untrusted(path: str, info: os.stat_result | None = None) -> str:
 
 
 def untrusted_directories(path: str) -> str:
-    """Why someone other than root could swap what ``path`` names ("" if nobody can)."""
+    """Why someone other than root could swap what ``path`` names ("" if nobody can).
+    A directory that does not exist yet is fine: only who may write its parent could make it."""
     for directory in _directories_above(path):
-        info = os.stat(directory)
+        try:
+            info = os.stat(directory)
+        except FileNotFoundError:
+            continue
         if info.st_uid != 0:
             return f"{directory} is owned by uid {info.st_uid}, not by root (it holds {path})"
         if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:

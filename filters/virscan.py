@@ -49,8 +49,9 @@ from typing import Any
 from .archives import Item, Limits, Unpacker
 from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
                    option, parse_size, printable, seconds)
+from .files import create_in, private_directory
 from .mime import Message, Part, ParseError, decode_words
-from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError, write_private
+from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError
 from .sevenzip import SevenZip, sevenzip_problems
 
 HEADER = "X-ispMailGate-VirScan"
@@ -301,10 +302,13 @@ class VirScan(Filter):
                                   "detail": f.detail} for f in report.findings]}
         if ctx.dry_run:                 # --dry-run decides but keeps nothing
             return directory / f"{stem}.eml"
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_private(directory / f"{stem}.eml", bytes(message.to_bytes()))
-            write_private(directory / f"{stem}.json", json.dumps(envelope, indent=1).encode())
+        try:       # in a directory of our own, never through a link (root: see .files)
+            folder = private_directory(str(directory))
+            try:
+                create_in(folder, f"{stem}.eml", bytes(message.to_bytes()))
+                create_in(folder, f"{stem}.json", json.dumps(envelope, indent=1).encode())
+            finally:
+                os.close(folder)
         except OSError as error:
             raise TempFail(f"cannot quarantine in {directory}: {error.strerror or error}") from None
         return directory / f"{stem}.eml"
