@@ -19,6 +19,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -175,22 +176,31 @@ class ClientContext(NamedTuple):
 
     @classmethod
     def decode(cls, payload: bytes) -> ClientContext:
-        items = [os.fsdecode(item) for item in payload.split(b"\0")[:-1]]
-        if not payload.endswith(b"\0") or len(items) < 2:
+        """Read strictly: every way a frame can be wrong is a RequestError (a bad request),
+        never an exception of the parser's own; numbers are ASCII digits of sane length."""
+        raw = payload.split(b"\0")[:-1]
+        if not payload.endswith(b"\0") or not 2 <= len(raw) <= 3:
             raise RequestError("malformed context frame")
-        cwd, dev_ino, *variables = items
-        device, _, inode = dev_ino.partition(":")
-        known = cwd.startswith("/") and device.isdecimal() and inode.isdecimal()
+        if any(len(item) > MAX_CONTEXT_ITEM for item in raw):
+            raise RequestError(f"a context item longer than {MAX_CONTEXT_ITEM} bytes")
+        cwd, dev_ino, *variables = [os.fsdecode(item) for item in raw]
+        numbers = _DEV_INO.fullmatch(raw[1])
+        known = cwd.startswith("/") and numbers is not None
         if not known and (cwd or dev_ino):
             raise RequestError(f"the context frame's working directory is not an absolute path "
-                               f"and a device:inode: {cwd!r} {dev_ino!r}")
+                               f"and a device:inode: {cwd[:100]!r} {dev_ino[:50]!r}")
         names = [variable.partition("=")[0] for variable in variables]
         if names not in ([], [CONFIG_VARIABLE]):
-            raise RequestError(f"the context frame carries {', '.join(names)} "
+            raise RequestError(f"the context frame carries {', '.join(names)[:100]} "
                                f"(only {CONFIG_VARIABLE}, once)")
         config = variables[0].partition("=")[2] if variables else ""
-        return cls(cwd, (int(device), int(inode)) if known else None,
+        return cls(cwd, (int(numbers.group(1)), int(numbers.group(2))) if known else None,
                    config or None)      # empty is unset, as for the command line parser
+
+
+MAX_CONTEXT_ITEM = 4096     # PATH_MAX: a working directory, a rule file's path
+MAX_ARGUMENT = 128 * 1024   # MAX_ARG_STRLEN: no one-shot run gets a longer argument
+_DEV_INO = re.compile(rb"([0-9]{1,20}):([0-9]{1,20})")      # 2**64 has 20 digits
 
 
 class Request:
@@ -222,7 +232,10 @@ class Request:
         kind, payload = self._frame()
         if kind != ARGUMENTS or (payload and not payload.endswith(b"\0")):
             raise RequestError("expected the argument frame " + ("first" if version == 1 else "next"))
-        return [os.fsdecode(arg) for arg in payload.split(b"\0")[:-1]]
+        arguments = payload.split(b"\0")[:-1]
+        if any(len(argument) > MAX_ARGUMENT for argument in arguments):
+            raise RequestError(f"an argument longer than {MAX_ARGUMENT} bytes")
+        return [os.fsdecode(argument) for argument in arguments]
 
     def read(self, size: int = -1) -> bytes:
         """The next piece of the message; b"" at its end (what ``read_message`` expects)."""
@@ -241,6 +254,8 @@ class Request:
     def _frame(self) -> tuple[bytes, bytes]:
         head = self._exactly(5)
         length = int.from_bytes(head[1:], "big")
+        if head[:1] not in (CONTEXT, ARGUMENTS, DATA, END):
+            raise RequestError(f"unknown frame kind {head[:1]!r}")
         if length > MAX_FRAME:
             raise RequestError(f"frame of {length} bytes (at most {MAX_FRAME})")
         if self.received + length > self.limit:
