@@ -286,6 +286,23 @@ _positive = seconds()      # a number of seconds: above 0, finite, at most a day
 MAX_MIME_DEPTH = 100
 
 
+def _address(value: Any) -> str:
+    """An address the gate itself sends to (the postmaster): usable as a recipient is."""
+    address = canonical_address(_string(value))
+    if not address or len(address.encode("utf-8")) > MAX_ADDRESS:
+        raise ValueError(f"expected a mail address, got {value!r}")
+    return address
+
+
+def _word(pattern: str, what: str):
+    """A string of what SMTP or an address can carry there (no space, control or <>)."""
+    def convert(value: Any) -> str:
+        if not re.fullmatch(pattern, _string(value)):
+            raise ValueError(f"expected {what}, got {value!r}")
+        return value
+    return convert
+
+
 def _one_of(*allowed: str):
     def convert(value: Any) -> str:
         if value not in allowed:
@@ -319,12 +336,14 @@ SETTINGS: dict[str, Setting] = {
     "sendmail_command": Setting((), argv_option,
                                 "Deliver through this sendmail-compatible argv instead of SMTP; "
                                 "'-f SENDER -- RCPT...' is appended."),
-    "loop_suffix": Setting(".ispmailgate", _string,
+    "loop_suffix": Setting(".ispmailgate", _word(r"[^\s<>\x00-\x1f\x7f]{0,100}", "up to 100 characters "
+                                                 "without space, control characters or <>"),
                            "Appended to each recipient on SMTP re-injection; \"\" disables."),
-    "postmaster": Setting("postmaster", _string, "Receives error reports and double bounces."),
+    "postmaster": Setting("postmaster", _address, "Receives error reports and double bounces."),
     "facility": Setting("mail", _facility, "Syslog facility."),
     "log_file": Setting("", _string, "Also append log lines to this file (\"-\": stderr)."),
-    "unqualified_domain": Setting("", _string, "Domain appended to addresses without @domain."),
+    "unqualified_domain": Setting("", _word(r"[^\s<>@\x00-\x1f\x7f]{0,253}", "a domain name"),
+                                  "Domain appended to addresses without @domain."),
     "max_message_size": Setting(50 * 1024 * 1024, parse_size,
                                 "Largest message accepted (bytes, or 10M / 2G)."),
     "on_oversize": Setting("tempfail", _one_of("tempfail", "reject"),
@@ -344,7 +363,8 @@ SETTINGS: dict[str, Setting] = {
     "mail_user": Setting("nobody", _string, "Started as root: the user to become before the message is "
                                             "read (never root unless spelled out; \"\" refuses to run)."),
     "mail_group": Setting("", _string, "Started as root: the group to become (default: mail_user's group)."),
-    "helo_name": Setting("", _string, "Name for EHLO (default: this host's name)."),
+    "helo_name": Setting("", _word(r"[A-Za-z0-9.-]{0,253}|\[[0-9A-Fa-f:.]{2,45}\]", "a host name"),
+                         "Name for EHLO (default: this host's name)."),
     "default_filter": Setting(("dummy",), _strings, "Chain for recipients no rule matches."),
     "internal_domains": Setting((), _domains, "Our own domains (subdomains included), for the "
                                               "rule keys sender_is and recipient_is."),

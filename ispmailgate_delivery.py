@@ -115,22 +115,25 @@ class Delivery:
         group is deferred the rest wait for the MTA's retry too: handed over now, they would
         be delivered twice."""
         results: dict[str, Result] = dict(refused or {})
+        deferred = False
         for transfer in transfers:
             verdict = transfer.leaf.verdict
             if isinstance(verdict, (Discard, Reject)):
-                results.update(self._verdict(transfer.leaf, original))
-            elif any(result.state == "deferred" for result in results.values()):
-                results.update(dict.fromkeys(transfer.recipients, Result(
-                    "deferred", "4.3.0", "not handed over: an earlier delivery group was deferred")))
+                outcome = self._verdict(transfer.leaf, original)
+            elif deferred:
+                outcome = dict.fromkeys(transfer.recipients, Result(
+                    "deferred", "4.3.0", "not handed over: an earlier delivery group was deferred"))
             elif verdict is not None:
-                results.update(self._verdict(transfer.leaf, original))
+                outcome = self._verdict(transfer.leaf, original)
             else:
                 replies = hand_over(self.gate, self.hop, self.gate.sender, transfer.recipients, transfer.data)
-                results.update({r: reply.result() for r, reply in replies.items()})
+                outcome = {r: reply.result() for r, reply in replies.items()}
+            deferred = deferred or any(result.state == "deferred" for result in outcome.values())
+            results.update(outcome)
         if isinstance(self.hop, StdoutHop):
             for notice in self.gate.notices:
                 log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
-        elif self.gate.notices and not any(result.state == "deferred" for result in results.values()):
+        elif self.gate.notices and not deferred:    # the retry would send them again
             Reports(self.gate, self.hop, self.config).send_notices(original)
         return results
 

@@ -37,6 +37,10 @@ BAD = [
     ('[filter.g]\ntype = "pgp"\ntimeout = 1e300', "filter.g.timeout"),
     ('[serve]\nread_timeout = nan', "serve.read_timeout"), ('[serve]\nworkers = 100000', "serve.workers"),
     ('[serve]\nworker_timeout = inf', "serve.worker_timeout"),
+    # strings the gate writes into SMTP commands and report headers
+    ('postmaster = "pm@x\\nBcc: evil@x"', "postmaster"), ('postmaster = ""', "postmaster"),
+    ('loop_suffix = ".x> y"', "loop_suffix"), ('helo_name = "gw example"', "helo_name"),
+    ('unqualified_domain = "a@b"', "unqualified_domain"),
 ]
 
 
