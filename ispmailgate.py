@@ -1321,9 +1321,12 @@ class Gate:
     def workdir(self) -> Path:
         """This message's work directory under tmp_dir, created 0700 on first use."""
         if self.workdir_path is None:
+            from ispmailgate_filters.files import refuse_untrusted_directories
+
             base = Path(self.request.tmp_dir or self.config.tmp_dir)
             try:
                 path = base / f"ispmailgate-{self.id}"
+                refuse_untrusted_directories(str(path))     # mail_user = "root": filters write here
                 path.mkdir(mode=0o700)
             except OSError as error:
                 raise TempFail(f"cannot create a work directory in {base}: {error.strerror}",

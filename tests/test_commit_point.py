@@ -18,7 +18,7 @@ import pytest
 
 import ispmailgate
 import ispmailgate_delivery
-from conftest import run_gate, run_inline
+from conftest import recorded_calls, run_gate, run_inline
 
 MESSAGE = (b"From: a@example.org\nTo: b@example.net\nSubject: once\nMessage-ID: <once@example.org>\n"
            b"\nexactly once\n")
@@ -169,8 +169,6 @@ def test_a_recipient_with_bytes_that_are_not_utf8_is_refused_alone(config_file, 
 
 
 def test_on_the_sendmail_hop_too(config_file, recorder):
-    from conftest import recorded_calls
-
     script, calls = recorder(0)
     config = config_file(f'sendmail_command = ["{script}"]\n')
     run = run_gate(["-c", str(config), "-f", "s@x.example", "--", "a@x", "b\udcff@x"], MESSAGE)
@@ -211,3 +209,35 @@ def test_a_notice_a_filter_addresses_badly_is_logged_not_fatal(config_file, smtp
     assert run.code == 0, run.stderr
     assert [m.rcpt_tos for m in smtp_sink.messages] == [["a@x"]]
     assert "report 'test notice' to x\\0y@x failed" in (tmp_path / "gate.log").read_text()
+
+
+def virscan_config(config_file, hop: str, scanner) -> str:
+    return str(config_file(f'{hop}loop_suffix = ""\n[filter.av]\ntype = "virscan"\nscanner = "command"\n'
+                           f'command = ["{scanner}", "{{paths}}"]\nscanner_unpacks = []\non_infected = "tag"\n'
+                           'notify = ["sender", "recipients", "postmaster"]\n[[recipients]]\nfilters = ["av"]\n'))
+
+
+def test_virscan_notifies_a_sender_that_is_not_utf8_never(config_file, smtp_sink, infected_scanner):
+    """The review: notify = ["sender"] crashed writing the notice after the delivery."""
+    config = virscan_config(config_file, f'mail_host = "{smtp_sink.address}"\n', infected_scanner)
+    run = run_gate(["-c", config, "-f", "s\udcff@x.example", "a@x"], MESSAGE)
+    assert run.code == 69 and run.first_line.startswith("5.1.7 ")
+    assert smtp_sink.messages == []
+
+
+@pytest.mark.parametrize("hop", ["smtp", "sendmail"])
+def test_virscan_notices_skip_an_unusable_recipient_and_reach_the_rest(config_file, smtp_sink, recorder,
+                                                                       infected_scanner, hop):
+    script, calls = recorder(0)
+    where = f'sendmail_command = ["{script}"]\n' if hop == "sendmail" else f'mail_host = "{smtp_sink.address}"\n'
+    config = virscan_config(config_file, where, infected_scanner)
+    run = run_gate(["-c", config, "-f", "s@x.example", "--", "a@x", "b\udcff@x"], MESSAGE)
+    assert run.code == 0, run.stderr
+    if hop == "smtp":
+        envelopes = [(m.mail_from, m.rcpt_tos) for m in smtp_sink.messages]
+    else:
+        envelopes = [(call["argv"][1] or "<>", call["argv"][3:]) for call in recorded_calls(calls)]
+    assert ("s@x.example", ["a@x"]) in envelopes                    # the message, tagged
+    assert ("<>", ["s@x.example", "a@x", "postmaster"]) in envelopes    # the virus notice
+    assert ("<>", ["s@x.example"]) in envelopes                     # the bounce for b\xff@x
+    assert len(envelopes) == 3

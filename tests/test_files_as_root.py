@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 import pwd
 import stat
-import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -161,6 +159,14 @@ def test_the_socket_is_bound_with_its_mode_where_nobody_else_can_swap_it(tmp_pat
         Listener.open(settings, None)
 
 
+def test_as_root_no_work_directory_where_others_could_swap_it(config_file, mail_users_folder):
+    config = config_file(f'mail_user = "root"\ntmp_dir = "{mail_users_folder}"\n'
+                         'default_filter = ["gate_test_filters:NeedsWorkdir"]\n')
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75 and "cannot create a work directory" in run.first_line
+    assert "owned by uid" in run.first_line and list(mail_users_folder.iterdir()) == []
+
+
 # -- keep/ and the quarantine ------------------------------------------------------------------
 
 def test_keep_that_is_a_link_is_not_followed(config_file, tmp_path, victim):
@@ -176,20 +182,6 @@ def test_keep_that_is_a_link_is_not_followed(config_file, tmp_path, victim):
     assert run.code == 0 and run.stdout == SIMPLE       # delivered unchanged all the same
     assert list(elsewhere.iterdir()) == []
     assert "cannot keep a backup" in (tmp_path / "gate.log").read_text()
-
-
-@pytest.fixture
-def infected_scanner(tmp_path):
-    script = tmp_path / "scanner"
-    script.write_text(textwrap.dedent(f"""\
-        #!{sys.executable}
-        import sys
-        for path in sys.argv[1:]:
-            print(f"{{path}}: Test.Virus FOUND")
-        sys.exit(1)
-        """))
-    script.chmod(0o755)
-    return script
 
 
 @pytest.mark.parametrize("planted", ["link", "someone else's folder", "a folder others can write"])

@@ -152,6 +152,14 @@ def test_ehlo_refused_for_good_falls_back_to_helo(config_file, peer):
     assert any(c.startswith(b"HELO ") for c in hop.connections[0].commands)
 
 
+@pytest.mark.parametrize("reply", [b"220 again\r\n", b"354 go\r\n", b"251 ok\r\n", b"421 4.3.2 bye\r\n"])
+def test_an_unexpected_reply_to_helo_defers(config_file, peer, reply):
+    hop = peer({"EHLO": b"502 5.5.1 no\r\n", "HELO": reply})
+    run = deliver(config_file, hop)
+    assert run.code == 75 and run.first_line[:2] == "4."
+    assert not body_lines_sent(hop)
+
+
 def test_helo_refused_too_defers(config_file, peer):
     hop = peer({"EHLO": b"502 5.5.1 no\r\n", "HELO": b"554 5.7.1 go away\r\n"})
     run = deliver(config_file, hop)
