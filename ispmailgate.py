@@ -529,14 +529,14 @@ def _steps_with_places(config: "Config") -> list[tuple[str, Filter]]:
 
 def _mail_identity(config: "Config") -> tuple[int, int] | None:
     """Started as root: the (uid, gid) to become, None to stay root (spelled out)."""
-    import grp
-    import pwd
-
     user, group = config.mail_user, config.mail_group
     if not user:
         raise ConfigError("mail_user", "empty: refusing to run as root")
     if user == "root":
         return None
+    import grp
+    import pwd
+
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -774,10 +774,11 @@ def canonical_address(text: str, unqualified_domain: str = "") -> str:
     if re.search(r"[\x00-\x1f\x7f<>]", address) or (
             re.search(r"\s", address) and not re.match(r'"[^"]*"@\S+\Z', address)):
         raise ValueError(f"not a mail address: {text!r}")
-    if re.search("[\udc80-\udcff]", address):    # argv bytes that were not UTF-8
-        raise ValueError(f"bytes that are not UTF-8: {text!r}")
-    if re.search("[\x80-\x9f\u2028\u2029\ud800-\udfff]", address):
-        raise ValueError(f"control characters: {text!r}")
+    if not address.isascii():       # (the usual ASCII address skips compiling these)
+        if re.search("[\udc80-\udcff]", address):    # argv bytes that were not UTF-8
+            raise ValueError(f"bytes that are not UTF-8: {text!r}")
+        if re.search("[\x80-\x9f\u2028\u2029\ud800-\udfff]", address):
+            raise ValueError(f"control characters: {text!r}")
     if address and "@" not in address and unqualified_domain:
         address = f"{address}@{unqualified_domain}"
     return address
