@@ -336,7 +336,7 @@ SETTINGS: dict[str, Setting] = {
     "sendmail_command": Setting((), argv_option,
                                 "Deliver through this sendmail-compatible argv instead of SMTP; "
                                 "'-f SENDER -- RCPT...' is appended."),
-    "loop_suffix": Setting(".ispmailgate", _word(r"[^\s<>\x00-\x1f\x7f]{0,100}", "up to 100 characters "
+    "loop_suffix": Setting(".ispmailgate", _word(r"[!-;=?-~]{0,100}", "up to 100 ASCII characters "
                                                  "without space, control characters or <>"),
                            "Appended to each recipient on SMTP re-injection; \"\" disables."),
     "postmaster": Setting("postmaster", _address, "Receives error reports and double bounces."),
