@@ -487,12 +487,14 @@ def _distrust(path: Path, info: os.stat_result) -> str:
     if os.geteuid() == 0:
         from ispmailgate_filters.files import untrusted
 
-        reason = untrusted(str(path), info)
+        try:
+            reason = untrusted(str(path), info)
+            now = os.stat(path)
+        except OSError as error:
+            return f"cannot check who may change it: {error.strerror or error}"
         if reason:
             return f"{reason}: refused as root, whoever can change it could run commands as root"
-        if (os.stat(path).st_dev, os.stat(path).st_ino) != (info.st_dev, info.st_ino):
-            return "replaced while it was read"
-        return ""
+        return "" if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino) else "replaced while it was read"
     if info.st_mode & 0o002:
         return f"writable by others: anyone could change what happens to mail (chmod o-w {path})"
     return ""
@@ -511,9 +513,12 @@ def _named_file_problems(config: "Config") -> list[ConfigError]:
     problems = []
     for where, name in dict.fromkeys(named):
         found = name if "/" in name else shutil.which(name)
-        if found is None or not os.path.exists(found):
-            continue        # a missing file is the filter's own problem (check reports it)
-        reason = untrusted(found)
+        try:
+            reason = untrusted(found) if found is not None else ""
+        except FileNotFoundError:
+            reason = ""     # a missing file is the filter's own problem (check reports it)
+        except OSError as error:
+            reason = f"cannot check who may change {found}: {error.strerror or error}"
         if reason:
             problems.append(ConfigError(where, f"{reason}: refused as root"))
     return problems
