@@ -29,7 +29,7 @@ from ispmailgate_delivery import (Delivery, Reports, Result, SmtpHop, StdoutHop,
                                   loggable, one_line, parse_hop)
 from ispmailgate_filters.base import (ConfigError, Context, Envelope, Filter, FilterError, Notice,
                                       TempFail, Verdict, argv as argv_option, count,
-                                      parse_size)
+                                      parse_size, seconds)
 from ispmailgate_filters.mime import Message, ParseError
 
 __version__ = "2.0.0"
@@ -278,10 +278,29 @@ def _domains(value: Any) -> tuple[str, ...]:
     return tuple(v.strip(". ").lower() for v in value)
 
 
-def _positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a positive number of seconds, got {value!r}")
-    return float(value)
+_positive = seconds()      # a number of seconds: above 0, finite, at most a day
+
+# Each MIME level costs a few stack frames in the parser and in the filters that walk the
+# tree; 100 levels leave ample room below Python's recursion limit, also in a served run
+# (tests/test_config_ranges.py runs every built-in filter at this depth).
+MAX_MIME_DEPTH = 100
+
+
+def _address(value: Any) -> str:
+    """An address the gate itself sends to (the postmaster): usable as a recipient is."""
+    address = canonical_address(_string(value))
+    if not address or len(address.encode("utf-8")) > MAX_ADDRESS:
+        raise ValueError(f"expected a mail address, got {value!r}")
+    return address
+
+
+def _word(pattern: str, what: str):
+    """A string of what SMTP or an address can carry there (no space, control or <>)."""
+    def convert(value: Any) -> str:
+        if not re.fullmatch(pattern, _string(value)):
+            raise ValueError(f"expected {what}, got {value!r}")
+        return value
+    return convert
 
 
 def _one_of(*allowed: str):
@@ -317,12 +336,14 @@ SETTINGS: dict[str, Setting] = {
     "sendmail_command": Setting((), argv_option,
                                 "Deliver through this sendmail-compatible argv instead of SMTP; "
                                 "'-f SENDER -- RCPT...' is appended."),
-    "loop_suffix": Setting(".ispmailgate", _string,
+    "loop_suffix": Setting(".ispmailgate", _word(r"[!-;=?-~]{0,100}", "up to 100 ASCII characters "
+                                                 "without space, control characters or <>"),
                            "Appended to each recipient on SMTP re-injection; \"\" disables."),
-    "postmaster": Setting("postmaster", _string, "Receives error reports and double bounces."),
+    "postmaster": Setting("postmaster", _address, "Receives error reports and double bounces."),
     "facility": Setting("mail", _facility, "Syslog facility."),
     "log_file": Setting("", _string, "Also append log lines to this file (\"-\": stderr)."),
-    "unqualified_domain": Setting("", _string, "Domain appended to addresses without @domain."),
+    "unqualified_domain": Setting("", _word(r"[^\s<>@\x00-\x1f\x7f]{0,253}", "a domain name"),
+                                  "Domain appended to addresses without @domain."),
     "max_message_size": Setting(50 * 1024 * 1024, parse_size,
                                 "Largest message accepted (bytes, or 10M / 2G)."),
     "on_oversize": Setting("tempfail", _one_of("tempfail", "reject"),
@@ -335,12 +356,15 @@ SETTINGS: dict[str, Setting] = {
     "delivery_timeout": Setting(120.0, _positive, "Seconds to wait on each step of a delivery."),
     "time_limit": Setting(600.0, _positive,
                           "Wall-clock seconds one message may take in all; past it: tempfail (75)."),
-    "max_mime_depth": Setting(64, count(1), "MIME nesting deeper than this is kept as one opaque part."),
-    "max_mime_parts": Setting(10_000, count(1), "MIME parts beyond this many are kept in one opaque part."),
+    "max_mime_depth": Setting(64, count(1, MAX_MIME_DEPTH),
+                              "MIME nesting deeper than this is kept as one opaque part (at most 100)."),
+    "max_mime_parts": Setting(10_000, count(1, 1_000_000),
+                              "MIME parts beyond this many are kept in one opaque part."),
     "mail_user": Setting("nobody", _string, "Started as root: the user to become before the message is "
                                             "read (never root unless spelled out; \"\" refuses to run)."),
     "mail_group": Setting("", _string, "Started as root: the group to become (default: mail_user's group)."),
-    "helo_name": Setting("", _string, "Name for EHLO (default: this host's name)."),
+    "helo_name": Setting("", _word(r"[A-Za-z0-9.-]{0,253}|\[[0-9A-Fa-f:.]{2,45}\]", "a host name"),
+                         "Name for EHLO (default: this host's name)."),
     "default_filter": Setting(("dummy",), _strings, "Chain for recipients no rule matches."),
     "internal_domains": Setting((), _domains, "Our own domains (subdomains included), for the "
                                               "rule keys sender_is and recipient_is."),
@@ -434,31 +458,106 @@ def load_config(path: Path | None, problems: list[ConfigError] | None = None) ->
         return build_config({}, BUILT_IN_CONFIG, problems)
     checked = _Checked(problems)
     try:
-        mode, table = _read_rule_file(path)
+        info, table = _read_rule_file(path)
     except ConfigError as error:
         return checked(_raise, error)
-    if mode & 0o002:
-        checked(_raise, ConfigError("", "writable by others: anyone could change what happens to "
-                                        f"mail (chmod o-w {path})", str(path)))
+    distrust = _distrust(path, info)
+    if distrust:        # not even its filter types are imported: that would run their code
+        return checked(_raise, ConfigError("", distrust, str(path)))
     try:
         config = build_config(table, str(path), problems)
+        if os.geteuid() == 0:
+            checked(_mail_identity, config)
+            for problem in _named_file_problems(config):
+                checked(_raise, problem)
     except ConfigError as error:
         error.source = str(path)
         raise
     finally:
         for problem in problems or ():
             problem.source = problem.source or str(path)
-    if mode & 0o004 and _holds_passphrases(table):
+    if info.st_mode & 0o004 and _holds_passphrases(table):
         config.warnings.append(f"{path} holds passphrases and is readable by others (chmod o-r)")
     return config
 
 
-def _read_rule_file(path: Path) -> tuple[int, dict[str, Any]]:
+def _distrust(path: Path, info: os.stat_result) -> str:
+    """Why this rule file must not be used: as root (Postfix and sendmail check theirs so),
+    unless root alone can change it and every directory above it; else if anyone can."""
+    if os.geteuid() == 0:
+        from ispmailgate_filters.files import untrusted
+
+        try:
+            reason = untrusted(str(path), info)
+            now = os.stat(path)
+        except OSError as error:
+            return f"cannot check who may change it: {error.strerror or error}"
+        if reason:
+            return f"{reason}: refused as root, whoever can change it could run commands as root"
+        return "" if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino) else "replaced while it was read"
+    if info.st_mode & 0o002:
+        return f"writable by others: anyone could change what happens to mail (chmod o-w {path})"
+    return ""
+
+
+def _named_file_problems(config: "Config") -> list[ConfigError]:
+    """Started as root: the commands the rule file runs and the secret files it names must
+    be files only root can change, like the rule file itself."""
+    import shutil
+
+    from ispmailgate_filters.files import untrusted
+
+    named = [("sendmail_command[0]", config.sendmail_command[0])] if config.sendmail_command else []
+    for where, step in _steps_with_places(config):
+        named += [(f"{where}.{key}", path) for key, path in step.trusted_files().items()]
+    problems = []
+    for where, name in dict.fromkeys(named):
+        found = name if "/" in name else shutil.which(name)
+        try:
+            reason = untrusted(found) if found is not None else ""
+        except FileNotFoundError:
+            reason = ""     # a missing file is the filter's own problem (check reports it)
+        except OSError as error:
+            reason = f"cannot check who may change {found}: {error.strerror or error}"
+        if reason:
+            problems.append(ConfigError(where, f"{reason}: refused as root"))
+    return problems
+
+
+def _steps_with_places(config: "Config") -> list[tuple[str, Filter]]:
+    places = [(f"filter.{name}", step) for name, step in config.filters.items()]
+    places += [(f"{rule.label}.filters[{i}]", step) for rule in config.rules for i, step in enumerate(rule.chain)]
+    places += [(f"default_filter[{i}]", step) for i, step in enumerate(config.default_chain)]
+    seen: set[int] = set()
+    return [(where, step) for where, step in places if id(step) not in seen and not seen.add(id(step))]
+
+
+def _mail_identity(config: "Config") -> tuple[int, int] | None:
+    """Started as root: the (uid, gid) to become, None to stay root (spelled out)."""
+    user, group = config.mail_user, config.mail_group
+    if not user:
+        raise ConfigError("mail_user", "empty: refusing to run as root")
+    if user == "root":
+        return None
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError("mail_user", f"no such user: {user!r}") from None
+    try:
+        return entry.pw_uid, grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise ConfigError("mail_group", f"no such group: {group!r}") from None
+
+
+def _read_rule_file(path: Path) -> tuple[os.stat_result, dict[str, Any]]:
     import tomllib
 
     try:
         with open(path, "rb") as stream:
-            return os.fstat(stream.fileno()).st_mode, tomllib.load(stream)
+            return os.fstat(stream.fileno()), tomllib.load(stream)
     except OSError as error:
         raise ConfigError("", f"cannot read: {error.strerror or error}", str(path)) from None
     except tomllib.TOMLDecodeError as error:
@@ -680,8 +779,46 @@ def canonical_address(text: str, unqualified_domain: str = "") -> str:
     if re.search(r"[\x00-\x1f\x7f<>]", address) or (
             re.search(r"\s", address) and not re.match(r'"[^"]*"@\S+\Z', address)):
         raise ValueError(f"not a mail address: {text!r}")
+    if not address.isascii():       # (the usual ASCII address skips compiling these)
+        if re.search("[\udc80-\udcff]", address):    # argv bytes that were not UTF-8
+            raise ValueError(f"bytes that are not UTF-8: {text!r}")
+        if re.search("[\x80-\x9f\u2028\u2029\ud800-\udfff]", address):
+            raise ValueError(f"control characters: {text!r}")
     if address and "@" not in address and unqualified_domain:
         address = f"{address}@{unqualified_domain}"
+    return address
+
+
+# "RCPT TO:<address>" with the loop suffix must fit RFC 5321's command line of 512 octets.
+MAX_ADDRESS = 500
+
+
+def envelope_addresses(config: "Config", sender: str,
+                       recipients: list[str]) -> "tuple[str, list[str], dict[str, Result]]":
+    """The envelope as it is delivered, checked before anything is: the sender, the usable
+    recipients (canonical, each once), and a permanent failure (5.1.3) for each recipient
+    that no next hop could be given -- reported like one a next hop refused, so the others
+    are still delivered.  An unusable sender refuses the message (69, 5.1.7)."""
+    try:
+        sender = "" if sender in ("", "<>") else usable_address(sender, config)
+    except ValueError as error:
+        raise Stop(EX_UNAVAILABLE, "5.1.7", f"bad sender address: {error}") from None
+    usable, refused = [], {}
+    for recipient in recipients:
+        try:
+            usable.append(usable_address(recipient, config))
+        except ValueError as error:
+            refused[recipient] = Result("rejected", "5.1.3", f"bad recipient address: {error}")
+    if "" in usable:
+        raise tempfail("4.1.3", "empty recipient address")
+    return sender, list(dict.fromkeys(usable)), refused
+
+
+def usable_address(text: str, config: "Config") -> str:
+    """``canonical_address``, and short enough for an SMTP command with the loop suffix."""
+    address = canonical_address(text, config.unqualified_domain)
+    if len(address.encode("utf-8")) + len(config.loop_suffix.encode("utf-8")) > MAX_ADDRESS:
+        raise ValueError(f"longer than {MAX_ADDRESS} octets with the loop suffix: {text[:60]!r}...")
     return address
 
 
@@ -858,27 +995,22 @@ def drop_privileges(config: Config) -> None:
     """
     if os.geteuid() != 0:
         return
-    import grp
-    import pwd
-
     user, group = config.mail_user, config.mail_group
-    if not user:
-        raise tempfail("4.3.5", f"refusing to run as root: mail_user is empty in {config.path}")
-    if user == "root":      # spelled out by the administrator: allowed, never silently
+    try:
+        identity = _mail_identity(config)       # load_config checked it already, as check does
+    except ConfigError as error:
+        raise tempfail("4.3.5", f"config error: {config.path}: {error}") from None
+    if identity is None:      # mail_user = "root", spelled out: allowed, never silently
         log.warning("mail_user is root: this message is handled with root's rights")
         return
-    try:
-        entry = pwd.getpwnam(user)
-        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
-    except KeyError as error:
-        raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
-    if not readable_by(entry.pw_uid, gid, os.path.dirname(os.__file__), os.path.dirname(__file__)):
+    uid, gid = identity
+    if not readable_by(uid, gid, os.path.dirname(os.__file__), os.path.dirname(__file__)):
         log.debug("%s cannot read this Python installation: importing everything first", user)
         preload(config)
     try:
         os.setgroups([])
         os.setgid(gid)
-        os.setuid(entry.pw_uid)
+        os.setuid(uid)
     except OSError as error:
         raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
     if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
@@ -938,31 +1070,74 @@ class TimeLimitExceeded(BaseException):
     like a verdict, so no ``except Exception`` on the way swallows it)."""
 
 
+class Interrupted(BaseException):
+    """SIGTERM, SIGINT or SIGHUP before the first delivery: the run stops, its children are
+    killed on the way out (``finally``), and the MTA keeps the message (75)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} before delivery")
+
+
 class time_limit:
-    """Wall-clock limit for one message, with SIGALRM (main thread only; elsewhere a no-op)."""
+    """Wall-clock limit for one message, with SIGALRM (main thread only; elsewhere only
+    :meth:`check` applies it).
+
+    Until :meth:`shield` the alarm interrupts whatever runs.  From the first delivery on
+    it no longer does: it must never land inside a transaction the next hop may already
+    have accepted, so the limit is checked (:meth:`check`) before each delivery starts,
+    and a delivery, bounded by ``delivery_timeout`` per step, runs to its end.  A
+    terminating signal is treated alike when nobody else handles it (a one-shot run; a
+    ``serve`` worker handles its own).
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.previous = None
+        self.deadline = float("inf")
+        self.shielded = False
+        self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> "time_limit":
         import signal
         import threading
 
+        self.deadline = time.monotonic() + self.seconds
         if threading.current_thread() is not threading.main_thread():
-            return
-        self.previous = signal.signal(signal.SIGALRM, self._expired)
+            return self
+        self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._expired)
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
+                self.previous[number] = signal.signal(number, self._signalled)
         signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
 
     def __exit__(self, *exc_info) -> None:
-        if self.previous is not None:
+        if self.previous:
             import signal
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
+            self.previous.clear()
 
-    @staticmethod
-    def _expired(signum, frame) -> None:
-        raise TimeLimitExceeded()
+    def shield(self) -> None:
+        """From now on the alarm and signals no longer interrupt the run (see the class)."""
+        self.shielded = True
+
+    def check(self) -> None:
+        if time.monotonic() >= self.deadline:
+            raise TimeLimitExceeded()
+
+    def _expired(self, signum, frame) -> None:
+        if not self.shielded:
+            raise TimeLimitExceeded()
+
+    def _signalled(self, signum, frame) -> None:
+        if not self.shielded:       # once delivering, the run finishes (each step is bounded)
+            raise Interrupted(signum)
 
 
 # =========================================================================================
@@ -991,33 +1166,49 @@ class Gate:
         self.notices: list[Notice] = []
         self.summary: list[str] = []
         self.errors: list[str] = []
+        self.message_id = "-"
+        self.clock = time_limit(0)
+        # Set once a next hop accepted anything of this message (or the postmaster the
+        # report that carries it): the commit point.  From then on nothing the gate does
+        # itself -- logging, reports, the time limit, an exception -- may end in 75.
+        self.delivered = False
 
     def run(self) -> int:
         config = self._config()
         self.config = config
         configure_logging(self.request.facility or config.facility, self.request.debug,
-                          config.log_file, self.errors, self.id)
+                          "", self.errors, self.id)
         for warning in config.warnings:
             log.warning("%s", warning)
         umask = os.umask(0o077)     # what the gate and its filters write is theirs alone
         try:
             drop_privileges(config)
-            with time_limit(config.time_limit):
+            add_log_file(config.log_file, self.id)      # opened as mail_user, never as root
+            with time_limit(config.time_limit) as self.clock:
                 return self._run(config)
-        except TimeLimitExceeded:
+        except TimeLimitExceeded:       # raised only before the first delivery starts
             log.error("time limit of %s s exceeded", config.time_limit)
-            self._log_summary(f"status=deferred (time limit {config.time_limit} s)")
-            return self._finish(EX_TEMPFAIL, "4.4.7", f"time limit of {config.time_limit:.0f} s exceeded")
+            return self._stopped(EX_TEMPFAIL, "4.4.7", f"time limit of {config.time_limit:.0f} s exceeded")
+        except Interrupted as interrupted:
+            log.error("%s", interrupted)
+            return self._stopped(EX_TEMPFAIL, "4.3.0", str(interrupted))
         except Stop as stop:
-            self._log_summary(f"status={_outcome_word(stop.code)} ({stop.status} {stop.text})")
-            return self._finish(stop.code, stop.status, stop.text)
+            return self._stopped(stop.code, stop.status, stop.text)
         except Exception as error:
             log.error("internal error: %r", error, exc_info=True)
-            self._log_summary(f"status=deferred (internal error {error!r})")
-            return self._finish(EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
+            return self._stopped(EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
         finally:
             self._remove_workdir()
             os.umask(umask)
+
+    def _stopped(self, code: int, status: str, text: str) -> int:
+        """A run that ended early; if something was already delivered, it ends in 0."""
+        if self.delivered and code != EX_OK:
+            log.error("after the next hop accepted this message: %s %s; exit 0, for a retry "
+                      "would deliver it again", status, text)
+            code, status, text = EX_OK, "2.0.0", "delivered"
+        self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
+        return self._finish(code, status, text)
 
     def _config(self) -> Config:
         path = find_config(self.request.config)
@@ -1033,15 +1224,16 @@ class Gate:
     def _run(self, config: Config) -> int:
         data = read_message(self.streams.stdin, config.max_message_size, config.on_oversize)
         self.size = len(data)
+        self.message_id = message_id_of(data)       # for the log line, whatever happens later
         from_line = split_from_line(data)
         self.message = message = Message(data, max_depth=config.max_mime_depth,
                                          max_parts=config.max_mime_parts)
-        sender, recipients = self._envelope(message, from_line, config)
+        sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
-        leaves = ChainRunner(self._context, log, trace).run(message, sender, routes)
+        leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
         if trace is not None:
             return self._dry_run(leaves, routes, hop, trace)
         deferred = [leaf for leaf in leaves if self.defers(leaf, hop)]
@@ -1050,9 +1242,27 @@ class Gate:
             self._log_groups(leaves, routes, {})
             text = f"{leaf.step}: {leaf.verdict}" if leaf.verdict else f"{leaf.step}: cannot parse the message"
             raise tempfail(leaf.verdict.status if leaf.verdict else "4.6.0", text)
-        results = Delivery(self, hop, config).deliver(leaves, message)
-        self._log_groups(leaves, routes, results)
-        return self._exit_status(results, hop)
+        delivery = Delivery(self, hop, config)
+        transfers = delivery.prepare(leaves, message)       # all the work, under the time limit
+        results = delivery.deliver(transfers, message, refused)     # the commit point is in here
+        return self._conclude(leaves, routes, results, hop)
+
+    def _conclude(self, leaves: "list[Leaf]", routes: "dict[str, Route]", results: "dict[str, Result]",
+                  hop) -> int:
+        """After the deliveries: the bounce, the log line, the exit status.  Never raises, and
+        ends in 75 only for a recipient whose message no next hop accepted."""
+        try:
+            self._log_groups(leaves, routes, results)
+        except Exception as error:      # noqa: BLE001 -- past the commit point nothing raises
+            log.error("cannot describe the delivery groups: %r", error)
+        try:
+            code, status, text = self._exit_status(results, hop)
+        except Exception as error:      # noqa: BLE001
+            log.error("internal error after delivery: %r", error, exc_info=True)
+            code, status, text = (EX_OK, "2.0.0", "delivered") if self.delivered else \
+                (EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
+        self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
+        return self._finish(code, status, text)
 
     def _dry_run(self, leaves: list[Leaf], routes: dict[str, Route], hop, trace: list[StepTrace]) -> int:
         from ispmailgate_admin import dry_run_report
@@ -1064,7 +1274,8 @@ class Gate:
         self._log_summary("status=dry-run")
         return self._finish(EX_OK, "2.0.0", "dry run")
 
-    def _envelope(self, message: Message, from_line: str | None, config: Config) -> tuple[str, list[str]]:
+    def _envelope(self, message: Message, from_line: str | None,
+                  config: Config) -> "tuple[str, list[str], dict[str, Result]]":
         request = self.request
         if request.shell_mode:
             sender, recipients = envelope_from_headers(message, from_line)
@@ -1077,14 +1288,10 @@ class Gate:
                                     "or an mbox From_ line")
         if not recipients:
             raise tempfail("4.5.3", "no recipients: give them as arguments")
-        try:
-            sender = "" if sender in ("", "<>") else canonical_address(sender, config.unqualified_domain)
-            recipients = [canonical_address(r, config.unqualified_domain) for r in recipients]
-        except ValueError as error:
-            raise tempfail("4.1.7", str(error)) from None
-        if "" in recipients:
-            raise tempfail("4.1.3", "empty recipient address")
-        return sender, list(dict.fromkeys(recipients))
+        sender, usable, refused = envelope_addresses(config, sender, recipients)
+        for recipient, result in refused.items():
+            log.warning("<%s>: %s %s", one_line(recipient), result.status, result.text)
+        return sender, usable, refused
 
     def defers(self, leaf: Leaf, hop) -> bool:
         """A leaf that makes the whole run a tempfail, before anything is delivered."""
@@ -1095,7 +1302,10 @@ class Gate:
         return leaf.unparsed and self.config.on_parse_error == "tempfail"
 
     def original_headers(self) -> bytes:
-        return self.message.top_headers().to_bytes()
+        """The original's header block as it came, for a bounce (at most 64 KB, cut at a line
+        end): a slice, never a parse, as a bounce goes out after delivery."""
+        block = bytes(self.message.raw[:min(header_block_end(self.message.raw), 64 * 1024)])
+        return block if block.endswith(b"\n") or b"\n" not in block else block[:block.rindex(b"\n") + 1]
 
     def _next_hop(self, config: Config, from_line: str | None):
         request = self.request
@@ -1117,9 +1327,12 @@ class Gate:
     def workdir(self) -> Path:
         """This message's work directory under tmp_dir, created 0700 on first use."""
         if self.workdir_path is None:
+            from ispmailgate_filters.files import refuse_untrusted_directories
+
             base = Path(self.request.tmp_dir or self.config.tmp_dir)
             try:
                 path = base / f"ispmailgate-{self.id}"
+                refuse_untrusted_directories(str(path))     # mail_user = "root": filters write here
                 path.mkdir(mode=0o700)
             except OSError as error:
                 raise TempFail(f"cannot create a work directory in {base}: {error.strerror}",
@@ -1130,52 +1343,57 @@ class Gate:
     def _remove_workdir(self) -> None:
         if self.workdir_path is not None:
             import shutil
-            shutil.rmtree(self.workdir_path, ignore_errors=True)
+            try:
+                shutil.rmtree(self.workdir_path, ignore_errors=True)
+            except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
+                log.error("cannot remove %s: %r", self.workdir_path, error)
 
     def keep_backup(self, data: bytes | bytearray) -> Path | None:
         """The original's tmp_dir/keep/: a copy of a message the parser could not handle."""
+        from ispmailgate_filters.files import create_in, private_directory
+
         keep = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.eml"
         try:
-            keep.mkdir(mode=0o700, parents=True, exist_ok=True)
-            path = keep / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.eml"
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as stream:
-                stream.write(data)
-            return path
+            directory = private_directory(str(keep))
+            try:
+                create_in(directory, name, bytes(data))
+            finally:
+                os.close(directory)
+            return keep / name
         except OSError as error:
             log.error("cannot keep a backup in %s: %s", keep, error)
             return None
 
-    def _exit_status(self, results: "dict[str, Result]", hop) -> int:
+    def _exit_status(self, results: "dict[str, Result]", hop) -> tuple[int, str, str]:
         deferred = [r for r in results.values() if r.state == "deferred"]
         rejected = {rcpt: r for rcpt, r in results.items() if r.state == "rejected"}
-        if deferred:
-            return self._done(EX_TEMPFAIL, deferred[0].status, deferred[0].text)
+        if deferred:        # a next hop did not take it for these: only the MTA's retry can
+            return EX_TEMPFAIL, deferred[0].status, deferred[0].text
         if rejected and len(rejected) == len(results):
             first = next(iter(rejected.values()))
-            return self._done(EX_UNAVAILABLE, first.status, first.text)
+            return EX_UNAVAILABLE, first.status, first.text
         if rejected and not isinstance(hop, StdoutHop):
             # Some recipients got the message: a 69 would bounce them too, so the sender
             # gets our own delivery status notification for the others.
-            if not Reports(self, hop, self.config).bounce(rejected):
-                return self._done(EX_TEMPFAIL, "4.3.0", "could not send the bounce for "
-                                  + ",".join(rejected) + "; the MTA will retry all recipients")
-        return self._done(EX_OK, "2.0.0", "ok")
-
-    def _done(self, code: int, status: str, text: str) -> int:
-        self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
-        return self._finish(code, status, text)
+            if not Reports(self, hop, self.config).bounce(rejected) and not self.delivered:
+                return EX_TEMPFAIL, "4.3.0", ("could not send the bounce for " + ",".join(rejected)
+                                              + "; the MTA will retry all recipients")
+        return EX_OK, "2.0.0", "ok"
 
     def _finish(self, code: int, status: str, text: str) -> int:
-        if code != EX_OK:
-            _status_line(self.streams, code, status, text)
-        if self.errors and (code != EX_OK or self.request.shell_mode):
-            for line in self.errors[:20]:
-                self.streams.stderr.write(f"ispmailgate: {line}\n")
-        if self.request.shell_mode or self.request.debug:
-            for line in self.summary:
-                self.streams.stderr.write(f"ispmailgate: {line}\n")
-        self.streams.stderr.flush()
+        try:
+            if code != EX_OK:
+                _status_line(self.streams, code, status, text)
+            if self.errors and (code != EX_OK or self.request.shell_mode):
+                for line in self.errors[:20]:
+                    self.streams.stderr.write(f"ispmailgate: {line}\n")
+            if self.request.shell_mode or self.request.debug:
+                for line in self.summary[:1000]:
+                    self.streams.stderr.write(f"ispmailgate: {line}\n")
+            self.streams.stderr.flush()
+        except (OSError, ValueError):       # stderr closed: the exit status still says it
+            pass
         return code
 
     def _log_groups(self, leaves: "list[Leaf]", routes: "dict[str, Route]", results: "dict[str, Result]") -> None:
@@ -1185,20 +1403,42 @@ class Gate:
                        else results.get(leaf.recipients[0], Result("not delivered", "", "")).describe())
             self.summary.append(f"to={','.join('<%s>' % r for r in leaf.recipients)} rule={first.rule} "
                                 f"chain={first.chain_label} outcome={outcome}")
+        for recipient, result in results.items():
+            if recipient not in routes:     # refused before any chain: an unusable address
+                self.summary.append(f"to=<{one_line(recipient)[:100]}> outcome={result.describe()}")
 
     def _log_summary(self, status: str) -> None:
-        """The one line per message: run id, Message-ID, sender, size, groups, status, time."""
-        took = (time.monotonic() - self.started) * 1000
-        sender = getattr(self, "sender", None)
-        message = getattr(self, "message", None)
-        message_id = one_line(message.header_value("Message-ID") or "-")[:200] if message else "-"
-        log.info("msgid=%s from=<%s> size=%s %s %s ms=%.0f", message_id,
-                 sender if sender is not None else "?", getattr(self, "size", "?"),
-                 "; ".join(self.summary) or "-", status, took)
+        """The one line per message: run id, Message-ID, sender, size, groups, status, time.
+        Linear in what it prints and never raises: it runs after delivery too."""
+        try:
+            took = (time.monotonic() - self.started) * 1000
+            sender = getattr(self, "sender", None)
+            log.info("msgid=%s from=<%s> size=%s %s %s ms=%.0f", self.message_id,
+                     sender if sender is not None else "?", getattr(self, "size", "?"),
+                     "; ".join(self.summary[:1000]) or "-", status, took)
+        except Exception:       # noqa: BLE001 -- logging is never what changes an outcome
+            pass
 
 
 def _outcome_word(code: int) -> str:
     return {EX_OK: "done", EX_TEMPFAIL: "deferred", EX_UNAVAILABLE: "rejected"}.get(code, str(code))
+
+
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?([^\r\n]{0,200})", re.I | re.M)
+
+
+def header_block_end(data: bytes | bytearray) -> int:
+    """Where the top header block ends (after its blank line), by a linear scan."""
+    ends = [found + len(blank) for blank in (b"\n\n", b"\n\r\n") if (found := data.find(blank)) >= 0]
+    return min(ends, default=len(data))
+
+
+def message_id_of(data: bytes | bytearray) -> str:
+    """The Message-ID for the log line: one linear scan of the top header block, done as
+    the message is read, so that no log line ever parses a header (after delivery, a slow
+    parse would be work the time limit no longer bounds)."""
+    match = _MESSAGE_ID.search(data, 0, header_block_end(data))
+    return one_line(match.group(1).decode("utf-8", "surrogateescape"))[:200] or "-" if match else "-"
 
 
 def read_message(stream: BinaryIO, limit: int, on_oversize: str) -> bytearray:
@@ -1268,16 +1508,57 @@ def configure_logging(facility: str, debug: bool, log_file: str, errors: list[st
     syslog_handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     log.addHandler(syslog_handler)
     log.addHandler(_Collector(errors))
+    log.addHandler(_Early())
     if log_file:
+        add_log_file(log_file, run_id)
+
+
+class _Early(logging.Handler):
+    """Lines logged before log_file is open (it opens once privileges are dropped), for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 100:
+            self.records.append(record)
+
+
+class _FileLog(logging.StreamHandler):
+    """The log_file handler: its lines made loggable as syslog's are, its stream closed with it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return loggable(super().format(record))
+
+    def close(self) -> None:
         try:
-            handler = (logging.StreamHandler(sys.stderr) if log_file == "-"
-                       else logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace"))
-        except OSError as error:
-            log.warning("cannot open log_file %s: %s", log_file, error)
-        else:
-            handler.setFormatter(logging.Formatter("%(asctime)s ispmailgate[%(process)d]: " + prefix
-                                                   + "%(message)s"))
-            log.addHandler(handler)
+            self.stream.close()
+        finally:
+            super().close()
+
+
+def add_log_file(log_file: str, run_id: str = "") -> None:
+    """Also log to ``log_file`` ("-": stderr).  A run calls this after it dropped root, so
+    the file is opened as mail_user; opened as root it must pass ``open_log_file``."""
+    early = [h for h in log.handlers if isinstance(h, _Early)]
+    for buffer in early:
+        log.removeHandler(buffer)
+    if not log_file:
+        return
+    from ispmailgate_filters.files import open_log_file
+
+    try:
+        handler = logging.StreamHandler(sys.stderr) if log_file == "-" else _FileLog(open_log_file(log_file))
+    except OSError as error:
+        log.warning("cannot open log_file %s: %s", log_file, error.strerror or error)
+        return
+    prefix = f"{run_id}: " if run_id else ""
+    handler.setFormatter(logging.Formatter("%(asctime)s ispmailgate[%(process)d]: " + prefix + "%(message)s"))
+    handler.setLevel(log.level)
+    for record in (record for buffer in early for record in buffer.records):
+        handler.handle(record)
+    log.addHandler(handler)
 
 
 if __name__ == "__main__":

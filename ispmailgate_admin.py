@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 
 from ispmailgate import (BUILT_IN_CONFIG, EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
-                         ChainRunner, Config, Gate, Leaf, Route, StepTrace, Stop, Streams,
-                         canonical_address, find_config, load_config, route)
+                         ChainRunner, Config, Gate, Leaf, Route, StepTrace, Streams,
+                         envelope_addresses, find_config, load_config, route)
 from ispmailgate_delivery import (Delivery, SmtpHop, SmtpSession, _socket_reason, configured_hop,
                                   parse_hop)
 from ispmailgate_filters.base import ConfigError, Filter, Reject
@@ -199,13 +199,15 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
         out.line("(ispmailgate check lists every problem)")
         out.close()
         return EX_CONFIG
-    sender, recipients = _canonical_envelope(config, sender, recipients)
+    sender, recipients, refused = envelope_addresses(config, sender or "", recipients)
     routes = {recipient: route(config, sender, recipient) for recipient in recipients}
     out.line(f"rule file: {config.path}")
     out.line(f"sender: <{sender}>")
     rules = {rule.label: rule for rule in config.rules}
     for recipient, chosen in routes.items():
         out.line(f"<{recipient}>: {_describe_rule(rules.get(chosen.rule))} -> {chosen.chain_label}")
+    for recipient, result in refused.items():       # as a run refuses them: each for good
+        out.line(f"<{recipient}>: refused, {result.status} {result.text}")
     out.line()
     out.line("filter steps, each run once for the recipients listed:")
     groups = _plan(routes, list(routes), 0, "  ", out)
@@ -218,16 +220,6 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
     out.line(f"next hop: {_describe_hop(configured_hop(config))}")
     out.close()
     return EX_OK
-
-
-def _canonical_envelope(config: Config, sender: str | None, recipients: list[str]) -> tuple[str, list[str]]:
-    """The addresses as a run would see them; one a run would refuse ends here as it would."""
-    try:
-        sender = "" if sender in (None, "", "<>") else canonical_address(sender, config.unqualified_domain)
-        recipients = [canonical_address(r, config.unqualified_domain) for r in recipients]
-    except ValueError as error:
-        raise Stop(EX_TEMPFAIL, "4.1.7", str(error)) from None
-    return sender, list(dict.fromkeys(recipients))
 
 
 def _describe_rule(rule) -> str:

@@ -91,9 +91,16 @@ def _dns_budget(table: dict, where: str) -> tuple[int, float]:
 def _private_key(path: str, where: str) -> bytes:
     try:
         with open(path, "rb") as stream:
-            if os.fstat(stream.fileno()).st_mode & 0o004:
+            info = os.fstat(stream.fileno())
+            if info.st_mode & 0o004:
                 raise ConfigError(f"{where}.private_key_file", f"{path} is readable by others "
                                   f"(chmod o-r {path})")
+            if os.geteuid() == 0:       # a secret root reads: only root may change it
+                from ispmailgate_filters.files import untrusted
+
+                reason = untrusted(path, info)
+                if reason:
+                    raise ConfigError(f"{where}.private_key_file", f"{reason}: refused as root")
             key = stream.read()
     except OSError as error:
         raise ConfigError(f"{where}.private_key_file", f"cannot read {path}: {error.strerror}") from None

@@ -59,8 +59,10 @@ class Reply(NamedTuple):
 
     @property
     def status(self) -> str:
-        match = re.match(r"([245]\.\d{1,3}\.\d{1,3})\b", self.text)
-        return match.group(1) if match else f"{str(self.code)[0]}.0.0"
+        match = re.match(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}\b", self.text)
+        if match and match.group(1) == str(self.code)[0]:   # the class is the code's, never the text's
+            return match.group(0)
+        return f"{str(self.code)[0]}.0.0"
 
     def result(self) -> Result:
         state = {2: "sent", 4: "deferred", 5: "rejected"}.get(self.code // 100, "deferred")
@@ -69,33 +71,69 @@ class Reply(NamedTuple):
         return Result(state, status, text)
 
 
+class Transfer(NamedTuple):
+    """One delivery group made ready: its recipients and bytes, or the verdict that ended it."""
+    recipients: list[str]
+    data: bytes | bytearray | None
+    leaf: Any
+
+
 class Delivery:
-    """Hands each distinct result to the next hop once, for all of its recipients."""
+    """Hands each distinct result to the next hop once, for all of its recipients.
+
+    In two stages around the commit point: :meth:`prepare` does all the work (the bytes of
+    each group, ARC seals, the backup of an unparsable original) while the time limit can
+    still stop the run; :meth:`deliver` only hands over, and from the first hand-over on
+    nothing the gate does can make the run end in 75 except a recipient whose message no
+    next hop accepted.
+    """
 
     def __init__(self, gate, hop, config) -> None:
         self.gate, self.hop, self.config = gate, hop, config
         self.sealer = None
 
-    def deliver(self, leaves: list, original: Message) -> dict[str, Result]:
-        results: dict[str, Result] = {}
+    def prepare(self, leaves: list, original: Message) -> list[Transfer]:
+        transfers = []
         groups = self.groups(leaves)
         if isinstance(self.hop, StdoutHop):
             self.hop.mbox = sum(1 for _, _, leaf in groups if leaf.verdict is None) > 1
         for recipients, message, leaf in groups:
             if leaf.verdict is not None:
-                results.update(self._verdict(leaf, original))
+                transfers.append(Transfer(recipients, None, leaf))
                 continue
             if leaf.unparsed:
                 self._unparsed(leaf, original)
             data = message.to_bytes()
             if message.changed and self.config.sections.get("arc"):
                 data = self._seal(original, message, data, recipients)
-            replies = self.hop.deliver(self.gate.sender, recipients, data)
-            results.update({r: reply.result() for r, reply in replies.items()})
+            transfers.append(Transfer(recipients, data, leaf))
+        return transfers
+
+    def deliver(self, transfers: list[Transfer], original: Message,
+                refused: dict[str, Result] | None = None) -> dict[str, Result]:
+        """Each group in turn; ``refused`` are recipients no next hop could be given.  Once a
+        group is deferred the rest wait for the MTA's retry too: handed over now, they would
+        be delivered twice."""
+        results: dict[str, Result] = dict(refused or {})
+        deferred = False
+        for transfer in transfers:
+            verdict = transfer.leaf.verdict
+            if isinstance(verdict, (Discard, Reject)):
+                outcome = self._verdict(transfer.leaf, original)
+            elif deferred:
+                outcome = dict.fromkeys(transfer.recipients, Result(
+                    "deferred", "4.3.0", "not handed over: an earlier delivery group was deferred"))
+            elif verdict is not None:
+                outcome = self._verdict(transfer.leaf, original)
+            else:
+                replies = hand_over(self.gate, self.hop, self.gate.sender, transfer.recipients, transfer.data)
+                outcome = {r: reply.result() for r, reply in replies.items()}
+            deferred = deferred or any(result.state == "deferred" for result in outcome.values())
+            results.update(outcome)
         if isinstance(self.hop, StdoutHop):
             for notice in self.gate.notices:
                 log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
-        elif self.gate.notices:
+        elif self.gate.notices and not deferred:    # the retry would send them again
             Reports(self.gate, self.hop, self.config).send_notices(original)
         return results
 
@@ -153,6 +191,27 @@ class Delivery:
                                         "unfiltered (parse error)", text))
 
 
+def hand_over(gate, hop, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
+    """The one way anything leaves for a next hop: the message, reports, notices.
+
+    The time limit is checked before the hand-over starts as long as nothing was accepted,
+    and never interrupts one (the hop bounds each step by delivery_timeout): an alarm
+    between the next hop's 250 and our reading it would otherwise turn an accepted message
+    into a retry.  A 2xx reply is the commit point (``gate.delivered``).
+    """
+    gate.clock.shield()
+    if not gate.delivered:
+        gate.clock.check()
+    try:
+        replies = hop.deliver(sender, recipients, data)
+    except Exception as error:      # the hops settle their own failures: this is a fault of ours
+        log.error("%s: internal error: %r", hop, error, exc_info=True)
+        replies = {r: Reply(451, f"4.3.0 {hop}: internal error: {error!r}") for r in recipients}
+    if any(reply.code // 100 == 2 for reply in replies.values()):
+        gate.delivered = True
+    return replies
+
+
 def configured_hop(config):
     """The next hop the rule file names: its sendmail_command, else SMTP to mail_host."""
     if config.sendmail_command:
@@ -178,10 +237,14 @@ def parse_hop(value: str) -> tuple[str, int]:
 class SmtpHop:
     """The next hop by SMTP: one transaction per distinct result, a reply per recipient.
 
-    A small client of its own rather than smtplib: it keeps the one-shot path free of the
-    email and ssl packages, streams DATA without copying the message, and maps every
-    reply to its recipients.  The next hop is a trusted MTA on this host or LAN, so it
-    speaks neither TLS nor AUTH.
+    A small client of its own rather than smtplib (which copies a message three times
+    over for CRLF and dot-stuffing, and imports the email and ssl packages on the one-shot
+    path): it streams DATA without a second copy and maps every reply to its recipients.
+    Every reply is read whole, however many lines it has, and must be one the command
+    allows: anything else means client and next hop are out of step, and every recipient
+    whose fate is not settled yet is deferred (4.5.0) on a connection that is then
+    dropped.  The next hop is a trusted MTA on this host or LAN, so it speaks neither TLS
+    nor AUTH.
     """
 
     def __init__(self, host: str, port: int, config) -> None:
@@ -196,49 +259,82 @@ class SmtpHop:
     def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
         """A reply per recipient; one whose fate is unknown when the connection fails is 4xx."""
         settled: dict[str, Reply] = {}
+        pending = list(recipients)
+        while pending:      # a second transaction only for recipients past the hop's limit
+            pending = self._connection(sender, pending, data, settled)
+        return settled
+
+    def _connection(self, sender: str, recipients: list[str], data: bytes | bytearray,
+                    settled: dict[str, Reply]) -> list[str]:
+        """One connection and transaction; returns the recipients left for another one."""
         session = None
         try:
             session = SmtpSession(self.host, self.port, self.timeout)
-            self._transaction(session, sender, recipients, data, settled)
-        except (OSError, SmtpError) as error:
+            return self._transaction(session, sender, recipients, data, settled)
+        except Exception as error:      # OSError, SmtpError, or a fault of ours: fate unknown
             reason = _socket_reason(error)
             log.error("%s: %s", self, reason)
-            status = "4.4.1" if session is None else "4.4.2"
+            status = getattr(error, "status", None) or ("4.4.1" if session is None else "4.4.2")
             for recipient in recipients:
                 settled.setdefault(recipient, Reply(451, f"{status} {self}: {reason}"))
+            return []
         finally:
             if session is not None:
                 session.close()
-        return settled
 
     def _transaction(self, session: SmtpSession, sender: str, recipients: list[str],
-                     data: bytes | bytearray, settled: dict[str, Reply]) -> None:
+                     data: bytes | bytearray, settled: dict[str, Reply]) -> list[str]:
         """Fills ``settled`` as replies become final: a refused RCPT at once, the rest at the end."""
         greeting = session.reply()
-        if greeting.code != 220:      # even a 554 greeting is the next hop's state, not the message's
+        if not _expected(greeting, "the greeting", 220):    # even 554 is the hop's state, not the message's
             settled.update(dict.fromkeys(recipients, Reply(451, f"4.4.2 {self} greeted: {greeting}")))
-            return
+            return []
         extensions = session.hello(self.helo or _hostname())
         params = self._mail_params(extensions, sender, recipients, data)
-        reply = session.command(b"MAIL FROM:<" + _wire_address(sender) + b">" + params)
-        if reply.code != 250:
+        reply = session.command(b"MAIL FROM:<" + wire_address(sender) + b">" + params)
+        if not _expected(reply, "MAIL FROM", 250):
             settled.update(dict.fromkeys(recipients, reply))
-            return
-        accepted = []
-        for recipient in recipients:
-            reply = session.command(b"RCPT TO:<" + _wire_address(self._suffixed(recipient)) + b">")
-            if reply.code // 100 == 2:
-                accepted.append(recipient)
-            else:
-                settled[recipient] = reply
+            return []
+        accepted, later = self._recipients(session, recipients, settled)
         if not accepted:
-            session.command(b"RSET")
-            return
+            return []
         reply = session.command(b"DATA")
-        if reply.code == 354:
+        if _expected(reply, "DATA", 354):
             session.send_data(data)
             reply = session.reply()
+            _expected(reply, "the end of the data", 250)
         settled.update(dict.fromkeys(accepted, reply))
+        if reply.code // 100 == 2:
+            return later
+        settled.update(dict.fromkeys(later, Reply(451, f"4.5.3 {self}: not tried: the transaction "
+                                                       f"before them ended in {reply}")))
+        return []
+
+    def _recipients(self, session: SmtpSession, recipients: list[str],
+                    settled: dict[str, Reply]) -> tuple[list[str], list[str]]:
+        """RCPT TO for each: (accepted, left for another transaction).
+
+        One deferred recipient defers the whole transaction: the run then ends in 75, the
+        MTA retries every recipient, and those the hop took now would get it twice.  A 452
+        after some were accepted is the hop's recipient limit (RFC 5321 4.5.3.1.10): the
+        rest go in a transaction of their own.
+        """
+        accepted: list[str] = []
+        for index, recipient in enumerate(recipients):
+            reply = session.command(b"RCPT TO:<" + wire_address(self._suffixed(recipient)) + b">")
+            if _expected(reply, "RCPT TO", 250, 251):
+                accepted.append(recipient)
+            elif reply.code == 452 and accepted:
+                return accepted, recipients[index:]
+            elif reply.code // 100 == 5:
+                settled[recipient] = reply
+            else:
+                settled[recipient] = reply
+                for other in accepted + recipients[index + 1:]:
+                    settled.setdefault(other, Reply(451, f"{reply.status} {self}: not sent: <{recipient}> "
+                                                         f"was deferred ({reply}); all are retried together"))
+                return [], []
+        return accepted, []
 
     def _suffixed(self, recipient: str) -> str:
         """The loop suffix, as the original appended it (never twice)."""
@@ -258,56 +354,135 @@ class SmtpHop:
         return params
 
 
+def _expected(reply: Reply, step: str, *success: int) -> bool:
+    """True for the reply ``step`` succeeds with, False for a 4xx or 5xx; anything else is
+    not an answer to ``step`` (an unasked line, a reply meant for another command)."""
+    if reply.code in success:
+        return True
+    if reply.code // 100 in (4, 5):
+        return False
+    raise SmtpProtocolError(f"out of step: {step} answered {str(reply)[:200]!r}")
+
+
 class SmtpError(Exception):
-    """The next hop broke the protocol or the connection."""
+    """The next hop broke the connection (its recipients are deferred as 4.4.2)."""
+    status = ""
+
+
+class SmtpProtocolError(SmtpError):
+    """The next hop said something no SMTP server says there: client and server are out of
+    step, nothing more it says can be trusted to answer what was asked."""
+    status = "4.5.0"
+
+
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*?))?\r?\n", re.S)
 
 
 class SmtpSession:
-    """One SMTP connection: commands out as bytes, replies in, nothing copied twice."""
+    """One SMTP connection: commands out as bytes, replies in, nothing copied twice.
 
-    MAX_REPLY_LINES = 100
+    A reply may have any number of lines; it is bounded in bytes (MAX_REPLY) and in time
+    (the timeout, for the whole reply), and past either the session fails (4.4.2), so a
+    hop that talks without end costs a bounded time and memory, never a wrong pairing of
+    replies and commands.
+    """
+
+    MAX_LINE = 4096         # RFC 5321 4.5.3.1.5: 512 octets; eight times that is not SMTP
+    MAX_REPLY = 1 << 20     # every line of one reply together
+    KEPT_LINES = 100        # lines kept for the text of a reply (logs, status lines)
 
     def __init__(self, host: str, port: int, timeout: float) -> None:
         import socket
 
         # An ASCII host as bytes: a str would load the idna codec (and unicodedata), ~5 ms.
         name = host.encode("ascii") if host.isascii() else host
+        self.timeout = timeout
         self.sock = socket.create_connection((name, port), timeout=timeout)
         # Commands and the final dot are small writes that follow one another: with Nagle's
         # algorithm each waits for the delayed ACK of the last (40 ms a message on Linux).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.input = self.sock.makefile("rb")
+        self.buffer = bytearray()
+        self.keywords: set[str] = set()     # EHLO keywords, from every line of the reply
 
     def reply(self) -> Reply:
-        lines = []
+        """The next reply, every line of it; its lines must all carry the same code."""
+        deadline = time.monotonic() + self.timeout
+        code, lines, size, number = None, [], 0, 0
+        self.keywords = set()
         while True:
-            line = self.input.readline(2048)
-            if not line:
+            line = self._line(deadline)
+            size, number = size + len(line), number + 1
+            match = _REPLY_LINE.fullmatch(line)
+            if match is None:
+                raise SmtpProtocolError(f"not an SMTP reply: {line[:60]!r}")
+            if code is not None and int(match.group(1)) != code:
+                raise SmtpProtocolError(f"reply lines with codes {code} and {match.group(1).decode()}")
+            if size > self.MAX_REPLY:
+                raise SmtpError(f"a reply of more than {self.MAX_REPLY} bytes")
+            code = int(match.group(1))
+            text = (match.group(3) or b"").strip().decode("utf-8", "replace")
+            if len(lines) < self.KEPT_LINES:
+                lines.append(text)
+            if code == 250 and number > 1 and text.split():
+                self.keywords.add(text.split()[0].upper())
+            if match.group(2) != b"-":
+                return Reply(code, " ".join(lines), tuple(lines))
+
+    def _line(self, deadline: float) -> bytes:
+        while (end := self.buffer.find(b"\n", 0, self.MAX_LINE + 1)) < 0:
+            if len(self.buffer) > self.MAX_LINE:
+                raise SmtpProtocolError(f"a reply line longer than {self.MAX_LINE} bytes")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
                 raise SmtpError("connection closed by the next hop")
-            if len(line) < 3 or not line[:3].isdigit():
-                raise SmtpError(f"not an SMTP reply: {line[:60]!r}")
-            lines.append(line[4:].strip().decode("utf-8", "replace"))
-            if line[3:4] != b"-" or len(lines) >= self.MAX_REPLY_LINES:
-                return Reply(int(line[:3]), " ".join(lines), tuple(lines))
+            self.buffer += chunk
+        line = bytes(self.buffer[:end + 1])
+        del self.buffer[:end + 1]
+        return line
 
     def command(self, line: bytes) -> Reply:
-        if b"\r" in line or b"\n" in line:      # addresses are checked before; never send one
-            raise SmtpError("refusing to send a command containing CR or LF")
+        if _CONTROL.search(line):       # addresses are checked before; never send one
+            raise SmtpError(f"refusing to send a command with control characters: {line[:60]!r}")
+        self._nothing_unasked(line.split(b" ", 1)[0])
         self.sock.sendall(line + b"\r\n")
         return self.reply()
 
+    def _nothing_unasked(self, before: bytes) -> None:
+        """A line the hop sent without being asked would be read as the answer to the next
+        command: refuse to go on instead (it can still arrive later; then a reply that does
+        not fit its command gives it away, at the latest at DATA or its end)."""
+        import select
+        import socket
+
+        if not self.buffer:
+            if not select.select([self.sock], [], [], 0)[0]:
+                return
+            if not self.sock.recv(1, socket.MSG_PEEK):
+                raise SmtpError("connection closed by the next hop")
+        unasked = bytes(self.buffer[:60]) or self.sock.recv(60, socket.MSG_PEEK)
+        raise SmtpProtocolError(f"out of step: the next hop said {unasked!r} before "
+                                f"{before.decode('ascii', 'replace')} was sent")
+
     def hello(self, name: str) -> set[str]:
+        """EHLO (HELO when it is refused for good): the extension keywords."""
         name_bytes = name.encode("ascii", "ignore") or b"localhost"
         reply = self.command(b"EHLO " + name_bytes)
-        if reply.code == 250:
-            return {line.split()[0].upper() for line in reply.lines[1:] if line.split()}
-        reply = self.command(b"HELO " + name_bytes)
-        if reply.code != 250:
-            raise SmtpError(f"HELO refused: {reply.code} {reply.text}")
-        return set()
+        if _expected(reply, "EHLO", 250):
+            return self.keywords
+        if reply.code // 100 == 5:
+            reply = self.command(b"HELO " + name_bytes)
+            if _expected(reply, "HELO", 250):
+                return set()
+        raise SmtpError(f"EHLO/HELO refused: {one_line(str(reply))[:200]}")
 
     def send_data(self, data: bytes | bytearray) -> None:
         """The message with CRLF line ends and dot-stuffing, in chunks, then the final dot."""
+        self._nothing_unasked(b"the message")
         for chunk in wire_chunks(data, b"\r\n"):
             if chunk.startswith(b".") or b"\n." in chunk:     # chunks start at a line start
                 chunk = _DOT_STUFF.sub(b"..", chunk)
@@ -315,14 +490,15 @@ class SmtpSession:
         self.sock.sendall(b".\r\n")
 
     def close(self) -> None:
+        """QUIT, whatever the hop answers (the transaction is settled before this)."""
         try:
             self.sock.settimeout(5)
             self.sock.sendall(b"QUIT\r\n")
+            self.timeout = 5
             self.reply()
-        except (OSError, SmtpError):
+        except Exception:       # noqa: BLE001 -- nothing said after the transaction changes it
             pass
         finally:
-            self.input.close()
             self.sock.close()
 
 
@@ -350,7 +526,8 @@ def wire_chunks(data: bytes | bytearray, eol: bytes, size: int = 1 << 20):
         yield eol
 
 
-def _wire_address(address: str) -> bytes:
+def wire_address(address: str) -> bytes:
+    """An address as SMTP carries it (the core lets only valid UTF-8 this far)."""
     return address.encode("utf-8")
 
 
@@ -445,7 +622,12 @@ class StdoutHop:
 # =========================================================================================
 
 class Reports:
-    """Messages the gate writes itself, sent with the null sender through the same next hop."""
+    """Messages the gate writes itself, sent with the null sender through the same next hop.
+
+    Reports go out after the message, past the commit point, so nothing here raises: a
+    report that cannot be written or sent is logged and counts as not sent.  Whatever
+    text goes into one (addresses, filter messages) is made printable first.
+    """
 
     def __init__(self, gate, hop, config) -> None:
         self.gate, self.hop, self.config = gate, hop, config
@@ -467,22 +649,39 @@ class Reports:
                            original.raw if notice.attach_original else None)
 
     def bounce(self, rejected: dict[str, Result]) -> bool:
-        """A delivery status notification (RFC 3464) to the sender for rejected recipients."""
+        """A delivery status notification (RFC 3464) to the sender for rejected recipients.
+
+        If the sender cannot be told and the others already have the message, the
+        postmaster gets it instead: a retry would deliver to them twice."""
         to = self.gate.sender or self.config.postmaster     # never bounce a bounce to <>
         lines = [f"Your message could not be delivered to {len(rejected)} recipient(s):", ""]
-        lines += [f"<{rcpt}>: {result.status} {result.text}" for rcpt, result in rejected.items()]
+        lines += [f"<{one_line(rcpt)}>: {result.status} {one_line(result.text)}" for rcpt, result in rejected.items()]
         status = [f"Reporting-MTA: dns; {_hostname()}", ""]
         for rcpt, result in rejected.items():
-            status += [f"Final-Recipient: rfc822; {rcpt}", "Action: failed",
+            status += [f"Final-Recipient: rfc822; {one_line(rcpt)}", "Action: failed",
                        f"Status: {result.status}", f"Diagnostic-Code: smtp; {one_line(result.text)}", ""]
-        report = _multipart_report("\n".join(lines) + "\n", "\n".join(status),
-                                   self.gate.original_headers())
-        return self._send((to,), "Undelivered Mail Returned to Sender", None, None, body=report)
+        subject = "Undelivered Mail Returned to Sender"
+        try:
+            report = _multipart_report("\n".join(lines) + "\n", "\n".join(status), self.gate.original_headers())
+        except Exception as error:      # noqa: BLE001 -- see the class
+            log.error("cannot write the bounce: %r", error, exc_info=True)
+            return False
+        if self._send((to,), subject, None, None, body=report):
+            return True
+        if self.gate.delivered and to != self.config.postmaster:
+            log.error("the sender <%s> cannot be told that %s failed; the postmaster is", to,
+                      ", ".join(one_line(r) for r in rejected))
+            self._send((self.config.postmaster,), subject, None, None, body=report)
+        return False
 
     def _send(self, recipients: tuple[str, ...], subject: str, text: str | None,
               attachment: bytes | bytearray | None, body: tuple[str, bytes] | None = None) -> bool:
-        data = _report_message(self.config.postmaster, recipients, subject, text, attachment, body)
-        replies = self.hop.deliver("", list(recipients), data)
+        try:
+            data = _report_message(self.config.postmaster, recipients, subject, text, attachment, body)
+        except Exception as error:      # noqa: BLE001 -- see the class
+            log.error("%s: cannot write report %r: %r", self.gate.id, subject, error, exc_info=True)
+            return False
+        replies = hand_over(self.gate, self.hop, "", list(recipients), data)
         bad = {r: reply for r, reply in replies.items() if reply.code // 100 != 2}
         for rcpt, reply in bad.items():
             log.error("%s: report %r to %s failed: %s %s", self.gate.id, subject, rcpt, reply.code, reply.text)
@@ -497,15 +696,16 @@ def _report_message(postmaster: str, recipients: tuple[str, ...], subject: str, 
     from ispmailgate_filters.mime import fold_field, new_boundary
 
     head = b"".join(fold_field(name, value) for name, value in (
-        ("From", f"Mail Delivery System <{postmaster}>"), ("To", ", ".join(recipients)),
-        ("Subject", subject), ("Date", formatdate(localtime=True)),
+        ("From", f"Mail Delivery System <{one_line(postmaster)}>"),
+        ("To", ", ".join(one_line(r) for r in recipients)),
+        ("Subject", one_line(subject)), ("Date", formatdate(localtime=True)),
         ("Message-ID", make_msgid("ispmailgate")), ("Auto-Submitted", "auto-replied"),
         ("MIME-Version", "1.0")))
     if body is not None:
         content_type, payload = body
         return head + fold_field("Content-Type", content_type) + b"\n" + payload
     text_part = (b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
-                 + text.encode("utf-8"))
+                 + loggable(text or "").encode("utf-8"))
     if attachment is None:
         return head + text_part
     boundary = new_boundary().encode()
@@ -521,8 +721,8 @@ def _multipart_report(text: str, status: str, headers: bytes) -> tuple[str, byte
 
     boundary = new_boundary()
     mark = f"--{boundary}\n".encode()
-    payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + text.encode("utf-8") + b"\n"
-               + mark + b"Content-Type: message/delivery-status\n\n" + status.encode("utf-8") + b"\n"
+    payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + loggable(text).encode("utf-8") + b"\n"
+               + mark + b"Content-Type: message/delivery-status\n\n" + loggable(status).encode("utf-8") + b"\n"
                + mark + b"Content-Type: text/rfc822-headers\n\n" + headers
                + f"\n--{boundary}--\n".encode())
     return f'multipart/report; report-type=delivery-status; boundary="{boundary}"', payload

@@ -19,6 +19,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -55,15 +56,17 @@ def _mode(value: Any) -> int:
 
 
 SERVE_SETTINGS: dict[str, Setting] = {
-    "socket": Setting(DEFAULT_SOCKET, ispmailgate._string, "Unix socket the workers accept on."),
+    "socket": Setting(DEFAULT_SOCKET, ispmailgate._string, "Unix socket the workers accept on, bound with "
+                      "socket_mode at once; as root only in a directory nobody else can change."),
     "socket_mode": Setting(0o660, _mode, "Permissions of the socket (who may hand in mail)."),
     "socket_user": Setting("", ispmailgate._string, "Owner of the socket (default: the server's user)."),
     "socket_group": Setting("", ispmailgate._string,
                             "Group of the socket (default: mail_group when started as root)."),
-    "pid_file": Setting("", ispmailgate._string, "Write the master's pid here (--pidfile overrides)."),
-    "workers": Setting(2, count(1), "Worker processes (--workers overrides)."),
+    "pid_file": Setting("", ispmailgate._string, "Write the master's pid here (--pidfile overrides): "
+                        "replaced atomically, never through a link, in a directory only root can change."),
+    "workers": Setting(2, count(1, 1024), "Worker processes, 1 to 1024 (--workers overrides)."),
     "max_requests": Setting(1000, count(0), "Messages a worker handles before it is replaced (0: never)."),
-    "max_requests_jitter": Setting(50, count(0),
+    "max_requests_jitter": Setting(50, count(0, 1_000_000),
                                    "Up to this many more, at random, so workers are not replaced together."),
     "head_timeout": Setting(5.0, ispmailgate._positive,
                             "Seconds a new connection may take to send its request head (arguments); "
@@ -176,22 +179,31 @@ class ClientContext(NamedTuple):
 
     @classmethod
     def decode(cls, payload: bytes) -> ClientContext:
-        items = [os.fsdecode(item) for item in payload.split(b"\0")[:-1]]
-        if not payload.endswith(b"\0") or len(items) < 2:
+        """Read strictly: every way a frame can be wrong is a RequestError (a bad request),
+        never an exception of the parser's own; numbers are ASCII digits of sane length."""
+        raw = payload.split(b"\0")[:-1]
+        if not payload.endswith(b"\0") or not 2 <= len(raw) <= 8:     # only 3 are ever right
             raise RequestError("malformed context frame")
-        cwd, dev_ino, *variables = items
-        device, _, inode = dev_ino.partition(":")
-        known = cwd.startswith("/") and device.isdecimal() and inode.isdecimal()
+        if any(len(item) > MAX_CONTEXT_ITEM for item in raw):
+            raise RequestError(f"a context item longer than {MAX_CONTEXT_ITEM} bytes")
+        cwd, dev_ino, *variables = [os.fsdecode(item) for item in raw]
+        numbers = _DEV_INO.fullmatch(raw[1])
+        known = cwd.startswith("/") and numbers is not None
         if not known and (cwd or dev_ino):
             raise RequestError(f"the context frame's working directory is not an absolute path "
-                               f"and a device:inode: {cwd!r} {dev_ino!r}")
+                               f"and a device:inode: {cwd[:100]!r} {dev_ino[:50]!r}")
         names = [variable.partition("=")[0] for variable in variables]
         if names not in ([], [CONFIG_VARIABLE]):
-            raise RequestError(f"the context frame carries {', '.join(names)} "
+            raise RequestError(f"the context frame carries {', '.join(names)[:100]} "
                                f"(only {CONFIG_VARIABLE}, once)")
         config = variables[0].partition("=")[2] if variables else ""
-        return cls(cwd, (int(device), int(inode)) if known else None,
+        return cls(cwd, (int(numbers.group(1)), int(numbers.group(2))) if known else None,
                    config or None)      # empty is unset, as for the command line parser
+
+
+MAX_CONTEXT_ITEM = 4096     # PATH_MAX: a working directory, a rule file's path
+MAX_ARGUMENT = 128 * 1024   # MAX_ARG_STRLEN: no one-shot run gets a longer argument
+_DEV_INO = re.compile(rb"([0-9]{1,20}):([0-9]{1,20})")      # 2**64 has 20 digits
 
 
 class Request:
@@ -223,7 +235,10 @@ class Request:
         kind, payload = self._frame()
         if kind != ARGUMENTS or (payload and not payload.endswith(b"\0")):
             raise RequestError("expected the argument frame " + ("first" if version == 1 else "next"))
-        return [os.fsdecode(arg) for arg in payload.split(b"\0")[:-1]]
+        arguments = payload.split(b"\0")[:-1]
+        if any(len(argument) > MAX_ARGUMENT for argument in arguments):
+            raise RequestError(f"an argument longer than {MAX_ARGUMENT} bytes")
+        return [os.fsdecode(argument) for argument in arguments]
 
     def read(self, size: int = -1) -> bytes:
         """The next piece of the message; b"" at its end (what ``read_message`` expects)."""
@@ -242,6 +257,8 @@ class Request:
     def _frame(self) -> tuple[bytes, bytes]:
         head = self._exactly(5)
         length = int.from_bytes(head[1:], "big")
+        if head[:1] not in (CONTEXT, ARGUMENTS, DATA, END):
+            raise RequestError(f"unexpected frame {head[:1]!r}")
         if length > MAX_FRAME:
             raise RequestError(f"frame of {length} bytes (at most {MAX_FRAME})")
         if self.received + length > self.limit:
@@ -870,9 +887,11 @@ def _configure_logging(config: Config, foreground: bool) -> None:
     log.setLevel(logging.INFO)
     log.addHandler(ispmailgate.SyslogHandler(config.facility))
     formatter = logging.Formatter("%(asctime)s ispmailgate-serve[%(process)d]: %(message)s")
-    handlers = [logging.StreamHandler(sys.stderr)] if foreground else []
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)] if foreground else []
     if config.log_file and config.log_file != "-":
-        handlers.append(logging.FileHandler(config.log_file, encoding="utf-8"))
+        from ispmailgate_filters.files import open_log_file
+
+        handlers.append(logging.StreamHandler(open_log_file(config.log_file)))     # as root: checked
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)
@@ -894,17 +913,21 @@ class Listener:
                 os.environ.pop(name, None)
             sock.setblocking(False)
             return cls(sock, settings.socket, owned=False)
+        from ispmailgate_filters.files import refuse_untrusted_directories
+
         path = settings.socket
-        _remove_stale_socket(path)
         Path(path).parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        refuse_untrusted_directories(path)      # as root: nobody else may swap what is bound
+        _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)         # never world-connectable, not even for a moment
+        # Bound with its final mode (never wider, not even for a moment), and owned with
+        # lchown: neither chmod nor chown of a path, which would follow a planted link.
+        old_umask = os.umask(0o777 & ~settings.socket_mode | 0o111)
         try:
             sock.bind(path)
         finally:
             os.umask(old_umask)
         _set_owner(path, settings, identity)
-        os.chmod(path, settings.socket_mode)
         sock.listen(128)
         sock.setblocking(False)
         return cls(sock, path, owned=True)
@@ -956,35 +979,50 @@ def _set_owner(path: str, settings: ServeSettings, identity: Identity | None) ->
             gid = identity.gid
     except KeyError:
         raise ConfigError("serve.socket_group", f"no such group: {settings.socket_group!r}") from None
-    os.chown(path, uid, gid)
+    os.chown(path, uid, gid, follow_symlinks=False)
 
 
 class PidFile:
-    """The master's pid, written atomically; removed at exit only if it is still ours."""
+    """The master's pid, written atomically; removed at exit only if it is still ours.
+
+    Written as root: under a random name, created exclusively, then renamed over the pid
+    file (a rename never follows a symlink), in a directory only root can change; read
+    never through a symlink, FIFO or device."""
 
     def __init__(self, path: str) -> None:
+        from ispmailgate_filters.files import replace_file
+
         self.path = Path(path)
         other = self._running_pid()
         if other is not None and other != os.getpid():
             raise HaltServer(f"already running: pid {other} in {self.path}")
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        temporary.write_text(f"{os.getpid()}\n")
-        os.replace(temporary, self.path)
+        replace_file(str(self.path), f"{os.getpid()}\n".encode())
+
+    def _pid(self) -> int | None:
+        from ispmailgate_filters.files import read_small
+
+        try:
+            text = read_small(str(self.path)).strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() and len(text) < 12 else None
 
     def _running_pid(self) -> int | None:
+        pid = self._pid()
         try:
-            pid = int(self.path.read_text().strip())
-            os.kill(pid, 0)
-        except (OSError, ValueError):
-            return None
-        return pid
+            if pid is not None and pid > 0:
+                os.kill(pid, 0)
+                return pid
+        except OSError:
+            pass
+        return None
 
     def remove(self) -> None:
-        try:
-            if int(self.path.read_text().strip()) == os.getpid():
+        if self._pid() == os.getpid():
+            try:
                 self.path.unlink()
-        except (OSError, ValueError):
-            pass
+            except OSError:
+                pass
 
 
 def daemonize() -> tuple[str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -144,7 +145,9 @@ def _convert_like(default: Any) -> Callable[[Any], Any]:
                 raise ValueError("expected a list of strings")
             return tuple(value)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
+            value = float(value)
+        if kind is float and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value!r}")
         if kind is int and isinstance(value, bool) or not isinstance(value, kind):
             raise ValueError(f"expected {_TYPE_WORDS.get(kind, kind.__name__)}, got {value!r}")
         return value
@@ -153,17 +156,23 @@ def _convert_like(default: Any) -> Callable[[Any], Any]:
 
 
 _TYPE_WORDS = {str: "a string", int: "an integer", bool: "true or false", float: "a number"}
-_SIZE = r"(\d+)\s*([kmgKMG]?)[bB]?\Z"
+_SIZE = r"([0-9]{1,16})[ \t]*([kmgtKMGT]?)[bB]?\Z"
+MAX_SIZE = 1 << 40      # 1T: no limit of a message's work is sanely bigger
 
 
 def parse_size(value: Any) -> int:
-    """A byte count from an integer or a string like "50M" (K, M, G: powers of 1024)."""
+    """A byte count from an integer or a string like "50M" (K, M, G, T: powers of 1024),
+    at most 1T."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = re.match(_SIZE, value.strip()) if isinstance(value, str) else None
-    if not match:
-        raise ValueError(f"expected a size like 200M or a number of bytes, got {value!r}")
-    return int(match.group(1)) * 1024 ** " kmg".index((match.group(2) or " ").lower())
+        size = value
+    else:
+        match = re.match(_SIZE, value.strip()) if isinstance(value, str) else None
+        if not match:
+            raise ValueError(f"expected a size like 200M or a number of bytes, got {value!r}")
+        size = int(match.group(1)) * 1024 ** " kmgt".index((match.group(2) or " ").lower())
+    if size > MAX_SIZE:
+        raise ValueError(f"expected a size of at most 1T, got {value!r}")
+    return size
 
 
 def choice(*allowed: str) -> Callable[[Any], str]:
@@ -175,12 +184,24 @@ def choice(*allowed: str) -> Callable[[Any], str]:
     return convert
 
 
-def count(minimum: int) -> Callable[[Any], int]:
-    """A converter accepting a whole number of at least ``minimum``."""
+def count(minimum: int, maximum: int = 1_000_000_000) -> Callable[[Any], int]:
+    """A converter accepting a whole number from ``minimum`` to ``maximum``."""
     def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"expected an integer >= {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ValueError(f"expected an integer from {minimum} to {maximum}, got {value!r}")
         return value
+    return convert
+
+
+MAX_SECONDS = 86_400.0      # a day: longer is no timeout, and setitimer(1e300) overflows
+
+
+def seconds(maximum: float = MAX_SECONDS) -> Callable[[Any], float]:
+    """A converter accepting a finite number of seconds above 0, at most ``maximum``."""
+    def convert(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= maximum:
+            raise ValueError(f"expected a number of seconds above 0 and at most {maximum:g}, got {value!r}")
+        return float(value)
     return convert
 
 
@@ -241,6 +262,12 @@ class Filter:
     def problems(self) -> list[str]:
         """What is wrong with this filter's environment (files, sockets, keys), for ``check``."""
         return []
+
+    def trusted_files(self) -> dict[str, str]:
+        """Option name -> a command it runs or a file of secrets it reads.  Started as root,
+        the core refuses the rule file unless root alone can change each (a bare command
+        name is looked up in $PATH), as it refuses a rule file others can change."""
+        return {}
 
     @property
     def title(self) -> str:

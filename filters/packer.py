@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from .base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice,
-                   marked_direction, option, parse_size)
+                   marked_direction, option, parse_size, seconds)
 from .mime import Message, ParseError, Part, decode_body, encode_body, format_param, printable
 from .packing import BUILTIN_CODECS, UnpackError, compress, decompress, incompressible
 
@@ -79,7 +79,7 @@ class Packer(Filter):
                                     "packed data on stdout, exit 0", convert=argv)
     command_neg: tuple = option((), "decompress command as an argv list (no shell): packed data on "
                                     "stdin, body on stdout, exit 0", convert=argv)
-    command_timeout: float = option(60.0, "seconds a command may run for one part")
+    command_timeout: float = option(60.0, "seconds a command may run for one part", convert=seconds())
     min_saving: int = option(10, "pack a part only if that makes it at least this many percent "
                                  "smaller on the wire (0: pack every eligible part)")
     skip_types: tuple = option(COMPRESSED_TYPES, "media types (type/subtype or type/*) pos leaves "
@@ -110,6 +110,10 @@ class Packer(Filter):
 
     def breaks_dkim(self) -> bool:
         return True         # packing and unpacking both rewrite the body
+
+    def trusted_files(self) -> dict[str, str]:
+        return {f"{key}[0]": command[0] for key, command in (("command_pos", self.command_pos),
+                                                            ("command_neg", self.command_neg)) if command}
 
     def problems(self) -> list[str]:
         import shutil

@@ -99,13 +99,18 @@ def _reader(codec: str) -> tuple[Callable, tuple[type[BaseException], ...]]:
 
 def run_command(command: tuple[str, ...], data: bytes, limit: int, *, timeout: float = 60.0,
                 cwd: Callable[[], Path] | None = None) -> bytes:
-    """Run ``command`` with ``data`` on stdin; its stdout, at most ``limit`` bytes."""
+    """Run ``command`` with ``data`` on stdin; its stdout, at most ``limit`` bytes.
+
+    The command (and whatever it started) is killed and reaped on every way out: past
+    ``limit`` or ``timeout``, and when the time limit or an exception ends the run."""
     import subprocess
     import threading
 
+    from .processes import end, kill, start
+
     try:
-        process = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, cwd=cwd() if cwd else None)
+        process = start(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, cwd=cwd() if cwd else None)
     except OSError as error:
         raise UnpackError(f"cannot run {command[0]}: {error.strerror or error}", environment=True) from None
     errors, expired = bytearray(), threading.Event()
@@ -113,20 +118,21 @@ def run_command(command: tuple[str, ...], data: bytes, limit: int, *, timeout: f
                threading.Thread(target=_drain, args=(process.stderr, errors), daemon=True)]
     for helper in helpers:
         helper.start()
-    timer = threading.Timer(timeout, lambda: (expired.set(), process.kill()))
+    timer = threading.Timer(timeout, lambda: (expired.set(), kill(process)))
     timer.start()
-    out = bytearray()
+    out, status = bytearray(), None
     try:
         while chunk := process.stdout.read(_CHUNK):
             out += chunk
             if len(out) > limit:
-                process.kill()
                 break
+        status = end(process, kill=len(out) > limit)       # the timer still bounds the wait
     finally:
         timer.cancel()
-        status = process.wait()
+        if process.returncode is None:      # left by an exception: the command goes with it
+            end(process, kill=True)
         for helper in helpers:
-            helper.join()
+            helper.join(5)
         process.stdout.close()
     return _checked(command, bytes(out), limit, status, expired.is_set(), timeout, bytes(errors))
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import (Context, Filter, OptionError, Reject, TempFail, choice, mapping_of_strings, option,
-                   parse_size)
+                   parse_size, seconds)
 from .mime import Message
 from .pgp_gpg import GpgTrouble, Keyring
 from .pgp_incoming import Incoming
@@ -54,10 +54,7 @@ def _absolute(value: Any) -> str:
     return value
 
 
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f"expected a positive number of seconds, got {value!r}")
-    return float(value)
+_seconds = seconds()
 
 
 @dataclass(frozen=True)
@@ -189,6 +186,12 @@ class Pgp(Filter):
 
     def breaks_dkim(self) -> bool:
         return True         # encrypting or decrypting replaces the body
+
+    def trusted_files(self) -> dict[str, str]:
+        files = {"gpg_binary": self.gpg_binary}
+        if self.passphrase_file:
+            files["passphrase_file"] = self.passphrase_file
+        return files
 
     def problems(self) -> list[str]:
         if not os.path.isdir(self.gnupghome):

@@ -357,6 +357,10 @@ def _timed_class():
                 timer.start()
                 try:
                     return super()._collect_output(process, result, writer, stdin)
+                except BaseException:       # the time limit, a signal: gpg goes too, reaped
+                    _kill(process, result)
+                    _reap(process)
+                    raise
                 finally:
                     timer.cancel()
 
@@ -370,3 +374,16 @@ def _kill(process, result) -> None:
         process.kill()
     except OSError:
         pass
+
+
+def _reap(process) -> None:
+    """Wait for a killed gpg; an exception arriving meanwhile waits until it is reaped."""
+    pending = None
+    while True:
+        try:
+            process.wait()
+            break
+        except BaseException as error:
+            pending = pending or error
+    if pending is not None:
+        raise pending

@@ -277,9 +277,11 @@ def bounded_run(argv: list[str], folder: Path | None, timeout: float, most: int,
     import subprocess
     import time
 
+    from .processes import end, start
+
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, cwd=folder)
+        process = start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT, cwd=folder)
     except OSError as failure:
         raise error(f"cannot run {name} ({argv[0]}): {failure.strerror or failure}") from None
     output, deadline = bytearray(), time.monotonic() + timeout
@@ -295,13 +297,12 @@ def bounded_run(argv: list[str], folder: Path | None, timeout: float, most: int,
                 output += chunk
         else:
             raise error(f"{name} said more than {most} bytes{too_much}")
-        code = process.wait(max(0.1, deadline - time.monotonic()))
+        code = end(process, kill=False, timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         raise error(f"{name} took longer than {timeout:g} s") from None
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+    finally:       # killed and reaped on every way out: a limit, the time limit, an exception
+        if process.returncode is None:
+            end(process, kill=True)
         process.stdout.close()
     return code, output.decode("utf-8", "replace")
 

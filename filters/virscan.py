@@ -48,9 +48,10 @@ from typing import Any
 
 from .archives import Item, Limits, Unpacker
 from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
-                   option, parse_size, printable)
+                   option, parse_size, printable, seconds)
+from .files import create_in, private_directory
 from .mime import Message, Part, ParseError, decode_words
-from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError, write_private
+from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError
 from .sevenzip import SevenZip, sevenzip_problems
 
 HEADER = "X-ispMailGate-VirScan"
@@ -129,19 +130,21 @@ class VirScan(Filter):
     virus_pattern: str = option(CLAMSCAN_PATTERN, "regex for virus names in the command's output "
                                 "(groups name, path; AntiVir: '!Virus! (?P<path>\\S+) (?P<name>.*)')",
                                 convert=_regex)
-    timeout: float = option(60.0, "seconds to wait for the scanner per object (per run for a command)")
+    timeout: float = option(60.0, "seconds to wait for the scanner per object (per run for a command)",
+                            convert=seconds())
     max_stream: int = option(25 * 1024 * 1024, "largest object sent to clamd; set it to clamd's "
                              "StreamMaxLength (bigger objects are unscannable)", convert=parse_size)
     clamd_config: str = option("/etc/clamav/clamd.conf", "clamd's configuration, read by "
                                "'ispmailgate check' only (\"\": do not look)")
-    max_depth: int = option(8, "archives nested deeper are unscannable", convert=count(0))
+    max_depth: int = option(8, "archives (and encoded attached messages) nested deeper are "
+                            "unscannable (at most 32)", convert=count(0, 32))
     max_members: int = option(1000, "archives with more members are unscannable", convert=count(1))
     max_member_size: int = option(50 * 1024 * 1024, "a bigger unpacked member is unscannable",
                                   convert=parse_size)
     max_unpacked: int = option(200 * 1024 * 1024, "bytes unpacked per message; past it unpacking "
                                "stops and the message is unscannable", convert=parse_size)
     max_ratio: int = option(100, "unpacked/packed size above which a member (over 1M) is "
-                            "unscannable", convert=count(1))
+                            "unscannable", convert=count(1, 1_000_000))
     scanner_unpacks: tuple[str, ...] = option(("7z",), "archive kinds left whole to the scanner "
                                               "(7z, rar); other kinds not unpacked here are "
                                               "unscannable", convert=_subset("7z", "rar"))
@@ -299,10 +302,13 @@ class VirScan(Filter):
                                   "detail": f.detail} for f in report.findings]}
         if ctx.dry_run:                 # --dry-run decides but keeps nothing
             return directory / f"{stem}.eml"
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_private(directory / f"{stem}.eml", bytes(message.to_bytes()))
-            write_private(directory / f"{stem}.json", json.dumps(envelope, indent=1).encode())
+        try:       # in a directory of our own, never through a link (root: see .files)
+            folder = private_directory(str(directory))
+            try:
+                create_in(folder, f"{stem}.eml", bytes(message.to_bytes()))
+                create_in(folder, f"{stem}.json", json.dumps(envelope, indent=1).encode())
+            finally:
+                os.close(folder)
         except OSError as error:
             raise TempFail(f"cannot quarantine in {directory}: {error.strerror or error}") from None
         return directory / f"{stem}.eml"
@@ -327,6 +333,12 @@ class VirScan(Filter):
 
     def breaks_dkim(self) -> bool:
         return "tag" in (self.on_infected, self.on_unscannable)   # the subject prefix
+
+    def trusted_files(self) -> dict[str, str]:
+        files = {"command[0]": self.command[0]} if self.scanner == "command" else {}
+        if "7z" in self.scanner_unpacks:
+            files["sevenzip"] = self.sevenzip
+        return files
 
     def problems(self) -> list[str]:
         found = []

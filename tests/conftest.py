@@ -239,6 +239,21 @@ def recorder(tmp_path):
     return make
 
 
+@pytest.fixture
+def infected_scanner(tmp_path):
+    """A virscan command scanner that finds a virus in every object (no clamd needed)."""
+    script = tmp_path / "scanner"
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys
+        for path in sys.argv[1:]:
+            print(f"{{path}}: Test.Virus FOUND")
+        sys.exit(1)
+        """))
+    script.chmod(0o755)
+    return script
+
+
 def recorded_calls(log: Path) -> list[dict]:
     import json
     if not log.exists():

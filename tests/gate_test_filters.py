@@ -81,12 +81,15 @@ class Judge(Filter):
 
 @dataclass(frozen=True)
 class Notifier(Filter):
-    """Asks the core to send a notice to the postmaster."""
+    """Asks the core to send a notice to the postmaster (or the sender, or anybody)."""
 
     name = "notifier"
+    to: str = option("postmaster", "postmaster | sender | an address")
+    text: str = option("something happened", "the notice's text")
 
     def process(self, message, ctx) -> None:
-        ctx.notify([ctx.postmaster], "test notice", "something happened", attach_original=True)
+        to = {"postmaster": ctx.postmaster, "sender": ctx.envelope.sender}.get(self.to, self.to)
+        ctx.notify([to], "test notice", self.text, attach_original=True)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ class Server:
                  user: str = "nobody", group: str = "nogroup") -> None:
         self.python = python
         self.folder = shared_folder()
+        self.folder.chmod(0o755)    # root's alone: serve refuses a rule file, socket or pid file others could swap
         self.socket = self.folder / "s.sock"
         self.pidfile = self.folder / "serve.pid"
         self.config = self.folder / "rules.toml"

@@ -220,9 +220,14 @@ def test_explain_with_a_broken_rule_file_exits_78(config_file):
 
 
 def test_explain_refuses_an_address_as_a_run_would(config_file):
-    run = run_gate(["explain", "-c", str(config_file()), "a@b\r\nRCPT TO:<evil@x>"], b"")
-    assert run.code == 75
-    assert run.first_line.startswith("4.1.7 address contains CR, LF or NUL")
+    run = run_gate(["explain", "-c", str(config_file()), "a@b\r\nRCPT TO:<evil@x>", "ok@x"], b"")
+    assert run.code == 0
+    lines = text_of(run).splitlines()
+    assert "<ok@x>: default_filter (no rule matched) -> dummy" in lines
+    assert any(line.startswith("<a@b??RCPT TO:<evil@x>>: refused, 5.1.3 bad recipient address: "
+                               "address contains CR, LF or NUL") for line in lines)
+    run = run_gate(["explain", "-c", str(config_file()), "-f", "a\udcff@b", "ok@x"], b"")
+    assert run.code == 69 and run.first_line.startswith("5.1.7 bad sender address: bytes that are not UTF-8")
 
 
 def test_explain_needs_recipients():

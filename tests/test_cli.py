@@ -83,8 +83,10 @@ def test_addresses_that_could_inject_are_refused(config_file, smtp_sink, bad, wh
     args = ["-f", bad, "ok@example.com"] if where == "sender" else ["-f", "ok@example.com", "--", bad]
     runner = run_inline if "\0" in bad else run_gate     # argv cannot carry NUL; the socket can
     run = runner(["-c", str(config), *args], SIMPLE)
-    assert run.code == 75
-    assert run.first_line.startswith("4.1.7 ")
+    # for good: retrying cannot make such an address usable (the recipient alone: a bounce)
+    assert run.code == 69
+    assert run.first_line.startswith("5.1.7 bad sender address" if where == "sender" else
+                                     "5.1.3 bad recipient address")
     assert smtp_sink.messages == []
 
 

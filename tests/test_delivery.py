@@ -125,12 +125,29 @@ def test_one_recipient_refused_others_delivered_gets_our_own_bounce(config_file,
     assert b"Final-Recipient: rfc822; b@x" in bounce.content and b"Status: 5.1.1" in bounce.content
 
 
-def test_own_bounce_that_cannot_be_sent_defers_the_message(config_file, smtp_sink):
+def test_own_bounce_that_cannot_be_sent_goes_to_the_postmaster(config_file, smtp_sink, tmp_path):
     smtp_sink.handler.rcpt_replies["b@x.ispmailgate"] = "550 5.1.1 no such user"
     smtp_sink.handler.rcpt_replies["s@x.example.ispmailgate"] = "451 4.3.0 try later"
-    run = run_gate(["-c", smtp_config(config_file, smtp_sink), "-f", "s@x.example", "a@x", "b@x"], SIMPLE)
-    assert run.code == 75, run.stderr        # b@x's refusal must reach the sender: the MTA's turn
-    assert [m.rcpt_tos for m in smtp_sink.messages] == [["a@x.ispmailgate"]]
+    run = run_gate(["-c", smtp_config(config_file, smtp_sink, 'postmaster = "pm@gw"\n'),
+                    "-f", "s@x.example", "a@x", "b@x"], SIMPLE)
+    # a@x has it: a 75 would make the MTA deliver to a@x again; the postmaster is told instead
+    assert run.code == 0, run.stderr
+    delivered, bounce = smtp_sink.messages
+    assert delivered.rcpt_tos == ["a@x.ispmailgate"]
+    assert bounce.rcpt_tos == ["pm@gw.ispmailgate"] and b"Final-Recipient: rfc822; b@x" in bounce.content
+    assert "the sender <s@x.example> cannot be told that b@x failed" in (tmp_path / "gate.log").read_text()
+
+
+def test_own_bounce_that_cannot_be_sent_defers_when_nothing_was_delivered(config_file, smtp_sink):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n'
+                         '[filter.drop]\ntype = "gate_test_filters:Judge"\nverdict = "discard"\n'
+                         '[[recipients]]\nrecipient = "^a@"\nfilters = ["drop"]\n')
+    smtp_sink.handler.rcpt_replies["b@x.ispmailgate"] = "550 5.1.1 no such user"
+    smtp_sink.handler.rcpt_replies["s@x.example.ispmailgate"] = "451 4.3.0 try later"
+    run = run_gate(["-c", str(config), "-f", "s@x.example", "a@x", "b@x"], SIMPLE)
+    assert run.code == 75, run.stderr        # nothing went out: the retry can still tell the sender
+    assert run.first_line.startswith("4.3.0 could not send the bounce for b@x")
+    assert smtp_sink.messages == []
 
 
 def test_bounce_of_a_bounce_goes_to_the_postmaster(config_file, smtp_sink):

@@ -73,7 +73,7 @@ def packed_leaves(data: bytes) -> list:
     ('skip_types = ["image"]', "filter.z.skip_types", "not a media type"),
     ('on_unpack_error = "ignore"', "filter.z.on_unpack_error", "error, keep, reject"),
     ('direction = "up"', "filter.z.direction", "pos, neg, auto"),
-    ("command_timeout = 0", "filter.z.command_timeout", "positive"),
+    ("command_timeout = 0", "filter.z.command_timeout", "seconds above 0"),
 ])
 def test_options_are_checked_at_load_and_name_their_key(tmp_path, options, key, words):
     error = config_error(rules(options), tmp_path)

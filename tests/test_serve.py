@@ -36,7 +36,7 @@ def test_serve_section_is_checked_with_the_rule_file(tmp_path):
     assert (settings.workers, settings.socket_mode, settings.max_request_size) == (3, 0o640, 2 << 20)
     assert settings.fallback == "oneshot"
     for text, complaint in (("[serve]\nworkerz = 1\n", "serve.workerz: unknown key"),
-                            ("[serve]\nworkers = 0\n", "serve.workers: expected an integer >= 1"),
+                            ("[serve]\nworkers = 0\n", "serve.workers: expected an integer from 1 to 1024"),
                             ('[serve]\nfallback = "later"\n', "serve.fallback: expected one of"),
                             ('[serve]\nsocket_mode = "rw"\n', "serve.socket_mode: expected an octal")):
         path.write_text(text)
@@ -57,6 +57,7 @@ def server(python, sink):
 def client_folder(server, sink):
     """The MTA's directory, not the server's: rule files and work folders by relative names."""
     folder = shared_folder()
+    folder.chmod(0o755)     # a one-shot run as root trusts no rule file in a folder others can write
     for name, stamp in (("rules.toml", "relative -c"), ("env.toml", "ISPMAILGATE_CONFIG")):
         (folder / name).write_text(
             f'mail_host = "{sink.address}"\ntmp_dir = "work"\nlog_file = "{server.gate_log}"\n'
@@ -516,3 +517,47 @@ def test_systemd_socket_activation_uses_the_socket_it_is_handed(python, sink):
         listener.close()
         server.stop()
     assert len(drain(sink)) == 1
+
+
+# -- frames read strictly (issue 14, finding 10) ------------------------------------------------
+
+@pytest.mark.parametrize("context", [
+    b"/tmp\x00" + b"1" * 5000 + b":2\x00",                  # the review: 5000 digits, "internal error"
+    b"/tmp\x00" + "\u0661\u0662:\u0663".encode() + b"\x00",     # Arabic-Indic digits were accepted
+    b"/tmp\x00" + b"1" * 21 + b":2\x00",                    # more than 2**64 has digits
+    b"/tmp\x00 1:2\x00", b"/tmp\x001:+2\x00", b"/tmp\x00-1:2\x00", b"/tmp\x001:2:3\x00",
+    b"/" + b"x" * 5000 + b"\x001:2\x00",                    # longer than PATH_MAX
+    b"/tmp\x001:2\x00ISPMAILGATE_CONFIG=a\x00ISPMAILGATE_CONFIG=b\x00",
+    b"/tmp\x001:2\x00PATH=/evil\x00", b"/tmp\x00", b"/tmp\x001:2",
+])
+def test_a_malformed_context_is_a_bad_request(context):
+    from ispmailgate_serve import ClientContext, RequestError
+
+    with pytest.raises(RequestError):
+        ClientContext.decode(context)
+
+
+def test_a_well_formed_context_is_read():
+    from ispmailgate_serve import ClientContext
+
+    context = ClientContext.decode(b"/home/ann\x0018446744073709551615:393220\x00ISPMAILGATE_CONFIG=r.toml\x00")
+    assert context == ClientContext("/home/ann", (2 ** 64 - 1, 393220), "r.toml")
+    assert ClientContext.decode(b"\x00\x00").dev_ino is None
+
+
+@pytest.mark.parametrize("frames", [
+    b"\x02" + frame(CONTEXT, b"/tmp\x00" + b"9" * 5000 + b":1\x00"),
+    b"\x02" + frame(b"Z", b"") + frame(ARGUMENTS, b""),
+    b"\x02" + frame(CONTEXT, b"\x00\x00") + frame(ARGUMENTS, b"x" * (128 * 1024 + 1) + b"\x00"),
+])
+def test_the_server_answers_a_malformed_request_as_bad_not_internal(server, frames):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+        connection.settimeout(60)
+        connection.connect(str(server.socket))
+        connection.sendall(frames)
+        connection.shutdown(socket.SHUT_WR)
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    assert reply[-1] == 75
+    assert b"4.3.0 ispmailgate serve: bad request: " in reply and b"internal error" not in reply

@@ -399,7 +399,7 @@ def test_nothing_is_written_outside_the_work_directory(back_end, config_file, sm
     ({"on_infected": "discard", "quarantine_dir": ""}, "quarantine_dir", "quarantine directory"),
     ({"host": "localhost"}, "host", "HOST:PORT"),
     ({"max_unpacked": "lots"}, "max_unpacked", "size like 200M"),
-    ({"max_ratio": 0}, "max_ratio", "expected an integer >= 1"),
+    ({"max_ratio": 0}, "max_ratio", "expected an integer from 1 to"),
     ({"virus_pattern": "("}, "virus_pattern", "bad regex"),
     ({"notify": ["everyone"]}, "notify", "postmaster, sender, recipients"),
     ({"infected_exit_codes": ["1"]}, "infected_exit_codes", "exit codes"),
