@@ -336,8 +336,11 @@ class Doorway:
             return None
         except OSError:
             chunk = b""
-        if not chunk:                       # hung up before a worker took it: nothing to answer
-            self._forget(fd).close()
+        if not chunk:
+            if data:                        # half a head, then its end: answer it as bad
+                self._drop(fd, "the request head ended before it was complete")
+            else:                           # hung up before sending anything: nothing to answer
+                self._forget(fd).close()
             return None
         data += chunk
         if not head_complete(data) and len(data) < self.MAX_HEAD:

@@ -546,7 +546,8 @@ def test_a_well_formed_context_is_read():
 
 
 @pytest.mark.parametrize("frames", [
-    b"\x02" + frame(CONTEXT, b"/tmp\x00" + b"9" * 5000 + b":1\x00"),
+    b"\x02" + frame(CONTEXT, b"/tmp\x00" + b"9" * 5000 + b":1\x00") + frame(ARGUMENTS, b""),
+    b"\x02" + frame(CONTEXT, b"/tmp\x00" + b"9" * 5000 + b":1\x00"),     # and then the end: half a head
     b"\x02" + frame(b"Z", b"") + frame(ARGUMENTS, b""),
     b"\x02" + frame(CONTEXT, b"\x00\x00") + frame(ARGUMENTS, b"x" * (128 * 1024 + 1) + b"\x00"),
 ])
