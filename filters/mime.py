@@ -693,47 +693,66 @@ def decode_words(value: str) -> str:
 
 
 def _decoded_words(value: str) -> list[tuple[bytes, str | None]] | None:
-    """What ``email.header.decode_header`` returns for ``value``; None without encoded words."""
+    """What ``email.header.decode_header`` returns for ``value``; None without encoded words.
+
+    One pass, word by word, holding back only a blank between two words (the standard
+    hides it when both are encoded): no list of every word of a megabyte-long Subject.
+    """
+    collapsed: list[tuple[list[bytes], str | None]] = []
+    encoded, previous, held = False, None, None
+    for word in _words(value):
+        if held is not None and word[1] is None:
+            _collapse_word(collapsed, held)         # the blank stays: no encoded word follows
+        held = None
+        if previous is not None and previous[1] and word[1] is None and word[0].isspace():
+            held, previous = word, word
+            continue
+        encoded = encoded or word[1] is not None
+        _collapse_word(collapsed, word)
+        previous = word
+    if held is not None:
+        _collapse_word(collapsed, held)
+    if not encoded:
+        return None
+    return [(b"".join(pieces), charset) for pieces, charset in collapsed]
+
+
+def _words(value: str) -> Iterator[tuple[str, str | None, str | None]]:
+    """(text, encoding, charset) per word of ``decode_header``'s first pass: encoded words,
+    and the text between them (each line's first text stripped on the left)."""
+    for line in value.splitlines():
+        for index, piece in enumerate(_split_encoded_words(line)):
+            if isinstance(piece, tuple):
+                yield piece[2], piece[1].lower(), piece[0].lower()
+            elif index == 0 and piece.lstrip() or index and piece:
+                yield (piece.lstrip() if index == 0 else piece), None, None
+
+
+def _collapse_word(collapsed: list, word: tuple[str, str | None, str | None]) -> None:
+    """Decode one word and add its bytes to the run of words in the same charset."""
     import binascii as _binascii
     from email import base64mime, quoprimime
     from email.errors import HeaderParseError
 
-    words = []      # (text, encoding, charset), encoding None for text between encoded words
-    for line in value.splitlines():
-        for index, piece in enumerate(_split_encoded_words(line)):
-            if isinstance(piece, tuple):
-                words.append((piece[2], piece[1].lower(), piece[0].lower()))
-            elif index == 0 and piece.lstrip() or index and piece:
-                words.append((piece.lstrip() if index == 0 else piece, None, None))
-    if not any(encoding for _, encoding, _ in words):
-        return None
-    # white space between two encoded words is not shown
-    dropped = {n - 1 for n in range(2, len(words))
-               if words[n][1] and words[n - 2][1] and words[n - 1][0].isspace()}
-    collapsed: list[tuple[list[bytes], str | None]] = []
-    for number, (text, encoding, charset) in enumerate(words):
-        if number in dropped:
-            continue
-        if encoding == "q":
-            text = quoprimime.header_decode(text)
-        elif encoding == "b":
-            try:
-                text = base64mime.decode(text + "==="[:(4 - len(text) % 4) % 4])
-            except _binascii.Error:
-                raise HeaderParseError("Base64 decoding error") from None
-        data = bytes(text, "raw-unicode-escape") if isinstance(text, str) else text
-        if collapsed and collapsed[-1][1] == charset:
-            collapsed[-1][0].extend((b" ", data) if charset is None else (data,))
-        else:
-            collapsed.append(([data], charset))
-    return [(b"".join(pieces), charset) for pieces, charset in collapsed]
+    text, encoding, charset = word
+    if encoding == "q":
+        text = quoprimime.header_decode(text)
+    elif encoding == "b":
+        try:
+            text = base64mime.decode(text + "==="[:(4 - len(text) % 4) % 4])
+        except _binascii.Error:
+            raise HeaderParseError("Base64 decoding error") from None
+    data = bytes(text, "raw-unicode-escape") if isinstance(text, str) else text
+    if collapsed and collapsed[-1][1] == charset:
+        collapsed[-1][0].extend((b" ", data) if charset is None else (data,))
+    else:
+        collapsed.append(([data], charset))
 
 
-def _split_encoded_words(line: str) -> list:
+def _split_encoded_words(line: str) -> Iterator:
     """``line`` cut as ``email.header.ecre.split`` cuts it: text, then (charset, encoding,
     encoded text) per encoded word.  Once no ``?=`` follows, no word can: the scan stops
     instead of trying every later ``=?`` against the rest of the line."""
-    pieces: list = []
     taken = position = 0
     while True:
         start = line.find("=?", position)
@@ -747,11 +766,10 @@ def _split_encoded_words(line: str) -> list:
         close = line.find("?=", charset_end + 3)
         if close < 0:
             break
-        pieces += (line[taken:start], (line[start + 2:charset_end], line[charset_end + 1],
-                                       line[charset_end + 3:close]))
+        yield line[taken:start]
+        yield line[start + 2:charset_end], line[charset_end + 1], line[charset_end + 3:close]
         taken = position = close + 2
-    pieces.append(line[taken:])
-    return pieces
+    yield line[taken:]
 
 
 def parse_params(value: str) -> list[tuple[str, Any]]:
