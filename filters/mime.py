@@ -589,18 +589,15 @@ def _changed_parts(root: Part) -> set[int]:
 
 def _boundary_lines(data: bytes | bytearray, start: int, end: int, mark: bytes) -> Iterator[tuple[int, int, bool]]:
     """(start, end, closing) of each line of ``data[start:end]`` that is ``--boundary`` or
-    ``--boundary--`` followed only by blanks; found with find, which is fast on large
-    bodies, and each line looked at once."""
-    blank_to_eol = re.compile(rb"[ \t\r]*(?:\n|\Z)").match
-    position = data.find(mark, start, end)
-    while position >= 0:
-        if position == start or data[position - 1] == 10:
-            after = position + len(mark)
-            closing = data.startswith(b"--", after, end)
-            blank = blank_to_eol(data, after + 2 if closing else after, end)
-            if blank:
-                yield position, blank.end(), closing
-        position = data.find(mark, position + 1, end)
+    ``--boundary--`` followed only by blanks.  The regular expression searches for the
+    line break and the mark together, in C: a mark in the middle of a line costs no Python
+    work, however often an attacker repeats it on every nesting level."""
+    line = re.escape(mark) + rb"(--)?[ \t\r]*(?=\n|\Z)"     # its line break begins the next match
+    first = re.compile(line).match(data, start, end)
+    if first:
+        yield start, min(first.end() + 1, end), first.group(1) is not None
+    for found in re.compile(b"\n" + line).finditer(data, start, end):
+        yield found.start() + 1, min(found.end() + 1, end), found.group(1) is not None
 
 
 def _eol_start(data: bytes | bytearray, floor: int, position: int) -> int:

@@ -145,6 +145,17 @@ def nested_base64_rfc822(levels: int, payload: int) -> bytes:
     return b"From: a@b.example\n" + data
 
 
+def prefix_boundaries(levels: int, lines: int) -> bytes:
+    """``levels`` multiparts whose boundaries are prefixes of one another, around lines that
+    contain every level's mark in the middle: each level must skip them without Python work
+    per mark."""
+    marks = b"".join(b"%c" % (97 + level % 26) for level in range(levels))
+    head = b"".join(b"Content-Type: multipart/mixed; boundary=%s\n\n--%s\n" % (marks[:i + 1], marks[:i + 1])
+                    for i in range(levels))
+    tail = b"".join(b"\n--%s--\n" % marks[:i + 1] for i in reversed(range(levels)))
+    return b"Subject: prefixes\n" + head + b"Content-Type: text/plain\n\n" + (b"x--" + marks + b"\n") * lines + tail
+
+
 # -- the parser entry points, each with a construct that grows ---------------------------------
 
 def cpu_seconds(action, data) -> float:
@@ -220,6 +231,7 @@ ENTRY_POINTS = [
     ("many parameters", _every_part, many_parameters, 10_000),
     ("many MIME parts", _every_part, many_parts, 5_000),
     ("boundary look-alikes", _every_part, boundary_lookalikes, 30_000),
+    ("marks mid-line, 60 levels", _every_part, lambda n: prefix_boundaries(60, n), 5_000),
     ("nested multipart, changed", _changed_deep_part, lambda n: nested_multipart(60, n), 1 << 20),
     ("damaged base64", _decoded, _damaged_base64, 200_000),
     ("HTML <a without >", _html, html_open_tags, 4_000),
@@ -228,3 +240,4 @@ ENTRY_POINTS = [
     ("fold ASCII words", _fold, lambda n: "word " * n, 200_000),
     ("fold non-ASCII", _fold, lambda n: "wörd " * n, 20_000),
 ]
+

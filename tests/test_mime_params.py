@@ -188,3 +188,31 @@ def test_encoded_words_decode_as_the_standard_library_decodes_them(value):
     except (ValueError, LookupError, UnicodeError, AssertionError, MessageError):
         expected = value
     assert decode_words(value) == expected
+
+
+def simple_boundary_lines(body: bytes, mark: bytes):
+    """The obvious reading of RFC 2046's delimiter lines, one Python step per mark found."""
+    position = body.find(mark)
+    while position >= 0:
+        if position == 0 or body[position - 1:position] == b"\n":
+            after = position + len(mark)
+            closing = body[after:after + 2] == b"--"
+            rest = after + 2 if closing else after
+            line_end = body.find(b"\n", rest)
+            line_end = len(body) if line_end < 0 else line_end + 1
+            if not body[rest:line_end].strip(b" \t\r\n"):
+                yield position, line_end, closing
+        position = body.find(mark, position + 1)
+
+
+@SAME
+@given(body=st.lists(st.sampled_from([b"--b", b"--", b"b", b"\n", b"\r\n", b" ", b"\t", b"\r", b"x", b"--bb"]),
+                     max_size=30).map(b"".join),
+       start=st.integers(0, 5))
+def test_delimiter_lines_are_found_as_the_obvious_reading_finds_them(body, start):
+    from ispmailgate_filters.mime import _boundary_lines
+
+    data = b"y" * start + body
+    found = [(begin - start, end - start, closing) for begin, end, closing
+             in _boundary_lines(data, start, len(data), b"--b")]
+    assert found == list(simple_boundary_lines(body, b"--b"))
