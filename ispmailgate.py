@@ -27,8 +27,8 @@ import typer
 
 from ispmailgate_delivery import (Delivery, Reports, Result, SmtpHop, StdoutHop, configured_hop,
                                   loggable, one_line, parse_hop)
-from ispmailgate_filters.base import (ConfigError, Context, Envelope, Filter, FilterError, Notice,
-                                      TempFail, Verdict, argv as argv_option, count,
+from ispmailgate_filters.base import (Budget, ConfigError, Context, Envelope, Filter, FilterError,
+                                      Notice, TempFail, Verdict, argv as argv_option, count,
                                       parse_size, seconds)
 from ispmailgate_filters.mime import Message, ParseError
 
@@ -357,9 +357,17 @@ SETTINGS: dict[str, Setting] = {
     "time_limit": Setting(600.0, _positive,
                           "Wall-clock seconds one message may take in all; past it: tempfail (75)."),
     "max_mime_depth": Setting(64, count(1, MAX_MIME_DEPTH),
-                              "MIME nesting deeper than this is kept as one opaque part (at most 100)."),
+                              "MIME nesting deeper than this is kept as one opaque part (at most 100; "
+                              "messages a filter parses inside the message count on)."),
     "max_mime_parts": Setting(10_000, count(1, 1_000_000),
-                              "MIME parts beyond this many are kept in one opaque part."),
+                              "MIME parts beyond this many are kept in one opaque part "
+                              "(parts of messages a filter parses inside it count too)."),
+    "max_objects": Setting(10_000, count(1, 100_000_000),
+                           "Objects the filters may look into per message, all together "
+                           "(archive members, attached messages' parts, scanned objects); "
+                           "past it: unscannable."),
+    "max_decoded": Setting(512 * 1024 * 1024, parse_size, "Bytes the filters may decode and unpack per "
+                                                          "message, all together; past it: unscannable."),
     "mail_user": Setting("nobody", _string, "Started as root: the user to become before the message is "
                                             "read (never root unless spelled out; \"\" refuses to run)."),
     "mail_group": Setting("", _string, "Started as root: the group to become (default: mail_user's group)."),
@@ -1045,8 +1053,8 @@ def preload(config: Config) -> None:
     import importlib
 
     for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
-                   "encodings.idna", "importlib.metadata", "shutil", "socket", "subprocess",
-                   "syslog", "tomllib", "unicodedata"):
+                   "encodings.idna", "hashlib", "importlib.metadata", "shutil", "socket", "subprocess",
+                   "syslog", "tomllib", "unicodedata", "urllib.parse"):
         importlib.import_module(module)
     import codecs
 
@@ -1228,6 +1236,7 @@ class Gate:
         from_line = split_from_line(data)
         self.message = message = Message(data, max_depth=config.max_mime_depth,
                                          max_parts=config.max_mime_parts)
+        self.budget = Budget(config.max_objects, config.max_decoded)
         sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
@@ -1322,7 +1331,7 @@ class Gate:
     def _context(self, envelope: Envelope, step: Filter) -> Context:
         return Context(envelope, message_id=self.id, log=log.getChild(step.name),
                        workdir=self.workdir, postmaster=self.config.postmaster, notices=self.notices,
-                       dry_run=self.request.dry_run)
+                       dry_run=self.request.dry_run, budget=self.budget)
 
     def workdir(self) -> Path:
         """This message's work directory under tmp_dir, created 0700 on first use."""

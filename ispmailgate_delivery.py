@@ -154,13 +154,16 @@ class Delivery:
     @staticmethod
     def groups(leaves: list) -> list[tuple[list[str], Message | None, Any]]:
         """Merge leaves whose resulting bytes are identical: one transaction for them all."""
+        import hashlib
+
         groups: list[tuple[list[str], Message | None, Any]] = []
         merged: dict[Any, list[str]] = {}
         for leaf in leaves:
             if leaf.message is None or leaf.unparsed:
                 groups.append((leaf.recipients, leaf.message, leaf))
                 continue
-            key = leaf.message.to_bytes() if leaf.message.changed else "unchanged"
+            # a digest, not the bytes: holding every result until delivery would cost a copy each
+            key = hashlib.sha256(leaf.message.to_bytes()).digest() if leaf.message.changed else "unchanged"
             if key in merged:
                 merged[key].extend(leaf.recipients)
             else:

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from .base import printable
+from .base import Budget, printable
 
 MiB = 1024 * 1024
 RATIO_GRACE = MiB       # small members may compress far better than max_ratio (zeros, logs)
@@ -106,16 +106,20 @@ class Unpacker:
     """
 
     def __init__(self, limits: Limits, opaque: frozenset[str] = frozenset(),
-                 listers: Mapping[str, Lister] | None = None) -> None:
+                 listers: Mapping[str, Lister] | None = None, budget: Budget | None = None) -> None:
         self.limits = limits
         self.opaque = opaque
         self.listers = dict(listers or {})
+        self.budget = budget if budget is not None else Budget(10 ** 9, 1 << 62)
         self.unpacked = 0
         self.problems: list[tuple[str, str]] = []
         self.notes: list[tuple[str, str]] = []
 
     def items(self, label: str, data: bytes, depth: int = 0) -> Iterator[Item]:
-        """``data`` or, for an archive, every member inside it, depth first."""
+        """``data`` or, for an archive, every member inside it, depth first; nothing once
+        the message's budget is spent (that is recorded once, where it happened)."""
+        if self.budget.spent:
+            return
         try:
             yield from self._expand(label, data, depth)
         except Exhausted as reason:
@@ -139,6 +143,8 @@ class Unpacker:
         try:
             for name, member in _READERS[kind](self, data):
                 child = label_of(label, name)
+                if self.budget.charge(objects=1):
+                    raise Exhausted(self.budget.spent)
                 if isinstance(member, Unscannable):
                     self.problems.append((child, str(member)))
                 elif isinstance(member, Note):
@@ -180,6 +186,8 @@ class Unpacker:
             found.append((label, f"more than max_unpacked ({limits.unpacked} bytes) unpacked in total"))
         else:
             self.unpacked += total
+        if self.budget.charge(objects=len(members), decoded=total):
+            found.append((label, self.budget.spent))
         self.problems += found
         return not found
 
@@ -188,15 +196,18 @@ class Unpacker:
         limits = self.limits
         remaining = limits.unpacked - self.unpacked
         by_ratio = max(RATIO_GRACE, packed * limits.ratio)
-        limit = min(limits.member, by_ratio, remaining)
+        limit = min(limits.member, by_ratio, remaining, self.budget.room())
         data = read(limit + 1)
         self.unpacked += len(data)      # the work was done, whatever comes of it
         if len(data) > limit:
+            if limit == self.budget.room():
+                raise Exhausted(self.budget.charge(decoded=len(data)))
             if limit == remaining:
                 raise Exhausted(f"more than max_unpacked ({limits.unpacked} bytes) unpacked in total")
             if limit == limits.member:
                 return Unscannable(f"member larger than max_member_size ({limits.member} bytes)")
             return Unscannable(f"compression ratio above max_ratio ({limits.ratio})")
+        self.budget.charge(decoded=len(data))
         return data
 
 

@@ -97,12 +97,44 @@ class Notice(NamedTuple):
     attach_original: bool = False
 
 
+class Budget:
+    """The work one message may cost, shared by every filter and every chain of its run.
+
+    A filter charges what it looks into beyond the parsed message: objects (archive
+    members, parts of attached messages, objects handed to a scanner) and bytes decoded or
+    unpacked.  Once :meth:`charge` returns a reason the budget is spent for the whole run:
+    the filter stops and says so (virscan: ``unscannable``), so a small message cannot buy
+    minutes of work by nesting.
+    """
+
+    def __init__(self, objects: int = 10_000, decoded: int = 512 * 1024 * 1024) -> None:
+        self.max_objects, self.max_decoded = objects, decoded
+        self.objects = self.decoded = 0
+        self.spent: str | None = None       # why the budget is spent, once it is
+
+    def charge(self, objects: int = 0, decoded: int = 0) -> str | None:
+        """Count work done or about to be done; the reason once past the budget, else None."""
+        self.objects += objects
+        self.decoded += decoded
+        if self.spent is None and self.objects > self.max_objects:
+            self.spent = f"more than max_objects ({self.max_objects}) objects looked into in one message"
+        elif self.spent is None and self.decoded > self.max_decoded:
+            self.spent = (f"more than max_decoded ({self.max_decoded} bytes) decoded and unpacked "
+                          "in one message")
+        return self.spent
+
+    def room(self) -> int:
+        """Bytes that may still be decoded or unpacked."""
+        return max(0, self.max_decoded - self.decoded) if self.spent is None else 0
+
+
 class Context:
     """The services the core lends a filter for one step of one message."""
 
     def __init__(self, envelope: Envelope, *, message_id: str, log: logging.Logger,
                  workdir: Callable[[], Path], postmaster: str, limits: Mapping[str, Any] | None = None,
-                 notices: list[Notice] | None = None, dry_run: bool = False) -> None:
+                 notices: list[Notice] | None = None, dry_run: bool = False,
+                 budget: Budget | None = None) -> None:
         self.envelope = envelope
         self.message_id = message_id       # this run's id, as in the log
         self.log = log
@@ -111,6 +143,7 @@ class Context:
         self.limits = dict(limits or {})
         self.notices = notices if notices is not None else []
         self.dry_run = dry_run             # --dry-run: decide, but keep nothing (no quarantine copy)
+        self.budget = budget if budget is not None else Budget()   # shared by the run's steps
 
     def workdir(self) -> Path:
         """This message's private work directory (0700), created on first use."""

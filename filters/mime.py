@@ -16,6 +16,7 @@ from __future__ import annotations
 import binascii
 import re
 from collections.abc import Iterator
+from typing import Any
 
 MAX_DEPTH = 64          # nesting deeper than this is kept as one opaque part
 MAX_PARTS = 10_000      # parts beyond this are kept inside an opaque part
@@ -115,10 +116,16 @@ class Headers:
 
 
 class Part:
-    """One MIME entity: its headers and either a body, sub-parts, or an embedded message."""
+    """One MIME entity: its headers and either a body, sub-parts, or an embedded message.
+
+    A parsed part keeps no bytes of its own: it names the span of the message buffer it
+    was cut from (``_source``, ``_start``, ``_end``), so nesting costs no copy per level
+    and a part nobody changed is written out as that very span.
+    """
 
     __slots__ = ("headers", "separator", "kind", "_body", "children", "preamble", "delimiters",
-                 "close_delimiter", "epilogue", "_raw", "_dirty", "_info", "default_type")
+                 "close_delimiter", "epilogue", "_source", "_start", "_end", "_body_start", "_dirty",
+                 "_info", "default_type", "depth")
 
     LEAF, MULTIPART, MESSAGE = "leaf", "multipart", "message"
 
@@ -127,16 +134,29 @@ class Part:
         self.headers = headers
         self.separator = separator          # the blank line, b"" if the header was not ended
         self.kind = Part.LEAF
-        self._body = body                   # encoded body of a leaf part
+        self._body: bytes | None = body     # encoded body of a leaf part; None: still in _source
         self.children: list[Part] = []      # sub-parts, or [embedded message] for message/rfc822
         self.preamble = b""
         self.delimiters: list[bytes] = []   # raw "--boundary" line before each child
         self.close_delimiter = b""
         self.epilogue = b""
-        self._raw = raw                     # the bytes this part was cut from, None if new
+        self._source = raw                  # the buffer this part was cut from, None if new
+        self._start, self._end = 0, len(raw) if raw is not None else 0
+        self._body_start = 0
         self._dirty = raw is None
-        self._info = None
+        self._info: dict[str, tuple[str, list]] = {}
         self.default_type = default_type
+        self.depth = 0                      # nesting level in the message it was parsed from
+
+    @classmethod
+    def _cut(cls, source: bytes | bytearray, start: int, end: int, headers: Headers, separator: bytes,
+             body_start: int, default_type: str, depth: int) -> Part:
+        """A part that is the span ``source[start:end]``, its body from ``body_start`` on."""
+        part = cls(headers, separator, None, default_type=default_type)
+        part._source, part._start, part._end, part._body_start = source, start, end, body_start
+        part._dirty = False
+        part.depth = depth
+        return part
 
     # -- structure -----------------------------------------------------------------------
 
@@ -171,57 +191,85 @@ class Part:
 
     @property
     def changed(self) -> bool:
-        return self._dirty or self.headers.dirty or any(child.changed for child in self.children)
+        return id(self) in _changed_parts(self)
 
     def to_bytes(self) -> bytes:
-        if not self.changed and self._raw is not None:
-            return self._raw
-        return self.headers.to_bytes() + self.separator + self.body_bytes()
+        if self._source is not None and not self.changed:
+            return _slice(self._source, self._start, self._end)
+        return b"".join(self._pieces(_changed_parts(self)))
 
     def body_bytes(self) -> bytes:
         """The body as it goes out: for a container, reassembled from its children."""
         if self.kind == Part.LEAF:
-            return self._body
+            return self._body if self._body is not None else _slice(self._source, self._body_start, self._end)
+        changed = _changed_parts(self)
+        if id(self) not in changed:
+            return _slice(self._source, self._body_start, self._end)
+        return b"".join(self._pieces(changed)[2:])
+
+    def _pieces(self, changed: set[int]) -> list:
+        """What this part writes, as one list of pieces joined once by the caller: spans of
+        the input go in as memoryviews, so nothing is copied per nesting level."""
+        out: list = []
+        stack: list = [self]
+        while stack:
+            item = stack.pop()
+            if not isinstance(item, Part):
+                out.append(item)
+            elif item._source is not None and id(item) not in changed:
+                out.append(memoryview(item._source)[item._start:item._end])
+            else:
+                stack += reversed(item._own_pieces())
+        return out
+
+    def _own_pieces(self) -> list:
+        """Headers, blank line and body of a changed part; children stay parts to expand."""
+        head = [self.headers.to_bytes(), self.separator]
+        if self.kind == Part.LEAF:
+            body = self._body
+            return head + [body if body is not None else memoryview(self._source)[self._body_start:self._end]]
         if self.kind == Part.MESSAGE:
-            return self.children[0].to_bytes()
-        pieces = [self.preamble]
+            return head + [self.children[0]]
+        pieces = head + [self.preamble]
         for delimiter, child in zip(self.delimiters, self.children):
-            pieces += (delimiter, child.to_bytes())
-        pieces += (self.close_delimiter, self.epilogue)
-        return b"".join(pieces)
+            pieces += (delimiter, child)
+        return pieces + [self.close_delimiter, self.epilogue]
 
     # -- MIME information ------------------------------------------------------------------
 
-    def _mime(self):
-        """A header-only stdlib message for RFC 2045/2231 parameter parsing."""
-        if self._info is None or self.headers.dirty:
-            from email.message import Message as StdMessage   # only parts that get looked at
-
-            info = StdMessage()
-            info.set_default_type(self.default_type)
-            for name in ("Content-Type", "Content-Disposition"):
-                value = self.headers.get(name)
-                if value is not None:       # raw 8-bit bytes as text: UTF-8, else U+FFFD
-                    info[name] = bare_head(value.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-            self._info = info
-        return self._info
+    def _params(self, header: str) -> list[tuple[str, Any]] | None:
+        """The parameters of a structured header as RFC 2045/2231 read them, or None if absent."""
+        value = self.headers.get(header)
+        if value is None:
+            return None
+        key = header.lower()
+        cached = self._info.get(key)
+        if cached is None or cached[0] != value:
+            cached = self._info[key] = (value, parse_params(bare_head(_as_text(value))))
+        return cached[1]
 
     @property
     def content_type(self) -> str:
-        """``maintype/subtype`` in lower case; the default type when missing or invalid."""
-        return self._mime().get_content_type()
+        """``maintype/subtype`` in lower case; the default type when missing, text/plain when invalid."""
+        value = self.headers.get("Content-Type")
+        if value is None:
+            return self.default_type
+        content_type = bare_head(_as_text(value)).partition(";")[0].strip().lower()
+        return content_type if content_type.count("/") == 1 else "text/plain"
 
     def param(self, name: str, header: str = "Content-Type") -> str | None:
         """A parameter of Content-Type (or another header), RFC 2231 continuations joined."""
-        from email.utils import collapse_rfc2231_value
-
-        value = self._mime().get_param(name, header=header)
-        if value is None or value == "":
+        key = name.lower()
+        value = next((v for k, v in self._params(header) or () if k.lower() == key), None)
+        if value is None:
+            return None
+        value = (value[0], value[1], _unquote(value[2])) if isinstance(value, tuple) else _unquote(value)
+        if value == "":
             return value
         try:
-            return collapse_rfc2231_value(value).strip()
+            return _collapse_rfc2231(value).strip()
         except ValueError:      # an RFC 2231 charset no codec takes (a NUL in its name ...): UTF-8
-            return collapse_rfc2231_value(("utf-8", value[1], value[2])).strip()
+            return _collapse_rfc2231(("utf-8", value[1], value[2])).strip()
 
     @property
     def charset(self) -> str | None:
@@ -263,7 +311,11 @@ class Part:
 
     def decoded(self) -> bytes:
         """The body with its Content-Transfer-Encoding undone; lenient with damaged input."""
-        return decode_body(self.body_bytes(), self.transfer_encoding)
+        encoding = self.transfer_encoding
+        if self.kind == Part.LEAF and self._body is None and encoding in ("base64", "quoted-printable"):
+            with memoryview(self._source) as view:      # decoded straight from the input
+                return decode_body(view[self._body_start:self._end], encoding)
+        return decode_body(self.body_bytes(), encoding)
 
     def set_decoded(self, data: bytes, encoding: str | None = None) -> None:
         """Replace the body; ``encoding`` defaults to one that keeps lines within limits."""
@@ -298,7 +350,6 @@ class Part:
         if current is None:
             current = self.content_type if header.lower() == "content-type" else ""
         self.headers.set(header, replace_param(current, name, value))
-        self._info = None
 
     # -- building --------------------------------------------------------------------------
 
@@ -342,12 +393,10 @@ class Part:
         return part
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, max_depth: int = MAX_DEPTH) -> Part:
-        """Parse one MIME entity (header and body) from bytes."""
-        try:
-            return _Parser(max_depth, MAX_PARTS).parse(bytes(data), 0, "text/plain")
-        except (RecursionError, MemoryError, ValueError, LookupError, TypeError) as error:
-            raise ParseError(f"{type(error).__name__}: {error}") from error
+    def from_bytes(cls, data: bytes, *, max_depth: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> Part:
+        """Parse one MIME entity (header and body) from bytes.  Content found inside a
+        message is parsed with :meth:`Message.parse_inner`, within that message's limits."""
+        return _Parser(max_depth, max_parts).parse_all(bytes(data), 0)
 
 
 class Message:
@@ -355,6 +404,8 @@ class Message:
 
     A filter that only reads leaves ``changed`` false, and :meth:`to_bytes` then returns
     the very object that came in, so the core delivers the input byte for byte.
+    ``max_depth`` and ``max_parts`` bound the tree and everything parsed inside it
+    (:meth:`parse_inner`); past them the rest is kept as one opaque part (see ``defects``).
     """
 
     def __init__(self, raw: bytes | bytearray, *, max_depth: int = MAX_DEPTH,
@@ -365,23 +416,25 @@ class Message:
         self._root: Part | None = None
         self._replaced = False
         self._inherited = False         # a fork of a message some filter had changed
-        self.defects: list[str] = []
+        self._parser = _Parser(max_depth, max_parts)
+        self.defects = self._parser.defects
 
     @property
     def root(self) -> Part:
         if self._root is None:
-            parser = _Parser(self.max_depth, self.max_parts)
-            try:
-                self._root = parser.parse(bytes(self.raw), 0, "text/plain")
-            except (RecursionError, MemoryError, ValueError, LookupError, TypeError) as error:
-                raise ParseError(f"{type(error).__name__}: {error}") from error
-            self.defects = parser.defects
+            self._root = self._parser.parse_all(self.raw, 0)    # the buffer itself, no copy
         return self._root
 
     @root.setter
     def root(self, part: Part) -> None:
         self._root = part
         self._replaced = True
+
+    def parse_inner(self, data: bytes, depth: int) -> Part:
+        """Parse a message found inside this one (an attached message sent encoded, decrypted
+        content) at nesting level ``depth``: its parts count toward this message's
+        ``max_parts`` and its levels toward ``max_depth``, so no inner parse starts afresh."""
+        return self._parser.parse_all(bytes(data), depth)
 
     @property
     def headers(self) -> Headers:
@@ -423,8 +476,7 @@ class Message:
         """The top-level header block, without parsing the bodies (cheap; read only)."""
         if self._root is not None:
             return self._root.headers
-        headers, _, _ = _parse_headers(bytes(self.raw[:_header_end(self.raw)]))
-        return headers
+        return _parse_headers(self.raw)[0]
 
     def header_value(self, name: str) -> str | None:
         """One top-level header field's value (see :meth:`top_headers`)."""
@@ -432,7 +484,11 @@ class Message:
 
 
 class _Parser:
-    """Cuts bytes into a Part tree; never fails, records what it had to tolerate."""
+    """Cuts a buffer into a Part tree; never fails, records what it had to tolerate.
+
+    Every part is a span of the one buffer (no copies), and each byte is looked at a
+    bounded number of times per nesting level: the cost is linear in the message.
+    """
 
     def __init__(self, max_depth: int, max_parts: int) -> None:
         self.max_depth = max_depth
@@ -440,12 +496,16 @@ class _Parser:
         self.count = 0
         self.defects: list[str] = []
 
-    def parse(self, data: bytes, depth: int, default_type: str) -> Part:
+    def parse_all(self, source: bytes | bytearray, depth: int) -> Part:
+        try:
+            return self.parse(source, 0, len(source), depth, "text/plain")
+        except (RecursionError, MemoryError, ValueError, LookupError, TypeError) as error:
+            raise ParseError(f"{type(error).__name__}: {error}") from error
+
+    def parse(self, source: bytes | bytearray, start: int, end: int, depth: int, default_type: str) -> Part:
         self.count += 1
-        headers, separator, body_start = _parse_headers(data)
-        body = data[body_start:]
-        part = Part(headers, separator, body, raw=data, default_type=default_type)
-        part._dirty = False
+        headers, separator, body_start = _parse_headers(source, start, end)
+        part = Part._cut(source, start, end, headers, separator, body_start, default_type, depth)
         content_type = part.content_type
         if not content_type.startswith(("multipart/", "message/")):
             return part
@@ -454,107 +514,127 @@ class _Parser:
                                 f"{self.max_parts} parts: the rest is kept as one opaque part")
             return part
         if content_type.startswith("multipart/"):
-            self._split_multipart(part, body, depth)
+            self._split_multipart(part, depth)
         elif content_type in ("message/rfc822", "message/global") and part.transfer_encoding in _IDENTITY_ENCODINGS:
-            part.kind, part.children = Part.MESSAGE, [self.parse(body, depth + 1, "text/plain")]
-            part._body = b""
+            part.kind, part.children = Part.MESSAGE, [self.parse(source, body_start, end, depth + 1, "text/plain")]
         return part
 
-    def _split_multipart(self, part: Part, body: bytes, depth: int) -> None:
+    def _split_multipart(self, part: Part, depth: int) -> None:
         boundary = part.param("boundary")
         if not boundary:
             self.defects.append("multipart without a boundary: kept as one part")
             return
-        token = boundary.encode("utf-8", "surrogateescape")
+        lines = self._boundary_lines(part, b"--" + boundary.encode("utf-8", "surrogateescape"))
+        if lines is None:
+            return
+        source, body_start, end = part._source, part._body_start, part._end
         child_type = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
+        children, delimiters, start = [], [], None
+        for begin, line_end, closing in lines:
+            cut = _eol_start(source, body_start, begin)
+            if start is None:
+                part.preamble = _slice(source, body_start, cut)
+            else:
+                children.append(self.parse(source, start, cut, depth + 1, child_type))
+            if closing:
+                part.close_delimiter, part.epilogue = _slice(source, cut, line_end), _slice(source, line_end, end)
+                start = None
+                break
+            delimiters.append(_slice(source, cut, line_end))
+            start = line_end
+        if not delimiters:
+            self.defects.append(f"no boundary {boundary!r} found in {part.content_type}: kept as one part")
+            part.preamble = part.close_delimiter = part.epilogue = b""
+            return
+        if start is not None:
+            self.defects.append(f"{part.content_type} ends without its closing boundary")
+            children.append(self.parse(source, start, end, depth + 1, child_type))
+        part.kind, part.children, part.delimiters = Part.MULTIPART, children, delimiters
+
+    def _boundary_lines(self, part: Part, mark: bytes) -> list[tuple[int, int, bool]] | None:
+        """The delimiter lines up to the closing one; None when they would open too many parts."""
         lines, room = [], self.max_parts - self.count
-        for line in _boundary_lines(body, b"--" + token):
+        for line in _boundary_lines(part._source, part._body_start, part._end, mark):
             lines.append(line)
             if line[2]:
                 break
             if len(lines) > room:        # each delimiter opens a part: too many to take apart
                 self.defects.append(f"more than {self.max_parts} parts: the rest is kept as one opaque part")
-                return
-        children, delimiters, start = [], [], None
-        for begin, end, closing in lines:
-            cut = _eol_start(body, begin)
-            if start is None:
-                part.preamble = body[:cut]
-            else:
-                children.append(self.parse(body[start:cut], depth + 1, child_type))
-            if closing:
-                part.close_delimiter = body[cut:end]
-                part.epilogue = body[end:]
-                start = None
-                break
-            delimiters.append(body[cut:end])
-            start = end
-        if not delimiters:
-            self.defects.append(f"no boundary {boundary!r} found in {part.content_type}: kept as one part")
-            part.preamble = b""
-            return
-        if start is not None:
-            self.defects.append(f"{part.content_type} ends without its closing boundary")
-            children.append(self.parse(body[start:], depth + 1, child_type))
-        part.kind, part.children, part.delimiters, part._body = Part.MULTIPART, children, delimiters, b""
+                return None
+        return lines
 
 
-def _boundary_lines(body: bytes, mark: bytes) -> Iterator[tuple[int, int, bool]]:
-    """(start, end, closing) of each line that is ``--boundary`` or ``--boundary--``,
-    followed only by blanks; found with bytes.find, which is fast on large bodies."""
-    position = body.find(mark)
-    while position >= 0:
-        if position == 0 or body[position - 1:position] == b"\n":
-            after = position + len(mark)
-            closing = body[after:after + 2] == b"--"
-            rest = after + 2 if closing else after
-            line_end = body.find(b"\n", rest)
-            line_end = len(body) if line_end < 0 else line_end + 1
-            if not body[rest:line_end].strip(b" \t\r\n"):
-                yield position, line_end, closing
-        position = body.find(mark, position + 1)
+def _slice(data: bytes | bytearray, start: int, end: int) -> bytes:
+    """``data[start:end]`` as bytes, copied once (a bytearray slice would be copied twice)."""
+    if type(data) is bytes:
+        return data[start:end]
+    with memoryview(data) as view:
+        return bytes(view[start:end])
 
 
-def _eol_start(data: bytes, position: int) -> int:
+def _changed_parts(root: Part) -> set[int]:
+    """The ids of the parts at and under ``root`` that changed or hold one that did."""
+    order, stack = [], [root]
+    while stack:
+        part = stack.pop()
+        order.append(part)
+        stack += part.children
+    changed: set[int] = set()
+    for part in reversed(order):        # every part after the parts inside it
+        if part._dirty or part.headers.dirty or any(id(child) in changed for child in part.children):
+            changed.add(id(part))
+    return changed
+
+
+def _boundary_lines(data: bytes | bytearray, start: int, end: int, mark: bytes) -> Iterator[tuple[int, int, bool]]:
+    """(start, end, closing) of each line of ``data[start:end]`` that is ``--boundary`` or
+    ``--boundary--`` followed only by blanks.  The regular expression searches for the
+    line break and the mark together, in C: a mark in the middle of a line costs no Python
+    work, however often an attacker repeats it on every nesting level."""
+    line = re.escape(mark) + rb"(--)?[ \t\r]*(?=\n|\Z)"     # its line break begins the next match
+    first = re.compile(line).match(data, start, end)
+    if first:
+        yield start, min(first.end() + 1, end), first.group(1) is not None
+    for found in re.compile(b"\n" + line).finditer(data, start, end):
+        yield found.start() + 1, min(found.end() + 1, end), found.group(1) is not None
+
+
+def _eol_start(data: bytes | bytearray, floor: int, position: int) -> int:
     """Where the line end before ``position`` starts (it belongs to the boundary line)."""
-    if position >= 2 and data[position - 2:position] == b"\r\n":
+    if position - 2 >= floor and data[position - 2] == 13 and data[position - 1] == 10:
         return position - 2
-    if position >= 1 and data[position - 1:position] == b"\n":
+    if position - 1 >= floor and data[position - 1] == 10:
         return position - 1
     return position
 
 
-def _header_end(data: bytes | bytearray) -> int:
-    """A cheap upper bound for where the header block ends."""
-    for blank in (b"\n\n", b"\r\n\r\n"):
-        end = data.find(blank)
-        if end >= 0:
-            return end + len(blank)
-    return len(data)
+def _parse_headers(data: bytes | bytearray, start: int = 0, end: int | None = None) -> tuple[Headers, bytes, int]:
+    """Split the header block off ``data[start:end]``: (headers, blank line, offset of the body).
 
-
-def _parse_headers(data: bytes) -> tuple[Headers, bytes, int]:
-    """Split the header block off: (headers, blank line, offset of the body)."""
-    fields: list[tuple[str, bytes]] = []
-    first_end = data.find(b"\n")
-    eol = b"\r\n" if first_end > 0 and data[first_end - 1:first_end] == b"\r" else b"\n"
-    position, size = 0, len(data)
-    while position < size:
-        end = data.find(b"\n", position)
-        end = size if end < 0 else end + 1
-        line = data[position:end]
-        if line in (b"\n", b"\r\n"):
-            return Headers(fields, eol), line, end
-        if line[:1] in (b" ", b"\t") and fields:
-            name, raw = fields[-1]
-            fields[-1] = (name, raw + line)
+    A field folded over many lines is one span of the input, cut out once at the end:
+    the cost is linear in the header, however it is folded.
+    """
+    end = len(data) if end is None else end
+    field_name = re.compile(_FIELD_NAME).match
+    spans: list[list] = []      # [name as written, start, end] of each field
+    first_end = data.find(b"\n", start, end)
+    eol = b"\r\n" if first_end > start and data[first_end - 1] == 13 else b"\n"
+    position, separator = start, b""
+    while position < end:
+        line_end = data.find(b"\n", position, end)
+        line_end = end if line_end < 0 else line_end + 1
+        if line_end - position <= 2 and _slice(data, position, line_end) in (b"\n", b"\r\n"):
+            separator, position = _slice(data, position, line_end), line_end
+            break
+        if data[position] in (32, 9) and spans:
+            spans[-1][2] = line_end
         else:
-            match = re.match(_FIELD_NAME, line)
+            match = field_name(data, position, line_end)
             if not match:
                 break       # not a header line: the body starts here without a blank line
-            fields.append((match.group(1).decode("ascii"), line))
-        position = end
-    return Headers(fields, eol), b"", position
+            spans.append([match.group(1).decode("ascii"), position, line_end])
+        position = line_end
+    return Headers([(name, _slice(data, a, b)) for name, a, b in spans], eol), separator, position
 
 
 def bare_head(value: str) -> str:
@@ -613,16 +693,204 @@ def fold_field(name: str, value: str, eol: bytes = b"\n") -> bytes:
 
 
 def decode_words(value: str) -> str:
-    """RFC 2047 encoded words decoded; garbage is left as it stands."""
+    """RFC 2047 encoded words decoded; garbage is left as it stands.
+
+    Decodes as the standard library's ``decode_header`` and ``make_header`` do, with a
+    scanner that looks at each character a bounded number of times: theirs rescans the
+    rest of a line for every ``=?`` that is never closed and copies lists per word.
+    """
     if "=?" not in value:
         return value
     from email.errors import MessageError
-    from email.header import decode_header, make_header
+    from email.header import make_header
 
     try:
-        return str(make_header(decode_header(value)))
+        words = _decoded_words(value)
+        return value if words is None else str(make_header(words))
     except (ValueError, LookupError, UnicodeError, AssertionError, MessageError):
         return value    # MessageError: bad base64, a charset name that is not ASCII (the fuzzer's)
+
+
+def _decoded_words(value: str) -> list[tuple[bytes, str | None]] | None:
+    """What ``email.header.decode_header`` returns for ``value``; None without encoded words.
+
+    One pass, word by word, holding back only a blank between two words (the standard
+    hides it when both are encoded): no list of every word of a megabyte-long Subject.
+    """
+    collapsed: list[tuple[list[bytes], str | None]] = []
+    encoded, previous, held = False, None, None
+    for word in _words(value):
+        if held is not None and word[1] is None:
+            _collapse_word(collapsed, held)         # the blank stays: no encoded word follows
+        held = None
+        if previous is not None and previous[1] and word[1] is None and word[0].isspace():
+            held, previous = word, word
+            continue
+        encoded = encoded or word[1] is not None
+        _collapse_word(collapsed, word)
+        previous = word
+    if held is not None:
+        _collapse_word(collapsed, held)
+    if not encoded:
+        return None
+    return [(b"".join(pieces), charset) for pieces, charset in collapsed]
+
+
+def _words(value: str) -> Iterator[tuple[str, str | None, str | None]]:
+    """(text, encoding, charset) per word of ``decode_header``'s first pass: encoded words,
+    and the text between them (each line's first text stripped on the left)."""
+    for line in value.splitlines():
+        for index, piece in enumerate(_split_encoded_words(line)):
+            if isinstance(piece, tuple):
+                yield piece[2], piece[1].lower(), piece[0].lower()
+            elif index == 0 and piece.lstrip() or index and piece:
+                yield (piece.lstrip() if index == 0 else piece), None, None
+
+
+def _collapse_word(collapsed: list, word: tuple[str, str | None, str | None]) -> None:
+    """Decode one word and add its bytes to the run of words in the same charset."""
+    import binascii as _binascii
+    from email import base64mime, quoprimime
+    from email.errors import HeaderParseError
+
+    text, encoding, charset = word
+    if encoding == "q":
+        text = quoprimime.header_decode(text)
+    elif encoding == "b":
+        try:
+            text = base64mime.decode(text + "==="[:(4 - len(text) % 4) % 4])
+        except _binascii.Error:
+            raise HeaderParseError("Base64 decoding error") from None
+    data = bytes(text, "raw-unicode-escape") if isinstance(text, str) else text
+    if collapsed and collapsed[-1][1] == charset:
+        collapsed[-1][0].extend((b" ", data) if charset is None else (data,))
+    else:
+        collapsed.append(([data], charset))
+
+
+def _split_encoded_words(line: str) -> Iterator:
+    """``line`` cut as ``email.header.ecre.split`` cuts it: text, then (charset, encoding,
+    encoded text) per encoded word.  Once no ``?=`` follows, no word can: the scan stops
+    instead of trying every later ``=?`` against the rest of the line."""
+    taken = position = 0
+    while True:
+        start = line.find("=?", position)
+        charset_end = line.find("?", start + 2) if start >= 0 else -1
+        if charset_end < 0:
+            break
+        if line[charset_end + 1:charset_end + 2] not in ("q", "Q", "b", "B") or \
+                line[charset_end + 2:charset_end + 3] != "?":
+            position = start + 1
+            continue
+        close = line.find("?=", charset_end + 3)
+        if close < 0:
+            break
+        yield line[taken:start]
+        yield line[start + 2:charset_end], line[charset_end + 1], line[charset_end + 3:close]
+        taken = position = close + 2
+    yield line[taken:]
+
+
+def parse_params(value: str) -> list[tuple[str, Any]]:
+    """The parameters of a structured header value, as ``email.message`` reads them
+    (its ``_get_params_preserve``): the first entry is the value before the first ";";
+    RFC 2231 continuations are joined, an extended value is (charset, language, text).
+
+    Linear where the standard library rescans the rest of the value for every ";" and
+    fails on continuation numbers it cannot sort or convert.
+    """
+    params = []
+    for piece in _split_at_semicolons(value):
+        name, separator, text = piece.partition("=")
+        params.append((name.strip(), text.strip()) if separator else (piece.strip(), ""))
+    return _decode_params(params)
+
+
+def _split_at_semicolons(value: str) -> list[str]:
+    """``email.message._parseparam``: pieces between semicolons outside double quotes
+    (a quote preceded by a backslash does not count), each ``name=value`` tidied."""
+    pieces, position, size = [], 0, len(value)
+    while True:
+        end = value.find(";", position)
+        counted, quotes = position, 0
+        while end > position:
+            quotes += value.count('"', counted, end) - value.count('\\"', counted, end)
+            if quotes % 2 == 0:
+                break
+            counted, end = end, value.find(";", end + 1)
+        end = size if end < 0 else end
+        piece = value[position:end]
+        if "=" in piece:
+            name, _, text = piece.partition("=")
+            piece = name.strip().lower() + "=" + text.strip()
+        pieces.append(piece.strip())
+        if end >= size:
+            return pieces
+        position = end + 1
+
+
+_CONTINUATION = r"^(?P<name>\w+)\*((?P<num>[0-9]+)\*?)?$"
+
+
+def _decode_params(params: list[tuple[str, str]]) -> list[tuple[str, Any]]:
+    """``email.utils.decode_params`` that sorts any continuation numbers and never raises."""
+    decoded: list[tuple[str, Any]] = [params[0]]
+    continued: dict[str, list[tuple[int, str, bool]]] = {}
+    for name, text in params[1:]:
+        encoded = name.endswith("*")
+        text = _unquote(text)
+        match = re.match(_CONTINUATION, name, re.ASCII)
+        if match:
+            number = match.group("num")
+            # no number sorts first; an absurd one (more digits than int() takes) last
+            order = -1 if number is None else int(number) if len(number) < 10 else 10 ** 10
+            continued.setdefault(match.group("name"), []).append((order, text, encoded))
+        else:
+            decoded.append((name, '"%s"' % _quote(text)))
+    for name, pieces in continued.items():
+        pieces.sort()
+        extended = any(encoded for _, _, encoded in pieces)
+        if extended:
+            from urllib.parse import unquote as percent_decoded
+
+            joined = _quote("".join(percent_decoded(text, encoding="latin-1") if encoded else text
+                                    for _, text, encoded in pieces))
+            fields = joined.split("'", 2)
+            charset, language, text = fields if len(fields) == 3 else (None, None, joined)
+            decoded.append((name, (charset, language, '"%s"' % text)))
+        else:
+            decoded.append((name, '"%s"' % _quote("".join(text for _, text, _ in pieces))))
+    return decoded
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _unquote(text: str) -> str:
+    """``email.utils.unquote``: one pair of double quotes or angle brackets removed."""
+    if len(text) > 1:
+        if text.startswith('"') and text.endswith('"'):
+            return text[1:-1].replace("\\\\", "\\").replace('\\"', '"')
+        if text.startswith("<") and text.endswith(">"):
+            return text[1:-1]
+    return text
+
+
+def _collapse_rfc2231(value: Any) -> str:
+    """``email.utils.collapse_rfc2231_value``: an extended value decoded in its charset."""
+    if not isinstance(value, tuple):
+        return _unquote(value)
+    charset, _, text = value
+    try:
+        return str(bytes(text, "raw-unicode-escape"), charset or "us-ascii", "replace")
+    except LookupError:
+        return _unquote(text)
+
+
+def _as_text(value: str) -> str:
+    """A header value's raw 8-bit bytes as text: UTF-8 where valid, else U+FFFD."""
+    return value if value.isascii() else value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Co", "Cn", "Zl", "Zp"})
@@ -717,16 +985,24 @@ def python_codec(charset: str | None) -> str:
     return info.name if getattr(info, "_is_text_encoding", True) else "latin-1"
 
 
-def decode_body(body: bytes, encoding: str) -> bytes:
-    """Undo a Content-Transfer-Encoding, tolerating the damage real mail carries."""
+def decode_body(body: bytes | memoryview, encoding: str) -> bytes:
+    """Undo a Content-Transfer-Encoding, tolerating the damage real mail carries.
+
+    Damaged input costs no more memory than good input: no list of pieces, no copy of
+    the cleaned data to pad it.
+    """
     if encoding == "base64":
         try:        # discards what is not base64, as mail readers do; fast on large bodies
             return binascii.a2b_base64(body)
         except binascii.Error:
             pass    # bad padding or a stray last character: clean up and pad
-        data = re.sub(rb"[^A-Za-z0-9+/]", b"", body)
-        data = data[: len(data) - len(data) % 4] if len(data) % 4 == 1 else data
-        return binascii.a2b_base64(data + b"=" * (-len(data) % 4))
+        data = bytes(body).translate(None, _not_base64())
+        whole = len(data) - len(data) % 4
+        tail = data[whole:]                 # a last quantum of 1 character carries no byte
+        with memoryview(data) as view:
+            decoded = binascii.a2b_base64(view[:whole]) if whole else b""
+        del data
+        return decoded + binascii.a2b_base64(tail + b"=" * (4 - len(tail))) if len(tail) > 1 else decoded
     if encoding == "quoted-printable":
         return binascii.a2b_qp(body)
     if encoding in ("x-uuencode", "uuencode", "x-uue", "uue"):
@@ -734,20 +1010,37 @@ def decode_body(body: bytes, encoding: str) -> bytes:
     return body
 
 
+def _not_base64() -> bytes:
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    return bytes(byte for byte in range(256) if byte not in alphabet)
+
+
 def _decode_uu(body: bytes) -> bytes:
-    out, inside = [], False
-    for line in body.splitlines():
+    out, inside = bytearray(), False
+    for match in re.finditer(rb"([^\r\n]*)(?:\r\n|\r|\n|\Z)", body):    # bytes.splitlines, lazily
+        if match.start() == len(body):
+            break
+        line = match.group(1)
         if not inside:
             inside = line.startswith(b"begin ")
             continue
         if line.strip() in (b"end", b"`"):
             break
-        try:
-            out.append(binascii.a2b_uu(line))
-        except binascii.Error:
-            length = ((line[0] - 32) & 63) if line else 0
-            out.append(binascii.a2b_uu(line[: (length * 4 + 5) // 3 + 1]) if length else b"")
-    return b"".join(out)
+        out += _uu_line(line)
+    return bytes(out)
+
+
+def _uu_line(line: bytes) -> bytes:
+    """One uuencoded line; padding junk after its data is ignored, a line that is not
+    uuencoded at all gives nothing."""
+    try:
+        return binascii.a2b_uu(line)
+    except binascii.Error:
+        length = ((line[0] - 32) & 63) if line else 0
+    try:
+        return binascii.a2b_uu(line[: (length * 4 + 5) // 3 + 1]) if length else b""
+    except binascii.Error:
+        return b""
 
 
 def choose_encoding(data: bytes, current: str, content_type: str) -> str:
@@ -764,18 +1057,40 @@ def choose_encoding(data: bytes, current: str, content_type: str) -> str:
     return "quoted-printable"
 
 
-def encode_body(data: bytes, encoding: str, eol: bytes = b"\n") -> bytes:
-    """Apply a Content-Transfer-Encoding; lines end with ``eol``."""
+def encode_body(data: bytes, encoding: str, eol: bytes = b"\n", *, final_eol: bool = True) -> bytes:
+    """Apply a Content-Transfer-Encoding; lines end with ``eol`` (base64 without the last
+    one if ``final_eol`` is false)."""
     if encoding == "base64":
-        lines = [binascii.b2a_base64(data[i:i + 57]) for i in range(0, len(data), 57)]
-        encoded = b"".join(lines)
-    elif encoding == "quoted-printable":
+        return _base64(data, eol, final_eol)
+    if encoding == "quoted-printable":
         encoded = binascii.b2a_qp(data.replace(b"\r\n", b"\n"), istext=True)
     elif encoding == "binary":
         return data                 # no lines to speak of: every byte as it is
     else:
         encoded = data.replace(b"\r\n", b"\n")
     return encoded.replace(b"\n", eol) if eol != b"\n" else encoded
+
+
+_BASE64_BLOCK = 57 * 1024
+
+
+def _base64(data: bytes, eol: bytes, final_eol: bool) -> bytes:
+    """Base64 lines, written in blocks to a BytesIO, whose value is then handed over
+    without a copy: the output exists once, not as a million small pieces and their join."""
+    import io
+
+    out = io.BytesIO()
+    for start in range(0, len(data), _BASE64_BLOCK):
+        out.write(_base64_block(data, start, eol))
+    if data and not final_eol:
+        out.truncate(out.tell() - len(eol))
+    return out.getvalue()
+
+
+def _base64_block(data: bytes, start: int, eol: bytes) -> bytes:
+    end = min(start + _BASE64_BLOCK, len(data))
+    block = b"".join([binascii.b2a_base64(data[i:min(i + 57, end)]) for i in range(start, end, 57)])
+    return block.replace(b"\n", eol) if eol != b"\n" else block
 
 
 def new_boundary() -> str:

@@ -186,13 +186,15 @@ class Packer(Filter):
     def unpack(self, message: Message, ctx: Context) -> None:
         budget, count, kept = self.max_unpacked, 0, 0
         for parent, index, part in packed_parts(message.root):
-            try:
-                restored, size = self._restore(part, budget, ctx, top=parent is None or parent.is_message)
+            try:        # within this step's max_unpacked and the message's budget (max_decoded)
+                restored, size = self._restore(part, min(budget, ctx.budget.room()), ctx,
+                                               top=parent is None or parent.is_message)
             except UnpackError as error:
                 self._failed(part, error, ctx)
                 kept += 1
                 continue
             budget -= size
+            ctx.budget.charge(decoded=size)
             count += 1
             if parent is None:
                 message.root = restored
@@ -280,6 +282,8 @@ def exact_encoding(data: bytes, encoding: str, eol: bytes, *, final_eol: bool = 
     Without ``final_eol`` the last line end goes (the boundary line brings its own) — unless
     it was the data's own, as in a body that is one line break, or a CR at the very end.
     """
+    if encoding == "base64":        # decodes to ``data`` by construction: nothing to check
+        return encode_body(data, encoding, eol, final_eol=final_eol)
     encoded = encode_body(data, encoding, eol)
     if not final_eol:
         encoded = _without_last_eol(encoded)

@@ -80,7 +80,7 @@ class Incoming:
             return self._fail(Undecryptable(f"malformed PGP/MIME: {error}"))
         except Undecryptable as error:
             return self._fail(error)
-        inner = Part.from_bytes(native(plain, eol))
+        inner = self.message.parse_inner(native(plain, eol), part.depth + 1)   # within its limits
         scope = _scope(parent)
         self._found(scope, found)
         if parent is None:

@@ -197,7 +197,7 @@ class VirScan(Filter):
         """Scan the message; scanner faults end up in ``scanner_error``, never as clean."""
         report = Report()
         seven = SevenZip(self.sevenzip, timeout=self.timeout, directory=ctx.workdir)
-        unpacker = Unpacker(self.limits(), frozenset(self.scanner_unpacks), {"7z": seven})
+        unpacker = Unpacker(self.limits(), frozenset(self.scanner_unpacks), {"7z": seven}, ctx.budget)
         try:
             for finding in self.back_end(ctx).scan(self._objects(message, unpacker, report)):
                 report.findings.append(finding)
@@ -223,37 +223,51 @@ class VirScan(Filter):
 
     def _objects(self, message: Message, unpacker: Unpacker, report: Report) -> Iterator[Item]:
         try:
-            root = message.root
+            message.root
         except ParseError as error:
             report.findings.append(Finding("the message", UNSCANNABLE, f"cannot be parsed ({error})"))
             yield Item("the whole message", bytes(message.raw))
             return
-        yield from self._parts(root, "", 0, unpacker, report)
-        if message.defects:     # scan the whole as well: the scanner may split what we could not
+        yield from self._parts(message, unpacker, report)
+        budget = unpacker.budget
+        if budget.spent:        # the message's work budget: what was not looked into is unscannable
+            if all(reason != budget.spent for _, reason in unpacker.problems):
+                report.findings.append(Finding("the message", UNSCANNABLE, budget.spent))
+        elif message.defects:   # scan the whole as well: the scanner may split what we could not
             if any("opaque" in defect for defect in message.defects):
                 report.findings.append(Finding("the message", UNSCANNABLE, "MIME nesting beyond the "
                                                "parser's limits"))
             yield Item("the whole message", bytes(message.to_bytes()))
 
-    def _parts(self, root: Part, prefix: str, depth: int, unpacker: Unpacker,
-               report: Report) -> Iterator[Item]:
-        for number, part in enumerate(root.leaves(), 1):
+    def _parts(self, message: Message, unpacker: Unpacker, report: Report) -> Iterator[Item]:
+        """Every leaf's content, and the leaves of each embedded message sent encoded
+        (base64), parsed and labelled under it, its parts and levels counted as the outer
+        message's (max_mime_*).  Each level keeps only the leaves still to come, so a
+        decoded level is freed once it is done: nesting costs no memory per level."""
+        budget = unpacker.budget
+        levels = [(_numbered(message.root), "", 0)]
+        while levels and not budget.spent:
+            pending, prefix, depth = levels[-1]
+            if not pending:
+                levels.pop()
+                continue
+            number, part = pending.popleft()
             label = prefix + part_label(number, part)
             data = part.decoded()
+            if budget.charge(objects=1, decoded=len(data)):
+                return
             if not part.content_type.startswith("message/"):
                 yield from unpacker.items(label, data, depth)
-                continue
-            # An embedded message sent encoded (base64): scanned part by part like the outer one.
-            if depth >= self.max_depth:
+            elif depth >= self.max_depth:
                 report.findings.append(Finding(label, UNSCANNABLE, "messages nested deeper than max_depth"))
-                continue
-            try:
-                inner = Part.from_bytes(data)
-            except ParseError as error:
-                report.findings.append(Finding(label, UNSCANNABLE, f"cannot be parsed ({error})"))
-                yield Item(label, data)
-                continue
-            yield from self._parts(inner, label + " > ", depth + 1, unpacker, report)
+            else:
+                try:
+                    inner = message.parse_inner(data, part.depth + 1)
+                except ParseError as error:
+                    report.findings.append(Finding(label, UNSCANNABLE, f"cannot be parsed ({error})"))
+                    yield Item(label, data)
+                    continue
+                levels.append((_numbered(inner), label + " > ", depth + 1))
 
     # -- actions -----------------------------------------------------------------------------
 
@@ -357,6 +371,12 @@ class VirScan(Filter):
 
 ACTION_WORDS = {"reject": "rejected (the MTA bounces it)", "discard": "discarded, kept in quarantine",
                 "tag": "delivered with a warning in the subject", "pass": "delivered unchanged"}
+
+
+def _numbered(root: Part):
+    from collections import deque
+
+    return deque(enumerate(root.leaves(), 1))
 
 
 def part_label(number: int, part: Part) -> str:

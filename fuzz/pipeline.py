@@ -1,23 +1,34 @@
 #!/usr/bin/env python3
-"""Coverage-guided fuzzing of the whole pipeline (parse, route, every filter, serialise).
+"""Coverage-guided fuzzing of the whole pipeline (parse, route, every filter, serialise, deliver).
 
     .venv/bin/python fuzz/pipeline.py -max_total_time=3600 fuzz/work   # the long run (see README)
     .venv/bin/python fuzz/pipeline.py -runs=15000                       # what the tests run
 
-Each input is one message through ``ispmailgate --stdout`` in this process, three times:
-the dummy chain, two changing test filters, and the built-in filters that need no outside
-service (banner, packer both ways, pgp) routed by a rule to two recipients.  A crash is:
-an exit status other than 0, 69 or 75; a traceback on stderr; an internal error or a
-filter failure (both exit 75, so no mail is lost, but each is a bug); or, for the dummy
-chain, output that differs from the input.  Seeds: the shared corpus.
+Each input is one message through the gate in this process, three times: the dummy chain
+and two changing test filters to stdout, and the built-in filters that need no outside
+service (banner, packer both ways, pgp) routed by a rule to two recipients, to an SMTP
+next hop (aiosmtpd on loopback, counting what it accepts).
+
+The gate's limits are armed as in production: a short ``time_limit`` (SIGALRM; libFuzzer's
+own alarm is therefore off, a watchdog thread stands in for it) and an address-space
+limit on this process.  A crash is: an exit status other than 0, 69 or 75; a traceback
+on stderr; an internal error, a filter failure, a MemoryError or the time limit (each
+exits 75, so no mail is lost, but no input of a few KB may cost that); any mail
+delivered (to the SMTP sink, or to stdout) by a run that did not exit 0, or a recipient
+of a run that exited 0 that did not get the message exactly once (or appear in the gate's
+own report of what happened to it); for the dummy chain, output that differs from the
+input.  Seeds: the shared corpus (ISPMAILGATE_CORPUS).
 """
 
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import io
 import logging
 import os
+import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -36,14 +47,43 @@ with atheris.instrument_imports():
 
 from hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
 
+SENDER = "a@b.example"
+TIME_LIMIT = 10             # seconds per run: ample for any input of a few KB
+WATCHDOG = 60               # a hang SIGALRM cannot interrupt (inside C code) ends the process
+MEMORY_HEADROOM = 1 << 30   # address space allowed above what the harness has at start
+
 CHAINS = {
     "dummy": ('default_filter = ["dummy"]\n', ["c@d.example"]),
     "changing": ('default_filter = ["gate_test_filters:Upcase", "gate_test_filters:Stamp"]\n', ["c@d.example"]),
     "built-in": (BUILT_IN_RULES, BUILT_IN_RECIPIENTS),
 }
+BY_SMTP = ("built-in",)
 
 
-def load_configs() -> dict[str, tuple[ispmailgate.Config, list[str]]]:
+class CountingSink:
+    """aiosmtpd on a loopback port, recording every transaction it accepts."""
+
+    def __init__(self) -> None:
+        import socket
+
+        from aiosmtpd.controller import Controller
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.accepted: list[tuple[str, list[str], bytes]] = []
+        self.controller = Controller(self, hostname="127.0.0.1", port=port, decode_data=False,
+                                     enable_SMTPUTF8=True, data_size_limit=0)
+        self.controller.start()
+        self.address = f"127.0.0.1:{port}"
+        atexit.register(self.controller.stop)
+
+    async def handle_DATA(self, server, session, envelope):
+        self.accepted.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 queued"
+
+
+def load_configs(sink: CountingSink) -> dict[str, tuple[ispmailgate.Config, list[str]]]:
     """Rule files read once, as ``serve`` does: each input costs only its own work."""
     directory = Path(tempfile.mkdtemp(prefix="igfuzz"))
     atexit.register(shutil.rmtree, directory, True)
@@ -51,13 +91,15 @@ def load_configs() -> dict[str, tuple[ispmailgate.Config, list[str]]]:
     configs = {}
     for name, (rules, recipients) in CHAINS.items():
         path = directory / f"{name}.toml"
-        user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
-        path.write_text(f'{user}tmp_dir = "{directory}"\n' + rules.replace("{directory}", str(directory)))
+        head = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
+        head += f'tmp_dir = "{directory}"\ntime_limit = {TIME_LIMIT}\nmail_host = "{sink.address}"\n'
+        path.write_text(head + rules.replace("{directory}", str(directory)))
         configs[name] = ispmailgate.load_config(path), recipients
     return configs
 
 
-CONFIGS = load_configs()
+SINK = CountingSink()
+CONFIGS = load_configs(SINK)
 
 
 def _failing_handler(self, record) -> None:
@@ -68,17 +110,56 @@ def _failing_handler(self, record) -> None:
 logging.Handler.handleError = _failing_handler
 
 
+WATCHED: list[Path] = []        # where the input under way is kept, for the watchdog
+
+
 def one_input(data: bytes) -> None:
+    if WATCHED:
+        WATCHED[0].write_bytes(data)        # a hang ends the process: this is what caused it
+    faulthandler.dump_traceback_later(WATCHDOG, exit=True)
     for name, (config, recipients) in CONFIGS.items():
+        SINK.accepted.clear()
         stdout, stderr = io.BytesIO(), io.StringIO()
-        request = ispmailgate.Request(recipients, "a@b.example", Path(config.path), to_stdout=True)
+        request = ispmailgate.Request(recipients, SENDER, Path(config.path), to_stdout=name not in BY_SMTP)
         code = ispmailgate.Gate(request, ispmailgate.Streams(io.BytesIO(data), stdout, stderr), config).run()
         complaint = stderr.getvalue()
-        if code not in (0, 69, 75) or "Traceback" in complaint or "internal error" in complaint \
-                or "failed" in complaint:
+        if code not in (0, 69, 75) or any(word in complaint for word in (
+                "Traceback", "internal error", "failed", "MemoryError", "time limit")):
             raise AssertionError(f"{name}: exit {code}: {complaint[:2000]}")
-        if name == "dummy" and stdout.getvalue() != data:
+        if name in BY_SMTP:
+            check_deliveries(name, code, recipients)
+        elif code != 0 and stdout.getvalue():
+            raise AssertionError(f"{name}: wrote the message to stdout and exited {code}")
+        elif name == "dummy" and code == 0 and stdout.getvalue() != data:
             raise AssertionError("dummy chain changed the bytes")
+    faulthandler.cancel_dump_traceback_later()
+
+
+def check_deliveries(name: str, code: int, recipients: list[str]) -> None:
+    """Exit 0: each recipient got the message exactly once, or the gate's own report (a
+    bounce or a postmaster report, with the null sender) names them.  Any other exit:
+    nothing was delivered, so the MTA's retry cannot deliver twice."""
+    mail = [rcpts for sender, rcpts, _ in SINK.accepted if sender == SENDER]
+    reports = b"".join(content for sender, _, content in SINK.accepted if sender in ("", "<>"))
+    if re.search(rb"\nError: +filter \S+ failed: ", reports):     # an exception, reported: a bug
+        raise AssertionError(f"{name}: a filter failed: {reports[:2000]!r}")
+    if code != 0 and mail:
+        raise AssertionError(f"{name}: exit {code} after delivering to {mail}")
+    if code != 0:
+        return
+    for recipient in recipients:
+        copies = sum(rcpts.count(recipient + ".ispmailgate") for rcpts in mail)
+        if copies > 1 or copies == 0 and recipient.encode() not in reports:
+            raise AssertionError(f"{name}: exit 0, {recipient} got {copies} copies: {SINK.accepted!r}"[:3000])
+
+
+def arm_memory_limit() -> None:
+    """An address-space limit, as an MTA or systemd would set one: past it Python raises
+    MemoryError, which the gate must turn into a defined exit (and the harness into a crash)."""
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[0])
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + MEMORY_HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
 def main() -> None:
@@ -86,13 +167,16 @@ def main() -> None:
     temporary one by default); the shared corpus is always added as read-only seeds."""
     flags = [a for a in sys.argv[1:] if a.startswith("-")]
     directories = [a for a in sys.argv[1:] if not a.startswith("-")] or [tempfile.mkdtemp(prefix="igfuzz")]
-    seeds = HERE.parent.parent / "shared" / "corpus" / "mime-tools"
+    seeds = Path(os.environ.get("ISPMAILGATE_CORPUS", HERE.parent.parent / "shared" / "corpus" / "mime-tools"))
     if seeds.is_dir():
         directories.append(str(seeds))
-    if not any(flag.startswith("-timeout=") for flag in flags):
-        flags.append("-timeout=20")       # one input may take 20 s at most: a hang is a crash
+    # libFuzzer's -timeout runs on SIGALRM, which the gate's time_limit needs: the watchdog
+    # (faulthandler, a thread of its own) takes its place.
+    flags = [flag for flag in flags if not flag.startswith("-timeout=")] + ["-timeout=0"]
     if not any(flag.startswith("-artifact_prefix=") for flag in flags):
         flags.append(f"-artifact_prefix={directories[0]}/")     # crashing inputs beside the corpus
+    WATCHED.append(Path(directories[0]) / "watchdog-input")
+    arm_memory_limit()
     atheris.Setup([sys.argv[0], *flags, *directories], one_input)
     atheris.Fuzz()
 

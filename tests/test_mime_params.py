@@ -103,3 +103,128 @@ def test_comments_and_white_space_in_a_type_are_read_as_a_strict_parser_reads_th
     assert (child.transfer_encoding, child.decoded()) == ("base64", b"PK\x03\x04")
     assert child.is_attachment and child.filename == "x.zip"
     assert Part.from_bytes(b"Content-Type: (unterminated text/html\n\nx").content_type == "text/plain"
+
+
+# -- the linear readers decode as the standard library's quadratic ones ---------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+SAME = settings(max_examples=400, deadline=None, derandomize=True)
+PARAMETER_PIECES = ["text/plain", "multipart/mixed", ";", " ", '"', "\\", "=", "*", "'", "%41", "%C3%BC", "%",
+                    "name", "NAME", "filename", "charset", "boundary", "*0", "*1", "*2*", "*0*", "utf-8''",
+                    "iso-8859-1'de'", "a", "b.txt", "ü", "\t", "<x>", "007"]
+WORD_PIECES = ["=?", "?=", "?q?", "?Q?", "?b?", "?B?", "utf-8", "iso-8859-1", "x-bogus", "us-ascii", "=C3=BC",
+               "=C3", "=BC", "_", "YWJj", "w7w", "=", " ", "\t", "\n", "a", "ü", "?", "(", ")"]
+
+
+def stdlib_param(value: str, name: str, header: str = "Content-Type"):
+    from email.message import Message as StdMessage
+    from email.utils import collapse_rfc2231_value
+
+    info = StdMessage()
+    info[header] = value
+    found = info.get_param(name, header=header)
+    if found is None or found == "":
+        return found
+    try:
+        return collapse_rfc2231_value(found).strip()
+    except ValueError:
+        return collapse_rfc2231_value(("utf-8", found[1], found[2])).strip()
+
+
+@st.composite
+def parameter_values(draw) -> str:
+    """A structured header value: a type, then parameters, plain, quoted, continued, extended,
+    with junk pieces anywhere."""
+    junk = st.lists(st.sampled_from(PARAMETER_PIECES), max_size=3).map("".join)
+    value = draw(st.sampled_from(["text/plain", "multipart/mixed", "attachment", "", "a/b/c"])) + draw(junk)
+    for _ in range(draw(st.integers(0, 5))):
+        name = draw(st.sampled_from(["name", "filename", "charset", "boundary", "Name"]))
+        name += draw(st.sampled_from(["", "*", "*0", "*1", "*0*", "*1*", "*2", "*x"]))
+        text = draw(junk)
+        text = draw(st.sampled_from(['"{}"', "{}", '"{}', "{}'en'{}"])).format(text, text)
+        value += draw(st.sampled_from([";", "; ", " ;\t"])) + name + draw(st.sampled_from(["=", " = ", ""])) + text
+    return value
+
+
+@SAME
+@given(value=st.one_of(parameter_values(), st.lists(st.sampled_from(PARAMETER_PIECES), max_size=14).map("".join)))
+def test_parameters_read_as_the_standard_library_reads_them(value):
+    from email.message import Message as StdMessage
+
+    part = Part.from_bytes(f"Content-Type: {value}\n\nx".encode("utf-8", "surrogateescape"))
+    if "\n" in value or part.headers.get("Content-Type") != value.strip(" \t"):
+        return                           # the header line itself did not carry the value
+    std = StdMessage()
+    std["Content-Type"] = value
+    assert part.content_type == std.get_content_type()
+    for name in ("name", "filename", "charset", "boundary", "Name"):
+        try:
+            expected = stdlib_param(value, name)
+        except (TypeError, ValueError):      # the standard library's own failures: ours reads on
+            continue
+        assert part.param(name) == expected, name
+
+
+def test_continuation_numbers_the_standard_library_cannot_sort_or_convert_are_read():
+    part = Part.from_bytes(b"Content-Type: text/plain; name*=a; name*0=b; name*" + b"9" * 5000 + b"=c\n\nx")
+    assert part.param("name") == "abc"
+
+
+@st.composite
+def header_texts(draw) -> str:
+    """Encoded words (good, damaged, unclosed), text and white space, in any order."""
+    pieces = []
+    for _ in range(draw(st.integers(0, 8))):
+        if draw(st.booleans()):
+            charset = draw(st.sampled_from(["utf-8", "UTF-8", "iso-8859-1", "x-bogus", "us-ascii", ""]))
+            encoding = draw(st.sampled_from(["q", "Q", "b", "B", "x"]))
+            text = draw(st.lists(st.sampled_from(["=C3=BC", "=C3", "=BC", "_", "a", "YWJj", "w7w", "=", "?",
+                                                  "w7", "=E4", " "]), max_size=4).map("".join))
+            pieces.append(f"=?{charset}?{encoding}?{text}" + draw(st.sampled_from(["?=", "?=", ""])))
+        else:
+            pieces.append(draw(st.sampled_from(WORD_PIECES)))
+    return "".join(pieces)
+
+
+@SAME
+@given(value=st.one_of(header_texts(), st.lists(st.sampled_from(WORD_PIECES), max_size=16).map("".join)))
+def test_encoded_words_decode_as_the_standard_library_decodes_them(value):
+    from email.errors import MessageError
+    from email.header import decode_header, make_header
+
+    from ispmailgate_filters.mime import decode_words
+
+    try:
+        expected = str(make_header(decode_header(value))) if "=?" in value else value
+    except (ValueError, LookupError, UnicodeError, AssertionError, MessageError):
+        expected = value
+    assert decode_words(value) == expected
+
+
+def simple_boundary_lines(body: bytes, mark: bytes):
+    """The obvious reading of RFC 2046's delimiter lines, one Python step per mark found."""
+    position = body.find(mark)
+    while position >= 0:
+        if position == 0 or body[position - 1:position] == b"\n":
+            after = position + len(mark)
+            closing = body[after:after + 2] == b"--"
+            rest = after + 2 if closing else after
+            line_end = body.find(b"\n", rest)
+            line_end = len(body) if line_end < 0 else line_end + 1
+            if not body[rest:line_end].strip(b" \t\r\n"):
+                yield position, line_end, closing
+        position = body.find(mark, position + 1)
+
+
+@SAME
+@given(body=st.lists(st.sampled_from([b"--b", b"--", b"b", b"\n", b"\r\n", b" ", b"\t", b"\r", b"x", b"--bb"]),
+                     max_size=30).map(b"".join),
+       start=st.integers(0, 5))
+def test_delimiter_lines_are_found_as_the_obvious_reading_finds_them(body, start):
+    from ispmailgate_filters.mime import _boundary_lines
+
+    data = b"y" * start + body
+    found = [(begin - start, end - start, closing) for begin, end, closing
+             in _boundary_lines(data, start, len(data), b"--b")]
+    assert found == list(simple_boundary_lines(body, b"--b"))
