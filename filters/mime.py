@@ -255,7 +255,7 @@ class Part:
         if value is None:
             return self.default_type
         content_type = bare_head(_as_text(value)).partition(";")[0].strip().lower()
-        return content_type if content_type.count("/") == 1 else "text/plain"
+        return content_type if _TOKEN_TYPE.fullmatch(content_type) else "text/plain"     # RFC 2045 5.2
 
     def param(self, name: str, header: str = "Content-Type") -> str | None:
         """A parameter of Content-Type (or another header), RFC 2231 continuations joined."""
@@ -639,12 +639,14 @@ def _parse_headers(data: bytes | bytearray, start: int = 0, end: int | None = No
 
 def bare_head(value: str) -> str:
     """A structured field's value with the token(s) before its parameters read as a strict
-    parser reads them: comments (nested, with quoted pairs) and white space removed, so
-    ``(c) multipart/mixed`` is the multipart/mixed a reader sees.  The parameters after
-    the first ``;`` outside a comment stay as written.  One pass, linear."""
+    parser reads them: comments (nested, with quoted pairs) count as white space, white
+    space around ``/`` goes and other runs of it become one space, so ``(c) multipart
+    (x)/ mixed`` is the multipart/mixed a reader sees, and ``text/plain x`` stays two
+    words (no valid type).  The parameters after the first ``;`` outside a comment stay
+    as written.  One pass, linear."""
     if "(" not in value and not re.search(r"\s", value.split(";", 1)[0].strip()):
         return value.strip()
-    head, depth, escaped = [], 0, False
+    head, depth, escaped, rest = [], 0, False, ""
     for index, char in enumerate(value):
         if escaped:
             escaped = False
@@ -653,11 +655,17 @@ def bare_head(value: str) -> str:
             depth += {"(": 1, ")": -1}.get(char, 0)
         elif char == "(":
             depth = 1
+            head.append(" ")
         elif char == ";":
-            return "".join(head) + value[index:]
-        elif not char.isspace():
-            head.append(char)
-    return "".join(head)
+            rest = value[index:]
+            break
+        else:
+            head.append(" " if char.isspace() else char)
+    words = re.sub(r" *(/) *", r"\1", re.sub(r" +", " ", "".join(head))).strip()
+    return words + rest
+
+
+_TOKEN_TYPE = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+")
 
 
 def _field_value(raw: bytes) -> str:
