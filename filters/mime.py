@@ -85,6 +85,11 @@ class Headers:
         if top:
             self._fields.insert(0, field)
         else:
+            if self._fields and not self._fields[-1][1].endswith(b"\n"):
+                # the last field of a message that ends without a line end: end it first,
+                # or the new field would run on in the same line
+                last_name, last_raw = self._fields[-1]
+                self._fields[-1] = (last_name, last_raw + self.eol)
             self._fields.append(field)
         self.dirty = True
 

@@ -9,7 +9,7 @@ the dummy chain, two changing test filters, and the built-in filters that need n
 service (banner, packer both ways, pgp) routed by a rule to two recipients.  A crash is:
 an exit status other than 0, 69 or 75; a traceback on stderr; an internal error or a
 filter failure (both exit 75, so no mail is lost, but each is a bug); or, for the dummy
-chain, output that differs from the input.  Seeds: the shared corpus.
+chain, output that differs from the input.  Seeds: the test corpus, tests/corpus/.
 """
 
 from __future__ import annotations
@@ -83,12 +83,10 @@ def one_input(data: bytes) -> None:
 
 def main() -> None:
     """libFuzzer's options pass through; new inputs go to the first directory given (a
-    temporary one by default); the shared corpus is always added as read-only seeds."""
+    temporary one by default); the test corpus is always added as read-only seeds."""
     flags = [a for a in sys.argv[1:] if a.startswith("-")]
     directories = [a for a in sys.argv[1:] if not a.startswith("-")] or [tempfile.mkdtemp(prefix="igfuzz")]
-    seeds = HERE.parent.parent / "shared" / "corpus" / "mime-tools"
-    if seeds.is_dir():
-        directories.append(str(seeds))
+    directories.append(str(HERE.parent / "tests" / "corpus"))
     if not any(flag.startswith("-timeout=") for flag in flags):
         flags.append("-timeout=20")       # one input may take 20 s at most: a hang is a crash
     if not any(flag.startswith("-artifact_prefix=") for flag in flags):

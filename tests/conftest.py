@@ -20,14 +20,14 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-CORPUS = Path(os.environ.get("ISPMAILGATE_CORPUS", PROJECT.parent / "shared" / "corpus" / "mime-tools"))
+CORPUS = HERE / "corpus"          # messages written for these tests: see corpus/README.md
 GATE = Path(sys.executable).parent / "ispmailgate"
 
 
 def corpus_messages() -> list[Path]:
     """Every corpus message; a missing corpus is a failure, never a silent skip."""
-    messages = sorted(CORPUS.glob("*.msg"))
-    assert messages, f"the shared corpus is missing: {CORPUS} (set ISPMAILGATE_CORPUS)"
+    messages = sorted(CORPUS.glob("*.eml"))
+    assert messages, f"the test corpus is missing: {CORPUS}"
     return messages
 
 

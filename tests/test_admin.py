@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CORPUS, free_port, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 
 
 def text_of(run) -> str:

@@ -7,8 +7,8 @@ import email.policy
 
 from conftest import CORPUS, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MULTI = (CORPUS / "multi-2gifs.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MULTI = (CORPUS / "two-images.eml").read_bytes()
 
 
 def counter(path, tag: str) -> str:

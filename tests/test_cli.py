@@ -8,8 +8,8 @@ import pytest
 
 from conftest import CORPUS, HERE, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MBOX = (CORPUS / "ak-0696.msg").read_bytes()      # starts with "From specht@kulturbox.de ..."
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MBOX = (CORPUS / "mbox-forward.eml").read_bytes()      # starts with "From grace@navy.example.mil ..."
 
 
 def test_shell_mode_reads_the_envelope_from_the_message(config_file):
@@ -17,7 +17,7 @@ def test_shell_mode_reads_the_envelope_from_the_message(config_file):
     assert run.code == 0
     assert run.stdout == SIMPLE
     [line] = run.stderr.splitlines()
-    assert "to=<sitaram@selsvr.stx.com>,<johnson@killians.gsfc.nasa.gov>" in line
+    assert "to=<charles@engine.example.net>,<mary@engine.example.net>" in line
     assert "rule=default chain=dummy outcome=sent" in line
 
 
@@ -33,7 +33,7 @@ def test_shell_mode_takes_the_sender_from_the_from_line(config_file, tmp_path):
     assert run.code == 0, run.stderr
     assert run.stdout == MBOX
     log = (tmp_path / "gate.log").read_text()
-    assert "from=<specht@kulturbox.de>" in log
+    assert "from=<grace@navy.example.mil>" in log
 
 
 def test_from_line_gives_the_sender_and_is_not_delivered(config_file, smtp_sink):
@@ -41,7 +41,7 @@ def test_from_line_gives_the_sender_and_is_not_delivered(config_file, smtp_sink)
     run = run_inline(["-c", str(config), "rcpt@example.com"], MBOX)
     assert run.code == 0, run.stderr
     [received] = smtp_sink.messages
-    assert received.mail_from == "specht@kulturbox.de"
+    assert received.mail_from == "grace@navy.example.mil"
     assert not received.content.startswith(b"From ")
     assert received.rcpt_tos == ["rcpt@example.com.ispmailgate"]
 
@@ -165,7 +165,7 @@ def test_one_log_line_per_message(config_file, smtp_sink, tmp_path):
     lines = [line for line in (tmp_path / "gate.log").read_text().splitlines()
              if "mail_user is root" not in line]      # the fixture's explicit root, warned about
     assert len(lines) == 1
-    assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: msgid=- "
+    assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: msgid=<notes-1843@lab.example.org> "
                      r"from=<a@b.example> size=%d "
                      r"to=<c@d.example>,<e@f.example> rule=default chain=dummy outcome=sent .* "
                      r"status=done ms=\d+" % len(SIMPLE), lines[0]), lines[0]

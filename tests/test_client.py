@@ -16,8 +16,8 @@ from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, client
 from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
 from serving import python, sink  # noqa: F401  (fixtures)
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MBOX = (CORPUS / "ak-0696.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MBOX = (CORPUS / "mbox-forward.eml").read_bytes()
 
 
 def test_client_options_come_first_and_everything_else_is_forwarded(monkeypatch):

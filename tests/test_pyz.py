@@ -13,8 +13,8 @@ import pytest
 from conftest import CORPUS, PROJECT, crlf
 
 CLEAN_PYTHON = "/usr/bin/python3"
-MULTI = (CORPUS / "multi-2gifs.msg").read_bytes()
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+MULTI = (CORPUS / "two-images.eml").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 
 
 @pytest.fixture(scope="module")
