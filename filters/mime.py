@@ -181,7 +181,12 @@ class Part:
     def to_bytes(self) -> bytes:
         if not self.changed and self._raw is not None:
             return self._raw
-        return self.headers.to_bytes() + self.separator + self.body_bytes()
+        body, separator = self.body_bytes(), self.separator
+        if not separator and body[:1] in (b" ", b"\t") and len(self.headers):
+            # a message with no header at all whose first line starts with white space: a
+            # field added on top would take that line as its continuation
+            separator = self.headers.eol
+        return self.headers.to_bytes() + separator + body
 
     def body_bytes(self) -> bytes:
         """The body as it goes out: for a container, reassembled from its children."""
@@ -725,12 +730,26 @@ def _decode_uu(body: bytes) -> bytes:
             continue
         if line.strip() in (b"end", b"`"):
             break
-        try:
-            out.append(binascii.a2b_uu(line))
-        except binascii.Error:
-            length = ((line[0] - 32) & 63) if line else 0
-            out.append(binascii.a2b_uu(line[: (length * 4 + 5) // 3 + 1]) if length else b"")
+        out.append(_uu_line(line))
     return b"".join(out)
+
+
+def _uu_line(line: bytes) -> bytes:
+    """One line of uuencode; a damaged one gives what its length byte promises, characters
+    outside uuencode's alphabet read as zero bits (as tolerant uudecoders do)."""
+    try:
+        return binascii.a2b_uu(line)
+    except binascii.Error:
+        pass
+    length = ((line[0] - 32) & 63) if line else 0
+    chars = line[: (length * 4 + 5) // 3 + 1].translate(_UU_CLEAN)
+    try:
+        return binascii.a2b_uu(chars) if length else b""
+    except binascii.Error:
+        return b""
+
+
+_UU_CLEAN = bytes(c if 32 <= c <= 96 else 32 for c in range(256))
 
 
 def choose_encoding(data: bytes, current: str, content_type: str) -> str:

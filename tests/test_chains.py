@@ -213,6 +213,15 @@ def test_header_only_change_leaves_the_body_byte_identical(config_file):
     assert run.stdout == b"X-Stamp: yes\n" + MULTI
 
 
+def test_a_field_added_on_top_never_takes_a_first_line_that_starts_with_white_space(config_file):
+    from ispmailgate_filters.mime import Message
+
+    config = config_file('default_filter = ["gate_test_filters:Stamp"]\n')
+    run = run_inline(["-c", str(config), "--stdout", "-f", "s@x.example", "a@x"], b"\tinfected\nmore\n")
+    assert run.stdout == b"X-Stamp: yes\n\n\tinfected\nmore\n"
+    assert Message(run.stdout).headers.items() == [("X-Stamp", "yes")]
+
+
 def test_one_changed_part_leaves_the_others_byte_identical(config_file):
     from ispmailgate_filters.mime import Message
 

@@ -80,3 +80,19 @@ def test_the_corpus_readme_describes_every_message_and_no_other():
 
     listed = set(re.findall(r"^\| `([^`]+\.eml)` \|", (CORPUS / "README.md").read_text(), re.M))
     assert listed == {path.name for path in MESSAGES}
+
+
+def test_a_damaged_uuencoded_line_decodes_to_what_its_length_promises():
+    """Found by the fuzz target from uuencoded-part.eml: one bad character made the whole
+    part a filter error (binascii.Error) instead of a decoded body."""
+    from conftest import CORPUS
+    from ispmailgate_filters.mime import Message
+
+    data = (CORPUS / "uuencoded-part.eml").read_bytes()
+    [part] = [p for p in Message(data).leaves() if p.transfer_encoding == "x-uuencode"]
+    good = part.decoded()
+    first = part.body.split(b"\n")[1]                 # the line after "begin 644 table.csv"
+    damaged = Message(data.replace(first, first[:5] + b"\xff\x7f" + first[7:], 1))
+    [part] = [p for p in damaged.leaves() if p.transfer_encoding == "x-uuencode"]
+    decoded = part.decoded()
+    assert len(decoded) == len(good) and decoded[45:] == good[45:]
