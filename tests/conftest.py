@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -22,6 +23,57 @@ HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 CORPUS = HERE / "corpus"          # messages written for these tests: see corpus/README.md
 GATE = Path(sys.executable).parent / "ispmailgate"
+
+
+# -- nothing outside the checkout ------------------------------------------------------------
+# The tests read what the repository holds, never a folder beside it (a clone on another
+# machine has none).  Besides the checkout, a test may open files in the temporary
+# directory, in the system's own trees and in Python's installation; an existing file
+# anywhere else, or a new one written there, fails the open and the session.  (.ci/run also
+# runs the suite from a fresh clone whose parent folder is empty.)
+
+class OutsideTheCheckout(AssertionError):
+    """Not an OSError: code that tolerates a missing file must not tolerate this."""
+
+
+SYSTEM_TREES = ("/usr", "/etc", "/proc", "/sys", "/dev", "/run", "/var", "/lib", "/lib32", "/lib64",
+                "/bin", "/sbin", "/tmp")
+ALLOWED = tuple({os.path.realpath(p) for p in (PROJECT, tempfile.gettempdir(), *SYSTEM_TREES, sys.prefix,
+                                               sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)})
+OUTSIDE: list[str] = []
+
+
+def outside_the_checkout(path: str, writing: bool) -> bool:
+    real = os.path.realpath(path)
+    if any(real == top or real.startswith(top.rstrip("/") + "/") for top in ALLOWED):
+        return False
+    return os.path.exists(real) or writing and os.path.isdir(os.path.dirname(real))
+
+
+def _audit_open(event: str, args: tuple) -> None:
+    if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path, mode, flags = os.fsdecode(args[0]), args[1] or "", args[2] or 0
+    writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+    if outside_the_checkout(path, bool(writing)):
+        OUTSIDE.append(path)
+        raise OutsideTheCheckout(f"a test opened {path}, outside the checkout {PROJECT}: tests use "
+                                 "only what the repository holds (messages: tests/corpus/)")
+
+
+sys.addaudithook(_audit_open)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if OUTSIDE:     # even where the error was caught and swallowed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if OUTSIDE:
+        terminalreporter.section("files outside the checkout", red=True)
+        for path in sorted(set(OUTSIDE)):
+            terminalreporter.write_line(path)
 
 
 def corpus_messages() -> list[Path]:
