@@ -11,6 +11,7 @@ import zipfile
 import pytest
 
 from conftest import CORPUS, PROJECT, crlf
+from prepared import wheels
 
 CLEAN_PYTHON = "/usr/bin/python3"
 MULTI = (CORPUS / "two-images.eml").read_bytes()
@@ -20,7 +21,8 @@ SIMPLE = (CORPUS / "plain.eml").read_bytes()
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory):
     output = tmp_path_factory.mktemp("pyz") / "ispmailgate.pyz"
-    process = subprocess.run([sys.executable, str(PROJECT / "tools" / "build-pyz"), "-o", str(output)],
+    process = subprocess.run([sys.executable, str(PROJECT / "tools" / "build-pyz"), "-o", str(output),
+                              "--wheels", str(wheels())],
                              capture_output=True, text=True, timeout=900, check=False)
     assert process.returncode == 0, process.stdout + process.stderr
     return output
