@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import CORPUS, HERE, run_gate, run_inline
+from conftest import CORPUS, HERE, free_port, run_gate, run_inline
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MBOX = (CORPUS / "mbox-forward.eml").read_bytes()      # starts with "From grace@navy.example.mil ..."
@@ -217,3 +217,30 @@ def test_undecodable_bytes_and_nul_in_logged_fields_never_break_logging(config_f
     assert "Logging error" not in run.stderr
     log = (tmp_path / "gate.log").read_text()
     assert "msgid=<\\x9a\\xdc\\xff\\0nul@example.org>" in log
+
+
+def test_a_deferral_says_its_reason_once(config_file):
+    """Postfix's queue shows every stderr line of the run: the reason once, not twice."""
+    config = config_file(f'mail_host = "127.0.0.1:{free_port()}"\n')
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    [line] = run.stderr.splitlines()
+    assert line.startswith("4.4.1 smtp:127.0.0.1:") and line.endswith(": connection refused")
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_run_whose_log_goes_nowhere_says_so_after_its_status_line(config_file, monkeypatch, reachable):
+    import ispmailgate
+
+    monkeypatch.setattr(ispmailgate, "syslog_reachable", lambda: reachable)
+    unlogged = "ispmailgate: " + ispmailgate.UNLOGGED
+    config = config_file(f'log_file = ""\nmail_host = "127.0.0.1:{free_port()}"\n')
+    run = run_inline(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert run.stderr.splitlines()[1:] == ([] if reachable else [unlogged])
+    assert run.first_line.startswith("4.4.1 ")
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert (run.code, run.stdout) == (0, SIMPLE)
+    assert run.stderr == ("" if reachable else unlogged + "\n")
+    with_file = config_file('log_file = "-"\n', name="stderr.toml")
+    assert unlogged not in run_inline(["-c", str(with_file), "--stdout", "-f", "a@b", "c@d"], SIMPLE).stderr

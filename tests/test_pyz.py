@@ -39,7 +39,8 @@ def rule_file(tmp_path, smtp_sink):
     """As conftest's config_file: tests run as root, and a run as root needs mail_user."""
     rules = tmp_path / "rules.toml"
     user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
-    rules.write_text(f'tmp_dir = "{tmp_path}"\nmail_host = "{smtp_sink.address}"\n{user}')
+    rules.write_text(f'tmp_dir = "{tmp_path}"\nlog_file = "{tmp_path}/gate.log"\n'
+                     f'mail_host = "{smtp_sink.address}"\n{user}')
     return rules
 
 
