@@ -153,6 +153,8 @@ def _log_file_problems(key: str, path: Path) -> list[ConfigError]:
     if path.exists():
         writable = path.is_file() and os.access(path, os.W_OK)
         return [] if writable else [ConfigError(key, f"{path}: not a writable file for uid {os.getuid()}")]
+    if not path.parent.is_dir():
+        return [ConfigError(key, f"{path}: cannot be created: {path.parent}: no such directory")]
     if not os.access(path.parent, os.W_OK | os.X_OK):
         return [ConfigError(key, f"{path}: cannot be created: {path.parent} is not writable "
                                  f"for uid {os.getuid()}")]

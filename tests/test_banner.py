@@ -90,7 +90,7 @@ def test_problems_name_missing_or_unreadable_files(tmp_path):
     assert found[1].startswith("html_file ") and "utf-8" in found[1]
 
 
-def test_every_option_is_documented_in_one_line_and_in_the_readme():
+def test_every_option_is_documented_in_one_line_and_in_the_man_page():
     from ispmailgate_filters.banner import Banner
 
     assert_documented(Banner)

@@ -158,6 +158,58 @@ def test_every_option_of_every_filter_in_this_build_is_in_the_man_page():
             assert re.search(rf"^\s+{option} = ", text, re.M), f"{name}.{option}"
 
 
+# -- the README: an overview whose every option and key the man pages explain ----------------------
+
+README = PROJECT / "README.md"
+
+
+def readme_code() -> tuple[list[str], list[str]]:
+    """The README's code: (fenced blocks, inline spans)."""
+    text = README.read_text()
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+    return blocks, spans
+
+
+def test_every_option_the_readme_shows_is_in_the_man_page():
+    blocks, spans = readme_code()
+    options = set()
+    for line in [line for block in blocks for line in block.splitlines()] + spans:
+        for command in re.finditer(r"(?<![\w/-])(?:/usr/local/bin/|\.venv/bin/)?ispmailgate(?:-client)?\b(.*)", line):
+            options.update(re.findall(r"(?<!\S)(--?[a-z][a-z-]*)", command.group(1)))
+    assert {"-f", "-c", "--stdout", "--config-only", "--dry-run"} <= options      # the test reads them
+    text = rendered(MAN / "ispmailgate.1")
+    assert [option for option in sorted(options) if not mentions(text, option)] == []
+
+
+def test_every_rule_file_key_the_readme_shows_is_in_the_man_page():
+    import tomllib
+
+    import ispmailgate
+
+    blocks, spans = readme_code()
+    toml = [block for block in blocks if re.search(r"^\w+ = ", block, re.M)]
+    assert toml, "the README shows a rule file"
+    keys = {key for block in toml for key in re.findall(r"^\s*(\w+)\s*=", block, re.M)}
+    keys |= {m.group(1) for span in spans if (m := re.match(r"(\w+) = ", span))}
+    keys |= {m.group(1) for span in [*spans, *toml] for m in re.finditer(r"\[\[?(\w+)", span)}
+    assert {"mail_host", "loop_suffix", "text_file", "recipient_not", "recipients", "filter"} <= keys
+    text = rendered(MAN / "ispmailgate.toml.5")
+    assert [key for key in sorted(keys) if not mentions(text, key)] == []
+    for block in toml:          # and each example is a rule file a run accepts
+        ispmailgate.build_config(tomllib.loads(block), "README.md")
+
+
+def test_the_readme_is_an_overview_that_points_at_the_reference():
+    text = README.read_text()
+    assert len(text.split()) < 1500, "five minutes of reading"
+    assert "| option |" not in text            # the options live in the man pages
+    assert "man ispmailgate`" in text and "man ispmailgate.toml`" in text
+    commands = re.findall(r"^    (\S.*)$", text, re.M)      # the indented set-up commands
+    assert commands == ["apt-get update && apt-get install -y python3-venv && python3 -m venv .venv && "
+                        ".venv/bin/pip install . && .venv/bin/ispmailgate < examples/sample.eml", "tools/test"]
+
+
 # -- completions ------------------------------------------------------------------------------------
 
 def bash_complete(words: list[str], cwd: Path | None = None) -> list[str]:

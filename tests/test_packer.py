@@ -87,7 +87,7 @@ def test_problems_name_missing_commands():
         ["command_neg: /nonexistent/unzstd not found or not executable"]
 
 
-def test_every_option_is_documented_in_one_line_and_in_the_readme():
+def test_every_option_is_documented_in_one_line_and_in_the_man_page():
     assert_documented(Packer)
 
 

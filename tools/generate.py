@@ -16,6 +16,7 @@ syslog facilities, MODE from the client's fallbacks.  The filter options come fr
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +73,22 @@ def cli() -> tuple[Command, list[Command]]:
     return main, [_command(name, command, parent) for name, command in sorted(group.commands.items())]
 
 
+CLIENT_HELP = {"--socket": "Unix socket of ispmailgate serve (else $ISPMAILGATE_SOCKET, else {socket}).",
+               "--fallback": "When no server answers: oneshot (run ispmailgate) or tempfail (exit 75)."}
+
+
 def client_options() -> tuple[Option, ...]:
-    """ispmailgate-client parses its two options by hand (no typer: it must start fast)."""
+    """ispmailgate-client parses its few options by hand (no typer: it must start fast);
+    they are read from the usage line of its docstring: [--name METAVAR] or [--name a|b]."""
     import ispmailgate_client
 
-    return (Option(("--socket",), "PATH", "Unix socket of ispmailgate serve (else $ISPMAILGATE_SOCKET, "
-                                          f"else {ispmailgate_client.DEFAULT_SOCKET})."),
-            Option(("--fallback",), "MODE", "When no server answers: oneshot (run ispmailgate) or "
-                                            "tempfail (exit 75)."))
+    usage = ispmailgate_client.__doc__.split("\n\n")[1]
+    options = []
+    for name, value in re.findall(r"\[(--[a-z-]+) ([A-Za-z|]+)\]", usage):
+        metavar = "MODE" if "|" in value else value
+        help = CLIENT_HELP.get(name, "See ispmailgate(1).").format(socket=ispmailgate_client.DEFAULT_SOCKET)
+        options.append(Option((name,), metavar, help))
+    return tuple(options)
 
 
 def _values(metavar: str | None) -> tuple[str, ...]:
