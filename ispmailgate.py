@@ -1202,11 +1202,11 @@ class Gate:
             # the MTA puts every line into its queue's reason: what the status line said, once
             for line in [line for line in self.errors if code == EX_OK or one_line(text) not in line][:20]:
                 self.streams.stderr.write(f"ispmailgate: {line}\n")
-        if self.unlogged:
-            self.streams.stderr.write(f"ispmailgate: {UNLOGGED}\n")
         if self.request.shell_mode or self.request.debug:
             for line in self.summary:
                 self.streams.stderr.write(f"ispmailgate: {line}\n")
+        if self.unlogged:
+            self.streams.stderr.write(f"ispmailgate: {UNLOGGED}\n")
         self.streams.stderr.flush()
         return code
 
