@@ -109,6 +109,15 @@ def test_example_rule_file_is_valid_for_every_filter_this_build_has():
     assert config.rules[0].chain[0].name == "dummy"
 
 
+@pytest.mark.parametrize("name", sorted(path.name for path in EXAMPLES.glob("*.toml")))
+def test_every_example_rule_file_passes_check_config_only_on_a_machine_with_nothing_set_up(name):
+    """What an administrator's CI runs before a rule file reaches the gateway: no clamd, no
+    key ring, no spool, no next hop is needed for it."""
+    run = run_gate(["check", "--config-only", "-c", str(EXAMPLES / name)], b"")
+    assert run.code == 0, run.stdout.decode()
+    assert "nothing on this machine was checked" in run.stdout.decode().splitlines()[-1]
+
+
 def test_example_rules_route_as_their_comments_say():
     import ispmailgate
 
