@@ -1289,10 +1289,20 @@ UNLOGGED = ("nothing of this run was logged: syslog is not reachable (nothing li
             "and log_file is unset or cannot be opened (ispmailgate check says more)")
 
 
-def syslog_reachable(path: str = "/dev/log") -> bool:
+def syslog_reachable(path: str = "/dev/log", probe: bool = True) -> bool:
     """Does anything listen where syslog(3) sends its lines?  With no daemon (containers,
-    minimal hosts) the C library drops every line without a word."""
-    import _socket      # the C module: socket.py would cost the one-shot path its enum import
+    minimal hosts) the C library drops every line without a word.  ``probe=False``, for
+    every run: a socket there is taken for a daemon (a stat, no import, no connect)."""
+    import stat
+
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    if not probe:
+        return True
+    import _socket      # the C module: socket.py would cost its enum import
 
     for kind in (_socket.SOCK_DGRAM, _socket.SOCK_STREAM):
         probe = _socket.socket(_socket.AF_UNIX, kind)
@@ -1333,7 +1343,7 @@ def configure_logging(facility: str, debug: bool, log_file: str, errors: list[st
                                                    + "%(message)s"))
             log.addHandler(handler)
             return True
-    return syslog_reachable()
+    return syslog_reachable(probe=False)
 
 
 if __name__ == "__main__":

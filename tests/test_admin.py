@@ -491,11 +491,14 @@ def test_syslog_is_reachable_only_where_something_listens(tmp_path):
     from ispmailgate import syslog_reachable
 
     path = str(tmp_path / "log")
-    assert not syslog_reachable(path)
+    assert not syslog_reachable(path) and not syslog_reachable(path, probe=False)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
         daemon.bind(path)
-        assert syslog_reachable(path)
-    assert not syslog_reachable(path)          # the file is left, nobody listens
+        assert syslog_reachable(path) and syslog_reachable(path, probe=False)
+    assert not syslog_reachable(path)          # the file is left, nobody listens: check says so
+    assert syslog_reachable(path, probe=False)      # a run takes a socket there on trust
+    (tmp_path / "plain").write_text("")
+    assert not syslog_reachable(str(tmp_path / "plain"), probe=False)
 
 
 def test_check_says_whether_the_client_user_can_reach_the_socket(config_file):

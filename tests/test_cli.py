@@ -232,7 +232,7 @@ def test_a_deferral_says_its_reason_once(config_file):
 def test_a_run_whose_log_goes_nowhere_says_so_after_its_status_line(config_file, monkeypatch, reachable):
     import ispmailgate
 
-    monkeypatch.setattr(ispmailgate, "syslog_reachable", lambda: reachable)
+    monkeypatch.setattr(ispmailgate, "syslog_reachable", lambda probe=True: reachable)
     unlogged = "ispmailgate: " + ispmailgate.UNLOGGED
     config = config_file(f'log_file = ""\nmail_host = "127.0.0.1:{free_port()}"\n')
     run = run_inline(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
