@@ -152,11 +152,23 @@ def serve(
 
 
 @admin_cli.command("check")
-def check_command(ctx: typer.Context, config: ConfigOption = None) -> int:
+def check_command(
+    ctx: typer.Context,
+    config: ConfigOption = None,
+    config_only: Annotated[bool, typer.Option(
+        "--config-only", help="Check the rule file alone (syntax, keys, types, regexes, filter "
+                              "options): nothing on this machine, for a CI before the gateway.")] = False,
+    client_user: Annotated[str | None, typer.Option(
+        "--client-user", metavar="USER",
+        help="Also check that USER, as whom the MTA runs ispmailgate-client, can connect to the "
+             "socket of ispmailgate serve.")] = None,
+) -> int:
     """Check the rule file and what its filters need; exit 0, or 78 with one line per problem."""
     from ispmailgate_admin import check
 
-    return check(config, ctx.obj.streams)
+    if config_only and client_user is not None:
+        raise typer.BadParameter("--client-user checks this machine; --config-only checks nothing on it")
+    return check(config, ctx.obj.streams, config_only=config_only, client_user=client_user)
 
 
 @admin_cli.command("explain")
@@ -573,10 +585,12 @@ def _read_rule_file(path: Path) -> tuple[os.stat_result, dict[str, Any]]:
 
 
 class _Checked:
-    """Calls a config reader: raises its ConfigError, or, given a list, collects it there."""
+    """Calls a config reader: raises its ConfigError, or, given a list, collects it there
+    (``failures`` counts them, so a reader of several parts can tell that one failed)."""
 
     def __init__(self, problems: list[ConfigError] | None) -> None:
         self.problems = problems
+        self.failures = 0
 
     def __call__(self, read, *args, fallback: Any = None) -> Any:
         try:
@@ -585,6 +599,7 @@ class _Checked:
             if self.problems is None:
                 raise
             self.problems.append(error)
+            self.failures += 1
             return fallback
 
 
@@ -610,9 +625,8 @@ def build_config(table: dict[str, Any], source: str,
     filters = _named_filters(table.get("filter", {}), checked)
     domains = values["internal_domains"]
     rules = tuple(rule for i, entry in enumerate(checked(_rule_list, table, fallback=[]))
-                  if (rule := checked(_rule, entry, i, filters, domains)) is not None)
-    default_chain = checked(resolve_chain, values["default_filter"], "default_filter", filters,
-                            fallback=())
+                  if (rule := _rule(entry, i, filters, domains, checked)) is not None)
+    default_chain = resolve_chain(values["default_filter"], "default_filter", filters, checked)
     return Config(source, values, rules, default_chain, filters, sections)
 
 
@@ -648,27 +662,33 @@ RULE_KEYS = {
 
 
 def _rule(entry: dict[str, Any], index: int, filters: dict[str, Filter],
-          internal_domains: tuple[str, ...]) -> Rule:
-    where = f"recipients[{index}]"
-    unknown = set(entry) - set(RULE_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", f"unknown key ({', '.join(RULE_KEYS)})")
-    if "filters" not in entry:
-        raise ConfigError(f"{where}.filters", "missing: the chain for matching recipients")
-    try:
-        chain_names = _strings(entry["filters"])
-    except ValueError as error:
-        raise ConfigError(f"{where}.filters", str(error)) from None
+          internal_domains: tuple[str, ...], checked: _Checked) -> Rule | None:
+    """One ``[[recipients]]`` entry, or None: every problem of it goes to ``checked`` (a bad
+    regex must not hide a misspelt filter name in the same rule), a run stops at the first."""
+    where, failures = f"recipients[{index}]", checked.failures
+    for key in sorted(set(entry) - set(RULE_KEYS)):
+        checked(_raise, ConfigError(f"{where}.{key}", f"unknown key ({', '.join(RULE_KEYS)})"))
+    chain = resolve_chain(checked(_chain_names, entry, where, fallback=()), f"{where}.filters",
+                          filters, checked)
     conditions = []
     for subject in ("recipient", "sender"):
         for key, negate in ((subject, False), (f"{subject}_not", True)):
-            pattern = _pattern(entry.get(key, ""), f"{where}.{key}")
+            pattern = checked(_pattern, entry.get(key, ""), f"{where}.{key}")
             if pattern is not None:
                 conditions.append(Condition(subject, pattern, negate=negate))
         if f"{subject}_is" in entry:
-            conditions.append(_domain_condition(subject, entry[f"{subject}_is"],
-                                                f"{where}.{subject}_is", internal_domains))
-    return Rule(where, tuple(conditions), resolve_chain(chain_names, f"{where}.filters", filters))
+            conditions.append(checked(_domain_condition, subject, entry[f"{subject}_is"],
+                                      f"{where}.{subject}_is", internal_domains))
+    return None if checked.failures > failures else Rule(where, tuple(conditions), chain)
+
+
+def _chain_names(entry: dict[str, Any], where: str) -> tuple[str, ...]:
+    if "filters" not in entry:
+        raise ConfigError(f"{where}.filters", "missing: the chain for matching recipients")
+    try:
+        return _strings(entry["filters"])
+    except ValueError as error:
+        raise ConfigError(f"{where}.filters", str(error)) from None
 
 
 def _domain_condition(subject: str, value: Any, where: str, domains: tuple[str, ...]) -> Condition:
@@ -718,11 +738,19 @@ def _named_filter(name: str, options: Any) -> Filter:
     return _built(filter_class(kind, f"{where}.type"), options, where, name)
 
 
-def resolve_chain(names: tuple[str, ...], where: str, filters: dict[str, Filter]) -> tuple[Filter, ...]:
-    """A chain's names: each a ``[filter.NAME]`` instance or a type with its defaults."""
-    return tuple(filters[name] if name in filters
-                 else _built(filter_class(name, f"{where}[{i}]"), {}, f"{where}[{i}]")
-                 for i, name in enumerate(names))
+def resolve_chain(names: tuple[str, ...], where: str, filters: dict[str, Filter],
+                  checked: _Checked | None = None) -> tuple[Filter, ...]:
+    """A chain's names: each a ``[filter.NAME]`` instance or a type with its defaults.
+
+    With ``checked`` collecting problems, every unknown name is one; the chain is then ()."""
+    checked = checked or _Checked(None)
+    failures = checked.failures
+    chain = tuple(checked(_chain_step, name, f"{where}[{i}]", filters) for i, name in enumerate(names))
+    return () if checked.failures > failures else chain
+
+
+def _chain_step(name: str, where: str, filters: dict[str, Filter]) -> Filter:
+    return filters[name] if name in filters else _built(filter_class(name, where), {}, where)
 
 
 def _built(cls: type[Filter], options: dict[str, Any], where: str, label: str = "") -> Filter:
@@ -1180,18 +1208,22 @@ class Gate:
         # report that carries it): the commit point.  From then on nothing the gate does
         # itself -- logging, reports, the time limit, an exception -- may end in 75.
         self.delivered = False
+        self.unlogged = False           # no syslog daemon and no log_file: say so once
 
     def run(self) -> int:
         config = self._config()
         self.config = config
         configure_logging(self.request.facility or config.facility, self.request.debug,
                           "", self.errors, self.id)
+        syslog_up = syslog_reachable(probe=False)
+        self.unlogged = not syslog_up and not config.log_file
         for warning in config.warnings:
             log.warning("%s", warning)
         umask = os.umask(0o077)     # what the gate and its filters write is theirs alone
         try:
             drop_privileges(config)
-            add_log_file(config.log_file, self.id)      # opened as mail_user, never as root
+            opened = add_log_file(config.log_file, self.id)     # opened as mail_user, never as root
+            self.unlogged = not syslog_up and not opened
             with time_limit(config.time_limit) as self.clock:
                 return self._run(config)
         except TimeLimitExceeded:       # raised only before the first delivery starts
@@ -1395,11 +1427,14 @@ class Gate:
             if code != EX_OK:
                 _status_line(self.streams, code, status, text)
             if self.errors and (code != EX_OK or self.request.shell_mode):
-                for line in self.errors[:20]:
+                # the MTA puts every line into its queue's reason: what the status line said, once
+                for line in [line for line in self.errors if code == EX_OK or one_line(text) not in line][:20]:
                     self.streams.stderr.write(f"ispmailgate: {line}\n")
             if self.request.shell_mode or self.request.debug:
                 for line in self.summary[:1000]:
                     self.streams.stderr.write(f"ispmailgate: {line}\n")
+            if self.unlogged:
+                self.streams.stderr.write(f"ispmailgate: {UNLOGGED}\n")
             self.streams.stderr.flush()
         except (OSError, ValueError):       # stderr closed: the exit status still says it
             pass
@@ -1502,9 +1537,41 @@ class _Collector(logging.Handler):
         self.lines.append(one_line(record.getMessage()))
 
 
+UNLOGGED = ("nothing of this run was logged: syslog is not reachable (nothing listens on /dev/log) "
+            "and log_file is unset or cannot be opened (ispmailgate check says more)")
+
+
+def syslog_reachable(path: str = "/dev/log", probe: bool = True) -> bool:
+    """Does anything listen where syslog(3) sends its lines?  With no daemon (containers,
+    minimal hosts) the C library drops every line without a word.  ``probe=False``, for
+    every run: a socket there is taken for a daemon (a stat, no import, no connect)."""
+    import stat
+
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    if not probe:
+        return True
+    import _socket      # the C module: socket.py would cost its enum import
+
+    for kind in (_socket.SOCK_DGRAM, _socket.SOCK_STREAM):
+        probe = _socket.socket(_socket.AF_UNIX, kind)
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    return False
+
+
 def configure_logging(facility: str, debug: bool, log_file: str, errors: list[str],
-                      run_id: str = "") -> None:
-    """Syslog (and log_file); every line of one message starts with its run id."""
+                      run_id: str = "") -> bool:
+    """Syslog (and log_file); every line of one message starts with its run id.  False when
+    the lines go nowhere: syslog unreachable, and no log_file (or one that cannot be opened)."""
     prefix = f"{run_id}: " if run_id else ""
     for handler in list(log.handlers):
         log.removeHandler(handler)
@@ -1518,8 +1585,7 @@ def configure_logging(facility: str, debug: bool, log_file: str, errors: list[st
     log.addHandler(syslog_handler)
     log.addHandler(_Collector(errors))
     log.addHandler(_Early())
-    if log_file:
-        add_log_file(log_file, run_id)
+    return (bool(log_file) and add_log_file(log_file, run_id)) or syslog_reachable(probe=False)
 
 
 class _Early(logging.Handler):
@@ -1547,27 +1613,29 @@ class _FileLog(logging.StreamHandler):
             super().close()
 
 
-def add_log_file(log_file: str, run_id: str = "") -> None:
-    """Also log to ``log_file`` ("-": stderr).  A run calls this after it dropped root, so
-    the file is opened as mail_user; opened as root it must pass ``open_log_file``."""
+def add_log_file(log_file: str, run_id: str = "") -> bool:
+    """Also log to ``log_file`` ("-": stderr); False when there is none or it cannot be
+    opened.  A run calls this after it dropped root, so the file is opened as mail_user;
+    opened as root it must pass ``open_log_file``."""
     early = [h for h in log.handlers if isinstance(h, _Early)]
     for buffer in early:
         log.removeHandler(buffer)
     if not log_file:
-        return
+        return False
     from ispmailgate_filters.files import open_log_file
 
     try:
         handler = logging.StreamHandler(sys.stderr) if log_file == "-" else _FileLog(open_log_file(log_file))
     except OSError as error:
         log.warning("cannot open log_file %s: %s", log_file, error.strerror or error)
-        return
+        return False
     prefix = f"{run_id}: " if run_id else ""
     handler.setFormatter(logging.Formatter("%(asctime)s ispmailgate[%(process)d]: " + prefix + "%(message)s"))
     handler.setLevel(log.level)
     for record in (record for buffer in early for record in buffer.records):
         handler.handle(record)
     log.addHandler(handler)
+    return True
 
 
 if __name__ == "__main__":

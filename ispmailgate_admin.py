@@ -1,9 +1,10 @@
 """The administrator's commands: ``check``, ``explain`` and the report of ``--dry-run``.
 
 None of them delivers anything.  ``check`` reads the rule file the way a run does, but
-collects every problem instead of stopping at the first, then asks each filter about its
-environment (``Filter.problems()``) and looks at what the core itself needs: the work
-directory, the log file, the next hop.  ``explain`` routes recipients without a message;
+collects every problem instead of stopping at the first, then (unless ``--config-only``)
+asks each filter about its environment (``Filter.problems()``) and looks at what the core
+itself needs: the work directory, somewhere to log, the next hop; given ``--client-user``,
+whether that user can reach the socket of ``ispmailgate serve``.  ``explain`` routes recipients without a message;
 ``dry_run_report`` describes a run whose chains have run but whose delivery did not.
 
 Imported only by those commands, so the delivery path never pays for it.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from ispmailgate import (BUILT_IN_CONFIG, EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
                          ChainRunner, Config, Gate, Leaf, Route, StepTrace, Streams,
-                         envelope_addresses, find_config, load_config, route)
+                         envelope_addresses, find_config, load_config, route, syslog_reachable)
 from ispmailgate_delivery import (Delivery, SmtpHop, SmtpSession, _socket_reason, configured_hop,
                                   parse_hop)
 from ispmailgate_filters.base import ConfigError, Filter, Reject
@@ -49,8 +50,10 @@ class Output:
 # check
 # =========================================================================================
 
-def check(requested: Path | None, streams: Streams) -> int:
-    """Every problem of the rule file and its environment, one line each: exit 0 or 78."""
+def check(requested: Path | None, streams: Streams, *, config_only: bool = False,
+          client_user: str | None = None) -> int:
+    """Every problem of the rule file (and, unless ``config_only``, of what it needs from
+    this host), one line each, then the warnings, each said once: exit 0 or 78."""
     out = Output(streams)
     path = find_config(requested)
     if path is None:
@@ -58,46 +61,67 @@ def check(requested: Path | None, streams: Streams) -> int:
     problems: list[ConfigError] = []
     config = load_config(path, problems)
     if config is not None:
-        problems += environment_problems(config)
-    for problem in problems:
-        out.line(str(problem))
-    for warning in dkim_warnings(config) if config is not None else ():
-        out.line(f"{config.path}: {warning}")
-    source = str(path) if path is not None else BUILT_IN_CONFIG
-    if problems:
-        out.line(f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}")
-    else:
-        out.line(f"{source}: OK ({len(config.rules)} rules, {len(config.filters)} named filters)")
+        problems += _located(config, _shadowed_rules(config))
+        if not config_only:
+            problems += environment_problems(config)
+        if client_user is not None:
+            problems += _located(config, socket_problems(config, client_user))
+    warnings = dkim_warnings(config) if config is not None else []
+    for line in [*map(str, problems), *(f"{config.path}: {warning}" for warning in warnings)]:
+        out.line(line)
+    out.line(_summary(path, config, problems, warnings, config_only))
     out.close()
     return EX_CONFIG if problems else EX_OK
 
 
-def environment_problems(config: Config) -> list[ConfigError]:
-    """What a valid rule file still needs from this host, each under its key path."""
-    problems = _directory_problems("tmp_dir", Path(config.tmp_dir))
-    if config.log_file and config.log_file != "-":
-        problems += _log_file_problems("log_file", Path(config.log_file))
-    if config.sendmail_command:
-        problems += _command_problems("sendmail_command", config.sendmail_command[0])
+def _summary(path: Path | None, config: Config | None, problems: list, warnings: list[str],
+             config_only: bool) -> str:
+    source = str(path) if path is not None else BUILT_IN_CONFIG
+    if problems:
+        verdict = _count(len(problems), "problem")
     else:
-        problems += _next_hop_problems("mail_host", config.mail_host, config.delivery_timeout)
-    problems += _shadowed_rules(config)
-    problems += _filter_problems(config)
+        scope = "; the rule file alone: nothing on this machine was checked" if config_only else ""
+        verdict = f"OK ({len(config.rules)} rules, {len(config.filters)} named filters{scope})"
+    return f"{source}: {verdict}" + (f", {_count(len(warnings), 'warning')}" if warnings else "")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' if number != 1 else ''}"
+
+
+def _located(config: Config, problems: list[ConfigError]) -> list[ConfigError]:
     for problem in problems:
         problem.source = config.path
     return problems
 
 
+def environment_problems(config: Config) -> list[ConfigError]:
+    """What a valid rule file still needs from this host, each under its key path."""
+    problems = _directory_problems("tmp_dir", Path(config.tmp_dir))
+    problems += _log_problems(config)
+    if config.sendmail_command:
+        problems += _command_problems("sendmail_command", config.sendmail_command[0])
+    else:
+        problems += _next_hop_problems("mail_host", config.mail_host, config.delivery_timeout)
+    problems += _filter_problems(config)
+    return _located(config, problems)
+
+
 def dkim_warnings(config: Config) -> list[str]:
-    """Chains that can change DKIM-signed mail with nothing to vouch for it (not errors)."""
+    """One warning for all the steps that can change DKIM-signed mail with nothing to vouch
+    for it; the banner's way out only where a step has it."""
     if "arc" in config.sections:
         return []
-    chains = [(rule.label + ".filters", rule.chain) for rule in config.rules]
-    chains.append(("default_filter", config.default_chain))
-    return [f"{where}[{i}]: warning: {step.title} can change DKIM-signed mail and no [arc] is "
-            "configured; receivers that enforce DMARC may refuse it (add [arc], or "
-            'on_dkim_signed = "skip" for a banner)'
-            for where, chain in chains for i, step in enumerate(chain) if step.breaks_dkim()]
+    steps = [step for step in _distinct_steps(config) if step.breaks_dkim()]
+    if not steps:
+        return []
+    skippable = [step.title for step in steps if "on_dkim_signed" in type(step).options()]
+    remedy = "add [arc] to seal what they change"
+    if skippable:
+        remedy += f', or set on_dkim_signed = "skip" in {", ".join(skippable)}'
+    return [f"warning: no [arc] is configured, and {_count(len(steps), 'filter step')} can change "
+            f"DKIM-signed mail ({', '.join(step.title for step in steps)}): receivers that enforce "
+            f"DMARC may refuse what they changed; {remedy}"]
 
 
 def _directory_problems(key: str, path: Path) -> list[ConfigError]:
@@ -108,10 +132,29 @@ def _directory_problems(key: str, path: Path) -> list[ConfigError]:
     return []
 
 
+def _log_problems(config: Config) -> list[ConfigError]:
+    """Somewhere the log lines go: syslog needs a daemon on /dev/log (containers and minimal
+    hosts have none, and syslog(3) then drops every line without a word)."""
+    if config.log_file == "-":
+        return []
+    if config.log_file:
+        problems = _log_file_problems("log_file", Path(config.log_file))
+        if problems and not syslog_reachable():
+            problems[0].message += "; syslog is not reachable either (nothing listens on /dev/log)"
+        return problems
+    if syslog_reachable():
+        return []
+    return [ConfigError("log_file", "unset, and syslog is not reachable (nothing listens on /dev/log): "
+                                    "every log line would be lost; run a syslog daemon or set log_file "
+                                    "to a file the mail user can write")]
+
+
 def _log_file_problems(key: str, path: Path) -> list[ConfigError]:
     if path.exists():
         writable = path.is_file() and os.access(path, os.W_OK)
         return [] if writable else [ConfigError(key, f"{path}: not a writable file for uid {os.getuid()}")]
+    if not path.parent.is_dir():
+        return [ConfigError(key, f"{path}: cannot be created: {path.parent}: no such directory")]
     if not os.access(path.parent, os.W_OK | os.X_OK):
         return [ConfigError(key, f"{path}: cannot be created: {path.parent} is not writable "
                                  f"for uid {os.getuid()}")]
@@ -169,6 +212,71 @@ def _filter_problems(config: Config) -> list[ConfigError]:
             found.append(f"cannot import what it needs: {type(error).__name__}: {error}")
         problems += [ConfigError(where, problem) for problem in found]
     return problems
+
+
+def socket_problems(config: Config, user: str) -> list[ConfigError]:
+    """Can ``user``, as whom the MTA runs ispmailgate-client, connect to the server's socket?
+
+    Asked of the kernel: a child process takes on the user's ids and groups and tries."""
+    import pwd
+
+    from ispmailgate_serve import settings_of
+
+    settings = settings_of(config)
+    path, key = settings.socket, "serve.socket"
+    falls_back = ("ispmailgate-client would fall back to one-shot runs" if settings.fallback == "oneshot"
+                  else "ispmailgate-client would defer every message (fallback = tempfail)")
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return [ConfigError(key, f"--client-user: no such user: {user!r}")]
+    if not os.path.exists(path):
+        return [ConfigError(key, f"{path}: no such socket (is ispmailgate serve running?): {falls_back}")]
+    denied = _denied_to(entry, path)
+    if denied is None:
+        return []
+    return [ConfigError(key, f"{path}: {user} cannot connect ({denied}): {falls_back}; make the "
+                             f"socket's group one of {user}'s groups (serve.socket_group, or "
+                             "SocketGroup= in the systemd socket unit)")]
+
+
+def _denied_to(entry, path: str) -> str | None:
+    """None if the user ``entry`` may connect to ``path``, else what stands in the way."""
+    import grp
+    import pwd
+    import stat
+
+    if os.geteuid() != 0 and os.geteuid() != entry.pw_uid:
+        return f"only root can check this for another user; run check as root or as {entry.pw_name}"
+    groups = os.getgrouplist(entry.pw_name, entry.pw_gid)     # before the fork: no NSS in the child
+    child = os.fork()
+    if child == 0:          # become the user, ask the kernel, answer with the exit status
+        allowed = False
+        try:
+            if os.geteuid() == 0:
+                os.setgroups(groups)
+                os.setgid(entry.pw_gid)
+                os.setuid(entry.pw_uid)
+            allowed = os.access(path, os.W_OK)
+        finally:
+            os._exit(0 if allowed else 1)
+    _, status = os.waitpid(child, 0)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return None
+    info = os.stat(path)
+    owner = _name(lambda: pwd.getpwuid(info.st_uid).pw_name, info.st_uid)
+    group = _name(lambda: grp.getgrgid(info.st_gid).gr_name, info.st_gid)
+    kind = "socket" if stat.S_ISSOCK(info.st_mode) else "not a socket:"
+    names = sorted({_name(lambda g=g: grp.getgrgid(g).gr_name, g) for g in groups})
+    return (f"{kind} {owner}:{group} {stat.S_IMODE(info.st_mode):04o}, or a folder above it "
+            f"closed; {entry.pw_name}'s groups: {', '.join(names)}")
+
+
+def _name(lookup, number: int) -> str:
+    try:
+        return lookup()
+    except KeyError:
+        return str(number)
 
 
 def _distinct_steps(config: Config) -> dict[Filter, str]:
@@ -289,9 +397,20 @@ def dry_run_report(gate: Gate, leaves: list[Leaf], routes: dict[str, Route], hop
         if message is not None and message.changed and not leaf.unparsed:
             lines += _header_changes(original, message.top_headers().items())
     lines += [f"notice to {_addresses(n.recipients)}: {n.subject}" for n in gate.notices]
-    lines.append(f"a real run would exit {_would_exit(gate, leaves, hop)} "
-                 "if the next hop accepted what it was given")
+    status = _would_exit(gate, leaves, hop)
+    if _hands_over(gate, leaves, hop):
+        lines.append(f"a real run would exit {status} if the next hop accepted what it was given")
+    else:
+        lines.append(f"a real run would exit {status}, handing nothing to the next hop")
     return "".join(printable(line) + "\n" for line in lines)
+
+
+def _hands_over(gate: Gate, leaves: list[Leaf], hop) -> bool:
+    """Would the next hop get anything: a message, a postmaster report, a notice?"""
+    if any(gate.defers(leaf, hop) for leaf in leaves):
+        return False        # a deferral delivers nothing, not even the others
+    return bool(gate.notices) or any(leaf.verdict is None or leaf.verdict.outcome == "error"
+                                     for leaf in leaves)
 
 
 def _fate(gate: Gate, leaf: Leaf, message: Message | None, hop) -> str:

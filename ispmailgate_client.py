@@ -11,7 +11,9 @@ because it imports almost nothing (no typer, no email package); keep it that way
 the server cannot be reached, or no worker takes the request within the deadline, it runs
 the one-shot ``ispmailgate`` with the same arguments and the untouched stdin, or exits 75,
 as configured: the message is never lost, and never handled twice (once a worker has taken
-it, the client waits for its result).  The wire protocol is described in docs/protocol.md.
+it, the client waits for its result); either way it logs why (syslog and the rule file's
+log_file), as the administrator would otherwise never know that the server is not used.
+The wire protocol is described in docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -224,11 +226,15 @@ def tempfail(text: str) -> int:
 
 def fall_back(fallback: str | None, args: list[str], reason: str) -> int:
     """Server unreachable: the one-shot run on the same stdin (nothing was read), or 75."""
-    mode = fallback or configured_fallback(args)
+    rules = rule_file(args)
+    mode = fallback or configured_fallback(rules)
     if mode not in FALLBACKS:
+        log_fallback(f"{reason}; unknown fallback {mode!r}: deferring the message", rules)
         return tempfail(f"{reason}; unknown fallback {mode!r} (oneshot or tempfail)")
     if mode == "tempfail":
+        log_fallback(f"{reason}; deferring the message (fallback = tempfail)", rules)
         return tempfail(reason)
+    log_fallback(f"{reason}; running the one-shot ispmailgate instead (fallback = oneshot)", rules)
     # -P: never import an ispmailgate.py that happens to lie in the current directory.
     # ispmailgate_start, as the console script: a broken installation still exits 75.
     command = [sys.executable, "-P", "-c", "import sys, ispmailgate_start; sys.exit(ispmailgate_start.main())",
@@ -240,17 +246,51 @@ def fall_back(fallback: str | None, args: list[str], reason: str) -> int:
     return EX_TEMPFAIL      # not reached
 
 
-def configured_fallback(args: list[str]) -> str:
-    """``[serve] fallback`` from the rule file the run would read; only on this rare path."""
+def rule_file(args: list[str]) -> dict:
+    """The rule file the run would read, parsed: only on this rare path.  {} if it cannot
+    be read: the one-shot run reports a broken rule file itself (and exits 75)."""
     path = config_argument(args) or os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG_PATH
     try:
         import tomllib
 
         with open(path, "rb") as stream:
-            value = tomllib.load(stream).get("serve", {}).get("fallback", "oneshot")
-    except (OSError, ValueError, AttributeError):
-        return "oneshot"    # the one-shot run reports a broken rule file itself (and exits 75)
+            return tomllib.load(stream)
+    except (OSError, ValueError):
+        return {}
+
+
+def configured_fallback(rules: dict) -> str:
+    """``[serve] fallback`` of the rule file."""
+    serve = rules.get("serve")
+    value = serve.get("fallback", "oneshot") if isinstance(serve, dict) else "oneshot"
     return value if isinstance(value, str) else "oneshot"
+
+
+def log_fallback(text: str, rules: dict) -> None:
+    """Where the administrator looks: syslog (the rule file's facility) and its log_file.
+    Never stderr: the one-shot run's status line must stay the first line the MTA reads."""
+    if "Permission denied" in text:
+        text += "; the socket's group must be one of this user's groups (serve.socket_group)"
+    facility, log_file = rules.get("facility", "mail"), rules.get("log_file", "")
+    try:
+        import syslog
+
+        code = getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_MAIL) if isinstance(facility, str) \
+            else syslog.LOG_MAIL
+        syslog.openlog("ispmailgate-client", syslog.LOG_PID, code)
+        syslog.syslog(syslog.LOG_WARNING, text.replace("\0", "\\0"))
+        syslog.closelog()
+    except (ImportError, OSError, ValueError):
+        pass
+    if isinstance(log_file, str) and log_file not in ("", "-"):
+        import time
+
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(log_file, "a", encoding="utf-8", errors="backslashreplace") as stream:
+                stream.write(f"{stamp},000 ispmailgate-client[{os.getpid()}]: {text}\n")
+        except (OSError, ValueError):
+            pass
 
 
 def config_argument(args: list[str]) -> str | None:

@@ -567,7 +567,9 @@ class SendmailHop:
         import subprocess
 
         argv = [*self.command, "-f", sender, "--", *recipients]
-        native = data if b"\r\n" not in data else b"".join(wire_chunks(data, b"\n"))
+        # native line ends, and a last one as on the SMTP wire (a sendmail would add it anyway)
+        native = (data if b"\r\n" not in data and data.endswith(b"\n")
+                  else b"".join(wire_chunks(data, b"\n")))
         try:
             process = subprocess.run(argv, input=native, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, timeout=self.timeout, check=False)

@@ -26,9 +26,10 @@ _ispmailgate() {
     "check")
         case $prev in
         -c|--config) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        --client-user) :; return 0 ;;
         esac
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "-c --config -h --help" -- "$cur"))
+            COMPREPLY=($(compgen -W "-c --config --config-only --client-user -h --help" -- "$cur"))
         fi
         ;;
     "explain")

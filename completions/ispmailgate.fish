@@ -24,6 +24,8 @@ complete -c ispmailgate -n '__ispmailgate_using' -s a -l facility -x -a 'mail da
 complete -c ispmailgate -n '__ispmailgate_using' -l version -d 'Print the version and exit.'
 complete -c ispmailgate -n '__ispmailgate_using' -s h -l help -d 'Show this message and exit.'
 complete -c ispmailgate -n '__ispmailgate_using check' -s c -l config -r -F -d 'Rule file (TOML).'
+complete -c ispmailgate -n '__ispmailgate_using check' -l config-only -d 'Check the rule file alone (syntax, keys, types, regexes, filter options): nothing on this machine, for a CI before the gateway.'
+complete -c ispmailgate -n '__ispmailgate_using check' -l client-user -x -d 'Also check that USER, as whom the MTA runs ispmailgate-client, can connect to the socket of ispmailgate serve.'
 complete -c ispmailgate -n '__ispmailgate_using check' -s h -l help -d 'Show this message and exit.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s c -l config -r -F -d 'Rule file (TOML).'

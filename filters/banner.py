@@ -61,12 +61,12 @@ class Banner(Filter):
     html: str = option("", "HTML snippet inserted into text/html parts (its text, tags removed, "
                            "goes into text/plain parts when no text is set)")
     html_file: str = option("", "file holding the HTML snippet (UTF-8), read at each run; instead of html")
-    position: str = option("bottom", "bottom: after a text part's last line; top: before its first line "
-                                     "(for text/html parts see html_position)", convert=choice("bottom", "top"))
+    position: str = option("bottom", "bottom: after a text part's last line; top: before its first line, "
+                                     "where the original put its banner (for text/html parts see "
+                                     "html_position)", convert=choice("bottom", "top"))
     html_position: str = option("same", "where the snippet goes in text/html parts: same (as position), "
                                         "top (right after <body>, else after </head>, else after <html>) or "
-                                        "bottom (before </body>, else before </html>); position = \"bottom\" "
-                                        "with html_position = \"top\" is the original's banner",
+                                        "bottom (before </body>, else before </html>)",
                                 convert=choice("same", "top", "bottom"))
     subject_prefix: str = option("", "added to the start of the Subject unless it already starts "
                                      "with it, e.g. \"[EXTERNAL] \"")

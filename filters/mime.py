@@ -86,6 +86,11 @@ class Headers:
         if top:
             self._fields.insert(0, field)
         else:
+            if self._fields and not self._fields[-1][1].endswith(b"\n"):
+                # the last field of a message that ends without a line end: end it first,
+                # or the new field would run on in the same line
+                last_name, last_raw = self._fields[-1]
+                self._fields[-1] = (last_name, last_raw + self.eol)
             self._fields.append(field)
         self.dirty = True
 
@@ -227,7 +232,12 @@ class Part:
         head = [self.headers.to_bytes(), self.separator]
         if self.kind == Part.LEAF:
             body = self._body
-            return head + [body if body is not None else memoryview(self._source)[self._body_start:self._end]]
+            body = body if body is not None else memoryview(self._source)[self._body_start:self._end]
+            if not self.separator and bytes(body[:1]) in (b" ", b"\t") and len(self.headers):
+                # a message with no header at all whose first line starts with white space: a
+                # field added on top would take that line as its continuation
+                head[1] = self.headers.eol
+            return head + [body]
         if self.kind == Part.MESSAGE:
             return head + [self.children[0]]
         pieces = head + [self.preamble]
@@ -1039,16 +1049,21 @@ def _decode_uu(body: bytes) -> bytes:
 
 
 def _uu_line(line: bytes) -> bytes:
-    """One uuencoded line; padding junk after its data is ignored, a line that is not
-    uuencoded at all gives nothing."""
+    """One line of uuencode; a damaged one gives what its length byte promises, characters
+    outside uuencode's alphabet read as zero bits (as tolerant uudecoders do)."""
     try:
         return binascii.a2b_uu(line)
     except binascii.Error:
-        length = ((line[0] - 32) & 63) if line else 0
+        pass
+    length = ((line[0] - 32) & 63) if line else 0
+    chars = line[: (length * 4 + 5) // 3 + 1].translate(_UU_CLEAN)
     try:
-        return binascii.a2b_uu(line[: (length * 4 + 5) // 3 + 1]) if length else b""
+        return binascii.a2b_uu(chars) if length else b""
     except binascii.Error:
         return b""
+
+
+_UU_CLEAN = bytes(c if 32 <= c <= 96 else 32 for c in range(256))
 
 
 def choose_encoding(data: bytes, current: str, content_type: str) -> str:

@@ -259,6 +259,8 @@ def _outer_multipart(outer: Outer, subtype: str, children: list[Part], params: s
             if not has_version:
                 fields.append(("MIME-Version", fold_field("MIME-Version", "1.0", eol)))
             fields += part.headers.fields()
+        elif not field[1].endswith(b"\n"):     # the last line of a message without a line end
+            fields.append((field[0], field[1] + eol))
         else:
             fields.append(field)
     part.headers = Headers(fields, eol)

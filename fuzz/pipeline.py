@@ -17,7 +17,7 @@ exits 75, so no mail is lost, but no input of a few KB may cost that); any mail
 delivered (to the SMTP sink, or to stdout) by a run that did not exit 0, or a recipient
 of a run that exited 0 that did not get the message exactly once (or appear in the gate's
 own report of what happened to it); for the dummy chain, output that differs from the
-input.  Seeds: the shared corpus (ISPMAILGATE_CORPUS).
+input.  Seeds: the test corpus, tests/corpus/.
 """
 
 from __future__ import annotations
@@ -164,12 +164,10 @@ def arm_memory_limit() -> None:
 
 def main() -> None:
     """libFuzzer's options pass through; new inputs go to the first directory given (a
-    temporary one by default); the shared corpus is always added as read-only seeds."""
+    temporary one by default); the test corpus is always added as read-only seeds."""
     flags = [a for a in sys.argv[1:] if a.startswith("-")]
     directories = [a for a in sys.argv[1:] if not a.startswith("-")] or [tempfile.mkdtemp(prefix="igfuzz")]
-    seeds = Path(os.environ.get("ISPMAILGATE_CORPUS", HERE.parent.parent / "shared" / "corpus" / "mime-tools"))
-    if seeds.is_dir():
-        directories.append(str(seeds))
+    directories.append(str(HERE.parent / "tests" / "corpus"))
     # libFuzzer's -timeout runs on SIGALRM, which the gate's time_limit needs: the watchdog
     # (faulthandler, a thread of its own) takes its place.
     flags = [flag for flag in flags if not flag.startswith("-timeout=")] + ["-timeout=0"]

@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -20,14 +21,65 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
-CORPUS = Path(os.environ.get("ISPMAILGATE_CORPUS", PROJECT.parent / "shared" / "corpus" / "mime-tools"))
+CORPUS = HERE / "corpus"          # messages written for these tests: see corpus/README.md
 GATE = Path(sys.executable).parent / "ispmailgate"
+
+
+# -- nothing outside the checkout ------------------------------------------------------------
+# The tests read what the repository holds, never a folder beside it (a clone on another
+# machine has none).  Besides the checkout, a test may open files in the temporary
+# directory, in the system's own trees and in Python's installation; an existing file
+# anywhere else, or a new one written there, fails the open and the session.  (.ci/run also
+# runs the suite from a fresh clone whose parent folder is empty.)
+
+class OutsideTheCheckout(AssertionError):
+    """Not an OSError: code that tolerates a missing file must not tolerate this."""
+
+
+SYSTEM_TREES = ("/usr", "/etc", "/proc", "/sys", "/dev", "/run", "/var", "/lib", "/lib32", "/lib64",
+                "/bin", "/sbin", "/tmp")
+ALLOWED = tuple({os.path.realpath(p) for p in (PROJECT, tempfile.gettempdir(), *SYSTEM_TREES, sys.prefix,
+                                               sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)})
+OUTSIDE: list[str] = []
+
+
+def outside_the_checkout(path: str, writing: bool) -> bool:
+    real = os.path.realpath(path)
+    if any(real == top or real.startswith(top.rstrip("/") + "/") for top in ALLOWED):
+        return False
+    return os.path.exists(real) or writing and os.path.isdir(os.path.dirname(real))
+
+
+def _audit_open(event: str, args: tuple) -> None:
+    if event != "open" or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path, mode, flags = os.fsdecode(args[0]), args[1] or "", args[2] or 0
+    writing = any(c in str(mode) for c in "wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+    if outside_the_checkout(path, bool(writing)):
+        OUTSIDE.append(path)
+        raise OutsideTheCheckout(f"a test opened {path}, outside the checkout {PROJECT}: tests use "
+                                 "only what the repository holds (messages: tests/corpus/)")
+
+
+sys.addaudithook(_audit_open)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if OUTSIDE:     # even where the error was caught and swallowed
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if OUTSIDE:
+        terminalreporter.section("files outside the checkout", red=True)
+        for path in sorted(set(OUTSIDE)):
+            terminalreporter.write_line(path)
 
 
 def corpus_messages() -> list[Path]:
     """Every corpus message; a missing corpus is a failure, never a silent skip."""
-    messages = sorted(CORPUS.glob("*.msg"))
-    assert messages, f"the shared corpus is missing: {CORPUS} (set ISPMAILGATE_CORPUS)"
+    messages = sorted(CORPUS.glob("*.eml"))
+    assert messages, f"the test corpus is missing: {CORPUS}"
     return messages
 
 
@@ -283,13 +335,14 @@ def config_error(text: str, folder: Path):
 
 
 def assert_documented(filter_class) -> None:
-    """Every option has the one line of documentation the man page is made from, and a row
-    in the README's table under "## Filter: <type name>"."""
-    section = (PROJECT / "README.md").read_text().split(f"## Filter: {filter_class.name}")[1].split("\n## ")[0]
+    """Every option has the one line of documentation the man page is made from, and its
+    entry in ispmailgate.toml(5) under ".SS <type name>" of the built-in filters."""
+    page = (PROJECT / "man" / "ispmailgate.toml.5").read_text()
+    section = page.split(f"\n.SS {filter_class.name}\n", 1)[1].split("\n.SS ")[0]
     for name, spec in filter_class.options().items():
         doc = spec.metadata["doc"]
         assert doc and "\n" not in doc and len(doc) < 300, name
-        assert f"| `{name}` |" in section, name
+        assert f"\\fB{name.replace('-', chr(92) + '-')}\\fR = " in section, name
 
 
 @pytest.fixture(scope="session")

@@ -21,14 +21,12 @@ runs in a mount namespace of its own in which its config directory is bind-mount
 Nothing leaves the machine: ``default_transport`` is an error.
 
 Postfix needs root to start, and pipe(8) refuses to run commands as root, so the gate
-runs from a venv of Debian's /usr/bin/python3 outside the checkout (``e2e_gate``), which
-the unprivileged user can reach.
+runs from a venv of Debian's /usr/bin/python3 outside the checkout (``e2e_gate``, made by
+tools/test's install step: see prepared.py), which the unprivileged user can reach.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +41,7 @@ import time
 from pathlib import Path
 
 from conftest import HERE, PROJECT, free_port
+from prepared import e2e_gate  # noqa: F401  (the end-to-end tests' gate, imported from here)
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 DOMAIN = "e2e.test"
@@ -57,69 +56,6 @@ import os, subprocess, sys
 subprocess.run(["mount", "--bind", sys.argv[1], "/etc/postfix"], check=True)
 os.execvp("postfix", ["postfix", "start"])
 """
-
-
-# -- the gate, installed where the pipe(8) user can run it -----------------------------------
-
-def e2e_gate() -> Path:
-    """``ispmailgate`` from a venv of /usr/bin/python3 under the temp dir, with this checkout.
-
-    One venv per checkout, kept between sessions with its dependencies; the project (and
-    the test filters) are reinstalled when their sources changed, so sessions of other
-    checkouts never see this one's code, nor a half-installed one.
-    """
-    assert os.path.exists(SYSTEM_PYTHON), f"{SYSTEM_PYTHON} is missing (Debian's python3)"
-    recipe = b"venv, wheel, project; then the project alone\n"     # change it to rebuild
-    key = hashlib.sha256(recipe + str(PROJECT).encode() + (PROJECT / "pyproject.toml").read_bytes())
-    venv = Path(tempfile.gettempdir()) / f"ispmailgate-e2e-venv-{key.hexdigest()[:12]}"
-    with open(f"{venv}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (venv / "ready").exists():
-            shutil.rmtree(venv, ignore_errors=True)
-            _run([SYSTEM_PYTHON, "-m", "venv", str(venv)])
-            _run([str(venv / "bin" / "pip"), "install", "-q", "wheel", str(PROJECT)])
-            (venv / "ready").touch()
-        stamp = _sources_stamp()
-        if _read(venv / "installed") != stamp:
-            _run([str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "--no-build-isolation",
-                  "--force-reinstall", str(PROJECT)])
-            site = next((venv / "lib").glob("python3*/site-packages"))
-            shutil.copy(HERE / "gate_test_filters.py", site / "gate_test_filters.py")
-            _readable_by_all(venv)
-            (venv / "installed").write_text(stamp)
-    return venv / "bin" / "ispmailgate"
-
-
-def _sources_stamp() -> str:
-    digest = hashlib.sha256()
-    sources = [PROJECT / "pyproject.toml", HERE / "gate_test_filters.py",
-               *sorted(PROJECT.glob("ispmailgate*.py")), *sorted((PROJECT / "filters").rglob("*.py"))]
-    for path in sources:
-        digest.update(str(path.relative_to(PROJECT)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except OSError:
-        return None
-
-
-def _run(argv: list[str], timeout: float = 600) -> None:
-    process = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    assert process.returncode == 0, f"{argv} failed:\n{process.stdout}\n{process.stderr}"
-
-
-def _readable_by_all(top: Path) -> None:
-    """Whatever the umask was, the pipe(8) user must be able to read and run the venv."""
-    top.chmod(0o755)
-    for root, directories, files in os.walk(top):
-        for name, extra in [(d, 0o555) for d in directories] + [(f, 0o444) for f in files]:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                mode = os.stat(path).st_mode
-                os.chmod(path, mode | extra | (0o111 if mode & 0o100 else 0))
 
 
 # -- shared by the end-to-end tests (this one and sendmail_instance.py) -------------------------

@@ -1,11 +1,11 @@
 """A private sendmail with ispmailgate as its ``prog`` mailer, run from Debian's own binary.
 
 Debian's sendmail-bin cannot be installed beside Postfix (both are the
-mail-transport-agent), so ``sendmail_binary`` fetches the package from the Debian archive
-with ``apt-get download`` (the version the installed sendmail-cf belongs to) and unpacks
-it under the temp dir; of its libraries only libwrap0 is not already on the machine
-(tools/debian-packages). Nothing of it is installed, and the host's mail set-up is not
-touched.
+mail-transport-agent), so tools/test's install step fetches the package from the Debian
+archive with ``apt-get download`` (the version the installed sendmail-cf belongs to) and
+unpacks it under the temp dir (prepared.py; ``sendmail_binary`` finds it); of its libraries
+only libwrap0 is not already on the machine (tools/debian-packages). Nothing of it is
+installed, and the host's mail set-up is not touched.
 
 The instance is examples/sendmail/sendmail.mc, built with sendmail's m4 files and
 examples/sendmail/ispmailgate.m4, with test paths in place of /etc/mail and
@@ -28,7 +28,6 @@ e2e.test an address too: sendmail refuses a sender whose domain does not resolve
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import smtplib
@@ -40,6 +39,7 @@ from pathlib import Path
 
 from conftest import PROJECT
 from postfix_instance import smtp_transaction, write_rules
+from prepared import sendmail_binary  # noqa: F401  (imported from here by the tests)
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SENDMAIL_CF = Path("/usr/share/sendmail/cf")         # Debian package sendmail-cf
@@ -56,36 +56,6 @@ for name in ("hosts", "resolv.conf"):
 socket.sethostname(host_name)
 os.execv(argv[0], argv)
 """
-
-
-# -- sendmail itself, unpacked from the Debian archive ---------------------------------------
-
-def sendmail_binary() -> Path:
-    """/usr/libexec/sendmail/sendmail of sendmail-bin, unpacked under the temp dir once."""
-    version = _installed_version("sendmail-cf")
-    top = Path(tempfile.gettempdir()) / f"ispmailgate-e2e-sendmail-{version.replace(':', '_')}"
-    binary = top / "usr" / "libexec" / "sendmail" / "sendmail"
-    with open(f"{top}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (top / "ready").exists() or not binary.exists():
-            shutil.rmtree(top, ignore_errors=True)
-            download = Path(tempfile.mkdtemp(prefix="ism-deb-"))
-            try:
-                _run(["apt-get", "download", f"sendmail-bin={version}"], cwd=download)
-                [deb] = download.glob("sendmail-bin_*.deb")
-                _run(["dpkg-deb", "-x", str(deb), str(top)])
-            finally:
-                shutil.rmtree(download, ignore_errors=True)
-            (top / "ready").touch()
-    missing = [line for line in _run(["ldd", str(binary)]).splitlines() if "not found" in line]
-    assert not missing, f"sendmail needs libraries that are not installed: {missing}"
-    return binary
-
-
-def _installed_version(package: str) -> str:
-    version = _run(["dpkg-query", "-W", "-f", "${Version}", package]).strip()
-    assert version, f"{package} is not installed"
-    return version
 
 
 def _run(argv: list[str], cwd: Path | None = None, stdin: bytes = b"") -> str:

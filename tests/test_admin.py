@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CORPUS, free_port, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 
 
 def text_of(run) -> str:
@@ -277,16 +277,22 @@ def test_dry_run_prints_each_verdict_and_delivers_nothing(config_file, smtp_sink
     ]
 
 
-@pytest.mark.parametrize("verdict, would_exit, fate", [
-    ("reject", 69, "rejected by judge: 5.7.1 judged unacceptable"),
-    ("discard", 0, "discarded by judge: 2.7.0 judged unwanted"),
-    ("tempfail", 75, "deferred by judge: 4.7.1 judge is busy; the run would deliver nothing and exit 75"),
+HANDED = "if the next hop accepted what it was given"
+NOTHING = "handing nothing to the next hop"
+
+
+@pytest.mark.parametrize("verdict, would_exit, fate, summary", [
+    ("reject", 69, "rejected by judge: 5.7.1 judged unacceptable", NOTHING),
+    ("discard", 0, "discarded by judge: 2.7.0 judged unwanted", NOTHING),
+    ("tempfail", 75, "deferred by judge: 4.7.1 judge is busy; the run would deliver nothing and exit 75",
+     NOTHING),
     ("error", 0, "error in judge: judge could not decide; the postmaster <pm@x.example> would get a "
-                 "report with the original attached, these recipients nothing"),
+                 "report with the original attached, these recipients nothing", HANDED),
     ("parse", 0, f"would be delivered unchanged ({len(SIMPLE)} bytes): the parser gave up in judge; "
-                 "a copy would be kept in tmp_dir/keep/ and the postmaster told"),
+                 "a copy would be kept in tmp_dir/keep/ and the postmaster told", HANDED),
 ])
-def test_dry_run_tells_what_a_real_run_would_do(config_file, smtp_sink, tmp_path, verdict, would_exit, fate):
+def test_dry_run_tells_what_a_real_run_would_do(config_file, smtp_sink, tmp_path, verdict, would_exit,
+                                                fate, summary):
     config = config_file(f'mail_host = "{smtp_sink.address}"\npostmaster = "pm@x.example"\n'
                          f'[filter.judge]\ntype = "gate_test_filters:Judge"\nverdict = "{verdict}"\n'
                          '[[recipients]]\nfilters = ["judge"]\n')
@@ -294,7 +300,8 @@ def test_dry_run_tells_what_a_real_run_would_do(config_file, smtp_sink, tmp_path
     assert run.code == 0, run.stderr
     lines = text_of(run).splitlines()
     assert f"    {fate}" in lines
-    assert lines[-1] == f"a real run would exit {would_exit} if the next hop accepted what it was given"
+    assert lines[-1] == (f"a real run would exit {would_exit} {summary}" if summary == HANDED
+                         else f"a real run would exit {would_exit}, {summary}")
     assert smtp_sink.messages == []
     assert not (tmp_path / "spool" / "keep").exists()
 
@@ -341,13 +348,41 @@ def test_check_warns_about_chains_that_break_dkim_without_arc(config_file, smtp_
         on_dkim_signed = "skip"
     '''
     config = config_file(rules)
-    run = run_gate(["check", "-c", str(config)], b"")
+    run = run_gate(["check", "--config-only", "-c", str(config)], b"")
     assert run.code == 0, run.stdout            # a warning, not a problem
-    lines = text_of(run).splitlines()
-    assert lines[0] == (f"{config}: recipients[0].filters[0]: warning: warn can change DKIM-signed "
-                        "mail and no [arc] is configured; receivers that enforce DMARC may refuse it "
-                        '(add [arc], or on_dkim_signed = "skip" for a banner)')
-    assert len(lines) == 2 and lines[1].startswith(f"{config}: OK")
+    assert text_of(run).splitlines() == [
+        f"{config}: warning: no [arc] is configured, and 1 filter step can change DKIM-signed mail "
+        "(warn): receivers that enforce DMARC may refuse what they changed; add [arc] to seal what "
+        'they change, or set on_dkim_signed = "skip" in warn',
+        f"{config}: OK (2 rules, 2 named filters; the rule file alone: nothing on this machine was "
+        "checked), 1 warning"]
+
+
+def test_the_dkim_warning_comes_once_for_every_step_and_offers_skip_only_where_it_exists(config_file):
+    config = config_file('''
+        default_filter = ["zip", "warn"]
+        [[recipients]]
+        sender = "a"
+        filters = ["warn", "zip", "warn"]
+        [[recipients]]
+        filters = ["zip"]
+        [filter.warn]
+        type = "banner"
+        text = "CAUTION"
+        [filter.zip]
+        type = "packer"
+    ''')
+    lines = text_of(run_inline(["check", "--config-only", "-c", str(config)], b"")).splitlines()
+    warnings = [line for line in lines if "warning" in line]
+    assert warnings[0] == (f"{config}: warning: no [arc] is configured, and 2 filter steps can change "
+                           "DKIM-signed mail (warn, zip): receivers that enforce DMARC may refuse what "
+                           'they changed; add [arc] to seal what they change, or set on_dkim_signed = '
+                           '"skip" in warn')
+    assert len(warnings) == 2 and warnings[1].endswith("), 1 warning")
+    config = config_file('default_filter = ["packer"]\n', name="zip.toml")
+    [warning, summary] = text_of(run_inline(["check", "--config-only", "-c", str(config)], b"")).splitlines()
+    assert warning.endswith("(packer): receivers that enforce DMARC may refuse what they changed; add [arc] "
+                            "to seal what they change")
 
 
 def test_explain_says_which_groups_would_be_sealed(config_file, tmp_path):
@@ -374,3 +409,130 @@ def test_explain_says_which_groups_would_be_sealed(config_file, tmp_path):
     assert groups == ["  1. <warned@x.example>: warn; ARC-sealed if a filter changes the message",
                       "  2. <other@x.example>: dummy; never sealed (nothing in the chain changes messages)"]
     assert run_gate(["check", "-c", str(config)], b"").stdout.decode().count("warning") == 0
+
+
+# -- check: every problem of a rule, --config-only, logging, the client's socket ------------------
+
+def test_check_lists_every_problem_of_a_rule_where_a_run_stops_at_the_first(config_file, tmp_path):
+    from conftest import config_error
+
+    text = '''
+        default_filter = ["nosuch", "dummy", "gone"]
+        [[recipients]]
+        colour = "blue"
+        recipient = '(unclosed'
+        sender_is = "outside"
+        filters = ["dummy", "dumy"]
+        [[recipients]]
+        filters = "dummy"
+    '''
+    config = config_file(text)
+    run = run_inline(["check", "--config-only", "-c", str(config)], b"")
+    assert run.code == 78
+    known = "recipient, sender, recipient_not, sender_not, recipient_is, sender_is, filters"
+    unknown = ("unknown filter {!r} (built in: banner, dummy, packer, pgp, virscan; or a [filter.NAME] "
+               "table, an entry point, or module:Class)")
+    assert text_of(run).splitlines() == [
+        f"{config}: recipients[0].colour: unknown key ({known})",
+        f"{config}: recipients[0].filters[1]: " + unknown.format("dumy"),
+        f"{config}: recipients[0].recipient: bad regex: missing ), unterminated subpattern at position 0",
+        f"{config}: recipients[0].sender_is: expected internal or external, got 'outside'",
+        f"{config}: recipients[1].filters: expected a list of filter names",
+        f"{config}: default_filter[0]: " + unknown.format("nosuch"),
+        f"{config}: default_filter[2]: " + unknown.format("gone"),
+        f"{config}: 7 problems",
+    ]
+    assert config_error(config.read_text(), tmp_path).path == "recipients[0].colour"
+
+
+def test_check_config_only_looks_at_nothing_on_this_machine(config_file, tmp_path):
+    config = config_file(f'''
+        tmp_dir = "{tmp_path}/no/spool"
+        log_file = "{tmp_path}/no/such/dir/gate.log"
+        mail_host = "127.0.0.1:{free_port()}"
+        default_filter = ["av", "pgp"]
+        [filter.av]
+        type = "virscan"
+        socket = "{tmp_path}/no-clamd.sock"
+        [filter.pgp]
+        type = "pgp"
+        uid = "gw@b.example"
+        gnupghome = "{tmp_path}/no-gnupg"
+    ''')
+    run = run_gate(["check", "--config-only", "-c", str(config)], b"")
+    assert run.code == 0, run.stdout
+    assert text_of(run).splitlines()[-1] == (f"{config}: OK (0 rules, 2 named filters; the rule file alone: "
+                                             "nothing on this machine was checked), 1 warning")
+    full = text_of(run_gate(["check", "-c", str(config)], b""))
+    for key in ("tmp_dir", "log_file", "mail_host", "filter.av", "filter.pgp"):
+        assert f"{config}: {key}: " in full, key
+
+
+def test_check_config_only_and_client_user_exclude_each_other(config_file):
+    run = run_gate(["check", "--config-only", "--client-user", "mail", "-c", str(config_file())], b"")
+    assert run.code == 75
+    assert run.first_line.startswith("4.3.5 usage: ") and "--config-only" in run.first_line
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_check_says_when_log_lines_would_go_nowhere(config_file, monkeypatch, tmp_path, reachable):
+    import ispmailgate_admin
+
+    monkeypatch.setattr(ispmailgate_admin, "syslog_reachable", lambda: reachable)
+    config = config_file(f'log_file = ""\ntmp_dir = "{tmp_path}"\n')
+    lines = text_of(run_inline(["check", "-c", str(config)], b"")).splitlines()
+    lost = (f"{config}: log_file: unset, and syslog is not reachable (nothing listens on /dev/log): every "
+            "log line would be lost; run a syslog daemon or set log_file to a file the mail user can write")
+    assert (lost in lines) == (not reachable)
+    unwritable = config_file(f'log_file = "{tmp_path}/no/dir/gate.log"\ntmp_dir = "{tmp_path}"\n', name="u.toml")
+    [line] = [line for line in text_of(run_inline(["check", "-c", str(unwritable)], b"")).splitlines()
+              if ": log_file: " in line]
+    assert line.endswith("; syslog is not reachable either (nothing listens on /dev/log)") == (not reachable)
+
+
+def test_syslog_is_reachable_only_where_something_listens(tmp_path):
+    import socket
+
+    from ispmailgate import syslog_reachable
+
+    path = str(tmp_path / "log")
+    assert not syslog_reachable(path) and not syslog_reachable(path, probe=False)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as daemon:
+        daemon.bind(path)
+        assert syslog_reachable(path) and syslog_reachable(path, probe=False)
+    assert not syslog_reachable(path)          # the file is left, nobody listens: check says so
+    assert syslog_reachable(path, probe=False)      # a run takes a socket there on trust
+    (tmp_path / "plain").write_text("")
+    assert not syslog_reachable(str(tmp_path / "plain"), probe=False)
+
+
+def test_check_says_whether_the_client_user_can_reach_the_socket(config_file):
+    import grp
+    import socket
+
+    from serving import shared_folder
+
+    assert os.geteuid() == 0, "the check takes on another user's ids: root only"
+    path = shared_folder() / "gate.sock"
+    config = config_file(f'[serve]\nsocket = "{path}"\n')
+
+    def socket_lines() -> list[str]:
+        run = run_inline(["check", "-c", str(config), "--client-user", "mail"], b"")
+        return [line for line in text_of(run).splitlines() if ": serve.socket: " in line]
+
+    assert socket_lines() == [f"{config}: serve.socket: {path}: no such socket (is ispmailgate serve "
+                              "running?): ispmailgate-client would fall back to one-shot runs"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        os.chown(path, 0, grp.getgrnam("nogroup").gr_gid)
+        os.chmod(path, 0o660)
+        assert socket_lines() == [
+            f"{config}: serve.socket: {path}: mail cannot connect (socket root:nogroup 0660, or a folder "
+            "above it closed; mail's groups: mail): ispmailgate-client would fall back to one-shot runs; "
+            "make the socket's group one of mail's groups (serve.socket_group, or SocketGroup= in the "
+            "systemd socket unit)"]
+        os.chown(path, 0, grp.getgrnam("mail").gr_gid)
+        assert socket_lines() == []
+    bad = config_file('', name="other.toml")
+    run = run_inline(["check", "-c", str(bad), "--client-user", "no-such-user-here"], b"")
+    assert f"{bad}: serve.socket: --client-user: no such user: 'no-such-user-here'" in text_of(run)

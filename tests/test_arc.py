@@ -14,7 +14,7 @@ import pytest
 from conftest import CORPUS, run_gate, run_inline
 from mailauth import MisbehavingDns, signed
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 AUTHSERV = "mx.example.net"
 
 
@@ -223,7 +223,7 @@ def test_top_banner_and_subject_tag_on_signed_mail_is_sealed_and_verifies(config
                         'default_filter = ["warn"]\n[filter.warn]\ntype = "banner"\n' + WARNING)
     wire = deliver(config, data, smtp_sink)
     head, body = wire.split(b"\r\n\r\n", 1)
-    assert b"Subject: [EXTERNAL] Request for Leave" in head
+    assert b"Subject: [EXTERNAL] Notes on the analytical engine" in head
     assert body.startswith(b"CAUTION: this message comes from outside")
     assert not dkim.verify(wire, dnsfunc=mailauth.dns.txt)
     verdict, sets, reason = dkim.arc_verify(wire, dnsfunc=mailauth.dns.txt)
@@ -254,7 +254,7 @@ def test_skip_leaves_signed_mail_verifiable_and_still_banners_unsigned_mail(conf
     assert wire == data.replace(b"\n", b"\r\n")               # untouched: not even sealed
     assert dkim.verify(wire, dnsfunc=mailauth.dns.txt)
     unsigned = deliver(config, SIMPLE, smtp_sink)
-    assert b"Subject: [EXTERNAL] Request for Leave" in unsigned
+    assert b"Subject: [EXTERNAL] Notes on the analytical engine" in unsigned
     assert dkim.arc_verify(unsigned, dnsfunc=mailauth.dns.txt)[0] == dkim.CV_Pass
 
 

@@ -1,4 +1,4 @@
-"""banner: disclaimers and warnings on real corpus messages, through the real CLI."""
+"""banner: disclaimers and warnings on the corpus messages, through the real CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import (CORPUS, assert_documented, config_error, corpus_messages, 
                       run_gate, run_inline, without_from_line)
 
 GERMAN = "Diese Nachricht ist vertraulich. Grüße aus München"
-SIMPLE = without_from_line((CORPUS / "simple.msg").read_bytes())
+SIMPLE = without_from_line((CORPUS / "plain.eml").read_bytes())
 
 
 def rules(options: str, name: str = "b") -> str:
@@ -107,7 +107,7 @@ def test_problems_name_missing_or_unreadable_files(tmp_path):
     assert found[1].startswith("html_file ") and "utf-8" in found[1]
 
 
-def test_every_option_is_documented_in_one_line_and_in_the_readme():
+def test_every_option_is_documented_in_one_line_and_in_the_man_page():
     from ispmailgate_filters.banner import Banner
 
     assert_documented(Banner)
@@ -199,8 +199,18 @@ def test_an_invitation_beside_the_alternatives_keeps_its_bytes(config_file):
     assert after[0].decoded().endswith(b"\n\nCAUTION")
 
 
+def test_postcard_text_alternative_changes_and_everything_else_keeps_its_bytes(config_file):
+    data = (CORPUS / "alternative-related.eml").read_bytes()       # its HTML given a <body>
+    data = data.replace(b"<p>Someone sent", b"<html><body><p>Someone sent").replace(
+        b"thank you.</p>\n", b"thank you.</p></body></html>\n")
+    run = gate(config_file, 'text = "CAUTION"', data)
+    before, after = list(parsed(data).leaves()), list(parsed(run.stdout).leaves())
+    assert [p.to_bytes() == q.to_bytes() for p, q in zip(before, after)] == [False, False, True]
+    assert after[0].decoded().endswith(b"\n\nCAUTION\n")
+
+
 def test_mixed_gets_only_its_first_text_part_never_attachments(config_file):
-    for name in ("multi-simple.msg", "multi-igor.msg", "attachment-filename-encoding-UTF8.msg"):
+    for name in ("boundary-with-space.eml", "attachments-base64.eml", "filename-rfc2231-utf8.eml"):
         data = (CORPUS / name).read_bytes()
         run = gate(config_file, 'text = "CAUTION"', data)
         before, after = list(parsed(data).leaves()), list(parsed(run.stdout).leaves())
@@ -262,7 +272,7 @@ def test_only_text_configured_goes_into_html_escaped(config_file):
 # -- charsets and transfer encodings ------------------------------------------------------
 
 def test_latin1_part_stays_latin1_when_the_banner_fits(config_file):
-    data = (CORPUS / "german.msg").read_bytes()
+    data = (CORPUS / "latin1-qp.eml").read_bytes()
     run = gate(config_file, f'text = "{GERMAN}"', data)
     out = parsed(run.stdout).root
     assert out.charset == "iso-8859-1"
@@ -386,7 +396,7 @@ def test_transfer_encoding_keeps_lines_within_limits(config_file):
 
 
 def test_crlf_messages_stay_crlf_and_sealable(config_file):
-    data = crlf((CORPUS / "bluedot-postcard.msg").read_bytes())
+    data = crlf((CORPUS / "alternative-related.eml").read_bytes())
     run = gate(config_file, f'text = "{GERMAN}"\nhtml = "<p>{GERMAN}</p>"\nsubject_prefix = "[EXTERN] "', data)
     assert re.search(rb"(?<!\r)\n", run.stdout) is None
     assert max(len(line) for line in run.stdout.split(b"\r\n")) <= 998
@@ -432,6 +442,11 @@ def test_a_missing_subject_gets_the_prefix_alone(config_file):
     assert parsed(run.stdout).headers.get("Subject") == "[EXTERNAL]"
 
 
+def test_a_field_added_below_a_last_line_without_line_end_gets_a_line_of_its_own(config_file):
+    run = gate(config_file, 'subject_prefix = "[EXTERNAL] "', b"From: a@example.org\nTo: b@example.com")
+    assert run.stdout.endswith(b"\nFrom: a@example.org\nTo: b@example.com\nSubject: [EXTERNAL]\n")
+
+
 # -- twice through the gate ---------------------------------------------------------------
 
 def test_a_second_pass_adds_nothing_and_is_byte_identical_over_the_corpus(config_file):
@@ -451,7 +466,7 @@ def test_a_second_pass_adds_nothing_and_is_byte_identical_over_the_corpus(config
 def test_second_pass_through_the_installed_program(config_file):
     config = config_file(rules(f'text = "{GERMAN}"\nsubject_prefix = "[EXTERN] "'))
     args = ["-c", str(config), "--stdout", "-f", "a@example.org", "b@example.com"]
-    first = run_gate(args, (CORPUS / "german.msg").read_bytes())
+    first = run_gate(args, (CORPUS / "latin1-qp.eml").read_bytes())
     second = run_gate(args, first.stdout)
     assert first.code == second.code == 0
     assert second.stdout == first.stdout
@@ -611,7 +626,7 @@ def test_skip_leaves_dkim_signed_mail_untouched_and_verifiable(config_file, tmp_
 def test_modify_breaks_the_old_signature_but_leaves_wire_bytes_a_new_one_verifies(
         config_file, smtp_sink, dkim_key):
     key, record = dkim_key
-    data = crlf((CORPUS / "bluedot-postcard.msg").read_bytes())
+    data = crlf((CORPUS / "alternative-related.eml").read_bytes())
     signed = dkim_sign(data, key, b"simple")
     config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n'
                          + rules(f'text = "{GERMAN}"\nsubject_prefix = "[EXTERN] "\nposition = "top"'))

@@ -7,8 +7,8 @@ import email.policy
 
 from conftest import CORPUS, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MULTI = (CORPUS / "multi-2gifs.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MULTI = (CORPUS / "two-images.eml").read_bytes()
 
 
 def counter(path, tag: str) -> str:
@@ -211,6 +211,15 @@ def test_header_only_change_leaves_the_body_byte_identical(config_file):
     config = config_file('default_filter = ["gate_test_filters:Stamp"]\n')
     run = run_inline(["-c", str(config), "--stdout", "-f", "s@x.example", "a@x"], MULTI)
     assert run.stdout == b"X-Stamp: yes\n" + MULTI
+
+
+def test_a_field_added_on_top_never_takes_a_first_line_that_starts_with_white_space(config_file):
+    from ispmailgate_filters.mime import Message
+
+    config = config_file('default_filter = ["gate_test_filters:Stamp"]\n')
+    run = run_inline(["-c", str(config), "--stdout", "-f", "s@x.example", "a@x"], b"\tinfected\nmore\n")
+    assert run.stdout == b"X-Stamp: yes\n\n\tinfected\nmore\n"
+    assert Message(run.stdout).headers.items() == [("X-Stamp", "yes")]
 
 
 def test_one_changed_part_leaves_the_others_byte_identical(config_file):

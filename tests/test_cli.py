@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from conftest import CORPUS, HERE, run_gate, run_inline
+from conftest import CORPUS, HERE, free_port, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MBOX = (CORPUS / "ak-0696.msg").read_bytes()      # starts with "From specht@kulturbox.de ..."
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MBOX = (CORPUS / "mbox-forward.eml").read_bytes()      # starts with "From grace@navy.example.mil ..."
 
 
 def test_shell_mode_reads_the_envelope_from_the_message(config_file):
@@ -17,7 +17,7 @@ def test_shell_mode_reads_the_envelope_from_the_message(config_file):
     assert run.code == 0
     assert run.stdout == SIMPLE
     [line] = run.stderr.splitlines()
-    assert "to=<sitaram@selsvr.stx.com>,<johnson@killians.gsfc.nasa.gov>" in line
+    assert "to=<charles@engine.example.net>,<mary@engine.example.net>" in line
     assert "rule=default chain=dummy outcome=sent" in line
 
 
@@ -33,7 +33,7 @@ def test_shell_mode_takes_the_sender_from_the_from_line(config_file, tmp_path):
     assert run.code == 0, run.stderr
     assert run.stdout == MBOX
     log = (tmp_path / "gate.log").read_text()
-    assert "from=<specht@kulturbox.de>" in log
+    assert "from=<grace@navy.example.mil>" in log
 
 
 def test_from_line_gives_the_sender_and_is_not_delivered(config_file, smtp_sink):
@@ -41,7 +41,7 @@ def test_from_line_gives_the_sender_and_is_not_delivered(config_file, smtp_sink)
     run = run_inline(["-c", str(config), "rcpt@example.com"], MBOX)
     assert run.code == 0, run.stderr
     [received] = smtp_sink.messages
-    assert received.mail_from == "specht@kulturbox.de"
+    assert received.mail_from == "grace@navy.example.mil"
     assert not received.content.startswith(b"From ")
     assert received.rcpt_tos == ["rcpt@example.com.ispmailgate"]
 
@@ -167,7 +167,7 @@ def test_one_log_line_per_message(config_file, smtp_sink, tmp_path):
     lines = [line for line in (tmp_path / "gate.log").read_text().splitlines()
              if "mail_user is root" not in line]      # the fixture's explicit root, warned about
     assert len(lines) == 1
-    assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: msgid=- "
+    assert re.search(r"ispmailgate\[\d+\]: [0-9A-F]{10}: msgid=<notes-1843@lab.example.org> "
                      r"from=<a@b.example> size=%d "
                      r"to=<c@d.example>,<e@f.example> rule=default chain=dummy outcome=sent .* "
                      r"status=done ms=\d+" % len(SIMPLE), lines[0]), lines[0]
@@ -219,3 +219,30 @@ def test_undecodable_bytes_and_nul_in_logged_fields_never_break_logging(config_f
     assert "Logging error" not in run.stderr
     log = (tmp_path / "gate.log").read_text()
     assert "msgid=<\\x9a\\xdc\\xff\\0nul@example.org>" in log
+
+
+def test_a_deferral_says_its_reason_once(config_file):
+    """Postfix's queue shows every stderr line of the run: the reason once, not twice."""
+    config = config_file(f'mail_host = "127.0.0.1:{free_port()}"\n')
+    run = run_gate(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    [line] = run.stderr.splitlines()
+    assert line.startswith("4.4.1 smtp:127.0.0.1:") and line.endswith(": connection refused")
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_run_whose_log_goes_nowhere_says_so_after_its_status_line(config_file, monkeypatch, reachable):
+    import ispmailgate
+
+    monkeypatch.setattr(ispmailgate, "syslog_reachable", lambda probe=True: reachable)
+    unlogged = "ispmailgate: " + ispmailgate.UNLOGGED
+    config = config_file(f'log_file = ""\nmail_host = "127.0.0.1:{free_port()}"\n')
+    run = run_inline(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert run.code == 75
+    assert run.stderr.splitlines()[1:] == ([] if reachable else [unlogged])
+    assert run.first_line.startswith("4.4.1 ")
+    run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert (run.code, run.stdout) == (0, SIMPLE)
+    assert run.stderr == ("" if reachable else unlogged + "\n")
+    with_file = config_file('log_file = "-"\n', name="stderr.toml")
+    assert unlogged not in run_inline(["-c", str(with_file), "--stdout", "-f", "a@b", "c@d"], SIMPLE).stderr

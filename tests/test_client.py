@@ -13,11 +13,12 @@ import pytest
 from conftest import CORPUS, HERE, crlf, run_gate
 from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, client_options, encode_arguments,
                                 encode_context, frame)
+from prepared import e2e_gate
 from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
 from serving import python, sink  # noqa: F401  (fixtures)
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MBOX = (CORPUS / "ak-0696.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MBOX = (CORPUS / "mbox-forward.eml").read_bytes()
 
 
 def test_client_options_come_first_and_everything_else_is_forwarded(monkeypatch):
@@ -279,6 +280,45 @@ def test_server_absent_falls_back_to_the_one_shot_run(config_file, smtp_sink):
     run = run_client(absent_socket(), ["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 0, run.stderr
     assert [m.content for m in smtp_sink.messages] == [crlf(SIMPLE)]
+
+
+def test_every_fallback_is_logged_with_its_reason_never_on_stderr(config_file, smtp_sink, tmp_path):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\n')
+    socket_path = absent_socket()
+    run = run_client(socket_path, ["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
+    assert (run.code, run.stdout, run.stderr) == (0, SIMPLE, "")
+    [line] = [line for line in (tmp_path / "gate.log").read_text().splitlines() if "ispmailgate-client[" in line]
+    assert line.endswith(f": cannot reach the server at {socket_path}: No such file or directory; "
+                         "running the one-shot ispmailgate instead (fallback = oneshot)")
+    run = run_client(socket_path, ["--fallback", "tempfail", "-c", str(config), "-f", "a@b.example", "c@d"],
+                     SIMPLE)
+    assert run.code == 75
+    assert (tmp_path / "gate.log").read_text().splitlines()[-1].endswith(
+        "No such file or directory; deferring the message (fallback = tempfail)")
+
+
+def test_a_socket_the_user_may_not_use_is_logged_with_what_to_do():
+    import pwd
+
+    folder = shared_folder()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(folder / "root-only.sock"))
+        server.listen(1)
+        os.chmod(folder / "root-only.sock", 0o600)
+        log = folder / "client.log"
+        rules = folder / "rules.toml"
+        rules.write_text(f'log_file = "{log}"\ntmp_dir = "{folder}"\n')
+        rules.chmod(0o644)
+        nobody = pwd.getpwnam("nobody")
+        client = e2e_gate().parent / "ispmailgate-client"      # a client the user nobody can run
+        process = subprocess.run([str(client), "--socket", str(folder / "root-only.sock"), "--fallback",
+                                  "tempfail", "-c", str(rules), "-f", "a@b.example", "c@d.example"],
+                                 input=SIMPLE, capture_output=True, env=client_env(), timeout=60,
+                                 user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+    assert process.returncode == 75
+    assert log.read_text().rstrip().endswith(
+        "Permission denied; deferring the message (fallback = tempfail); the socket's group must be one "
+        "of this user's groups (serve.socket_group)")
 
 
 def test_a_stale_socket_file_counts_as_absent(config_file):

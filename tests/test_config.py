@@ -6,7 +6,7 @@ import pytest
 
 from conftest import CORPUS, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 
 
 def load(text: str, tmp_path):

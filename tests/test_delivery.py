@@ -10,8 +10,8 @@ import pytest
 
 from conftest import CORPUS, recorded_calls, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-GERMAN = (CORPUS / "german.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+GERMAN = (CORPUS / "latin1-qp.eml").read_bytes()
 
 
 def smtp_config(config_file, sink, extra: str = "") -> str:

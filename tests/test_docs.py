@@ -159,16 +159,70 @@ def test_every_option_of_every_filter_in_this_build_is_in_the_man_page():
             assert re.search(rf"^\s+{option} = ", text, re.M), f"{name}.{option}"
 
 
+# -- the README: an overview whose every option and key the man pages explain ----------------------
+
+README = PROJECT / "README.md"
+
+
+def readme_code() -> tuple[list[str], list[str]]:
+    """The README's code: (fenced blocks, inline spans)."""
+    text = README.read_text()
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S)
+    spans = re.findall(r"`([^`\n]+)`", re.sub(r"^```.*?^```", "", text, flags=re.M | re.S))
+    return blocks, spans
+
+
+def test_every_option_the_readme_shows_is_in_the_man_page():
+    blocks, spans = readme_code()
+    options = set()
+    for line in [line for block in blocks for line in block.splitlines()] + spans:
+        for command in re.finditer(r"(?<![\w/-])(?:/usr/local/bin/|\.venv/bin/)?ispmailgate(?:-client)?\b(.*)", line):
+            options.update(re.findall(r"(?<!\S)(--?[a-z][a-z-]*)", command.group(1)))
+    assert {"-f", "-c", "--stdout", "--config-only", "--dry-run"} <= options      # the test reads them
+    text = rendered(MAN / "ispmailgate.1")
+    assert [option for option in sorted(options) if not mentions(text, option)] == []
+
+
+def test_every_rule_file_key_the_readme_shows_is_in_the_man_page():
+    import tomllib
+
+    import ispmailgate
+
+    blocks, spans = readme_code()
+    toml = [block for block in blocks if re.search(r"^\w+ = ", block, re.M)]
+    assert toml, "the README shows a rule file"
+    keys = {key for block in toml for key in re.findall(r"^\s*(\w+)\s*=", block, re.M)}
+    keys |= {m.group(1) for span in spans if (m := re.match(r"(\w+) = ", span))}
+    keys |= {m.group(1) for span in [*spans, *toml] for m in re.finditer(r"\[\[?(\w+)", span)}
+    assert {"mail_host", "loop_suffix", "text_file", "recipient_not", "recipients", "filter"} <= keys
+    text = rendered(MAN / "ispmailgate.toml.5")
+    assert [key for key in sorted(keys) if not mentions(text, key)] == []
+    for block in toml:          # and each example is a rule file a run accepts
+        ispmailgate.build_config(tomllib.loads(block), "README.md")
+
+
+def test_the_readme_is_an_overview_that_points_at_the_reference():
+    text = README.read_text()
+    assert len(text.split()) < 1500, "five minutes of reading"
+    assert "| option |" not in text            # the options live in the man pages
+    assert "man ispmailgate`" in text and "man ispmailgate.toml`" in text
+    commands = re.findall(r"^    (\S.*)$", text, re.M)      # the indented set-up commands
+    assert commands == ["apt-get update && apt-get install -y python3-venv && python3 -m venv .venv && "
+                        ".venv/bin/pip install . && .venv/bin/ispmailgate < examples/sample.eml", "tools/test"]
+
+
 # -- completions ------------------------------------------------------------------------------------
 
 def bash_complete(words: list[str], cwd: Path | None = None) -> list[str]:
     """What the registered completion function answers for ``words`` (the last is the
-    word being completed), called as bash calls it."""
+    word being completed; the first is the command, ispmailgate or ispmailgate-client),
+    called as bash calls it."""
+    command = words[0]
     quoted = " ".join("'" + w.replace("'", "'\\''") + "'" for w in words)
-    script = (f"source {COMPLETIONS / 'ispmailgate.bash'}\n"
-              "spec=$(complete -p ispmailgate); fn=${spec#*-F }; fn=${fn%% *}\n"
+    script = (f"source {COMPLETIONS / (command + '.bash')}\n"
+              f"spec=$(complete -p {command}); fn=${{spec#*-F }}; fn=${{fn%% *}}\n"
               f"COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}\n"
-              '$fn ispmailgate "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}"\n'
+              f'$fn {command} "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"\n'
               'printf "%s\\n" "${COMPREPLY[@]}"\n')
     process = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True,
                              text=True, timeout=60, check=True, cwd=cwd)
@@ -187,7 +241,8 @@ def test_bash_completes_commands_options_and_values(tmp_path):
     assert bash_complete(["ispmailgate", "--dr"]) == ["--dry-run"]
     assert set(bash_complete(["ispmailgate", "-"])) >= {"-f", "--from", "-c", "--config", "--stdout",
                                                         "-n", "--dry-run", "-h", "--help", "--version"}
-    assert bash_complete(["ispmailgate", "check", "-"]) == ["-c", "--config", "-h", "--help"]
+    assert bash_complete(["ispmailgate", "check", "-"]) == ["-c", "--config", "--config-only", "--client-user",
+                                                            "-h", "--help"]
     assert "--dry-run" not in bash_complete(["ispmailgate", "explain", "--"])
     assert bash_complete(["ispmailgate", "-a", "loc"]) == [f"local{i}" for i in range(8)]
     assert bash_complete(["ispmailgate", "-c", "ru"], tmp_path) == ["rules.toml"]
@@ -195,6 +250,31 @@ def test_bash_completes_commands_options_and_values(tmp_path):
     assert bash_complete(["ispmailgate", "-f", ""]) == []                    # no guessing addresses
     assert bash_complete(["ispmailgate", "-f", "a@b", "ch"]) == []            # a recipient, not a command
     assert bash_complete(["ispmailgate", "--", "-"]) == []                    # recipients only
+
+
+def test_bash_completes_the_clients_own_options_in_front_then_ispmailgates(tmp_path):
+    (tmp_path / "rules.toml").write_text("")
+    assert bash_complete(["ispmailgate-client", "--so"]) == ["--socket"]
+    assert bash_complete(["ispmailgate-client", "--fallback", ""]) == ["oneshot", "tempfail"]
+    assert bash_complete(["ispmailgate-client", "--socket", "ru"], tmp_path) == ["rules.toml"]
+    assert bash_complete(["ispmailgate-client", "--socket", "s", "--fal"]) == ["--fallback"]
+    assert bash_complete(["ispmailgate-client", "--socket", "s", "--dr"]) == ["--dry-run"]
+    assert bash_complete(["ispmailgate-client", "-f", "a@b", "--so"]) == []     # only in front
+    assert bash_complete(["ispmailgate-client", "-a", "loc"]) == [f"local{i}" for i in range(8)]
+    assert bash_complete(["ispmailgate-client", ""]) == []                     # recipients, no commands
+    assert bash_complete(["ispmailgate-client", "--", "-"]) == []
+
+
+def test_fish_and_zsh_complete_the_client():
+    process = subprocess.run(["fish", "--no-config", "-c", f"source {COMPLETIONS / 'ispmailgate-client.fish'}; "
+                              "complete -C 'ispmailgate-client --fallback '"],
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert [line.split("\t")[0] for line in process.stdout.splitlines()] == ["oneshot", "tempfail"]
+    process = subprocess.run(["zsh", "-f", "-c", f"fpath=({COMPLETIONS} $fpath); autoload -U compinit; "
+                              "compinit -u -D; print -r -- $_comps[ispmailgate-client]"],
+                             capture_output=True, text=True, timeout=60, check=True)
+    assert process.stdout.strip() == "_ispmailgate-client", process.stderr
+    assert subprocess.run(["zsh", "-n", str(COMPLETIONS / "_ispmailgate-client")], timeout=60).returncode == 0
 
 
 def test_fish_completes_commands_options_and_values():
@@ -210,7 +290,8 @@ def test_fish_completes_commands_options_and_values():
     assert complete("ispmailgate ") == sorted(command.name for command in generator().cli()[1])
     assert complete("ispmailgate serve --wo") == ["--workers"]
     assert complete("ispmailgate --dr") == ["--dry-run"]
-    assert sorted(complete("ispmailgate check -")) == ["--config", "--help", "-c", "-h"]
+    assert sorted(complete("ispmailgate check -")) == ["--client-user", "--config", "--config-only", "--help",
+                                                       "-c", "-h"]
     assert "--stdout" not in complete("ispmailgate explain --")
     assert complete("ispmailgate -a loc") == [f"local{i}" for i in range(8)]
 

@@ -22,7 +22,7 @@ from conftest import CORPUS
 from mailauth import signed
 from postfix_instance import PIPE_USER, PostfixInstance, e2e_gate, run_failing_test
 
-NESTED = (CORPUS / "multi-nested.msg").read_bytes()
+NESTED = (CORPUS / "nested.eml").read_bytes()
 SIMPLE_BODY = b"Subject: e2e\nFrom: sender@e2e.test\nTo: alice@e2e.test\n\nHello through Postfix.\n"
 
 STAMP = '''

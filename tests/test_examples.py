@@ -22,10 +22,9 @@ from conftest import CORPUS, PROJECT, run_gate
 
 EXAMPLES = PROJECT / "examples"
 SENDMAIL_CF = Path("/usr/share/sendmail/cf")         # Debian package sendmail-cf
-MBOX_MESSAGE = (CORPUS / "ak-0696.msg").read_bytes()  # starts with a From_ line
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-# multipart/alternative: text and HTML (the corpus's HTML parts have no <body> to go after)
-HTML = (CORPUS / "ticket-60931.msg").read_bytes().replace(b"HELLO<br>", b"<html><body>HELLO<br></body></html>")
+MBOX_MESSAGE = (CORPUS / "mbox-forward.eml").read_bytes()  # starts with a From_ line
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+HTML = (CORPUS / "html-alternative.eml").read_bytes()    # multipart/alternative: text, and HTML with <body>
 
 
 def runnable(name: str, tmp_path) -> str:
@@ -55,7 +54,7 @@ def test_external_warning(tmp_path, smtp_sink):
     config = runnable("external-warning.toml", tmp_path)
     outside = send(config, smtp_sink, "someone@elsewhere.org", "bob@example.com", SIMPLE)
     head, body = outside.split(b"\r\n\r\n", 1)
-    assert b"Subject: [EXTERNAL] Request for Leave" in head
+    assert b"Subject: [EXTERNAL] Notes on the analytical engine" in head
     assert body.startswith(b"CAUTION: This message comes from outside the organisation.")
     html = send(config, smtp_sink, "someone@elsewhere.org", "bob@sales.example.net", HTML)
     assert html.count(b"CAUTION: This message comes from outside") == 2    # the text and the HTML part
@@ -108,6 +107,15 @@ def test_example_rule_file_is_valid_for_every_filter_this_build_has():
     missing = {p.message.split("No module named ")[1] for p in problems}
     assert "'ispmailgate_filters.dummy'" not in missing
     assert config.rules[0].chain[0].name == "dummy"
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in EXAMPLES.glob("*.toml")))
+def test_every_example_rule_file_passes_check_config_only_on_a_machine_with_nothing_set_up(name):
+    """What an administrator's CI runs before a rule file reaches the gateway: no clamd, no
+    key ring, no spool, no next hop is needed for it."""
+    run = run_gate(["check", "--config-only", "-c", str(EXAMPLES / name)], b"")
+    assert run.code == 0, run.stdout.decode()
+    assert "nothing on this machine was checked" in run.stdout.decode().splitlines()[-1]
 
 
 def test_example_rules_route_as_their_comments_say():

@@ -105,7 +105,7 @@ def nested(depth: int) -> bytes:
     ("20,000 parts", b"Content-Type: multipart/mixed; boundary=z\n\n"
                      + b"--z\nContent-Type: text/plain\n\nx\n" * 20_000 + b"--z--\n"),
     ("boundary everywhere", b"Content-Type: multipart/mixed; boundary=\"\"\n\n--\n--\n----\n"),
-])
+], ids=lambda value: value if isinstance(value, str) else "")   # no megabyte in PYTEST_CURRENT_TEST
 def test_extreme_inputs_end_in_bounded_time_and_memory(changing_config, dummy_config, name, data):
     for config, same in ((dummy_config, True), (changing_config, False)):
         run = run_gate(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], data,

@@ -12,7 +12,7 @@ RUNNERS = {"run", "Popen", "call", "check_call", "check_output", "spawnl", "spaw
 
 
 def project_sources() -> list:
-    skip = {".venv", "build", "dist", ".git"}
+    skip = {".venv", ".venv-lowest", "build", "dist", ".git"}
     return [p for p in PROJECT.rglob("*.py") if not skip & set(p.relative_to(PROJECT).parts)]
 
 

@@ -87,7 +87,7 @@ def test_problems_name_missing_commands():
         ["command_neg: /nonexistent/unzstd not found or not executable"]
 
 
-def test_every_option_is_documented_in_one_line_and_in_the_readme():
+def test_every_option_is_documented_in_one_line_and_in_the_man_page():
     assert_documented(Packer)
 
 
@@ -103,16 +103,16 @@ def test_pos_then_neg_gives_back_every_corpus_part(config_file, codec):
         packed = run_inline(args, data)
         restored = run_inline(args, packed.stdout)
         assert packed.code == restored.code == 0, path.name
-        assert packed.stdout.startswith(b"X-ispMailGate-Packer: pos\n"), path.name
+        assert packed.stdout.startswith(b"X-ispMailGate-Packer: pos" + Message(data).eol), path.name
         packed_count += len(packed_leaves(packed.stdout))
         assert_same_parts(data, restored.stdout)
         identical += restored.stdout == data
     assert packed_count >= 50
-    assert identical >= 28          # base64/qp bodies are re-encoded: decoded identical, lines may differ
+    assert identical >= 40          # base64/qp bodies are re-encoded: decoded identical, lines may differ
 
 
 def test_through_the_installed_program_and_back(config_file):
-    data = (CORPUS / "multi-nested.msg").read_bytes()
+    data = (CORPUS / "nested.eml").read_bytes()
     config = config_file(rules("min_saving = 0"))
     args = ["-c", str(config), "--stdout", "-f", "a@example.org", "b@example.com"]
     packed = run_gate(args, data)
@@ -205,7 +205,7 @@ def test_skip_types_incompressible_and_tiny_parts_stay_as_they_are(config_file, 
     run = gate(config_file, "", data)
     assert run.stdout == b"X-ispMailGate-Packer: pos\n" + data
     assert "packed 0 part(s)" in (tmp_path / "gate.log").read_text()
-    for name in ("bluedot-simple.msg", "dup-names.msg"):       # JPEG and GIF: compressed already
+    for name in ("image-only.eml", "same-names.eml"):       # JPEG and GIF: compressed already
         original = (CORPUS / name).read_bytes()
         run = gate(config_file, "min_saving = 0", original)
         assert run.stdout == b"X-ispMailGate-Packer: pos\n" + original
@@ -240,7 +240,7 @@ def test_signed_or_encrypted_content_is_never_packed(config_file):
 
 
 def test_embedded_messages_are_descended_into(config_file):
-    data = (CORPUS / "ak-0696.msg").read_bytes()
+    data = (CORPUS / "mbox-forward.eml").read_bytes()
     run = gate(config_file, "min_saving = 0", data)
     inner = Message(without_from_line(run.stdout)).root.children[1].children[0]
     assert inner.headers.get("X-ispMailGate-Packed").startswith('gzip; type="text/plain"')
@@ -249,7 +249,7 @@ def test_embedded_messages_are_descended_into(config_file):
 
 
 def test_pos_twice_packs_nothing_twice(config_file):
-    data = (CORPUS / "multi-nested.msg").read_bytes()
+    data = (CORPUS / "nested.eml").read_bytes()
     once = gate(config_file, 'direction = "pos"\nmin_saving = 0', data)
     twice = gate(config_file, 'direction = "pos"\nmin_saving = 0', once.stdout)
     assert twice.stdout == once.stdout
@@ -386,7 +386,7 @@ def test_damage_and_unknown_codecs_are_unpack_errors(tmp_path):
 
 def test_command_codec_round_trips_with_the_real_gzip(config_file, tmp_path):
     options = 'codec = "gzipcmd"\ncommand_pos = ["gzip", "-c", "-n"]\ncommand_neg = ["gzip", "-dc"]\nmin_saving = 0'
-    data = (CORPUS / "multi-nested.msg").read_bytes()
+    data = (CORPUS / "nested.eml").read_bytes()
     packed = gate(config_file, options, data)
     assert [p.content_type for p in packed_leaves(packed.stdout)] == ["application/octet-stream"] * 4
     assert packed_leaves(packed.stdout)[0].filename == "part.gzipcmd"
@@ -394,14 +394,14 @@ def test_command_codec_round_trips_with_the_real_gzip(config_file, tmp_path):
 
 
 def test_a_gzip_command_is_interchangeable_with_the_built_in_codec(config_file):
-    data = (CORPUS / "multi-nested.msg").read_bytes()
+    data = (CORPUS / "nested.eml").read_bytes()
     packed = gate(config_file, 'command_pos = ["gzip", "-c", "-n", "-9"]\nmin_saving = 0', data)
     assert packed_leaves(packed.stdout)[0].content_type == "application/gzip"
     assert gate(config_file, "", packed.stdout).stdout == data
 
 
 def test_a_failing_pack_command_leaves_the_part_as_it_is(config_file, tmp_path):
-    data = without_from_line((CORPUS / "simple.msg").read_bytes())
+    data = without_from_line((CORPUS / "plain.eml").read_bytes())
     run = gate(config_file, 'codec = "nope"\ncommand_pos = ["false"]\ncommand_neg = ["true"]\nmin_saving = 0', data)
     assert run.code == 0
     assert run.stdout == b"X-ispMailGate-Packer: pos\n" + data
@@ -439,7 +439,7 @@ def test_an_unpack_command_that_cannot_start_defers_the_mail(config_file, tmp_pa
 # -- direction and marker ---------------------------------------------------------------------
 
 def test_auto_packs_unmarked_mail_and_unpacks_marked_mail(tmp_path):
-    data = without_from_line((CORPUS / "simple.msg").read_bytes())
+    data = without_from_line((CORPUS / "plain.eml").read_bytes())
     packed = through(Packer(min_saving=0), data, tmp_path)
     assert packed.startswith(b"X-ispMailGate-Packer: pos\n")
     assert through(Packer(direction="neg"), packed, tmp_path) == data

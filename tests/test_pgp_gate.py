@@ -50,7 +50,7 @@ def header(data: bytes, name: str) -> list[str]:
 
 
 def test_gateway_to_gateway_through_both_command_lines(world, config_file, smtp_sink, tmp_path):
-    original = without_from_line((CORPUS / "multi-2gifs.msg").read_bytes())
+    original = without_from_line((CORPUS / "two-images.eml").read_bytes())
     sending = pgp_config(config_file, smtp_sink, world.sending, direction="pos", uid=World.B_UID, sign=True)
     run = run_gate(["-c", sending, "-f", SENDER, "user@b.example"], original)
     assert (run.code, run.stderr) == (0, "")            # nothing from gpg or python-gnupg on stderr
@@ -70,7 +70,7 @@ def test_gateway_to_gateway_through_both_command_lines(world, config_file, smtp_
 
 
 def test_per_recipient_keys_make_delivery_groups(world, config_file, smtp_sink):
-    original = (CORPUS / "simple.msg").read_bytes()
+    original = (CORPUS / "plain.eml").read_bytes()
     config = pgp_config(config_file, smtp_sink, world.sending, direction="pos", per_recipient=True)
     recipients = ["alice@b.example", "carol@b.example", "bob@b.example", "alice.smith@b.example"]
     run = run_gate(["-c", config, "-f", SENDER, *recipients], original)
@@ -88,7 +88,7 @@ def test_per_recipient_keys_make_delivery_groups(world, config_file, smtp_sink):
 
 
 def test_recipient_without_key_rejected_or_deferred(world, config_file, smtp_sink):
-    original = (CORPUS / "simple.msg").read_bytes()
+    original = (CORPUS / "plain.eml").read_bytes()
     config = pgp_config(config_file, smtp_sink, world.sending, direction="pos", per_recipient=True,
                         on_missing_key="reject")
     run = run_inline(["-c", config, "-f", SENDER, "alice@b.example", "carol@b.example"], original)
@@ -147,7 +147,7 @@ def test_smime_signed_only_mail_is_encrypted_whole(world, config_file, smtp_sink
 
 def test_wrong_passphrase_defers_and_says_why(world, config_file, smtp_sink, tmp_path):
     sending = pgp_config(config_file, smtp_sink, world.sending, direction="pos", uid=World.B_UID)
-    assert run_inline(["-c", sending, "-f", SENDER, "user@b.example"], (CORPUS / "simple.msg").read_bytes()).code == 0
+    assert run_inline(["-c", sending, "-f", SENDER, "user@b.example"], (CORPUS / "plain.eml").read_bytes()).code == 0
     encrypted = from_wire(smtp_sink.messages.pop().content)
     receiving = pgp_config(config_file, smtp_sink, world.receiving, direction="neg",
                            passphrases={"gw@b.example": "not the passphrase"})
@@ -187,7 +187,7 @@ def test_undecryptable_mail_reported_or_rejected_reaches_the_postmaster_once(wor
 
 def test_missing_gpg_defers_and_sends_nothing(world, config_file, smtp_sink):
     armor = world.outsider.encrypt(b"Content-Type: text/plain\r\n\r\nfor B\r\n", "gw@b.example")
-    work = {"pos": (CORPUS / "simple.msg").read_bytes(),
+    work = {"pos": (CORPUS / "plain.eml").read_bytes(),
             "neg": b"From: x@c.example\nTo: user@b.example\nSubject: for B\n\n" + armor}
     for direction, data in work.items():
         config = pgp_config(config_file, smtp_sink, world.receiving, direction=direction, uid=World.A_UID,
@@ -199,7 +199,7 @@ def test_missing_gpg_defers_and_sends_nothing(world, config_file, smtp_sink):
 
 
 def test_missing_gnupghome_defers_and_home_gnupg_is_never_touched(world, config_file, smtp_sink, tmp_path):
-    message = (CORPUS / "simple.msg").read_bytes()
+    message = (CORPUS / "plain.eml").read_bytes()
     config = pgp_config(config_file, smtp_sink, tmp_path / "missing", direction="pos", uid=World.B_UID)
     run = run_gate(["-c", config, "-f", SENDER, "user@b.example"], message)
     assert run.code == 75 and "gnupghome" in run.first_line and run.first_line.startswith("4.3.5 ")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import CORPUS, GATE, HERE, run_gate, run_inline
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
 

@@ -11,16 +11,18 @@ import zipfile
 import pytest
 
 from conftest import CORPUS, PROJECT, crlf
+from prepared import wheels
 
 CLEAN_PYTHON = "/usr/bin/python3"
-MULTI = (CORPUS / "multi-2gifs.msg").read_bytes()
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
+MULTI = (CORPUS / "two-images.eml").read_bytes()
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
 
 
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory):
     output = tmp_path_factory.mktemp("pyz") / "ispmailgate.pyz"
-    process = subprocess.run([sys.executable, str(PROJECT / "tools" / "build-pyz"), "-o", str(output)],
+    process = subprocess.run([sys.executable, str(PROJECT / "tools" / "build-pyz"), "-o", str(output),
+                              "--wheels", str(wheels())],
                              capture_output=True, text=True, timeout=900, check=False)
     assert process.returncode == 0, process.stdout + process.stderr
     return output
@@ -37,7 +39,8 @@ def rule_file(tmp_path, smtp_sink):
     """As conftest's config_file: tests run as root, and a run as root needs mail_user."""
     rules = tmp_path / "rules.toml"
     user = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
-    rules.write_text(f'tmp_dir = "{tmp_path}"\nmail_host = "{smtp_sink.address}"\n{user}')
+    rules.write_text(f'tmp_dir = "{tmp_path}"\nlog_file = "{tmp_path}/gate.log"\n'
+                     f'mail_host = "{smtp_sink.address}"\n{user}')
     return rules
 
 

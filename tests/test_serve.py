@@ -20,8 +20,8 @@ from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, encode_arguments, 
 from serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
 from serving import python, sink  # noqa: F401  (fixtures)
 
-SIMPLE = (CORPUS / "simple.msg").read_bytes()
-MBOX = (CORPUS / "ak-0696.msg").read_bytes()        # starts with a From_ line
+SIMPLE = (CORPUS / "plain.eml").read_bytes()
+MBOX = (CORPUS / "mbox-forward.eml").read_bytes()        # starts with a From_ line
 
 
 # -- the [serve] section ------------------------------------------------------------------

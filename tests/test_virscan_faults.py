@@ -440,17 +440,13 @@ def test_check_reports_a_missing_7zip_when_7z_is_left_to_the_scanner(clamd, tmp_
     assert VirScan(**options, scanner_unpacks=("rar",)).problems() == []
 
 
-def test_the_readme_example_is_a_valid_rule_file():
-    import tomllib
-
+def test_the_example_rule_files_scanner_is_valid_as_written():
     import ispmailgate
     from conftest import PROJECT
 
-    readme = (PROJECT / "README.md").read_text()
-    example = readme[readme.index("```toml\n[filter.av]") + 8:]
-    config = ispmailgate.build_config(tomllib.loads(example[:example.index("```")]), "README.md")
+    config = ispmailgate.load_config(PROJECT / "examples" / "ispmailgate.toml")
     scan = config.filters["av"]
-    assert (scan.on_infected, scan.max_unpacked, scan.max_stream) == ("reject", 200 * 1024 ** 2, 25 * 1024 ** 2)
+    assert (scan.on_infected, scan.max_unpacked, scan.max_ratio) == ("reject", 200 * 1024 ** 2, 100)
 
 
 # -- hostile MIME: every message ends in a defined verdict ------------------------------------------

@@ -6,15 +6,17 @@ and section keys in the rule file's man page.
     .venv/bin/python tools/generate.py --check    # exit 1 and name the files that are stale
 
 The completions are static (no Python start per TAB) and come from the typer apps in
-ispmailgate.py: the main command's options, the admin subcommands and theirs.  Values are
-completed by metavar: FILE and PATH as files, DIR as directories, FACILITY from the
-syslog facilities.  The filter options come from each built-in filter's ``options()``
+ispmailgate.py: the main command's options, the admin subcommands and theirs; those of
+ispmailgate-client are its own two options (in front) and then the main command's.  Values
+are completed by metavar: FILE and PATH as files, DIR as directories, FACILITY from the
+syslog facilities, MODE from the client's fallbacks.  The filter options come from each built-in filter's ``options()``
 (the ``doc`` of every ``option(...)``), between two marker lines of the man page.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ SECTIONS_END = '.\\" END SECTION KEYS'
 SECTION_KEYS = {"serve": ("ispmailgate_serve", "SERVE_SETTINGS"), "arc": ("ispmailgate_arc", "KEYS")}
 
 
-# -- the CLI, read from the typer apps ---------------------------------------------------------
+# -- the CLI, read from the typer apps (and the client's own few options) ---------------------
 
 @dataclass(frozen=True)
 class Option:
@@ -69,6 +71,31 @@ def cli() -> tuple[Command, list[Command]]:
     group = typer.main.get_command(ispmailgate.admin_cli)
     parent = group.context_class(group, **group.context_settings)
     return main, [_command(name, command, parent) for name, command in sorted(group.commands.items())]
+
+
+CLIENT_HELP = {"--socket": "Unix socket of ispmailgate serve (else $ISPMAILGATE_SOCKET, else {socket}).",
+               "--fallback": "When no server answers: oneshot (run ispmailgate) or tempfail (exit 75)."}
+
+
+def client_options() -> tuple[Option, ...]:
+    """ispmailgate-client parses its few options by hand (no typer: it must start fast);
+    they are read from the usage line of its docstring: [--name METAVAR] or [--name a|b]."""
+    import ispmailgate_client
+
+    usage = ispmailgate_client.__doc__.split("\n\n")[1]
+    options = []
+    for name, value in re.findall(r"\[(--[a-z-]+) ([A-Za-z|]+)\]", usage):
+        metavar = "MODE" if "|" in value else value
+        help = CLIENT_HELP.get(name, "See ispmailgate(1).").format(socket=ispmailgate_client.DEFAULT_SOCKET)
+        options.append(Option((name,), metavar, help))
+    return tuple(options)
+
+
+def _values(metavar: str | None) -> tuple[str, ...]:
+    """The values an option takes, where they can be listed."""
+    import ispmailgate_client
+
+    return {"FACILITY": FACILITIES, "MODE": ispmailgate_client.FALLBACKS}.get(metavar or "", ())
 
 
 def _command(name: str, command, parent=None) -> Command:
@@ -121,6 +148,36 @@ def bash(main: Command, subcommands: list[Command]) -> str:
     return "\n".join(lines)
 
 
+def bash_client(main: Command) -> str:
+    """The client's options only in front, each with its value; then the main command's."""
+    client = client_options()
+    names = "|".join(name for option in client for name in option.names)
+    ours = " ".join(name for option in client for name in option.names)
+    words = " ".join(name for option in main.options for name in option.names)
+    lines = [f"# bash completion for ispmailgate-client -- {HEADER}", "",
+             "_ispmailgate_client() {",
+             "    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]} i front=1",
+             "    for ((i = 1; i < COMP_CWORD; i++)); do",
+             '        [[ ${COMP_WORDS[i]} == -- ]] && return 0      # recipients only from here',
+             "    done",
+             "    for ((i = 1; i < COMP_CWORD; i += 2)); do      # still among the client's own options?",
+             f"        case ${{COMP_WORDS[i]}} in {names}) ;; *) front=0; break ;; esac",
+             "    done",
+             "    if ((front)); then",
+             "        case $prev in"]
+    lines += ["    " + line for line in _bash_values(Command("", "", client, ()))[1:-1]]
+    lines += ["        esac",
+              "    fi",
+              "    case $prev in"]
+    lines += [*_bash_values(main)[1:-1], "    esac"]
+    lines += ["    if [[ $cur == -* ]]; then",
+              f'        ((front)) && COMPREPLY=($(compgen -W "{ours}" -- "$cur"))',
+              f'        COMPREPLY+=($(compgen -W "{words}" -- "$cur"))',
+              "    fi",
+              "    return 0", "}", "", "complete -F _ispmailgate_client ispmailgate-client", ""]
+    return "\n".join(lines)
+
+
 def _bash_values(command: Command) -> list[str]:
     lines = ["        case $prev in"]
     for option in command.options:
@@ -131,8 +188,8 @@ def _bash_values(command: Command) -> list[str]:
             action = 'compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur"))'
         elif option.metavar in DIR_METAVARS:
             action = 'compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -d -- "$cur"))'
-        elif option.metavar == "FACILITY":
-            action = f'COMPREPLY=($(compgen -W "{" ".join(FACILITIES)}" -- "$cur"))'
+        elif _values(option.metavar):
+            action = f'COMPREPLY=($(compgen -W "{" ".join(_values(option.metavar))}" -- "$cur"))'
         else:
             action = ":"                # a value nobody can guess: offer nothing
         lines.append(f"        {pattern}) {action}; return 0 ;;")
@@ -167,6 +224,16 @@ def zsh(main: Command, subcommands: list[Command]) -> str:
     return "\n".join(lines)
 
 
+def zsh_client(main: Command) -> str:
+    specs = _zsh_specs(Command("", "", client_options(), ())) + _zsh_specs(main)
+    lines = ["#compdef ispmailgate-client", f"# zsh completion for ispmailgate-client -- {HEADER}", "",
+             "_ispmailgate-client() {",
+             "  _arguments -s -S \\"]
+    lines += [f"    {spec} \\" for spec in specs]
+    lines += ["    && return 0", "}", "", '_ispmailgate-client "$@"', ""]
+    return "\n".join(lines)
+
+
 def _zsh_specs(command: Command) -> list[str]:
     specs = []
     for option in command.options:
@@ -190,8 +257,8 @@ def _zsh_action(metavar: str) -> str:
         return "_files"
     if metavar in DIR_METAVARS:
         return "_files -/"
-    if metavar == "FACILITY":
-        return "(" + " ".join(FACILITIES) + ")"
+    if _values(metavar):
+        return "(" + " ".join(_values(metavar)) + ")"
     return " "
 
 
@@ -233,6 +300,15 @@ def fish(main: Command, subcommands: list[Command]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fish_client(main: Command) -> str:
+    lines = [f"# fish completion for ispmailgate-client -- {HEADER}", "", "complete -c ispmailgate-client -f"]
+    for option in (*client_options(), *main.options):
+        flags = " ".join([f"-s {n[1:]}" for n in option.short] + [f"-l {n[2:]}" for n in option.long])
+        lines.append(f"complete -c ispmailgate-client {flags}{_fish_value(option.metavar)} "
+                     f"-d {_fish_quote(option.help)}")
+    return "\n".join(lines) + "\n"
+
+
 def _fish_value(metavar: str | None) -> str:
     if metavar is None:
         return ""
@@ -240,8 +316,8 @@ def _fish_value(metavar: str | None) -> str:
         return " -r -F"
     if metavar in DIR_METAVARS:
         return " -x -a '(__fish_complete_directories)'"
-    if metavar == "FACILITY":
-        return f" -x -a '{' '.join(FACILITIES)}'"
+    if _values(metavar):
+        return f" -x -a '{' '.join(_values(metavar))}'"
     return " -x"
 
 
@@ -338,6 +414,9 @@ def outputs() -> dict[Path, str]:
         PROJECT / "completions" / "ispmailgate.bash": bash(main, subcommands),
         PROJECT / "completions" / "_ispmailgate": zsh(main, subcommands),
         PROJECT / "completions" / "ispmailgate.fish": fish(main, subcommands),
+        PROJECT / "completions" / "ispmailgate-client.bash": bash_client(main),
+        PROJECT / "completions" / "_ispmailgate-client": zsh_client(main),
+        PROJECT / "completions" / "ispmailgate-client.fish": fish_client(main),
         toml5: with_generated_blocks(toml5.read_text()),
     }
 
