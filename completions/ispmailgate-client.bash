@@ -6,12 +6,13 @@ _ispmailgate_client() {
         [[ ${COMP_WORDS[i]} == -- ]] && return 0      # recipients only from here
     done
     for ((i = 1; i < COMP_CWORD; i += 2)); do      # still among the client's own options?
-        case ${COMP_WORDS[i]} in --socket|--fallback) ;; *) front=0; break ;; esac
+        case ${COMP_WORDS[i]} in --socket|--fallback|--deadline) ;; *) front=0; break ;; esac
     done
     if ((front)); then
         case $prev in
             --socket) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
             --fallback) COMPREPLY=($(compgen -W "oneshot tempfail" -- "$cur")); return 0 ;;
+            --deadline) :; return 0 ;;
         esac
     fi
     case $prev in
@@ -22,7 +23,7 @@ _ispmailgate_client() {
         -a|--facility) COMPREPLY=($(compgen -W "mail daemon user auth authpriv cron kern lpr news syslog uucp local0 local1 local2 local3 local4 local5 local6 local7" -- "$cur")); return 0 ;;
     esac
     if [[ $cur == -* ]]; then
-        ((front)) && COMPREPLY=($(compgen -W "--socket --fallback" -- "$cur"))
+        ((front)) && COMPREPLY=($(compgen -W "--socket --fallback --deadline" -- "$cur"))
         COMPREPLY+=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
     fi
     return 0

@@ -3,6 +3,7 @@
 complete -c ispmailgate-client -f
 complete -c ispmailgate-client -l socket -r -F -d 'Unix socket of ispmailgate serve (else $ISPMAILGATE_SOCKET, else /run/ispmailgate/ispmailgate.sock).'
 complete -c ispmailgate-client -l fallback -x -a 'oneshot tempfail' -d 'When no server answers: oneshot (run ispmailgate) or tempfail (exit 75).'
+complete -c ispmailgate-client -l deadline -x -d 'See ispmailgate(1).'
 complete -c ispmailgate-client -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate-client -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate-client -s m -l mail-host -x -d 'Deliver by SMTP to this next hop (overrides mail_host and sendmail_command).'
