@@ -9,7 +9,8 @@ labels: PGP/MIME, inline PGP, binary OpenPGP attachments, S/MIME enveloped data.
 
 from __future__ import annotations
 
-from .mime import Headers, Part, decode_body, fold_field
+from .base import Context, FilterError, Reject, TempFail
+from .mime import Headers, Message, Part, decode_body, fold_field
 
 ENCRYPTED_PROTOCOL = "application/pgp-encrypted"
 PKCS7_TYPES = frozenset({"application/pkcs7-mime", "application/x-pkcs7-mime"})
@@ -222,3 +223,44 @@ def seven_bit(entity: bytes) -> bytes:
             text = leaf.content_type.startswith("text/")
             leaf.set_decoded(leaf.decoded(), "quoted-printable" if text else "base64")
     return root.to_bytes()
+
+
+# -- verdict fields and what cannot be decrypted --------------------------------------------
+
+def remove_verdicts(message: Message, ctx: Context, fields: tuple[str, ...], marker: str) -> None:
+    """Remove the result ``fields`` a filter writes, and a ``marker`` saying "neg" (decrypted
+    here), from a message as it arrived: first, on every path, so that no early return
+    (mail encrypted to keys the gateway does not hold, mail that is passed as it is, mail
+    sent in clear) can deliver a verdict the sender wrote."""
+    headers = message.headers
+    for name in fields:
+        if headers.remove(name):
+            ctx.log.warning("removed %s header fields the message brought along", name)
+    if any(not value.strip().lower().startswith("pos") for value in headers.get_all(marker)):
+        headers.remove(marker)
+        ctx.log.warning("removed an %s header field that did not say pos (only this gateway "
+                        "says neg)", marker)
+
+
+def follow_undecryptable(policy: str, reasons: str, message: Message, ctx: Context, result: str) -> None:
+    """What ``on_undecryptable`` says for data the gateway could not decrypt: deliver (with
+    a ``result`` field; the postmaster told), report, reject (the postmaster told), tempfail."""
+    if policy == "tempfail":        # no report: it would go out again on every retry
+        raise TempFail(f"cannot decrypt: {reasons}", "4.7.5")
+    if policy == "report":          # the core sends the original to the postmaster
+        raise FilterError(f"cannot decrypt: {reasons}")
+    if policy == "reject":
+        _tell_postmaster(ctx, reasons, "It was rejected (on_undecryptable = \"reject\"), "
+                                       "so the sender gets a bounce")
+        raise Reject(f"cannot decrypt: {reasons}", "5.7.5")
+    ctx.log.warning("not decrypted, delivered as it came: %s", reasons)
+    message.headers.add(result, 'undecryptable; reason="%s"' % reasons.replace('"', "'"))
+    _tell_postmaster(ctx, reasons, "It was delivered as it came (on_undecryptable = \"deliver\")")
+
+
+def _tell_postmaster(ctx: Context, reasons: str, outcome: str) -> None:
+    envelope = ctx.envelope
+    ctx.notify([ctx.postmaster], "ispmailgate: encrypted message not decrypted",
+               f"ispmailgate could not decrypt message {ctx.message_id}\n"
+               f"from <{envelope.sender}> to {', '.join(envelope.recipients)}:\n\n  {reasons}\n\n"
+               f"{outcome}; the original is attached.\n", attach_original=True)
