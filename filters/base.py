@@ -242,6 +242,11 @@ class Filter:
         """What is wrong with this filter's environment (files, sockets, keys), for ``check``."""
         return []
 
+    def explain(self, variant: Hashable) -> str:
+        """What this step does for the recipients whose :meth:`variant` is ``variant``, for
+        ``explain`` (the certificate they are encrypted to ...); "": nothing to add."""
+        return ""
+
     @property
     def title(self) -> str:
         """How this step appears in logs: the instance name, else the type name."""
