@@ -488,3 +488,16 @@ def test_cryptography_is_imported_lazily():
                             "print(any(m.startswith('cryptography') for m in sys.modules), 'subprocess' in sys.modules)"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.split() == ["False", "False"]
+
+
+def test_every_option_is_documented_and_the_example_loads():
+    import ispmailgate
+    from conftest import PROJECT, assert_documented
+
+    assert_documented(Smime)
+    config = ispmailgate.load_config(PROJECT / "examples" / "smime-gateway.toml")
+    incoming, outgoing = config.filters["smime-in"], config.filters["smime-out"]
+    assert incoming.direction == "neg" and len(incoming.key_file) == 2 and incoming.trust_store
+    assert outgoing.per_recipient and outgoing.sign and outgoing.on_missing_cert == "clear"
+    assert ispmailgate.route(config, "x@elsewhere.example", "alice@example-a.net").chain == (incoming,)
+    assert ispmailgate.route(config, "alice@example-a.net", "bob@example-b.net").chain == (outgoing,)
