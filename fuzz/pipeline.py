@@ -4,12 +4,14 @@
     .venv/bin/python fuzz/pipeline.py -max_total_time=3600 fuzz/work   # the long run (see README)
     .venv/bin/python fuzz/pipeline.py -runs=15000                       # what the tests run
 
-Each input is one message through ``ispmailgate --stdout`` in this process, three times:
-the dummy chain, two changing test filters, and the built-in filters that need no outside
-service (banner, packer both ways, pgp) routed by a rule to two recipients.  A crash is:
+Each input is one message through ``ispmailgate --stdout`` in this process, four times:
+the dummy chain, two changing test filters, the built-in filters that need no outside
+service (banner, packer both ways, pgp) routed by a rule to two recipients, and smime both
+ways with real keys (tests/smime_keys.py makes them with openssl).  A crash is:
 an exit status other than 0, 69 or 75; a traceback on stderr; an internal error or a
 filter failure (both exit 75, so no mail is lost, but each is a bug); or, for the dummy
-chain, output that differs from the input.  Seeds: the shared corpus.
+chain, output that differs from the input.  Seeds: the shared corpus, and S/MIME messages
+made by openssl (written to the first directory given).
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ with atheris.instrument_imports():
     import gate_test_filters  # noqa: F401
 
 from hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
+from smime_hostile import real_structures, smime_rules  # noqa: E402
+from smime_keys import pki  # noqa: E402
 
 CHAINS = {
     "dummy": ('default_filter = ["dummy"]\n', ["c@d.example"]),
     "changing": ('default_filter = ["gate_test_filters:Upcase", "gate_test_filters:Stamp"]\n', ["c@d.example"]),
     "built-in": (BUILT_IN_RULES, BUILT_IN_RECIPIENTS),
+    "smime": (smime_rules(pki()), ["c@d.example"]),
 }
 
 
@@ -81,6 +86,18 @@ def one_input(data: bytes) -> None:
             raise AssertionError("dummy chain changed the bytes")
 
 
+def write_smime_seeds(directory: str) -> None:
+    """Real S/MIME (enveloped, GCM, to an EC key, streamed, signed, opaque signed) as seeds."""
+    import base64
+
+    for number, der in enumerate(real_structures(pki())):
+        seed = Path(directory) / f"smime-seed-{number}"
+        if not seed.exists():
+            seed.write_bytes(b"From: alice@b.example\nMIME-Version: 1.0\nContent-Type: application/pkcs7-mime;"
+                             b" smime-type=enveloped-data\nContent-Transfer-Encoding: base64\n\n"
+                             + base64.encodebytes(der))
+
+
 def main() -> None:
     """libFuzzer's options pass through; new inputs go to the first directory given (a
     temporary one by default); the shared corpus is always added as read-only seeds."""
@@ -89,6 +106,7 @@ def main() -> None:
     seeds = HERE.parent.parent / "shared" / "corpus" / "mime-tools"
     if seeds.is_dir():
         directories.append(str(seeds))
+    write_smime_seeds(directories[0])
     if not any(flag.startswith("-timeout=") for flag in flags):
         flags.append("-timeout=20")       # one input may take 20 s at most: a hang is a crash
     if not any(flag.startswith("-artifact_prefix=") for flag in flags):
