@@ -145,6 +145,14 @@ def test_tampered_untrusted_expired_and_forged_senders(keys, run):
         'untrusted; signer="alice.smith@b.example, alice@b.example"; reason="no trust_store is configured"')
 
 
+def test_a_certs_only_message_is_no_signature(keys, run):
+    der = openssl("crl2pkcs7", "-nocrl", "-certfile", keys.alice.cert, "-outform", "DER").stdout
+    data = (b"From: alice@b.example\nMIME-Version: 1.0\nContent-Type: application/pkcs7-mime; smime-type=certs-only;"
+            b" name=smime.p7c\nContent-Transfer-Encoding: base64\n\n" + base64.encodebytes(der))
+    delivered, message, notices = run(receiving(keys), data)
+    assert delivered == data and not message.changed and notices == []
+
+
 def test_signature_without_the_signers_certificate_is_untrusted(keys, run):
     made = openssl("cms", "-sign", "-nocerts", "-signer", keys.alice.cert, "-inkey", keys.alice.key,
                    data=CONTENT).stdout

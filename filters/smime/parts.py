@@ -34,6 +34,8 @@ def smime_kind(part: Part) -> str | None:
     if part.content_type not in PKCS7_TYPES and not (part.filename or "").lower().endswith(".p7m"):
         return None
     kind = cms_content_type(decode_body(part.body[:400], part.transfer_encoding))
+    if kind == "signed-data" and (part.param("smime-type") or "").lower() == "certs-only":
+        return None         # certificates handed over (RFC 8551 3.8): signed data that signs nothing
     return kind if kind in _SMIME_TYPE else None
 
 
