@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..secure_mime import ENVELOPED, cms_content_type
-from .credentials import CertTrouble, Identity, addresses, describe
+from .credentials import CertTrouble, Identity, addresses, describe, subject
 
 MICALG = {"sha256": "sha-256", "sha384": "sha-384", "sha512": "sha-512"}
 _OPENSSL_CIPHERS = {"aes256-cbc": "-aes-256-cbc", "aes128-gcm": "-aes-128-gcm", "aes256-gcm": "-aes-256-gcm"}
@@ -155,6 +155,12 @@ def _decrypt_with_library(der: bytes, keys: list[Identity]) -> tuple[bytes | Non
             if "parsing asn1" in str(error):
                 return None, tried      # a structure the DER parser refuses: openssl reads BER too
             raise Undecryptable(f"decryption failed: {error} (corrupt or tampered data)") from None
+        except Exception:               # whatever else the library makes of hostile data: openssl decides
+            return None, tried
+        except BaseException as error:  # a panic in the library's Rust code is a BaseException
+            if type(error).__name__ != "PanicException":
+                raise
+            return None, tried
     return None, tried
 
 
@@ -239,7 +245,7 @@ def _signed_by(state: str, reason: str, scratch: str) -> Signature:
         if os.path.exists(path):
             os.unlink(path)
     mails = addresses(cert)
-    return Signature(state, ", ".join(sorted(mails)) or cert.subject.rfc4514_string(), reason, mails)
+    return Signature(state, ", ".join(sorted(mails)) or subject(cert), reason, mails)
 
 
 def _not_verified(err: str) -> Signature:

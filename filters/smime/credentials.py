@@ -30,7 +30,7 @@ def require_library() -> None:
     """Import cryptography, or say in one line why S/MIME cannot work here."""
     try:
         import cryptography
-        from cryptography.hazmat.primitives.serialization import pkcs7  # noqa: F401
+        from cryptography.hazmat.primitives.serialization import pkcs7  # noqa: F401  (fails here, not later)
     except ImportError as error:
         raise CertTrouble(f"the cryptography package is missing ({error}): pip install "
                           f"'cryptography>={'.'.join(map(str, MIN_CRYPTOGRAPHY))}'") from None
@@ -67,13 +67,14 @@ def fingerprint(cert: Any) -> str:
 def describe(cert: Any) -> str:
     """How logs, check and explain name a certificate: subject, addresses, short fingerprint."""
     mails = ", ".join(sorted(addresses(cert)))
-    return f"{_subject(cert)}{f' <{mails}>' if mails else ''} (SHA-256 {fingerprint(cert)[:16]})"
+    return f"{subject(cert)}{f' <{mails}>' if mails else ''} (SHA-256 {fingerprint(cert)[:16]})"
 
 
-def _subject(cert: Any) -> str:
+def subject(cert: Any) -> str:
+    """The subject as text; never fails on a strange one (a signer's certificate is the sender's)."""
     try:
         return cert.subject.rfc4514_string() or "(empty subject)"
-    except ValueError:
+    except Exception:
         return "(unreadable subject)"
 
 
