@@ -351,10 +351,20 @@ def _plan(routes: dict[str, Route], recipients: list[str], depth: int, indent: s
     if depth == 0 and not branches:
         out.line(f"{indent}(none: an empty chain delivers the message as it came)")
     for (step, variant), members in branches.items():
-        note = "  (differs per recipient)" if variant is not None else ""
+        notes = (["differs per recipient"] if variant is not None else []) + _explained(step, variant)
+        note = f"  ({'; '.join(notes)})" if notes else ""
         out.line(f"{indent}{step.title}: {_addresses(members)}{note}")
         groups += _plan(routes, members, depth + 1, indent + "  ", out)
     return groups
+
+
+def _explained(step: Filter, variant) -> list[str]:
+    """What the step says it does for these recipients (the certificate they are encrypted to)."""
+    try:
+        detail = step.explain(variant)
+    except Exception as error:      # explain must show the rest whatever one filter does
+        detail = f"cannot tell: {error!r}"
+    return [detail] if detail else []
 
 
 def _sealing(config: Config, chain) -> str:

@@ -11,4 +11,5 @@ BUILTIN = {
     "packer": "ispmailgate_filters.packer:Packer",
     "virscan": "ispmailgate_filters.virscan:VirScan",
     "pgp": "ispmailgate_filters.pgp:Pgp",
+    "smime": "ispmailgate_filters.smime:Smime",
 }

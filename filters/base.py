@@ -302,6 +302,11 @@ class Filter:
         name is looked up in $PATH), as it refuses a rule file others can change."""
         return {}
 
+    def explain(self, variant: Hashable) -> str:
+        """What this step does for the recipients whose :meth:`variant` is ``variant``, for
+        ``explain`` (the certificate they are encrypted to ...); "": nothing to add."""
+        return ""
+
     @property
     def title(self) -> str:
         """How this step appears in logs: the instance name, else the type name."""

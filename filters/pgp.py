@@ -36,6 +36,7 @@ from .base import (Context, Filter, OptionError, Reject, TempFail, choice, mappi
 from .mime import Message
 from .pgp_gpg import GpgTrouble, Keyring
 from .pgp_incoming import Incoming
+from .secure_mime import remove_verdicts
 from .pgp_mime import (MARKER, PGP_KINDS, RESULT, SIGNATURE, already_encrypted, build_encrypted, build_signed,
                        canonical, seven_bit, split_entity)
 
@@ -117,7 +118,7 @@ class Pgp(Filter):
         return None
 
     def process(self, message: Message, ctx: Context) -> None:
-        remove_verdicts(message, ctx)
+        remove_verdicts(message, ctx, (RESULT, SIGNATURE), MARKER)
         keyring = self.keyring()
         try:
             if self._direction(message) == "pos":
@@ -219,21 +220,6 @@ class Pgp(Filter):
         if self.direction == "neg" and not keyring.secret_keys():
             found.append(f"no secret key in {home}: nothing can be decrypted")
         return found
-
-
-def remove_verdicts(message: Message, ctx: Context) -> None:
-    """Remove the result fields this filter writes, and a marker saying "neg" (decrypted
-    here), from a message as it arrived: first, on every path, so that no early return
-    (mail encrypted to keys the gateway does not hold, mail that is passed as it is, mail
-    sent in clear) can deliver a verdict the sender wrote."""
-    headers = message.headers
-    for name in (RESULT, SIGNATURE):
-        if headers.remove(name):
-            ctx.log.warning("removed %s header fields the message brought along", name)
-    if any(not value.strip().lower().startswith("pos") for value in headers.get_all(MARKER)):
-        headers.remove(MARKER)
-        ctx.log.warning("removed an %s header field that did not say pos (only this gateway "
-                        "says neg)", MARKER)
 
 
 def read_passphrase_file(path: str) -> dict[str, str]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .base import Context, FilterError, Reject, TempFail, marked_direction
+from .base import Context, marked_direction
 from .mime import Message, Part, python_codec
 from .pgp_gpg import Keyring, NoSecretKey, Signature, Undecryptable
 from .pgp_mime import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
                        encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed,
                        may_render_as_markup, merge_decrypted, native, signed_content)
+from .secure_mime import follow_undecryptable
 
 if TYPE_CHECKING:
     from .pgp import Pgp
@@ -202,7 +203,8 @@ class Incoming:
                 self.ctx.log.warning("removed %s header fields the message brought along", name)
                 headers.remove(name)
         if self.failures:
-            self._undecryptable(message)
+            follow_undecryptable(self.pgp.on_undecryptable, "; ".join(dict.fromkeys(self.failures)),
+                                 message, self.ctx, RESULT)
         if self.decrypted:
             headers.remove(MARKER)
             headers.add(MARKER, "neg")
@@ -211,28 +213,6 @@ class Incoming:
             headers.add(SIGNATURE, f"{signature.describe()}; scope={scope}")
         self.ctx.log.info("decrypted %d, %d signature(s): %s", len(self.decrypted), len(self.signatures),
                           ", ".join(sig.describe() for _, sig in self.signatures) or "-")
-
-    def _undecryptable(self, message: Message) -> None:
-        reasons = "; ".join(dict.fromkeys(self.failures))
-        policy = self.pgp.on_undecryptable
-        if policy == "tempfail":        # no report: it would go out again on every retry
-            raise TempFail(f"cannot decrypt: {reasons}", "4.7.5")
-        if policy == "report":          # the core sends the original to the postmaster
-            raise FilterError(f"cannot decrypt: {reasons}")
-        if policy == "reject":
-            self._tell_postmaster(reasons, "It was rejected (on_undecryptable = \"reject\"), "
-                                           "so the sender gets a bounce")
-            raise Reject(f"cannot decrypt: {reasons}", "5.7.5")
-        self.ctx.log.warning("not decrypted, delivered as it came: %s", reasons)
-        message.headers.add(RESULT, 'undecryptable; reason="%s"' % reasons.replace('"', "'"))
-        self._tell_postmaster(reasons, "It was delivered as it came (on_undecryptable = \"deliver\")")
-
-    def _tell_postmaster(self, reasons: str, outcome: str) -> None:
-        envelope = self.ctx.envelope
-        self.ctx.notify([self.ctx.postmaster], "ispmailgate: encrypted message not decrypted",
-                        f"ispmailgate could not decrypt message {self.ctx.message_id}\n"
-                        f"from <{envelope.sender}> to {', '.join(envelope.recipients)}:\n\n  {reasons}\n\n"
-                        f"{outcome}; the original is attached.\n", attach_original=True)
 
 
 def _scope(parent: Part | None) -> str:

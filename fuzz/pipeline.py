@@ -4,10 +4,11 @@
     .venv/bin/python fuzz/pipeline.py -max_total_time=3600 fuzz/work   # the long run (see README)
     .venv/bin/python fuzz/pipeline.py -runs=15000                       # what the tests run
 
-Each input is one message through the gate in this process, three times: the dummy chain
-and two changing test filters to stdout, and the built-in filters that need no outside
+Each input is one message through the gate in this process, four times: the dummy chain
+and two changing test filters to stdout; the built-in filters that need no outside
 service (banner, packer both ways, pgp) routed by a rule to two recipients, to an SMTP
-next hop (aiosmtpd on loopback, counting what it accepts).
+next hop (aiosmtpd on loopback, counting what it accepts); and smime both ways with real
+keys (tests/smime_keys.py makes them with openssl), to stdout.
 
 The gate's limits are armed as in production: a short ``time_limit`` (SIGALRM; libFuzzer's
 own alarm is therefore off, a watchdog thread stands in for it) and an address-space
@@ -17,7 +18,8 @@ exits 75, so no mail is lost, but no input of a few KB may cost that); any mail
 delivered (to the SMTP sink, or to stdout) by a run that did not exit 0, or a recipient
 of a run that exited 0 that did not get the message exactly once (or appear in the gate's
 own report of what happened to it); for the dummy chain, output that differs from the
-input.  Seeds: the test corpus, tests/corpus/.
+input.  Seeds: the test corpus, tests/corpus/, and S/MIME messages made by openssl
+(written to the first directory given).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ with atheris.instrument_imports():
     import gate_test_filters  # noqa: F401
 
 from hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
+from smime_hostile import real_structures, smime_rules  # noqa: E402
+from smime_keys import pki  # noqa: E402
 
 SENDER = "a@b.example"
 TIME_LIMIT = 10             # seconds per run: ample for any input of a few KB
@@ -56,6 +60,7 @@ CHAINS = {
     "dummy": ('default_filter = ["dummy"]\n', ["c@d.example"]),
     "changing": ('default_filter = ["gate_test_filters:Upcase", "gate_test_filters:Stamp"]\n', ["c@d.example"]),
     "built-in": (BUILT_IN_RULES, BUILT_IN_RECIPIENTS),
+    "smime": (smime_rules(pki()), ["c@d.example"]),
 }
 BY_SMTP = ("built-in",)
 
@@ -162,6 +167,18 @@ def arm_memory_limit() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
+def write_smime_seeds(directory: str) -> None:
+    """Real S/MIME (enveloped, GCM, to an EC key, streamed, signed, opaque signed) as seeds."""
+    import base64
+
+    for number, der in enumerate(real_structures(pki())):
+        seed = Path(directory) / f"smime-seed-{number}"
+        if not seed.exists():
+            seed.write_bytes(b"From: alice@b.example\nMIME-Version: 1.0\nContent-Type: application/pkcs7-mime;"
+                             b" smime-type=enveloped-data\nContent-Transfer-Encoding: base64\n\n"
+                             + base64.encodebytes(der))
+
+
 def main() -> None:
     """libFuzzer's options pass through; new inputs go to the first directory given (a
     temporary one by default); the test corpus is always added as read-only seeds."""
@@ -171,6 +188,7 @@ def main() -> None:
     # libFuzzer's -timeout runs on SIGALRM, which the gate's time_limit needs: the watchdog
     # (faulthandler, a thread of its own) takes its place.
     flags = [flag for flag in flags if not flag.startswith("-timeout=")] + ["-timeout=0"]
+    write_smime_seeds(directories[0])
     if not any(flag.startswith("-artifact_prefix=") for flag in flags):
         flags.append(f"-artifact_prefix={directories[0]}/")     # crashing inputs beside the corpus
     WATCHED.append(Path(directories[0]) / "watchdog-input")

@@ -62,7 +62,7 @@ def test_check_lists_every_problem_with_its_key_path_and_exits_78(config_file, t
         f"{config}: filter.broken.size: unknown option for filter type 'stamp' (known: header, value)",
         f"{config}: recipients[0].recipient: bad regex: missing ), unterminated subpattern at position 0",
         f"{config}: recipients[1].filters[0]: unknown filter 'nosuch' (built in: banner, dummy, "
-        "packer, pgp, virscan; or a [filter.NAME] table, an entry point, or module:Class)",
+        "packer, pgp, smime, virscan; or a [filter.NAME] table, an entry point, or module:Class)",
         lines[5],
         f"{config}: filter.picky: needs: {tmp_path}/missing.txt: not readable",
         f"{config}: 7 problems",

@@ -13,6 +13,7 @@ and a message:
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 
@@ -281,3 +282,59 @@ def test_a_banner_on_dkim_signed_mail_is_arc_sealed_on_the_way(postfix, mailauth
     assert verdict == dkim.CV_Pass, reason
     assert re.search(rb"ARC-Authentication-Results: i=1; mx.e2e.test;\s+dkim=pass header.d=sender.example",
                      delivered)
+
+
+def test_smime_in_and_out_through_postfix(postfix):
+    """openssl-made signed-and-enveloped mail is decrypted and verified on its way to alice;
+    plain mail to bob leaves encrypted to bob's own certificate, which openssl decrypts."""
+    import pwd
+
+    from smime_keys import openssl, pki
+
+    keys = pki()
+    bob = keys.person("e2e-bob", "bob@e2e.test")
+    folder = postfix.base / "smime"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o755)
+    (folder / "certs").mkdir(exist_ok=True)
+    nobody = pwd.getpwnam(PIPE_USER).pw_uid
+    for name, source in (("gw.key", keys.gateway_b.key), ("gw.pem", keys.gateway_b.cert), ("ca.pem", keys.trust_store),
+                         ("certs/bob.pem", bob.cert)):
+        (folder / name).write_bytes(source.read_bytes())
+    os.chown(folder / "gw.key", nobody, -1)                 # the pipe user's, and nobody else's
+    (folder / "gw.key").chmod(0o600)
+    postfix.rules(f'''
+        [[recipients]]
+        recipient = '^alice@'
+        filters = ["smime-in"]
+        [[recipients]]
+        recipient = '^bob@'
+        filters = ["smime-out"]
+        [filter.smime-in]
+        type = "smime"
+        direction = "neg"
+        key_file = "{folder}/gw.key"
+        cert_file = "{folder}/gw.pem"
+        trust_store = "{folder}/ca.pem"
+        [filter.smime-out]
+        type = "smime"
+        direction = "pos"
+        per_recipient = true
+        recipient_certs = "{folder}/certs"
+    ''')
+    content = b"Content-Type: text/plain\r\n\r\nThe figures, signed and sealed.\r\n"
+    sealed = openssl("cms", "-encrypt", "-aes256", keys.gateway_b.cert,
+                     data=keys.alice.sign(content, detached=False)).stdout.replace(b"\r\n", b"\n")
+    postfix.submit("alice@b.example", ["alice@e2e.test"],
+                   b"From: alice@b.example\nTo: alice@e2e.test\nSubject: sealed\n" + sealed)
+    [delivered] = postfix.wait_for_mail("alice")
+    assert b"\nX-ispMailGate-SMIME-Result: decrypted; scope=message\n" in delivered, postfix.log_tail()
+    assert b'\nX-ispMailGate-SMIME-Signature: good; signer="alice.smith@b.example,\n alice@b.example"; ' \
+           b"scope=message\n" in delivered
+    assert b"\n\nThe figures, signed and sealed.\n" in delivered
+    postfix.submit("sender@e2e.test", ["bob@e2e.test"], SIMPLE_BODY)
+    [encrypted] = postfix.wait_for_mail("bob")
+    body = encrypted.split(b"\n\n", 1)[1]
+    assert b"Hello through Postfix" not in encrypted and b"smime-type=enveloped-data" in encrypted
+    plain = bob.decrypt(base64.b64decode(body), inform="DER")
+    assert plain.returncode == 0 and plain.stdout.startswith(b"\r\nHello through Postfix.\r\n"), plain.stderr

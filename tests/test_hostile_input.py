@@ -6,13 +6,18 @@ traceback; bytes that no filter changed come out as they went in.
 
 from __future__ import annotations
 
+import base64
+import functools
+import re
 import resource
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import run_gate, run_inline
 from hostile import BUILT_IN_RECIPIENTS, BUILT_IN_RULES, message
+from smime_hostile import smime_message
 
 DEFINED = {0, 69, 75}
 PROPERTY = settings(max_examples=150, deadline=5000, derandomize=True,
@@ -113,5 +118,68 @@ def test_extreme_inputs_end_in_bounded_time_and_memory(changing_config, dummy_co
         assert run.code in DEFINED, (name, run.stderr)
         if same:
             assert run.stdout == data, name
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak_kib < 600 * 1024, f"{name}: a child used {peak_kib} KiB"
+
+
+# -- hostile S/MIME ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smime_config(tmp_path_factory):
+    """smime both ways (decrypt and verify, then sign and encrypt), with real keys."""
+    from smime_hostile import smime_rules
+    from smime_keys import pki
+
+    directory = tmp_path_factory.mktemp("hostile-smime")
+    path = directory / "rules.toml"
+    path.write_text(f'mail_user = "root"\ntmp_dir = "{directory}"\n' + smime_rules(pki()))
+    return path
+
+
+@functools.cache
+def real_smime() -> list[bytes]:
+    from smime_hostile import real_structures
+    from smime_keys import pki
+
+    return real_structures(pki())
+
+
+@PROPERTY
+@given(data=st.deferred(lambda: smime_message(real_smime())))
+def test_hostile_smime_gets_a_verdict_and_is_delivered(smime_config, data):
+    """Lying lengths, wrong content types, damaged real structures: every one is delivered
+    with a verdict (undecryptable, bad ...), never deferred, never a filter failure."""
+    run = run_inline(["-c", str(smime_config), "--stdout", "-f", "a@b.example", "c@d.example"], data)
+    assert run.code == 0, run.stderr
+    assert not re.search(r"filter \S+ failed|internal error", run.stderr), run.stderr
+    # smime-out encrypted the result, or passed what smime-in could not decrypt as it came (its
+    # verdict fields removed by smime-out, as from any message: the last step's fields count)
+    assert b"\nX-ispMailGate-SMIME: pos\n" in b"\n" + run.stdout or run.stdout == data
+
+
+def smime_bomb(declared: int, size: int) -> bytes:
+    der = b"\x30\x84" + declared.to_bytes(4, "big") + b"\x06\x09" + bytes.fromhex("2a864886f70d010703") + \
+        b"\xa0\x80" + bytes(size)
+    return (b"From: x@y.example\nMIME-Version: 1.0\nContent-Type: application/pkcs7-mime; "
+            b"smime-type=enveloped-data\nContent-Transfer-Encoding: base64\n\n" + base64.encodebytes(der))
+
+
+def signed_tower(depth: int) -> bytes:
+    head = b"".join(b'Content-Type: multipart/signed; protocol="application/pkcs7-signature"; boundary=s%d\n\n--s%d\n'
+                    % (i, i) for i in range(depth))
+    return b"Subject: tower\n" + head + b"Content-Type: text/plain\n\nthe bottom\n"
+
+
+@pytest.mark.parametrize("name, data", [
+    ("4 GiB declared", smime_bomb((1 << 32) - 1, 1000)),
+    ("800 KB of zeros declared as 1 GiB", smime_bomb(1 << 30, 800_000)),
+    ("30 MB in an enveloped part (max_size 1M)", smime_bomb(30 << 20, 30 << 20)),
+    ("1,000 signed layers", signed_tower(1000)),
+    ("500 enveloped parts", b"Content-Type: multipart/mixed; boundary=z\n\n"
+     + b"".join(b"--z\n" + smime_bomb(100, 60).split(b"\n", 2)[2] + b"\n" for _ in range(500)) + b"--z--\n"),
+])
+def test_extreme_smime_ends_in_bounded_time_and_memory(smime_config, name, data):
+    run = run_gate(["-c", str(smime_config), "--stdout", "-f", "a@b.example", "c@d.example"], data, timeout=120)
+    assert run.code == 0, (name, run.stderr)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak_kib < 600 * 1024, f"{name}: a child used {peak_kib} KiB"

@@ -15,8 +15,8 @@ def test_wheel_contains_every_filter_module_and_no_bare_filters_package(tmp_path
                    check=True, timeout=300)
     [wheel] = tmp_path.glob("ispmailgate-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = sorted(p.name for p in (PROJECT / "filters").glob("*.py"))
-    assert "__init__.py" in sources and "dummy.py" in sources
+    sources = sorted(p.relative_to(PROJECT / "filters").as_posix() for p in (PROJECT / "filters").rglob("*.py"))
+    assert "__init__.py" in sources and "dummy.py" in sources and "smime/__init__.py" in sources
     for source in sources:
         assert f"ispmailgate_filters/{source}" in names, source
     assert "ispmailgate.py" in names
@@ -30,6 +30,6 @@ def test_wheel_contains_every_filter_module_and_no_bare_filters_package(tmp_path
 
 
 def test_filters_never_import_the_core():
-    for source in (PROJECT / "filters").glob("*.py"):
+    for source in (PROJECT / "filters").rglob("*.py"):
         text = source.read_text()
         assert "import ispmailgate\n" not in text and "from ispmailgate import" not in text, source

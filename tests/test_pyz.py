@@ -80,3 +80,17 @@ def test_it_runs_as_an_executable_with_its_admin_commands(pyz, smtp_sink, tmp_pa
     run = run_clean([str(pyz), "check", "-c", str(rules)])
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout == f"{rules}: OK (0 rules, 0 named filters)\n".encode()
+
+
+def test_smime_in_the_pyz_says_what_it_lacks(pyz, tmp_path, smtp_sink):
+    """cryptography has native code, which a zipapp cannot hold: check names the missing package."""
+    names = zipfile.ZipFile(pyz).namelist()
+    assert "ispmailgate_filters/smime/__init__.py" in names
+    assert not any(name.startswith(("cryptography/", "cffi/")) for name in names)
+    rules = rule_file(tmp_path, smtp_sink)
+    with open(rules, "a") as out:
+        out.write('default_filter = ["s"]\n[filter.s]\ntype = "smime"\nrecipient_cert = "/nonexistent/peer.pem"\n')
+    run = run_clean([CLEAN_PYTHON, "-I", "-S", str(pyz), "check", "-c", str(rules)])
+    assert run.returncode == 78, run.stdout + run.stderr
+    assert b"default_filter[0]: the cryptography package is missing" in run.stdout or \
+        b"filter.s: the cryptography package is missing" in run.stdout, run.stdout
