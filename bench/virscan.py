@@ -31,7 +31,7 @@ from attacks import message, zip_of  # noqa: E402
 from clamav import ClamdProcess  # noqa: E402
 from ispmailgate_filters.base import Context, Envelope  # noqa: E402
 from ispmailgate_filters.mime import Message  # noqa: E402
-from ispmailgate_filters.scanners import Clamd  # noqa: E402
+from ispmailgate_filters.virscan.scanners import Clamd  # noqa: E402
 from ispmailgate_filters.virscan import VirScan  # noqa: E402
 
 MB = 1024 * 1024

@@ -184,7 +184,7 @@ def _subject(data: bytes) -> None:
 
 
 def _html(data: bytes) -> None:
-    from ispmailgate_filters.markup import insertion_point
+    from ispmailgate_filters.banner.markup import insertion_point
 
     body = data.split(b"\n\n", 1)[1]
     insertion_point(body, "bottom")
@@ -192,7 +192,7 @@ def _html(data: bytes) -> None:
 
 
 def _archive(data: bytes) -> None:
-    from ispmailgate_filters.archives import Limits, Unpacker
+    from ispmailgate_filters.virscan.archives import Limits, Unpacker
 
     unpacker = Unpacker(Limits(members=10 ** 7, depth=8, unpacked=1 << 40))
     for _ in unpacker.items("a", data):

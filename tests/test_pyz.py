@@ -48,8 +48,9 @@ def test_the_pyz_holds_the_program_and_pure_python_dependencies_only(pyz):
     names = zipfile.ZipFile(pyz).namelist()
     assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
     assert {"__main__.py", "ispmailgate.py", "ispmailgate_admin.py", "gnupg.py"} <= set(names)
-    for source in (PROJECT / "filters").glob("*.py"):
-        assert f"ispmailgate_filters/{source.name}" in names, source.name
+    for source in (PROJECT / "filters").rglob("*.py"):
+        name = source.relative_to(PROJECT / "filters").as_posix()
+        assert f"ispmailgate_filters/{name}" in names, name
     assert any(name.startswith("typer/") for name in names)
     assert not [name for name in names if name.endswith((".so", ".pyd", ".dll", ".dylib"))]
     assert "ispmailgate.pyc" in names                     # compiled in: zipimport cannot cache

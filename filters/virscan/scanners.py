@@ -1,6 +1,6 @@
 """Virus scanner back ends: clamd over its socket, or any scanner run from an argv list.
 
-A back end turns a stream of :class:`~ispmailgate_filters.archives.Item` into findings.
+A back end turns a stream of :class:`~ispmailgate_filters.virscan.archives.Item` into findings.
 Only an answer that is exactly "clean" or exactly "found" counts; everything else (no
 connection, a timeout, an error line, output nobody can read) raises
 :class:`ScannerError`, and the filter then defers the message: a scanner fault is never
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .archives import Item
-from .base import parse_size, printable
+from ..base import parse_size, printable
 
 INFECTED, UNSCANNABLE = "infected", "unscannable"
 
@@ -277,7 +277,7 @@ def bounded_run(argv: list[str], folder: Path | None, timeout: float, most: int,
     import subprocess
     import time
 
-    from .processes import end, start
+    from ..processes import end, start
 
     try:
         process = start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 
-from .mime import Part, decode_body
+from ..mime import Part, decode_body
 # What pgp shares with smime, re-exported for pgp's modules:
-from .secure_mime import (ENCRYPTED_PROTOCOL, NOT_CONTENT, PGP_KINDS, Outer, already_encrypted,  # noqa: F401
+from ..secure_mime import (ENCRYPTED_PROTOCOL, NOT_CONTENT, PGP_KINDS, Outer, already_encrypted,  # noqa: F401
                           canonical, decoded_head, encryption_kind, is_pgp_encrypted, may_render_as_markup,
                           merge_decrypted, native, outer_multipart, seven_bit, split_entity)
 

@@ -106,7 +106,7 @@ def run_command(command: tuple[str, ...], data: bytes, limit: int, *, timeout: f
     import subprocess
     import threading
 
-    from .processes import end, kill, start
+    from ..processes import end, kill, start
 
     try:
         process = start(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .archives import Declared, Unpacker, Unscannable
-from .base import printable
+from ..base import printable
 from .scanners import ScannerError, bounded_run, write_private
 
 SEPARATOR = "----------"        # between the archive's properties and its members in -slt

@@ -13,7 +13,7 @@ Two ways to use it, the original's and today's:
 entity inside, or ``multipart/signed`` with ``encrypt = false``.  It never encrypts what
 is encrypted already (PGP/MIME, inline PGP, S/MIME enveloped data); signed-only mail is
 encrypted as a whole, its signature inside.  ``neg`` decrypts PGP/MIME and inline PGP and
-verifies signatures (see :mod:`.pgp_incoming`).  ``auto`` decides by content: mail that
+verifies signatures (see :mod:`.incoming`).  ``auto`` decides by content: mail that
 is PGP-encrypted as a whole goes ``neg``, anything else ``pos``.  The marker never
 decides on its own: forging or stripping it cannot make the gateway skip a decryption or
 an encryption, nor decrypt what it must not.
@@ -31,13 +31,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from .base import (Context, Filter, OptionError, Reject, TempFail, choice, mapping_of_strings, option,
+from ..base import (Context, Filter, OptionError, Reject, TempFail, choice, mapping_of_strings, option,
                    parse_size, seconds)
-from .mime import Message
-from .pgp_gpg import GpgTrouble, Keyring
-from .pgp_incoming import Incoming
-from .secure_mime import remove_verdicts
-from .pgp_mime import (MARKER, PGP_KINDS, RESULT, SIGNATURE, already_encrypted, build_encrypted, build_signed,
+from ..mime import Message
+from .gpg import GpgTrouble, Keyring
+from .incoming import Incoming
+from ..secure_mime import remove_verdicts
+from .parts import (MARKER, PGP_KINDS, RESULT, SIGNATURE, already_encrypted, build_encrypted, build_signed,
                        canonical, seven_bit, split_entity)
 
 
@@ -64,8 +64,8 @@ class Pgp(Filter):
 
     name = "pgp"
     description = "encrypt and sign (pos), decrypt and verify (neg) with OpenPGP and gpg"
-    lazy_modules = ("gnupg", "mimetypes", "tempfile", "threading", "tomllib", "ispmailgate_filters.pgp_gpg",
-                    "ispmailgate_filters.pgp_incoming", "ispmailgate_filters.pgp_mime")
+    lazy_modules = ("gnupg", "mimetypes", "tempfile", "threading", "tomllib", "ispmailgate_filters.pgp.gpg",
+                    "ispmailgate_filters.pgp.incoming", "ispmailgate_filters.pgp.parts")
 
     direction: str = option("auto", "pos: encrypt/sign; neg: decrypt/verify; auto: by content "
                             "(PGP-encrypted mail goes neg, all else pos)", convert=choice("pos", "neg", "auto"))

@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 from .archives import Item, Limits, Unpacker
-from .base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
+from ..base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
                    option, parse_size, printable, seconds)
-from .files import create_in, private_directory
-from .mime import Message, Part, ParseError, decode_words
+from ..files import create_in, private_directory
+from ..mime import Message, Part, ParseError, decode_words
 from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError
 from .sevenzip import SevenZip, sevenzip_problems
 
@@ -387,7 +387,7 @@ def part_label(number: int, part: Part) -> str:
 
 def _unparsed_headers(message: Message):
     """A header block in front of a message the parser cannot split (to tag it at all)."""
-    from .mime import Headers
+    from ..mime import Headers
 
     root = Part(Headers([], message.eol), b"", bytes(message.raw))
     message.root = root

@@ -13,16 +13,16 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from .base import Context, marked_direction
-from .mime import Message, Part, python_codec
-from .pgp_gpg import Keyring, NoSecretKey, Signature, Undecryptable
-from .pgp_mime import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
+from ..base import Context, marked_direction
+from ..mime import Message, Part, python_codec
+from .gpg import Keyring, NoSecretKey, Signature, Undecryptable
+from .parts import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
                        encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed,
                        may_render_as_markup, merge_decrypted, native, signed_content)
-from .secure_mime import follow_undecryptable
+from ..secure_mime import follow_undecryptable
 
 if TYPE_CHECKING:
-    from .pgp import Pgp
+    from . import Pgp
 
 MAX_LAYERS = 4          # encrypted inside signed inside encrypted ... deeper is left as it is
 MAX_GPG_CALLS = 32      # decryptions and verifications per message: each one runs gpg

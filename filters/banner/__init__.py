@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from .base import Context, Filter, OptionError, TempFail, choice, option
-from .mime import Message, Part, decode_words, printable
+from ..base import Context, Filter, OptionError, TempFail, choice, option
+from ..mime import Message, Part, decode_words, printable
 
 MARKER = "X-ispMailGate-Banner"
 PROTECTED = frozenset({"multipart/signed", "multipart/encrypted",
@@ -53,7 +53,7 @@ class Banner(Filter):
     name = "banner"
     description = "add a disclaimer or warning to the message text and subject"
     lazy_modules = ("codecs", "email.header", "hashlib", "html", "html.parser", "unicodedata",
-                    "ispmailgate_filters.markup")
+                    "ispmailgate_filters.banner.markup")
 
     text: str = option("", "plain text added to text/plain parts (HTML-escaped into text/html "
                            "parts when no html is set)")

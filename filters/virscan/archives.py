@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from .base import Budget, printable
+from ..base import Budget, printable
 
 MiB = 1024 * 1024
 RATIO_GRACE = MiB       # small members may compress far better than max_ratio (zeros, logs)

@@ -25,9 +25,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice,
+from ..base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice,
                    marked_direction, option, parse_size, seconds)
-from .mime import Message, ParseError, Part, decode_body, encode_body, format_param, printable
+from ..mime import Message, ParseError, Part, decode_body, encode_body, format_param, printable
 from .packing import BUILTIN_CODECS, UnpackError, compress, decompress, incompressible
 
 MARKER = "X-ispMailGate-Packer"
