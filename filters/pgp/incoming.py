@@ -11,7 +11,7 @@ decrypted follows ``on_undecryptable``; nothing is ever dropped.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..base import Context, marked_direction
 from ..mime import Message, Part, python_codec
@@ -21,19 +21,24 @@ from .parts import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malf
                        may_render_as_markup, merge_decrypted, native, signed_content)
 from ..secure_mime import follow_undecryptable
 
-if TYPE_CHECKING:
-    from . import Pgp
-
 MAX_LAYERS = 4          # encrypted inside signed inside encrypted ... deeper is left as it is
 MAX_GPG_CALLS = 32      # decryptions and verifications per message: each one runs gpg
 _CHARSET = re.compile(r"^Charset:[ \t]*([\w.:-]+)", re.M | re.I)
 _ARMOR_SUFFIX = re.compile(r"\.(asc|pgp|gpg)$", re.I)
 
 
+class Options(Protocol):
+    """What this direction reads of its pgp step (the step itself: a Pgp, which imports
+    this module, so this module does not import it back)."""
+    direction: str
+    max_size: int
+    on_undecryptable: str
+
+
 class Incoming:
     """One message through the decrypting direction."""
 
-    def __init__(self, pgp: Pgp, ctx: Context, keyring: Keyring) -> None:
+    def __init__(self, pgp: Options, ctx: Context, keyring: Keyring) -> None:
         self.pgp, self.ctx, self.keyring = pgp, ctx, keyring
         self.signatures: list[tuple[str, Signature]] = []     # (scope, signature)
         self.decrypted: list[str] = []                        # scopes
