@@ -28,7 +28,7 @@ EX_TEMPFAIL = 75
 FALLBACKS = ("oneshot", "tempfail")
 DEFAULT_DEADLINE = 10.0         # seconds for a worker to take the request, else the fallback
 
-# The wire protocol, shared with ispmailgate_serve.
+# The wire protocol, shared with the server (ispmailgate_core.serve).
 PROTOCOL_VERSION = 3                               # what a client sends
 PROTOCOL_VERSIONS = (1, 2, 3)                      # what either side reads
 CONTEXT, ARGUMENTS, DATA, END = b"C", b"A", b"D", b"."      # client -> server frames

@@ -243,9 +243,10 @@ def run_gate(args: list[str], stdin: bytes, *, env: dict[str, str] | None = None
 def run_inline(args: list[str], stdin: bytes) -> Run:
     """The same, in this process (fast, and lets a test reach into the run)."""
     import ispmailgate
+    from ispmailgate_core.run import Streams
 
     stdout, stderr = io.BytesIO(), io.StringIO()
-    code = ispmailgate.run(args, ispmailgate.Streams(io.BytesIO(stdin), stdout, stderr))
+    code = ispmailgate.run(args, Streams(io.BytesIO(stdin), stdout, stderr))
     assert "Traceback" not in stderr.getvalue(), stderr.getvalue()
     return Run(code, stdout.getvalue(), stderr.getvalue())
 
@@ -324,13 +325,13 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 def config_error(text: str, folder: Path):
     """The ConfigError that loading the rule file ``text`` raises (fails if it loads)."""
-    import ispmailgate
+    from ispmailgate_core import rules
     from ispmailgate_filters.base import ConfigError
 
     path = folder / "rules.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as caught:
-        ispmailgate.load_config(path)
+        rules.load_config(path)
     return caught.value
 
 

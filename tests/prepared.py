@@ -56,6 +56,9 @@ def offline(*pip_args: str) -> list[str]:
 
 
 def prepare_wheels() -> None:
+    # setuptools builds in build/lib and never removes from it a module that moved away:
+    # a build would still carry it (a checkout that predates a move, say).
+    shutil.rmtree(PROJECT / "build" / "lib", ignore_errors=True)
     WHEELS.mkdir(parents=True, exist_ok=True)
     _run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(WHEELS), *BUILD_REQUIREMENTS, str(PROJECT)])
     for stale in WHEELS.glob("ispmailgate-*.whl"):      # the project is built from the checkout
@@ -109,7 +112,8 @@ def _install_checkout(venv: Path) -> None:
 def _sources_stamp() -> str:
     digest = hashlib.sha256()
     sources = [PROJECT / "pyproject.toml", HERE / "gate_test_filters.py",
-               *sorted(PROJECT.glob("ispmailgate*.py")), *sorted((PROJECT / "filters").rglob("*.py"))]
+               *sorted(PROJECT.glob("ispmailgate*.py")), *sorted((PROJECT / "core").rglob("*.py")),
+               *sorted((PROJECT / "filters").rglob("*.py"))]
     for path in sources:
         digest.update(str(path.relative_to(PROJECT)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()

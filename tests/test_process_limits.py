@@ -183,7 +183,7 @@ def test_a_tmp_dir_the_mail_user_cannot_write_is_a_tempfail(config_file, shared_
 
 
 def test_readable_by_walks_every_parent(tmp_path):
-    import ispmailgate
+    from ispmailgate_core import process
 
     private = tmp_path / "private" / "lib"
     private.mkdir(parents=True)
@@ -194,5 +194,5 @@ def test_readable_by_walks_every_parent(tmp_path):
     tmp_path.chmod(0o755)
     uid, gid = 65534, 65534
     expected_open = all(os.stat(p).st_mode & 0o005 == 0o005 for p in [open_dir, *open_dir.parents])
-    assert ispmailgate.readable_by(uid, gid, str(open_dir)) == expected_open
-    assert not ispmailgate.readable_by(uid, gid, str(private))
+    assert process.readable_by(uid, gid, str(open_dir)) == expected_open
+    assert not process.readable_by(uid, gid, str(private))

@@ -47,7 +47,7 @@ def rule_file(tmp_path, smtp_sink):
 def test_the_pyz_holds_the_program_and_pure_python_dependencies_only(pyz):
     names = zipfile.ZipFile(pyz).namelist()
     assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
-    assert {"__main__.py", "ispmailgate.py", "ispmailgate_admin.py", "gnupg.py"} <= set(names)
+    assert {"__main__.py", "ispmailgate.py", "ispmailgate_core/admin/check.py", "gnupg.py"} <= set(names)
     for source in (PROJECT / "filters").rglob("*.py"):
         name = source.relative_to(PROJECT / "filters").as_posix()
         assert f"ispmailgate_filters/{name}" in names, name

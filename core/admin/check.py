@@ -1,14 +1,4 @@
-"""The administrator's commands: ``check``, ``explain`` and the report of ``--dry-run``.
-
-None of them delivers anything.  ``check`` reads the rule file the way a run does, but
-collects every problem instead of stopping at the first, then (unless ``--config-only``)
-asks each filter about its environment (``Filter.problems()``) and looks at what the core
-itself needs: the work directory, somewhere to log, the next hop; given ``--client-user``,
-whether that user can reach the socket of ``ispmailgate serve``.  ``explain`` routes recipients without a message;
-``dry_run_report`` describes a run whose chains have run but whose delivery did not.
-
-Imported only by those commands, so the delivery path never pays for it.
-"""
+"""``ispmailgate check``: every problem of the rule file, then of what it needs from this host."""
 
 from __future__ import annotations
 
@@ -16,39 +6,19 @@ import os
 import shutil
 from pathlib import Path
 
-from ispmailgate import (BUILT_IN_CONFIG, EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE,
-                         ChainRunner, Config, Gate, Leaf, Route, StepTrace, Streams,
-                         envelope_addresses, find_config, load_config, route, syslog_reachable)
-from ispmailgate_delivery import (Delivery, SmtpHop, SmtpSession, _socket_reason, configured_hop,
-                                  parse_hop)
-from ispmailgate_filters.base import ConfigError, Filter, Reject
-from ispmailgate_filters import mime
-from ispmailgate_filters.mime import Message
+from ispmailgate_filters.base import ConfigError, Filter
+
+from ..addresses import parse_hop
+from ..delivery.smtp import SmtpSession, socket_reason
+from ..logs import syslog_reachable
+from ..rules import BUILT_IN_CONFIG, Config, find_config, load_config
+from ..run import Streams
+from ..status import EX_CONFIG, EX_OK
+from .output import Output
+
 
 NEXT_HOP_PROBE_TIMEOUT = 10.0
 
-
-def printable(text: str) -> str:
-    """No control characters from a message or a rule file reach the administrator's terminal."""
-    return mime.printable(text, limit=len(text) + 1)
-
-
-class Output:
-    """Lines of text for an administrator, on the run's stdout."""
-
-    def __init__(self, streams: Streams) -> None:
-        self.stream = streams.stdout
-
-    def line(self, text: str = "") -> None:
-        self.stream.write(printable(text).encode("utf-8", "replace") + b"\n")
-
-    def close(self) -> None:
-        self.stream.flush()
-
-
-# =========================================================================================
-# check
-# =========================================================================================
 
 def check(requested: Path | None, streams: Streams, *, config_only: bool = False,
           client_user: str | None = None) -> int:
@@ -176,12 +146,12 @@ def _next_hop_problems(key: str, hop: str, timeout: float) -> list[ConfigError]:
     try:
         session = SmtpSession(host, port, min(timeout, NEXT_HOP_PROBE_TIMEOUT))
     except OSError as error:
-        return [ConfigError(key, f"cannot connect to {host}:{port}: {_socket_reason(error)} "
+        return [ConfigError(key, f"cannot connect to {host}:{port}: {socket_reason(error)} "
                                  "(every message would wait in the MTA's queue)")]
     try:
         greeting = session.reply()
     except Exception as error:
-        return [ConfigError(key, f"{host}:{port} does not greet: {_socket_reason(error)}")]
+        return [ConfigError(key, f"{host}:{port} does not greet: {socket_reason(error)}")]
     finally:
         session.close()
     if greeting.code != 220:
@@ -220,7 +190,7 @@ def socket_problems(config: Config, user: str) -> list[ConfigError]:
     Asked of the kernel: a child process takes on the user's ids and groups and tries."""
     import pwd
 
-    from ispmailgate_serve import settings_of
+    from ..serve.section import settings_of
 
     settings = settings_of(config)
     path, key = settings.socket, "serve.socket"
@@ -290,168 +260,3 @@ def _distinct_steps(config: Config) -> dict[Filter, str]:
     for i, step in enumerate(config.default_chain):
         steps.setdefault(step, f"default_filter[{i}]")
     return steps
-
-
-# =========================================================================================
-# explain
-# =========================================================================================
-
-def explain(requested: Path | None, sender: str | None, recipients: list[str], streams: Streams) -> int:
-    """Per recipient the rule and chain; the filter steps they share; the delivery groups."""
-    out = Output(streams)
-    path = find_config(requested)
-    try:
-        config = load_config(path)
-    except ConfigError as error:
-        out.line(str(error))
-        out.line("(ispmailgate check lists every problem)")
-        out.close()
-        return EX_CONFIG
-    sender, recipients, refused = envelope_addresses(config, sender or "", recipients)
-    routes = {recipient: route(config, sender, recipient) for recipient in recipients}
-    out.line(f"rule file: {config.path}")
-    out.line(f"sender: <{sender}>")
-    rules = {rule.label: rule for rule in config.rules}
-    for recipient, chosen in routes.items():
-        out.line(f"<{recipient}>: {_describe_rule(rules.get(chosen.rule))} -> {chosen.chain_label}")
-    for recipient, result in refused.items():       # as a run refuses them: each for good
-        out.line(f"<{recipient}>: refused, {result.status} {result.text}")
-    out.line()
-    out.line("filter steps, each run once for the recipients listed:")
-    groups = _plan(routes, list(routes), 0, "  ", out)
-    out.line()
-    out.line("delivery groups (a verdict can end a chain early; identical results are merged):")
-    for number, members in enumerate(groups, 1):
-        chain = routes[members[0]].chain
-        out.line(f"  {number}. {_addresses(members)}: {routes[members[0]].chain_label}; "
-                 f"{_sealing(config, chain)}")
-    out.line(f"next hop: {_describe_hop(configured_hop(config))}")
-    out.close()
-    return EX_OK
-
-
-def _describe_rule(rule) -> str:
-    if rule is None:
-        return "default_filter (no rule matched)"
-    return f"{rule.label} ({', '.join(map(_describe_condition, rule.conditions)) or 'matches everybody'})"
-
-
-def _describe_condition(condition) -> str:
-    """As the rule file says it: recipient '...', sender_not '...', sender_is external."""
-    if condition.pattern is None:
-        return f"{condition.subject}_is {'external' if condition.negate else 'internal'}"
-    return f"{condition.subject}{'_not' if condition.negate else ''} '{condition.pattern.pattern}'"
-
-
-def _plan(routes: dict[str, Route], recipients: list[str], depth: int, indent: str,
-          out: Output) -> list[list[str]]:
-    """Walks the chains as the runner does, printing each step run; returns the groups."""
-    finished, branches = ChainRunner.split(routes, recipients, depth)
-    groups = [finished] if finished else []
-    if depth == 0 and not branches:
-        out.line(f"{indent}(none: an empty chain delivers the message as it came)")
-    for (step, variant), members in branches.items():
-        notes = (["differs per recipient"] if variant is not None else []) + _explained(step, variant)
-        note = f"  ({'; '.join(notes)})" if notes else ""
-        out.line(f"{indent}{step.title}: {_addresses(members)}{note}")
-        groups += _plan(routes, members, depth + 1, indent + "  ", out)
-    return groups
-
-
-def _explained(step: Filter, variant) -> list[str]:
-    """What the step says it does for these recipients (the certificate they are encrypted to)."""
-    try:
-        detail = step.explain(variant)
-    except Exception as error:      # explain must show the rest whatever one filter does
-        detail = f"cannot tell: {error!r}"
-    return [detail] if detail else []
-
-
-def _sealing(config: Config, chain) -> str:
-    if "arc" not in config.sections:
-        return "not sealed (no [arc])"
-    if any(step.changes_messages for step in chain):
-        return "ARC-sealed if a filter changes the message"
-    return "never sealed (nothing in the chain changes messages)"
-
-
-def _describe_hop(hop) -> str:
-    if isinstance(hop, SmtpHop) and hop.suffix:
-        return f"{hop} (each recipient gets the loop suffix {hop.suffix})"
-    return str(hop)
-
-
-def _addresses(recipients) -> str:
-    return ", ".join(f"<{r}>" for r in recipients)
-
-
-# =========================================================================================
-# --dry-run
-# =========================================================================================
-
-def dry_run_report(gate: Gate, leaves: list[Leaf], routes: dict[str, Route], hop,
-                   trace: list[StepTrace]) -> str:
-    """What a run would have delivered to whom, after its chains ran; nothing was sent."""
-    lines = [f"dry run {gate.id}: nothing was delivered",
-             f"message: {gate.size} bytes from <{gate.sender}>, next hop {_describe_hop(hop)}",
-             "filter steps:"]
-    lines += [f"  {t.step} for {_addresses(t.recipients)}: {t.outcome} ({t.ms:.1f} ms)" for t in trace]
-    if not trace:
-        lines.append("  (none)")
-    lines.append("delivery:")
-    original = Message(gate.message.raw).top_headers().items()
-    for recipients, message, leaf in Delivery.groups(leaves):
-        chains = sorted({f"rule {routes[r].rule}, chain {routes[r].chain_label}" for r in recipients})
-        lines.append(f"  {_addresses(recipients)} ({'; '.join(chains)}):")
-        lines.append(f"    {_fate(gate, leaf, message, hop)}")
-        if message is not None and message.changed and not leaf.unparsed:
-            lines += _header_changes(original, message.top_headers().items())
-    lines += [f"notice to {_addresses(n.recipients)}: {n.subject}" for n in gate.notices]
-    status = _would_exit(gate, leaves, hop)
-    if _hands_over(gate, leaves, hop):
-        lines.append(f"a real run would exit {status} if the next hop accepted what it was given")
-    else:
-        lines.append(f"a real run would exit {status}, handing nothing to the next hop")
-    return "".join(printable(line) + "\n" for line in lines)
-
-
-def _hands_over(gate: Gate, leaves: list[Leaf], hop) -> bool:
-    """Would the next hop get anything: a message, a postmaster report, a notice?"""
-    if any(gate.defers(leaf, hop) for leaf in leaves):
-        return False        # a deferral delivers nothing, not even the others
-    return bool(gate.notices) or any(leaf.verdict is None or leaf.verdict.outcome == "error"
-                                     for leaf in leaves)
-
-
-def _fate(gate: Gate, leaf: Leaf, message: Message | None, hop) -> str:
-    verdict, step = leaf.verdict, leaf.step
-    if gate.defers(leaf, hop):
-        reason = f"{verdict.status} {verdict}" if verdict else "cannot parse the message"
-        return f"deferred by {step}: {reason}; the run would deliver nothing and exit 75"
-    if verdict is not None and verdict.outcome == "error":
-        return (f"error in {step}: {verdict}; the postmaster <{gate.config.postmaster}> would get "
-                "a report with the original attached, these recipients nothing")
-    if verdict is not None:
-        return f"{verdict.outcome} by {step}: {verdict.status} {verdict}"
-    if leaf.unparsed:
-        return (f"would be delivered unchanged ({len(message.raw)} bytes): the parser gave up in "
-                f"{step}; a copy would be kept in tmp_dir/keep/ and the postmaster told")
-    data = message.to_bytes()
-    state = "changed" if message.changed else "unchanged, byte for byte"
-    return f"would be delivered: {len(data)} bytes, {state}"
-
-
-def _header_changes(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list[str]:
-    """Top-level header fields a chain added or removed (values shortened)."""
-    lines = [f"    - {name}: {value}" for name, value in before if (name, value) not in after]
-    lines += [f"    + {name}: {value}" for name, value in after if (name, value) not in before]
-    return [line if len(line) <= 100 else line[:97] + "..." for line in lines[:20]]
-
-
-def _would_exit(gate: Gate, leaves: list[Leaf], hop) -> int:
-    if any(gate.defers(leaf, hop) for leaf in leaves):
-        return EX_TEMPFAIL
-    if all(isinstance(leaf.verdict, Reject) for leaf in leaves):
-        return EX_UNAVAILABLE
-    return EX_OK
-

@@ -113,7 +113,7 @@ def _resolver(value: Any, where: str) -> tuple[str, int] | None:
     """HOST, HOST:PORT, [V6]:PORT or a bare IPv6 address; port 53 unless given."""
     if value is None:
         return None
-    from ispmailgate_delivery import parse_hop
+    from .addresses import parse_hop
 
     text = value.strip() if isinstance(value, str) else ""
     try:
@@ -305,6 +305,6 @@ def _headers(message: bytes):
 
 def _crlf(data: bytes | bytearray) -> bytes:
     """The wire form, as SmtpHop sends it."""
-    from ispmailgate_delivery import wire_chunks
+    from .delivery.wire import wire_chunks
 
     return b"".join(wire_chunks(data, b"\r\n"))

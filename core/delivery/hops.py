@@ -1,0 +1,90 @@
+"""The next hops besides SMTP (a sendmail command, stdout), and the one a rule file names."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import BinaryIO
+
+from ..addresses import parse_hop
+from ..text import one_line
+from .smtp import SmtpHop
+from .wire import Reply, wire_chunks
+
+
+def configured_hop(config):
+    """The next hop the rule file names: its sendmail_command, else SMTP to mail_host."""
+    if config.sendmail_command:
+        return SendmailHop(config.sendmail_command, config.delivery_timeout)
+    return SmtpHop(*parse_hop(config.mail_host), config)
+
+
+class SendmailHop:
+    """A sendmail-compatible command, run from an argv list (never a shell)."""
+
+    # sysexits a sendmail uses for a message or address it will never accept
+    PERMANENT = {65: "5.6.0", 67: "5.1.1", 68: "5.1.2", 69: "5.0.0"}
+
+    def __init__(self, command: tuple[str, ...], timeout: float) -> None:
+        self.command, self.timeout = command, timeout
+
+    def __str__(self) -> str:
+        return f"sendmail:{self.command[0]}"
+
+    def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
+        import subprocess
+
+        argv = [*self.command, "-f", sender, "--", *recipients]
+        # native line ends, and a last one as on the SMTP wire (a sendmail would add it anyway)
+        native = (data if b"\r\n" not in data and data.endswith(b"\n")
+                  else b"".join(wire_chunks(data, b"\n")))
+        try:
+            process = subprocess.run(argv, input=native, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return self._all(recipients, 451, f"4.4.7 {self} timed out after {self.timeout:.0f} s")
+        except OSError as error:
+            return self._all(recipients, 451, f"4.3.0 cannot run {self.command[0]}: {error.strerror}")
+        if process.returncode == 0:
+            return self._all(recipients, 250, "2.0.0 accepted by " + str(self))
+        complaint = one_line(process.stderr.decode("utf-8", "replace"))[:300]
+        if process.returncode in self.PERMANENT:
+            return self._all(recipients, 550, f"{self.PERMANENT[process.returncode]} {self} "
+                             f"refused (exit {process.returncode}): {complaint}")
+        return self._all(recipients, 451, f"4.3.0 {self} failed (exit {process.returncode}): {complaint}")
+
+    @staticmethod
+    def _all(recipients: list[str], code: int, text: str) -> dict[str, Reply]:
+        reply = Reply(code, text)
+        return {r: reply for r in recipients}
+
+
+class StdoutHop:
+    """Writes the result to stdout: for procmail ``:0 fw`` and for testing in a shell.
+
+    The mbox From_ line goes back in front (procmail expects its filter to keep it).  If
+    recipients got different results, each is written as an mboxrd message.
+    """
+
+    def __init__(self, stream: BinaryIO, from_line: str | None, *, mbox: bool = False) -> None:
+        # mbox is set by Delivery once it knows how many distinct results there are
+        self.stream, self.from_line, self.mbox = stream, from_line, mbox
+
+    def __str__(self) -> str:
+        return "stdout"
+
+    def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
+        try:
+            if self.mbox:
+                stamp = time.strftime("%a %b %d %H:%M:%S %Y")
+                self.stream.write(f"From {sender or 'MAILER-DAEMON'} {stamp}\n".encode())
+                self.stream.write(re.sub(rb"(?m)^(>*From )", rb">\1", bytes(data)))
+                self.stream.write(b"\n" if data.endswith(b"\n") else b"\n\n")
+            else:
+                if self.from_line is not None:
+                    self.stream.write(self.from_line.encode("utf-8", "surrogateescape"))
+                self.stream.write(data)
+            self.stream.flush()
+        except (OSError, ValueError) as error:
+            return {r: Reply(451, f"4.3.0 cannot write to stdout: {error}") for r in recipients}
+        return {r: Reply(250, "2.0.0 written to stdout") for r in recipients}
