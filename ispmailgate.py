@@ -112,8 +112,8 @@ def serve(
     """Serve ispmailgate-client: pre-forked workers behind a Unix socket."""
     from ispmailgate_core.serve import boot
 
-    return boot.serve(config, socket=socket, workers=workers, pidfile=pidfile,
-                                   foreground=foreground)
+    return boot.serve(config, boot.Service(run, _prepare_served_runs), socket=socket, workers=workers,
+                      pidfile=pidfile, foreground=foreground)
 
 
 @admin_cli.command("check")
@@ -133,7 +133,7 @@ def check_command(
 
     if config_only and client_user is not None:
         raise typer.BadParameter("--client-user checks this machine; --config-only checks nothing on it")
-    return check(config, ctx.obj.streams, config_only=config_only, client_user=client_user)
+    return check(config, ctx.obj.streams.stdout, config_only=config_only, client_user=client_user)
 
 
 @admin_cli.command("explain")
@@ -147,7 +147,7 @@ def explain_command(
     """Show the rule and chain each recipient gets, and the delivery groups; needs no message."""
     from ispmailgate_core.admin.explain import explain
 
-    return explain(config, sender, recipients, ctx.obj.streams)
+    return explain(config, sender, recipients, ctx.obj.streams.stdout)
 
 
 class Invocation(NamedTuple):
@@ -185,6 +185,14 @@ def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) ->
 def click_command(cli: typer.Typer):
     """The click command typer builds from an app: once, as it costs most of a served run."""
     return typer.main.get_command(cli)
+
+
+def _prepare_served_runs() -> None:
+    """Before ``serve`` forks its workers: what every served run would otherwise build anew."""
+    import typer.rich_utils  # noqa: F401  (typer's help output, for served --help)
+
+    for cli in (gate_cli, admin_cli):
+        click_command(cli)
 
 
 def admin_commands() -> set[str]:

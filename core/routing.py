@@ -36,6 +36,16 @@ class Leaf(NamedTuple):
     step: str = ""
     unparsed: bool = False          # the parser gave up: delivered unchanged, see on_parse_error
 
+    def defers(self, config: Config, carries_reports: bool) -> bool:
+        """Does this leaf make the whole run a tempfail, before anything is delivered?  A
+        TempFail does; a filter error when the policy says so or the next hop cannot carry
+        the postmaster's report; a message the parser gave up on when on_parse_error says so."""
+        if isinstance(self.verdict, TempFail):
+            return True
+        if isinstance(self.verdict, FilterError):
+            return config.on_filter_error == "tempfail" or not carries_reports
+        return self.unparsed and config.on_parse_error == "tempfail"
+
 
 class ChainRunner:
     """Runs every recipient's chain, each distinct step once per distinct input.

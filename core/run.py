@@ -14,19 +14,19 @@ import time
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, TextIO
 
-from ispmailgate_filters.base import Budget, ConfigError, Context, Envelope, Filter, FilterError, Notice, TempFail
+from ispmailgate_filters.base import Budget, ConfigError, Context, Envelope, Filter, Notice, TempFail
 from ispmailgate_filters.mime import Message
 
-from .delivery.groups import Delivery
-from .delivery.hops import StdoutHop, configured_hop
-from .delivery.reports import Reports
-from .delivery.smtp import SmtpHop
 from .addresses import parse_hop
+from .delivery.groups import Delivery
+from .delivery.handover import Handover, Job
+from .delivery.hops import NextHop, StdoutHop, configured_hop
+from .delivery.smtp import SmtpHop
 from .envelope import envelope_addresses, envelope_from_headers, sender_of_from_line
 from .logs import UNLOGGED, add_log_file, configure_logging, syslog_reachable
-from .outcome import Result
+from .outcome import Result, exit_status
 from .process import Interrupted, TimeLimitExceeded, drop_privileges, time_limit
-from .reading import header_block_end, message_id_of, read_message, split_from_line
+from .reading import message_id_of, read_message, split_from_line
 from .routing import ChainRunner, Leaf, Route, StepTrace, route
 from .rules import Config, find_config, load_config
 from .status import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Stop, tempfail
@@ -97,11 +97,15 @@ class Gate:
         self.errors: list[str] = []
         self.message_id = "-"
         self.clock = time_limit(0)
-        # Set once a next hop accepted anything of this message (or the postmaster the
-        # report that carries it): the commit point.  From then on nothing the gate does
-        # itself -- logging, reports, the time limit, an exception -- may end in 75.
-        self.delivered = False
+        self.handover: Handover | None = None       # made when delivery starts
         self.unlogged = False           # no syslog daemon and no log_file: say so once
+
+    @property
+    def delivered(self) -> bool:
+        """Has a next hop accepted anything of this message (or the postmaster the report
+        that carries it)?  The commit point: from then on nothing the gate does itself --
+        logging, reports, the time limit, an exception -- may end in 75."""
+        return self.handover is not None and self.handover.delivered
 
     def run(self) -> int:
         config = self._config()
@@ -168,29 +172,32 @@ class Gate:
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
         leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
+        job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
+                  config.sections.get("arc"))
         if trace is not None:
-            return self._dry_run(leaves, routes, hop, trace)
-        deferred = [leaf for leaf in leaves if self.defers(leaf, hop)]
+            return self._dry_run(job, hop, leaves, routes, refused, trace)
+        deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]
         if deferred:        # deliver nothing: the retry then does everything once
             leaf = deferred[0]
             self._log_groups(leaves, routes, {})
             text = f"{leaf.step}: {leaf.verdict}" if leaf.verdict else f"{leaf.step}: cannot parse the message"
             raise tempfail(leaf.verdict.status if leaf.verdict else "4.6.0", text)
-        delivery = Delivery(self, hop, config)
-        transfers = delivery.prepare(leaves, message)       # all the work, under the time limit
-        results = delivery.deliver(transfers, message, refused)     # the commit point is in here
-        return self._conclude(leaves, routes, results, hop)
+        self.handover = Handover(hop, self.clock)
+        delivery = Delivery(job, self.handover)
+        transfers = delivery.prepare(leaves)        # all the work, under the time limit
+        results, unbounced = delivery.deliver(transfers, refused)      # the commit point is in here
+        return self._conclude(leaves, routes, results, unbounced)
 
     def _conclude(self, leaves: "list[Leaf]", routes: "dict[str, Route]", results: "dict[str, Result]",
-                  hop) -> int:
-        """After the deliveries: the bounce, the log line, the exit status.  Never raises, and
-        ends in 75 only for a recipient whose message no next hop accepted."""
+                  unbounced: tuple[str, ...]) -> int:
+        """After the deliveries: the log line, the exit status.  Never raises, and ends in 75
+        only for a recipient whose message no next hop accepted."""
         try:
             self._log_groups(leaves, routes, results)
         except Exception as error:      # noqa: BLE001 -- past the commit point nothing raises
             log.error("cannot describe the delivery groups: %r", error)
         try:
-            code, status, text = self._exit_status(results, hop)
+            code, status, text = exit_status(results, unbounced=unbounced, delivered=self.delivered)
         except Exception as error:      # noqa: BLE001
             log.error("internal error after delivery: %r", error, exc_info=True)
             code, status, text = (EX_OK, "2.0.0", "delivered") if self.delivered else \
@@ -198,10 +205,11 @@ class Gate:
         self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
         return self._finish(code, status, text)
 
-    def _dry_run(self, leaves: list[Leaf], routes: dict[str, Route], hop, trace: list[StepTrace]) -> int:
+    def _dry_run(self, job: Job, hop: NextHop, leaves: list[Leaf], routes: dict[str, Route],
+                 refused: dict[str, Result], trace: list[StepTrace]) -> int:
         from .admin.dry_run import dry_run_report
 
-        report = dry_run_report(self, leaves, routes, hop, trace)
+        report = dry_run_report(job, self.size, self.config, hop, leaves, routes, refused, trace)
         self.streams.stdout.write(report.encode("utf-8", "surrogateescape"))
         self.streams.stdout.flush()
         self._log_groups(leaves, routes, {})
@@ -227,21 +235,7 @@ class Gate:
             log.warning("<%s>: %s %s", one_line(recipient), result.status, result.text)
         return sender, usable, refused
 
-    def defers(self, leaf: Leaf, hop) -> bool:
-        """A leaf that makes the whole run a tempfail, before anything is delivered."""
-        if isinstance(leaf.verdict, TempFail):
-            return True
-        if isinstance(leaf.verdict, FilterError):      # stdout cannot carry a postmaster report
-            return self.config.on_filter_error == "tempfail" or isinstance(hop, StdoutHop)
-        return leaf.unparsed and self.config.on_parse_error == "tempfail"
-
-    def original_headers(self) -> bytes:
-        """The original's header block as it came, for a bounce (at most 64 KB, cut at a line
-        end): a slice, never a parse, as a bounce goes out after delivery."""
-        block = bytes(self.message.raw[:min(header_block_end(self.message.raw), 64 * 1024)])
-        return block if block.endswith(b"\n") or b"\n" not in block else block[:block.rindex(b"\n") + 1]
-
-    def _next_hop(self, config: Config, from_line: str | None):
+    def _next_hop(self, config: Config, from_line: str | None) -> NextHop:
         request = self.request
         if request.to_stdout or request.shell_mode:
             return StdoutHop(self.streams.stdout, from_line)
@@ -298,22 +292,6 @@ class Gate:
         except OSError as error:
             log.error("cannot keep a backup in %s: %s", keep, error)
             return None
-
-    def _exit_status(self, results: "dict[str, Result]", hop) -> tuple[int, str, str]:
-        deferred = [r for r in results.values() if r.state == "deferred"]
-        rejected = {rcpt: r for rcpt, r in results.items() if r.state == "rejected"}
-        if deferred:        # a next hop did not take it for these: only the MTA's retry can
-            return EX_TEMPFAIL, deferred[0].status, deferred[0].text
-        if rejected and len(rejected) == len(results):
-            first = next(iter(rejected.values()))
-            return EX_UNAVAILABLE, first.status, first.text
-        if rejected and not isinstance(hop, StdoutHop):
-            # Some recipients got the message: a 69 would bounce them too, so the sender
-            # gets our own delivery status notification for the others.
-            if not Reports(self, hop, self.config).bounce(rejected) and not self.delivered:
-                return EX_TEMPFAIL, "4.3.0", ("could not send the bounce for " + ",".join(rejected)
-                                              + "; the MTA will retry all recipients")
-        return EX_OK, "2.0.0", "ok"
 
     def _finish(self, code: int, status: str, text: str) -> int:
         try:

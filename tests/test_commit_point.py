@@ -58,7 +58,7 @@ INJECTIONS = {
     "the delivery groups' log lines raise": ("ispmailgate_core.run.Gate._log_groups", raising),
     "the delivery groups' log lines outlast the time limit": ("ispmailgate_core.run.Gate._log_groups", sleeping),
     "the summary line raises": ("ispmailgate.log.info", raising),
-    "the exit status raises": ("ispmailgate_core.run.Gate._exit_status", raising),
+    "the exit status raises": ("ispmailgate_core.run.exit_status", raising),
     "the bounce raises": ("ispmailgate_core.delivery.reports.Reports.bounce", raising),
     "the bounce cannot be written": ("ispmailgate_core.delivery.reports._multipart_report", raising),
     "every report cannot be written": ("ispmailgate_core.delivery.reports._report_message", raising),
@@ -127,17 +127,13 @@ def test_the_time_limit_is_checked_before_a_delivery_starts(monkeypatch):
             calls.append(recipients)
             return {r: wire.Reply(250, "2.0.0 ok") for r in recipients}
 
-    class Gate:
-        delivered = False
-        clock = process.time_limit(0)
-
-    gate = Gate()
-    gate.clock.deadline = time.monotonic() - 1
+    hand_over = handover.Handover(Hop(), process.time_limit(0))
+    hand_over.clock.deadline = time.monotonic() - 1
     with pytest.raises(process.TimeLimitExceeded):
-        handover.hand_over(gate, Hop(), "s@x", ["a@x"], b"data")
-    assert calls == [] and not gate.delivered
-    gate.delivered = True
-    handover.hand_over(gate, Hop(), "s@x", ["a@x"], b"data")
+        hand_over("s@x", ["a@x"], b"data")
+    assert calls == [] and not hand_over.delivered
+    hand_over.delivered = True
+    hand_over("s@x", ["a@x"], b"data")
     assert calls == [["a@x"]]
 
 

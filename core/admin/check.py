@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import BinaryIO
 
 from ispmailgate_filters.base import ConfigError, Filter
 
@@ -12,7 +13,6 @@ from ..addresses import parse_hop
 from ..delivery.smtp import SmtpSession, socket_reason
 from ..logs import syslog_reachable
 from ..rules import BUILT_IN_CONFIG, Config, find_config, load_config
-from ..run import Streams
 from ..status import EX_CONFIG, EX_OK
 from .output import Output
 
@@ -20,11 +20,11 @@ from .output import Output
 NEXT_HOP_PROBE_TIMEOUT = 10.0
 
 
-def check(requested: Path | None, streams: Streams, *, config_only: bool = False,
+def check(requested: Path | None, stdout: BinaryIO, *, config_only: bool = False,
           client_user: str | None = None) -> int:
     """Every problem of the rule file (and, unless ``config_only``, of what it needs from
     this host), one line each, then the warnings, each said once: exit 0 or 78."""
-    out = Output(streams)
+    out = Output(stdout)
     path = find_config(requested)
     if path is None:
         out.line("no rule file given and none installed: checking the built-in default")
@@ -192,7 +192,7 @@ def socket_problems(config: Config, user: str) -> list[ConfigError]:
 
     from ..serve.section import settings_of
 
-    settings = settings_of(config)
+    settings = settings_of(config.sections)
     path, key = settings.socket, "serve.socket"
     falls_back = ("ispmailgate-client would fall back to one-shot runs" if settings.fallback == "oneshot"
                   else "ispmailgate-client would defer every message (fallback = tempfail)")

@@ -4,6 +4,7 @@ share and the delivery groups, without a message."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from ispmailgate_filters.base import ConfigError, Filter
 
@@ -11,14 +12,13 @@ from ..delivery.hops import configured_hop
 from ..envelope import envelope_addresses
 from ..routing import ChainRunner, Route, route
 from ..rules import Config, find_config, load_config
-from ..run import Streams
 from ..status import EX_CONFIG, EX_OK
-from .output import Output, addresses, describe_hop
+from .output import Output, addresses
 
 
-def explain(requested: Path | None, sender: str | None, recipients: list[str], streams: Streams) -> int:
+def explain(requested: Path | None, sender: str | None, recipients: list[str], stdout: BinaryIO) -> int:
     """Per recipient the rule and chain; the filter steps they share; the delivery groups."""
-    out = Output(streams)
+    out = Output(stdout)
     path = find_config(requested)
     try:
         config = load_config(path)
@@ -45,7 +45,7 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
         chain = routes[members[0]].chain
         out.line(f"  {number}. {addresses(members)}: {routes[members[0]].chain_label}; "
                  f"{_sealing(config, chain)}")
-    out.line(f"next hop: {describe_hop(configured_hop(config))}")
+    out.line(f"next hop: {configured_hop(config).describe()}")
     out.close()
     return EX_OK
 

@@ -3,10 +3,9 @@ that a terminal would act on."""
 
 from __future__ import annotations
 
-from ispmailgate_filters import mime
+from typing import BinaryIO
 
-from ..delivery.smtp import SmtpHop
-from ..run import Streams
+from ispmailgate_filters import mime
 
 
 def printable(text: str) -> str:
@@ -17,20 +16,14 @@ def printable(text: str) -> str:
 class Output:
     """Lines of text for an administrator, on the run's stdout."""
 
-    def __init__(self, streams: Streams) -> None:
-        self.stream = streams.stdout
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
 
     def line(self, text: str = "") -> None:
         self.stream.write(printable(text).encode("utf-8", "replace") + b"\n")
 
     def close(self) -> None:
         self.stream.flush()
-
-
-def describe_hop(hop) -> str:
-    if isinstance(hop, SmtpHop) and hop.suffix:
-        return f"{hop} (each recipient gets the loop suffix {hop.suffix})"
-    return str(hop)
 
 
 def addresses(recipients) -> str:

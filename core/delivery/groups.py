@@ -12,9 +12,7 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
-from .handover import hand_over
-from .hops import StdoutHop
-from .reports import Reports
+from .handover import Handover, Job
 
 log = logging.getLogger("ispmailgate")
 
@@ -36,60 +34,79 @@ class Delivery:
     next hop accepted.
     """
 
-    def __init__(self, gate, hop, config) -> None:
-        self.gate, self.hop, self.config = gate, hop, config
+    def __init__(self, job: Job, handover: Handover) -> None:
+        self.job, self.handover, self.hop = job, handover, handover.hop
         self.sealer = None
 
-    def prepare(self, leaves: list, original: Message) -> list[Transfer]:
+    def prepare(self, leaves: list) -> list[Transfer]:
         transfers = []
         groups = self.groups(leaves)
-        if isinstance(self.hop, StdoutHop):
-            self.hop.mbox = sum(1 for _, _, leaf in groups if leaf.verdict is None) > 1
+        self.hop.expect(sum(1 for _, _, leaf in groups if leaf.verdict is None))
         for recipients, message, leaf in groups:
             if leaf.verdict is not None:
                 transfers.append(Transfer(recipients, None, leaf))
                 continue
             if leaf.unparsed:
-                self._unparsed(leaf, original)
+                self._unparsed(leaf)
             data = message.to_bytes()
-            if message.changed and self.config.sections.get("arc"):
-                data = self._seal(original, message, data, recipients)
+            if message.changed and self.job.arc:
+                data = self._seal(self.job.original, message, data, recipients)
             transfers.append(Transfer(recipients, data, leaf))
         return transfers
 
-    def deliver(self, transfers: list[Transfer], original: Message,
-                refused: dict[str, Result] | None = None) -> dict[str, Result]:
-        """Each group in turn; ``refused`` are recipients no next hop could be given.  Once a
-        group is deferred the rest wait for the MTA's retry too: handed over now, they would
-        be delivered twice."""
+    def deliver(self, transfers: list[Transfer],
+                refused: dict[str, Result] | None = None) -> tuple[dict[str, Result], tuple[str, ...]]:
+        """Each group in turn, then the notices and the bounce: the result of each recipient,
+        and the refused recipients whose sender could not be told.  ``refused`` are
+        recipients no next hop could be given.  Once a group is deferred the rest wait for
+        the MTA's retry too: handed over now, they would be delivered twice."""
         results: dict[str, Result] = dict(refused or {})
         deferred = False
         for transfer in transfers:
             verdict = transfer.leaf.verdict
             if isinstance(verdict, (Discard, Reject)):
-                outcome = self._verdict(transfer.leaf, original)
+                outcome = self._verdict(transfer.leaf)
             elif deferred:
                 outcome = dict.fromkeys(transfer.recipients, Result(
                     "deferred", "4.3.0", "not handed over: an earlier delivery group was deferred"))
             elif verdict is not None:
-                outcome = self._verdict(transfer.leaf, original)
+                outcome = self._verdict(transfer.leaf)
             else:
-                replies = hand_over(self.gate, self.hop, self.gate.sender, transfer.recipients, transfer.data)
+                replies = self.handover(self.job.sender, transfer.recipients, transfer.data)
                 outcome = {r: reply.result() for r, reply in replies.items()}
             deferred = deferred or any(result.state == "deferred" for result in outcome.values())
             results.update(outcome)
-        if isinstance(self.hop, StdoutHop):
-            for notice in self.gate.notices:
+        if not self.hop.carries_reports:
+            for notice in self.job.notices:
                 log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
-        elif self.gate.notices and not deferred:    # the retry would send them again
-            Reports(self.gate, self.hop, self.config).send_notices(original)
-        return results
+        elif self.job.notices and not deferred:     # the retry would send them again
+            self._reports().send_notices()
+        return results, (() if deferred else self._bounce(results))
+
+    def _bounce(self, results: dict[str, Result]) -> tuple[str, ...]:
+        """Some recipients refused for good and others not: a 69 would bounce those too, so
+        the sender gets our own delivery status notification for the refused ones.  Returns
+        the refused recipients it could not be sent for (past the commit point: never raises)."""
+        rejected = {rcpt: result for rcpt, result in results.items() if result.state == "rejected"}
+        if not rejected or len(rejected) == len(results) or not self.hop.carries_reports:
+            return ()
+        try:
+            sent = self._reports().bounce(rejected)
+        except Exception as error:      # noqa: BLE001 -- a fault of ours must not make a retry
+            log.error("cannot send the bounce: %r", error, exc_info=True)
+            sent = False
+        return () if sent else tuple(rejected)
+
+    def _reports(self):
+        from .reports import Reports     # only a run that reports something pays for it
+
+        return Reports(self.job, self.handover)
 
     def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
         """An ARC set for a changed message; if sealing fails, the message goes out unsealed."""
         if self.sealer is None:
             from ..arc import Sealer
-            self.sealer = Sealer(self.config.sections["arc"])
+            self.sealer = Sealer(self.job.arc)
         started = time.monotonic()
         try:
             sealed = self.sealer.seal(original.raw, data, message.eol)
@@ -119,24 +136,25 @@ class Delivery:
                 groups.append((merged[key], leaf.message, leaf))
         return groups
 
-    def _verdict(self, leaf, original: Message) -> dict[str, Result]:
+    def _verdict(self, leaf) -> dict[str, Result]:
         verdict = leaf.verdict
         if isinstance(verdict, Discard):
             return {r: Result("discarded", verdict.status, f"by {leaf.step}: {verdict}") for r in leaf.recipients}
         if isinstance(verdict, Reject):
             return {r: Result("rejected", verdict.status, f"{leaf.step}: {verdict}") for r in leaf.recipients}
         # FilterError with on_filter_error = "report": the postmaster gets the original.
-        if isinstance(self.hop, StdoutHop):
+        if not self.hop.carries_reports:
             return {r: Result("deferred", "4.3.0", f"{leaf.step}: {verdict}") for r in leaf.recipients}
-        sent = Reports(self.gate, self.hop, self.config).filter_error(leaf, original)
+        sent = self._reports().filter_error(leaf)
         state = ("reported", "2.0.0", f"to the postmaster: {leaf.step}: {verdict}") if sent else \
                 ("deferred", "4.3.0", f"{leaf.step}: {verdict}; the report to the postmaster failed")
         return {r: Result(*state) for r in leaf.recipients}
 
-    def _unparsed(self, leaf, original: Message) -> None:
-        kept = self.gate.keep_backup(original.raw)
-        text = (f"ispmailgate could not parse message {self.gate.id} (from <{self.gate.sender}> to "
+    def _unparsed(self, leaf) -> None:
+        job = self.job
+        kept = job.keep_backup(job.original.raw)
+        text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
                 f"{', '.join(leaf.recipients)}) in filter {leaf.step}.\nIt was delivered unchanged."
                 f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
-        self.gate.notices.append(Notice((self.config.postmaster,), "ispmailgate: message delivered "
-                                        "unfiltered (parse error)", text))
+        job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
+                                  "unfiltered (parse error)", text))

@@ -1,15 +1,35 @@
-"""The next hops besides SMTP (a sendmail command, stdout), and the one a rule file names."""
+"""The next hop: what delivery asks of one, the hops besides SMTP (a sendmail command,
+stdout), and the one a rule file names."""
 
 from __future__ import annotations
 
 import re
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ..addresses import parse_hop
 from ..text import one_line
 from .smtp import SmtpHop
 from .wire import Reply, wire_chunks
+
+
+class NextHop(Protocol):
+    """What delivery asks of a next hop.  A hop says what it can do (``carries_reports``,
+    ``expect``), so that nobody needs to ask which hop it is."""
+
+    # Can it take the gate's own messages (reports to the postmaster, notices, bounces),
+    # which go to others than the message's recipients?  Not stdout: its reader gets the
+    # one message it piped in, and a report it cannot carry defers the run instead.
+    carries_reports: bool
+
+    def expect(self, messages: int) -> None:
+        """Told, before the first hand-over, how many distinct messages will follow."""
+
+    def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
+        """A reply per recipient; the hop's own trouble is a reply too, never an exception."""
+
+    def describe(self) -> str:
+        """The hop as an administrator reads it (explain, --dry-run)."""
 
 
 def configured_hop(config):
@@ -24,12 +44,19 @@ class SendmailHop:
 
     # sysexits a sendmail uses for a message or address it will never accept
     PERMANENT = {65: "5.6.0", 67: "5.1.1", 68: "5.1.2", 69: "5.0.0"}
+    carries_reports = True
 
     def __init__(self, command: tuple[str, ...], timeout: float) -> None:
         self.command, self.timeout = command, timeout
 
     def __str__(self) -> str:
         return f"sendmail:{self.command[0]}"
+
+    def expect(self, messages: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return str(self)
 
     def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
         import subprocess
@@ -66,12 +93,20 @@ class StdoutHop:
     recipients got different results, each is written as an mboxrd message.
     """
 
+    carries_reports = False
+
     def __init__(self, stream: BinaryIO, from_line: str | None, *, mbox: bool = False) -> None:
-        # mbox is set by Delivery once it knows how many distinct results there are
         self.stream, self.from_line, self.mbox = stream, from_line, mbox
 
     def __str__(self) -> str:
         return "stdout"
+
+    def expect(self, messages: int) -> None:
+        """More than one distinct result: each goes out as an mboxrd message."""
+        self.mbox = messages > 1
+
+    def describe(self) -> str:
+        return str(self)
 
     def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
         try:

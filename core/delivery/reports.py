@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 
-from ispmailgate_filters.mime import Message
-
 from ..outcome import Result
+from ..reading import header_block_end
 from ..text import loggable, one_line
-from .handover import hand_over
+from .handover import Handover, Job
 from .smtp import hostname
 
 log = logging.getLogger("ispmailgate")
@@ -23,31 +22,31 @@ class Reports:
     text goes into one (addresses, filter messages) is made printable first.
     """
 
-    def __init__(self, gate, hop, config) -> None:
-        self.gate, self.hop, self.config = gate, hop, config
+    def __init__(self, job: Job, handover: Handover) -> None:
+        self.job, self.handover = job, handover
 
-    def filter_error(self, leaf, original: Message) -> bool:
-        text = (f"A filter failed on message {self.gate.id}.\n\n"
-                f"Sender:     <{self.gate.sender}>\nRecipients: {', '.join(leaf.recipients)}\n"
+    def filter_error(self, leaf) -> bool:
+        text = (f"A filter failed on message {self.job.run_id}.\n\n"
+                f"Sender:     <{self.job.sender}>\nRecipients: {', '.join(leaf.recipients)}\n"
                 f"Filter:     {leaf.step}\nError:      {leaf.verdict}\n\n"
                 "The message was not delivered to these recipients; the original is attached.\n"
                 "Forward it to them once the problem is understood.\n")
-        return self._send((self.config.postmaster,), f"ispmailgate: filter {leaf.step} failed",
-                          text, original.raw)
+        return self._send((self.job.postmaster,), f"ispmailgate: filter {leaf.step} failed",
+                          text, self.job.original.raw)
 
-    def send_notices(self, original: Message) -> None:
-        for notice in self.gate.notices:
+    def send_notices(self) -> None:
+        for notice in self.job.notices:
             recipients = tuple(r for r in notice.recipients if r)
             if recipients:
                 self._send(recipients, notice.subject, notice.text,
-                           original.raw if notice.attach_original else None)
+                           self.job.original.raw if notice.attach_original else None)
 
     def bounce(self, rejected: dict[str, Result]) -> bool:
         """A delivery status notification (RFC 3464) to the sender for rejected recipients.
 
         If the sender cannot be told and the others already have the message, the
         postmaster gets it instead: a retry would deliver to them twice."""
-        to = self.gate.sender or self.config.postmaster     # never bounce a bounce to <>
+        to = self.job.sender or self.job.postmaster     # never bounce a bounce to <>
         lines = [f"Your message could not be delivered to {len(rejected)} recipient(s):", ""]
         lines += [f"<{one_line(rcpt)}>: {result.status} {one_line(result.text)}" for rcpt, result in rejected.items()]
         status = [f"Reporting-MTA: dns; {hostname()}", ""]
@@ -56,30 +55,37 @@ class Reports:
                        f"Status: {result.status}", f"Diagnostic-Code: smtp; {one_line(result.text)}", ""]
         subject = "Undelivered Mail Returned to Sender"
         try:
-            report = _multipart_report("\n".join(lines) + "\n", "\n".join(status), self.gate.original_headers())
+            report = _multipart_report("\n".join(lines) + "\n", "\n".join(status), original_headers(self.job.original.raw))
         except Exception as error:      # noqa: BLE001 -- see the class
             log.error("cannot write the bounce: %r", error, exc_info=True)
             return False
         if self._send((to,), subject, None, None, body=report):
             return True
-        if self.gate.delivered and to != self.config.postmaster:
+        if self.handover.delivered and to != self.job.postmaster:
             log.error("the sender <%s> cannot be told that %s failed; the postmaster is", to,
                       ", ".join(one_line(r) for r in rejected))
-            self._send((self.config.postmaster,), subject, None, None, body=report)
+            self._send((self.job.postmaster,), subject, None, None, body=report)
         return False
 
     def _send(self, recipients: tuple[str, ...], subject: str, text: str | None,
               attachment: bytes | bytearray | None, body: tuple[str, bytes] | None = None) -> bool:
         try:
-            data = _report_message(self.config.postmaster, recipients, subject, text, attachment, body)
+            data = _report_message(self.job.postmaster, recipients, subject, text, attachment, body)
         except Exception as error:      # noqa: BLE001 -- see the class
-            log.error("%s: cannot write report %r: %r", self.gate.id, subject, error, exc_info=True)
+            log.error("%s: cannot write report %r: %r", self.job.run_id, subject, error, exc_info=True)
             return False
-        replies = hand_over(self.gate, self.hop, "", list(recipients), data)
+        replies = self.handover("", list(recipients), data)
         bad = {r: reply for r, reply in replies.items() if reply.code // 100 != 2}
         for rcpt, reply in bad.items():
-            log.error("%s: report %r to %s failed: %s %s", self.gate.id, subject, rcpt, reply.code, reply.text)
+            log.error("%s: report %r to %s failed: %s %s", self.job.run_id, subject, rcpt, reply.code, reply.text)
         return not bad
+
+
+def original_headers(raw: bytes | bytearray) -> bytes:
+    """The original's header block as it came, for a bounce (at most 64 KB, cut at a line
+    end): a slice, never a parse, as a bounce goes out after delivery."""
+    block = bytes(raw[:min(header_block_end(raw), 64 * 1024)])
+    return block if block.endswith(b"\n") or b"\n" not in block else block[:block.rindex(b"\n") + 1]
 
 
 def _report_message(postmaster: str, recipients: tuple[str, ...], subject: str, text: str | None,

@@ -25,6 +25,8 @@ class SmtpHop:
     nor AUTH.
     """
 
+    carries_reports = True
+
     def __init__(self, host: str, port: int, config) -> None:
         self.host, self.port = host, port
         self.timeout = config.delivery_timeout
@@ -33,6 +35,14 @@ class SmtpHop:
 
     def __str__(self) -> str:
         return f"smtp:{self.host}:{self.port}"
+
+    def expect(self, messages: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        if self.suffix:
+            return f"{self} (each recipient gets the loop suffix {self.suffix})"
+        return str(self)
 
     def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
         """A reply per recipient; one whose fate is unknown when the connection fails is 4xx."""

@@ -8,7 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-import ispmailgate
 from ispmailgate_filters.base import ConfigError
 
 from ..logs import SyslogHandler
@@ -18,18 +17,18 @@ from ..status import EX_CONFIG, EX_OK
 from .listener import Listener
 from .master import Arbiter, HaltServer, notify
 from .section import settings_of
-from .worker import Identity
+from .worker import Identity, Service
 
 log = logging.getLogger("ispmailgate.serve")
 
 
-def serve(config_path: Path | None, *, socket: str | None = None, workers: int | None = None,
-          pidfile: Path | None = None, foreground: bool = True) -> int:
+def serve(config_path: Path | None, service: Service, *, socket: str | None = None,
+          workers: int | None = None, pidfile: Path | None = None, foreground: bool = True) -> int:
     """``ispmailgate serve``: returns the exit status (78 on a boot error)."""
     overrides = {"socket": socket, "workers": workers, "pid_file": str(pidfile) if pidfile else None}
     try:
-        config_path, config = _load(config_path)
-        settings = settings_of(config).with_overrides(**overrides)
+        config_path, config = _load(config_path, service)
+        settings = settings_of(config.sections).with_overrides(**overrides)
         _configure_logging(config, foreground)
         listener = Listener.open(settings, Identity.for_workers(config))
     except (ConfigError, HaltServer, OSError) as error:
@@ -44,7 +43,7 @@ def serve(config_path: Path | None, *, socket: str | None = None, workers: int |
     pid_file = None
     try:
         pid_file = PidFile(settings.pid_file) if settings.pid_file else None
-        arbiter = Arbiter(config, config_path, settings, listener, overrides)
+        arbiter = Arbiter(config, config_path, settings, listener, overrides, service)
         return arbiter.run(lambda: _ready(ready_pipe))
     except (ConfigError, HaltServer, OSError) as error:
         log.error("cannot start: %s", error)
@@ -55,7 +54,7 @@ def serve(config_path: Path | None, *, socket: str | None = None, workers: int |
             pid_file.remove()
 
 
-def _load(path: Path | None) -> tuple[Path | None, Config]:
+def _load(path: Path | None, service: Service) -> tuple[Path | None, Config]:
     """The rule file, once; requests without -c (or with the same -c) use it as loaded."""
     _pin_search_paths()
     path = find_config(path)
@@ -66,9 +65,7 @@ def _load(path: Path | None) -> tuple[Path | None, Config]:
         os.environ.pop("ISPMAILGATE_CONFIG", None)
     config = load_config(path)
     preload(config)     # what runs import lazily: once, and before privileges go
-    import typer.rich_utils  # noqa: F401  (typer's help output, for served --help)
-    for cli in (ispmailgate.gate_cli, ispmailgate.admin_cli):
-        ispmailgate.click_command(cli)          # built once here, not in every worker
+    service.prepare()   # built once here, not in every worker
     return path, config
 
 

@@ -17,7 +17,7 @@ from ..process import preload
 from ..rules import Config, load_config
 from ..status import EX_CONFIG, EX_OK
 from .section import ServeSettings, settings_of
-from .worker import WORKER_BOOT_ERROR, Heartbeat, Identity, Worker
+from .worker import WORKER_BOOT_ERROR, Heartbeat, Identity, Service, Worker
 
 log = logging.getLogger("ispmailgate.serve")
 
@@ -34,9 +34,9 @@ class Arbiter:
     SIGNALS = ("HUP", "TERM", "INT", "QUIT", "CHLD")
 
     def __init__(self, config: Config, config_path: Path | None, settings: ServeSettings,
-                 listener, overrides: dict[str, Any]) -> None:
+                 listener, overrides: dict[str, Any], service: Service) -> None:
         self.config, self.config_path, self.settings = config, config_path, settings
-        self.listener, self.overrides = listener, overrides
+        self.listener, self.overrides, self.service = listener, overrides, service
         self.identity = Identity.for_workers(config)
         self.workers: dict[int, Worker] = {}
         self.generation = 0
@@ -114,7 +114,7 @@ class Arbiter:
         notify("RELOADING=1")
         try:
             config = load_config(self.config_path)
-            settings = settings_of(config).with_overrides(**self.overrides)
+            settings = settings_of(config.sections).with_overrides(**self.overrides)
             identity = Identity.for_workers(config)
             preload(config)
         except (Exception, SystemExit) as error:    # a plugin may fail in its own way, even by
@@ -145,7 +145,7 @@ class Arbiter:
     def spawn(self) -> None:
         import random
 
-        worker = Worker(self.listener.sock, self.config, self.settings, self.identity, Heartbeat(),
+        worker = Worker(self.listener.sock, self.service, self.config, self.settings, self.identity, Heartbeat(),
                         self.settings.max_requests + random.randint(0, self.settings.max_requests_jitter)
                         if self.settings.max_requests else 0, self.generation)
         sys.stdout.flush()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ispmailgate_client import DEFAULT_SOCKET, FALLBACKS
 from ispmailgate_filters.base import ConfigError, count, parse_size
 
-from ..rules import Config
 from ..settings import Setting, one_of, positive, string
 
 
@@ -70,7 +70,7 @@ class ServeSettings:
 
 
 def load_section(table: Any, where: str) -> ServeSettings:
-    """The loader registered in ``ispmailgate.SECTIONS``; every error names its key path."""
+    """The loader registered in ``rules.SECTIONS``; every error names its key path."""
     if not isinstance(table, dict):
         raise ConfigError(where, "expected a [serve] table")
     values = ServeSettings().values
@@ -84,5 +84,7 @@ def load_section(table: Any, where: str) -> ServeSettings:
     return ServeSettings(values)
 
 
-def settings_of(config: Config) -> ServeSettings:
-    return config.sections.get("serve") or ServeSettings()
+def settings_of(sections: Mapping[str, Any]) -> ServeSettings:
+    """The ``[serve]`` settings among a rule file's sections (``Config.sections``); the
+    defaults where it has no ``[serve]``."""
+    return sections.get("serve") or ServeSettings()

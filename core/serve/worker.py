@@ -11,9 +11,9 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from collections.abc import Callable
+from typing import Any, Iterator, NamedTuple
 
-import ispmailgate
 from ispmailgate_client import CONFIG_VARIABLE
 from ispmailgate_filters.base import ConfigError
 
@@ -87,10 +87,20 @@ class Heartbeat:
         return time.monotonic() - int.from_bytes(self.memory[:8], "big") / 1000
 
 
+class Service(NamedTuple):
+    """What the server serves, handed in by the command line that starts it (the server
+    never imports the command line): ``run`` one command line (argv, its streams, the rule
+    file the server loaded -> exit status), and ``prepare``, called once before the first
+    fork, to build what every run would otherwise build anew."""
+    run: Callable[[list[str], Streams, Config | None], int]
+    prepare: Callable[[], None]
+
+
 @dataclass
 class Worker:
     """One forked worker: accepts a connection at a time, until stopped or recycled."""
     listener: Any
+    service: Service
     config: Config
     settings: ServeSettings
     identity: Identity | None
@@ -176,7 +186,7 @@ class Worker:
         sys.stdout, sys.stderr = text_stdout, stderr
         try:
             with self.client_context(request.context) as refused:
-                status = ispmailgate.run(argv, Streams(request, stdout, stderr), preloaded=self.config)
+                status = self.service.run(argv, Streams(request, stdout, stderr), self.config)
         finally:
             sys.stdout, sys.stderr = saved
             text_stdout.detach()
