@@ -25,7 +25,8 @@ from ispmailgate_core.logs import SyslogHandler, configure_logging, log
 from ispmailgate_core.rules import DEFAULT_CONFIG_PATH, Config
 from ispmailgate_core.run import Gate, Request, Streams, status_line
 from ispmailgate_core import settings
-from ispmailgate_core.status import EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Stop, tempfail
+from ispmailgate_core.status import (EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, LOCAL_TROUBLE, MISCONFIGURED, Stop,
+                                     tempfail)
 
 
 __version__ = "2.0.0"
@@ -81,7 +82,7 @@ def deliver(
         try:
             facility = settings.facility(facility)
         except ValueError as error:
-            raise tempfail("4.3.5", f"usage: -a/--facility: {error}") from None
+            raise tempfail(MISCONFIGURED, f"usage: -a/--facility: {error}") from None
     request = Request(recipients=list(recipients or ()), sender=sender, config=config,
                       mail_host=mail_host, to_stdout=to_stdout, debug=debug,
                       tmp_dir=tmp_dir, facility=facility, dry_run=dry_run)
@@ -164,21 +165,21 @@ def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) ->
         status = command.main(args=list(argv), prog_name="ispmailgate", standalone_mode=False,
                               obj=Invocation(streams, preloaded))
     except typer.TyperException as error:              # usage errors: never typer's exit 2
-        return status_line(streams, EX_TEMPFAIL, "4.3.5", f"usage: {error.format_message()}")
+        return status_line(streams, EX_TEMPFAIL, MISCONFIGURED, f"usage: {error.format_message()}")
     except Stop as stop:
         return status_line(streams, stop.code, stop.status, stop.text)
     except SystemExit as stop:          # typer's own exit when a reader closed stdout early
-        return status_line(streams, EX_TEMPFAIL, "4.3.0", f"stopped (exit {stop.code}): output closed")
+        return status_line(streams, EX_TEMPFAIL, LOCAL_TROUBLE, f"stopped (exit {stop.code}): output closed")
     except BaseException as error:      # the last guard: no traceback ever reaches the MTA
         if not any(isinstance(h, SyslogHandler) for h in log.handlers):
             configure_logging("mail", False, "", [])
         log.error("internal error: %r", error, exc_info=True)
-        return status_line(streams, EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
+        return status_line(streams, EX_TEMPFAIL, LOCAL_TROUBLE, f"internal error: {error!r}")
     if status in (EX_OK, EX_UNAVAILABLE, EX_TEMPFAIL, EX_CONFIG):
         return status
     if status is None:
         return EX_OK
-    return status_line(streams, EX_TEMPFAIL, "4.3.0", f"interrupted (status {status})")
+    return status_line(streams, EX_TEMPFAIL, LOCAL_TROUBLE, f"interrupted (status {status})")
 
 
 @functools.cache

@@ -8,7 +8,7 @@ from ispmailgate_filters.mime import Message
 from .addresses import MAX_ADDRESS, canonical_address
 from .outcome import Result
 from .rules import Config
-from .status import EX_UNAVAILABLE, Stop, tempfail
+from .status import BAD_RECIPIENT, BAD_SENDER, EMPTY_RECIPIENT, EX_UNAVAILABLE, Stop, tempfail
 
 
 def envelope_addresses(config: "Config", sender: str,
@@ -20,15 +20,15 @@ def envelope_addresses(config: "Config", sender: str,
     try:
         sender = "" if sender in ("", "<>") else usable_address(sender, config)
     except ValueError as error:
-        raise Stop(EX_UNAVAILABLE, "5.1.7", f"bad sender address: {error}") from None
+        raise Stop(EX_UNAVAILABLE, BAD_SENDER, f"bad sender address: {error}") from None
     usable, refused = [], {}
     for recipient in recipients:
         try:
             usable.append(usable_address(recipient, config))
         except ValueError as error:
-            refused[recipient] = Result("rejected", "5.1.3", f"bad recipient address: {error}")
+            refused[recipient] = Result("rejected", BAD_RECIPIENT, f"bad recipient address: {error}")
     if "" in usable:
-        raise tempfail("4.1.3", "empty recipient address")
+        raise tempfail(EMPTY_RECIPIENT, "empty recipient address")
     return sender, list(dict.fromkeys(usable)), refused
 
 

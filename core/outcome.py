@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from .status import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE
+from .status import DONE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, LOCAL_TROUBLE
 
 
 class Result(NamedTuple):
@@ -37,7 +37,7 @@ def exit_status(results: Mapping[str, Result], *, unbounced: Sequence[str] = (),
         first = results[rejected[0]]
         return EX_UNAVAILABLE, first.status, first.text
     if unbounced and not delivered:
-        return EX_TEMPFAIL, "4.3.0", ("could not send the bounce for " + ",".join(unbounced)
+        return EX_TEMPFAIL, LOCAL_TROUBLE, ("could not send the bounce for " + ",".join(unbounced)
                                       + "; the MTA will retry all recipients")
-    return EX_OK, "2.0.0", "ok"
+    return EX_OK, DONE, "ok"
 

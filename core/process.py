@@ -11,7 +11,7 @@ from typing import Any
 from ispmailgate_filters.base import ConfigError
 
 from .rules import Config, mail_identity
-from .status import tempfail
+from .status import MISCONFIGURED, tempfail
 
 log = logging.getLogger("ispmailgate")
 
@@ -28,7 +28,7 @@ def drop_privileges(config: Config) -> None:
     try:
         identity = mail_identity(config)       # load_config checked it already, as check does
     except ConfigError as error:
-        raise tempfail("4.3.5", f"config error: {config.path}: {error}") from None
+        raise tempfail(MISCONFIGURED, f"config error: {config.path}: {error}") from None
     if identity is None:      # mail_user = "root", spelled out: allowed, never silently
         log.warning("mail_user is root: this message is handled with root's rights")
         return
@@ -43,9 +43,9 @@ def drop_privileges(config: Config) -> None:
         os.setgid(gid)
         os.setuid(uid)
     except OSError as error:
-        raise tempfail("4.3.5", f"cannot become {user}:{group or '-'}: {error}") from None
+        raise tempfail(MISCONFIGURED, f"cannot become {user}:{group or '-'}: {error}") from None
     if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
-        raise tempfail("4.3.5", f"still root after switching to {user}")
+        raise tempfail(MISCONFIGURED, f"still root after switching to {user}")
     log.debug("running as %s (uid %d, gid %d)", user, os.getuid(), os.getgid())
 
 

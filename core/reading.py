@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import BinaryIO
 
-from .status import EX_UNAVAILABLE, Stop, tempfail
+from .status import EX_UNAVAILABLE, LOCAL_TROUBLE, TOO_BIG, TOO_BIG_FOR_GOOD, Stop, tempfail
 from .text import one_line
 
 
@@ -18,10 +18,10 @@ def read_message(stream: BinaryIO, limit: int, on_oversize: str) -> bytearray:
             data += chunk
             if len(data) > limit:
                 if on_oversize == "reject":
-                    raise Stop(EX_UNAVAILABLE, "5.3.4", f"message larger than {limit} bytes")
-                raise tempfail("4.3.4", f"message larger than max_message_size ({limit} bytes)")
+                    raise Stop(EX_UNAVAILABLE, TOO_BIG_FOR_GOOD, f"message larger than {limit} bytes")
+                raise tempfail(TOO_BIG, f"message larger than max_message_size ({limit} bytes)")
     except OSError as error:
-        raise tempfail("4.3.0", f"cannot read the message: {error}") from None
+        raise tempfail(LOCAL_TROUBLE, f"cannot read the message: {error}") from None
     return data
 
 

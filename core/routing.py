@@ -10,6 +10,7 @@ from ispmailgate_filters.base import Envelope, Filter, FilterError, TempFail, Ve
 from ispmailgate_filters.mime import Message, ParseError
 
 from .rules import Config
+from .status import of_error
 
 
 class Route(NamedTuple):
@@ -113,9 +114,8 @@ class ChainRunner:
                                                     unparsed=True), f"cannot parse the message: {error}")
         except (OSError, MemoryError) as error:    # the machine's trouble, not the message's
             self.log.error("%s: %r", step.title, error, exc_info=True)
-            status = "4.3.1" if getattr(error, "errno", None) in (28, 122) or isinstance(error, MemoryError) \
-                else "4.3.0"
-            return self._record(step, started, Leaf(members, None, TempFail(str(error), status), step.title))
+            return self._record(step, started, Leaf(members, None, TempFail(str(error), of_error(error)),
+                                                    step.title))
         except Exception as error:
             self.log.error("%s: filter error for %s: %r", step.title, ",".join(members), error,
                            exc_info=True)

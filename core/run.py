@@ -29,7 +29,8 @@ from .process import Interrupted, TimeLimitExceeded, drop_privileges, time_limit
 from .reading import message_id_of, read_message, split_from_line
 from .routing import ChainRunner, Leaf, Route, StepTrace, route
 from .rules import Config, find_config, load_config
-from .status import EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, Stop, tempfail
+from .status import (DONE, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, LOCAL_TROUBLE, MISCONFIGURED, NO_SENDER,
+                     RECIPIENT_COUNT, TIMED_OUT, UNPARSABLE, Stop, of_error, tempfail)
 from .text import one_line
 
 log = logging.getLogger("ispmailgate")
@@ -125,15 +126,15 @@ class Gate:
                 return self._run(config)
         except TimeLimitExceeded:       # raised only before the first delivery starts
             log.error("time limit of %s s exceeded", config.time_limit)
-            return self._stopped(EX_TEMPFAIL, "4.4.7", f"time limit of {config.time_limit:.0f} s exceeded")
+            return self._stopped(EX_TEMPFAIL, TIMED_OUT, f"time limit of {config.time_limit:.0f} s exceeded")
         except Interrupted as interrupted:
             log.error("%s", interrupted)
-            return self._stopped(EX_TEMPFAIL, "4.3.0", str(interrupted))
+            return self._stopped(EX_TEMPFAIL, LOCAL_TROUBLE, str(interrupted))
         except Stop as stop:
             return self._stopped(stop.code, stop.status, stop.text)
         except Exception as error:
             log.error("internal error: %r", error, exc_info=True)
-            return self._stopped(EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
+            return self._stopped(EX_TEMPFAIL, LOCAL_TROUBLE, f"internal error: {error!r}")
         finally:
             self._remove_workdir()
             os.umask(umask)
@@ -143,7 +144,7 @@ class Gate:
         if self.delivered and code != EX_OK:
             log.error("after the next hop accepted this message: %s %s; exit 0, for a retry "
                       "would deliver it again", status, text)
-            code, status, text = EX_OK, "2.0.0", "delivered"
+            code, status, text = EX_OK, DONE, "delivered"
         self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
         return self._finish(code, status, text)
 
@@ -156,7 +157,7 @@ class Gate:
         except ConfigError as error:
             configure_logging(self.request.facility or "mail", self.request.debug, "", self.errors, self.id)
             log.error("config error: %s", error)
-            raise tempfail("4.3.5", f"config error: {error}") from None
+            raise tempfail(MISCONFIGURED, f"config error: {error}") from None
 
     def _run(self, config: Config) -> int:
         data = read_message(self.streams.stdin, config.max_message_size, config.on_oversize)
@@ -181,7 +182,7 @@ class Gate:
             leaf = deferred[0]
             self._log_groups(leaves, routes, {})
             text = f"{leaf.step}: {leaf.verdict}" if leaf.verdict else f"{leaf.step}: cannot parse the message"
-            raise tempfail(leaf.verdict.status if leaf.verdict else "4.6.0", text)
+            raise tempfail(leaf.verdict.status if leaf.verdict else UNPARSABLE, text)
         self.handover = Handover(hop, self.clock)
         delivery = Delivery(job, self.handover)
         transfers = delivery.prepare(leaves)        # all the work, under the time limit
@@ -200,8 +201,8 @@ class Gate:
             code, status, text = exit_status(results, unbounced=unbounced, delivered=self.delivered)
         except Exception as error:      # noqa: BLE001
             log.error("internal error after delivery: %r", error, exc_info=True)
-            code, status, text = (EX_OK, "2.0.0", "delivered") if self.delivered else \
-                (EX_TEMPFAIL, "4.3.0", f"internal error: {error!r}")
+            code, status, text = (EX_OK, DONE, "delivered") if self.delivered else \
+                (EX_TEMPFAIL, LOCAL_TROUBLE, f"internal error: {error!r}")
         self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
         return self._finish(code, status, text)
 
@@ -214,7 +215,7 @@ class Gate:
         self.streams.stdout.flush()
         self._log_groups(leaves, routes, {})
         self._log_summary("status=dry-run")
-        return self._finish(EX_OK, "2.0.0", "dry run")
+        return self._finish(EX_OK, DONE, "dry run")
 
     def _envelope(self, message: Message, from_line: str | None,
                   config: Config) -> "tuple[str, list[str], dict[str, Result]]":
@@ -226,10 +227,10 @@ class Gate:
         elif sender_of_from_line(from_line) is not None:
             sender, recipients = sender_of_from_line(from_line), request.recipients
         else:
-            raise tempfail("4.5.1", "no envelope sender: give -f SENDER (-f '' for the null sender) "
+            raise tempfail(NO_SENDER, "no envelope sender: give -f SENDER (-f '' for the null sender) "
                                     "or an mbox From_ line")
         if not recipients:
-            raise tempfail("4.5.3", "no recipients: give them as arguments")
+            raise tempfail(RECIPIENT_COUNT, "no recipients: give them as arguments")
         sender, usable, refused = envelope_addresses(config, sender, recipients)
         for recipient, result in refused.items():
             log.warning("<%s>: %s %s", one_line(recipient), result.status, result.text)
@@ -243,7 +244,7 @@ class Gate:
             try:
                 host, port = parse_hop(request.mail_host)
             except ValueError as error:
-                raise tempfail("4.3.5", f"--mail-host: {error}") from None
+                raise tempfail(MISCONFIGURED, f"--mail-host: {error}") from None
             return SmtpHop(host, port, config)
         return configured_hop(config)
 
@@ -264,7 +265,7 @@ class Gate:
                 path.mkdir(mode=0o700)
             except OSError as error:
                 raise TempFail(f"cannot create a work directory in {base}: {error.strerror}",
-                               "4.3.1" if error.errno == 28 else "4.3.0") from None
+                               of_error(error)) from None
             self.workdir_path = path
         return self.workdir_path
 

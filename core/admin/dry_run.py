@@ -11,6 +11,7 @@ from ..delivery.hops import NextHop
 from ..outcome import Result, exit_status
 from ..routing import Leaf, Route, StepTrace
 from ..rules import Config
+from ..status import DONE, UNPARSABLE
 from .output import addresses, printable
 
 
@@ -81,14 +82,14 @@ def _expected_results(config: Config, hop: NextHop, leaves: list[Leaf],
     for leaf in leaves:
         verdict = leaf.verdict
         if leaf.defers(config, hop.carries_reports):
-            result = Result("deferred", verdict.status if verdict else "4.6.0", str(verdict or ""))
+            result = Result("deferred", verdict.status if verdict else UNPARSABLE, str(verdict or ""))
         elif isinstance(verdict, Reject):
             result = Result("rejected", verdict.status, str(verdict))
         elif isinstance(verdict, Discard):
             result = Result("discarded", verdict.status, str(verdict))
         elif verdict is not None:       # a filter error: the postmaster gets the report
-            result = Result("reported", "2.0.0", str(verdict))
+            result = Result("reported", DONE, str(verdict))
         else:
-            result = Result("sent", "2.0.0", "")
+            result = Result("sent", DONE, "")
         results.update(dict.fromkeys(leaf.recipients, result))
     return results

@@ -12,6 +12,7 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
+from ..status import DONE, LOCAL_TROUBLE
 from .handover import Handover, Job
 
 log = logging.getLogger("ispmailgate")
@@ -68,7 +69,7 @@ class Delivery:
                 outcome = self._verdict(transfer.leaf)
             elif deferred:
                 outcome = dict.fromkeys(transfer.recipients, Result(
-                    "deferred", "4.3.0", "not handed over: an earlier delivery group was deferred"))
+                    "deferred", LOCAL_TROUBLE, "not handed over: an earlier delivery group was deferred"))
             elif verdict is not None:
                 outcome = self._verdict(transfer.leaf)
             else:
@@ -144,10 +145,10 @@ class Delivery:
             return {r: Result("rejected", verdict.status, f"{leaf.step}: {verdict}") for r in leaf.recipients}
         # FilterError with on_filter_error = "report": the postmaster gets the original.
         if not self.hop.carries_reports:
-            return {r: Result("deferred", "4.3.0", f"{leaf.step}: {verdict}") for r in leaf.recipients}
+            return {r: Result("deferred", LOCAL_TROUBLE, f"{leaf.step}: {verdict}") for r in leaf.recipients}
         sent = self._reports().filter_error(leaf)
-        state = ("reported", "2.0.0", f"to the postmaster: {leaf.step}: {verdict}") if sent else \
-                ("deferred", "4.3.0", f"{leaf.step}: {verdict}; the report to the postmaster failed")
+        state = ("reported", DONE, f"to the postmaster: {leaf.step}: {verdict}") if sent else \
+                ("deferred", LOCAL_TROUBLE, f"{leaf.step}: {verdict}; the report to the postmaster failed")
         return {r: Result(*state) for r in leaf.recipients}
 
     def _unparsed(self, leaf) -> None:

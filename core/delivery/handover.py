@@ -12,6 +12,7 @@ from ispmailgate_filters.base import Notice
 from ispmailgate_filters.mime import Message
 
 from ..process import time_limit
+from ..status import LOCAL_TROUBLE
 from .hops import NextHop
 from .wire import Reply
 
@@ -50,7 +51,7 @@ class Handover:
             replies = self.hop.deliver(sender, recipients, data)
         except Exception as error:      # the hops settle their own failures: this is a fault of ours
             log.error("%s: internal error: %r", self.hop, error, exc_info=True)
-            replies = {r: Reply(451, f"4.3.0 {self.hop}: internal error: {error!r}") for r in recipients}
+            replies = {r: Reply(451, f"{LOCAL_TROUBLE} {self.hop}: internal error: {error!r}") for r in recipients}
         if any(reply.code // 100 == 2 for reply in replies.values()):
             self.delivered = True
         return replies

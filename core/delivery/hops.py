@@ -8,6 +8,7 @@ import time
 from typing import BinaryIO, Protocol
 
 from ..addresses import parse_hop
+from ..status import DONE, LOCAL_TROUBLE, SENDMAIL_REFUSALS, TIMED_OUT
 from ..text import one_line
 from .smtp import SmtpHop
 from .wire import Reply, wire_chunks
@@ -42,8 +43,6 @@ def configured_hop(config):
 class SendmailHop:
     """A sendmail-compatible command, run from an argv list (never a shell)."""
 
-    # sysexits a sendmail uses for a message or address it will never accept
-    PERMANENT = {65: "5.6.0", 67: "5.1.1", 68: "5.1.2", 69: "5.0.0"}
     carries_reports = True
 
     def __init__(self, command: tuple[str, ...], timeout: float) -> None:
@@ -69,16 +68,16 @@ class SendmailHop:
             process = subprocess.run(argv, input=native, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, timeout=self.timeout, check=False)
         except subprocess.TimeoutExpired:
-            return self._all(recipients, 451, f"4.4.7 {self} timed out after {self.timeout:.0f} s")
+            return self._all(recipients, 451, f"{TIMED_OUT} {self} timed out after {self.timeout:.0f} s")
         except OSError as error:
-            return self._all(recipients, 451, f"4.3.0 cannot run {self.command[0]}: {error.strerror}")
+            return self._all(recipients, 451, f"{LOCAL_TROUBLE} cannot run {self.command[0]}: {error.strerror}")
         if process.returncode == 0:
-            return self._all(recipients, 250, "2.0.0 accepted by " + str(self))
+            return self._all(recipients, 250, f"{DONE} accepted by {self}")
         complaint = one_line(process.stderr.decode("utf-8", "replace"))[:300]
-        if process.returncode in self.PERMANENT:
-            return self._all(recipients, 550, f"{self.PERMANENT[process.returncode]} {self} "
+        if process.returncode in SENDMAIL_REFUSALS:
+            return self._all(recipients, 550, f"{SENDMAIL_REFUSALS[process.returncode]} {self} "
                              f"refused (exit {process.returncode}): {complaint}")
-        return self._all(recipients, 451, f"4.3.0 {self} failed (exit {process.returncode}): {complaint}")
+        return self._all(recipients, 451, f"{LOCAL_TROUBLE} {self} failed (exit {process.returncode}): {complaint}")
 
     @staticmethod
     def _all(recipients: list[str], code: int, text: str) -> dict[str, Reply]:
@@ -121,5 +120,5 @@ class StdoutHop:
                 self.stream.write(data)
             self.stream.flush()
         except (OSError, ValueError) as error:
-            return {r: Reply(451, f"4.3.0 cannot write to stdout: {error}") for r in recipients}
-        return {r: Reply(250, "2.0.0 written to stdout") for r in recipients}
+            return {r: Reply(451, f"{LOCAL_TROUBLE} cannot write to stdout: {error}") for r in recipients}
+        return {r: Reply(250, f"{DONE} written to stdout") for r in recipients}

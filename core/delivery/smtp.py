@@ -6,6 +6,7 @@ import logging
 import re
 import time
 
+from ..status import BAD_CONNECTION, NO_ANSWER, OUT_OF_STEP, RECIPIENT_COUNT
 from ..text import one_line
 from .wire import Reply, wire_address, wire_chunks
 
@@ -62,7 +63,7 @@ class SmtpHop:
         except Exception as error:      # OSError, SmtpError, or a fault of ours: fate unknown
             reason = socket_reason(error)
             log.error("%s: %s", self, reason)
-            status = getattr(error, "status", None) or ("4.4.1" if session is None else "4.4.2")
+            status = getattr(error, "status", None) or (NO_ANSWER if session is None else BAD_CONNECTION)
             for recipient in recipients:
                 settled.setdefault(recipient, Reply(451, f"{status} {self}: {reason}"))
             return []
@@ -75,7 +76,7 @@ class SmtpHop:
         """Fills ``settled`` as replies become final: a refused RCPT at once, the rest at the end."""
         greeting = session.reply()
         if not _expected(greeting, "the greeting", 220):    # even 554 is the hop's state, not the message's
-            settled.update(dict.fromkeys(recipients, Reply(451, f"4.4.2 {self} greeted: {greeting}")))
+            settled.update(dict.fromkeys(recipients, Reply(451, f"{BAD_CONNECTION} {self} greeted: {greeting}")))
             return []
         extensions = session.hello(self.helo or hostname())
         params = self._mail_params(extensions, sender, recipients, data)
@@ -94,7 +95,7 @@ class SmtpHop:
         settled.update(dict.fromkeys(accepted, reply))
         if reply.code // 100 == 2:
             return later
-        settled.update(dict.fromkeys(later, Reply(451, f"4.5.3 {self}: not tried: the transaction "
+        settled.update(dict.fromkeys(later, Reply(451, f"{RECIPIENT_COUNT} {self}: not tried: the transaction "
                                                        f"before them ended in {reply}")))
         return []
 
@@ -160,7 +161,7 @@ class SmtpError(Exception):
 class SmtpProtocolError(SmtpError):
     """The next hop said something no SMTP server says there: client and server are out of
     step, nothing more it says can be trusted to answer what was asked."""
-    status = "4.5.0"
+    status = OUT_OF_STEP
 
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")

@@ -9,7 +9,7 @@ from typing import Any
 
 from ispmailgate_client import ARGUMENTS, CONTEXT, MAX_FRAME, PROTOCOL_VERSIONS
 
-from ..status import EX_TEMPFAIL
+from ..status import EX_TEMPFAIL, LOCAL_TROUBLE
 from .protocol import send_reply
 
 log = logging.getLogger("ispmailgate.serve")
@@ -89,7 +89,7 @@ class Doorway:
         version = data[0] if data and data[0] in PROTOCOL_VERSIONS else PROTOCOL_VERSIONS[0]
         log.warning("worker %d: connection closed: %s", os.getpid(), reason)
         try:
-            send_reply(connection, b"", f"4.3.0 ispmailgate serve: bad request: {reason}\n".encode(),
+            send_reply(connection, b"", f"{LOCAL_TROUBLE} ispmailgate serve: bad request: {reason}\n".encode(),
                        EX_TEMPFAIL, version)
         except OSError:
             pass

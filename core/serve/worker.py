@@ -19,7 +19,7 @@ from ispmailgate_filters.base import ConfigError
 
 from ..rules import Config
 from ..run import Streams
-from ..status import EX_OK, EX_TEMPFAIL
+from ..status import EX_OK, EX_TEMPFAIL, LOCAL_TROUBLE, MISCONFIGURED
 from .doorway import Doorway
 from .protocol import ClientContext, Prefixed, Request, RequestError, acknowledge, linger, peer_credentials, send_reply
 from .section import ServeSettings
@@ -162,10 +162,10 @@ class Worker:
             status, stdout, stderr = self.run_request(argv, request)
         except RequestError as error:
             log.warning("worker %d: bad request from pid=%d uid=%d: %s", self.pid, pid, uid, error)
-            status, stdout, stderr = EX_TEMPFAIL, b"", f"4.3.0 ispmailgate serve: bad request: {error}\n".encode()
+            status, stdout, stderr = EX_TEMPFAIL, b"", f"{LOCAL_TROUBLE} ispmailgate serve: bad request: {error}\n".encode()
         except Exception as error:      # nothing a client sends may end the worker
             log.error("worker %d: internal error: %r", self.pid, error, exc_info=True)
-            status, stdout, stderr = EX_TEMPFAIL, b"", f"4.3.0 ispmailgate serve: internal error: {error!r}\n".encode()
+            status, stdout, stderr = EX_TEMPFAIL, b"", f"{LOCAL_TROUBLE} ispmailgate serve: internal error: {error!r}\n".encode()
         try:
             connection.settimeout(self.settings.read_timeout)
             send_reply(connection, stdout, stderr, status, request.version, acknowledged=acknowledged)
@@ -178,7 +178,7 @@ class Worker:
     def run_request(self, argv: list[str], request: Request) -> tuple[int, bytes, bytes]:
         """One command line through the one-shot code, with typer's own output captured."""
         if argv[:1] == ["serve"]:
-            return EX_TEMPFAIL, b"", b"4.3.5 usage: 'serve' cannot run inside a server\n"
+            return EX_TEMPFAIL, b"", f"{MISCONFIGURED} usage: 'serve' cannot run inside a server\n".encode()
         stdout, stderr = io.BytesIO(), io.StringIO()
         text_stdout = io.TextIOWrapper(stdout, encoding="utf-8", errors="backslashreplace",
                                        write_through=True)
