@@ -412,5 +412,10 @@ def filter_class(kind: str, where: str) -> type[Filter]:
 def _entry_point(kind: str) -> str | None:
     from importlib.metadata import entry_points
 
-    found = entry_points(group="ispmailgate.filters", name=kind)
-    return next((ep.value for ep in found), None)
+    from ispmailgate_filters import ENTRY_POINT_GROUPS
+
+    for group in ENTRY_POINT_GROUPS:
+        found = next((ep.value for ep in entry_points(group=group, name=kind)), None)
+        if found is not None:
+            return found
+    return None

@@ -142,7 +142,8 @@ def test_config_from_the_environment(config_file, smtp_sink):
     assert len(smtp_sink.messages) == 1
 
 
-def test_filters_from_entry_points_are_found(tmp_path, monkeypatch):
+@pytest.mark.parametrize("registered", ["ispmailgate_filters", "ispmailgate.filters"])
+def test_filters_from_entry_points_are_found_under_the_group_and_its_old_name(tmp_path, monkeypatch, registered):
     import importlib.metadata
 
     from ispmailgate_core import rules
@@ -151,7 +152,7 @@ def test_filters_from_entry_points_are_found(tmp_path, monkeypatch):
         value = "gate_test_filters:Stamp"
 
     def entry_points(group=None, name=None):
-        return [Point()] if (group, name) == ("ispmailgate.filters", "thirdparty") else []
+        return [Point()] if (group, name) == (registered, "thirdparty") else []
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
     config = rules.build_config({"default_filter": ["thirdparty"]}, "test")
