@@ -39,7 +39,8 @@ from pathlib import Path
 import atheris
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))       # the test filters
+sys.path.insert(0, str(HERE.parent / "tests"))                 # support: hostile rules, keys
+sys.path.insert(0, str(HERE.parent / "tests" / "plugins"))     # the test filters
 
 with atheris.instrument_imports():
     import ispmailgate  # noqa: F401  (the face, and with it the core of a one-shot run)
@@ -49,9 +50,9 @@ with atheris.instrument_imports():
     import ispmailgate_filters.mime  # noqa: F401
     import gate_test_filters  # noqa: F401
 
-from hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
-from smime_hostile import real_structures, smime_rules  # noqa: E402
-from smime_keys import pki  # noqa: E402
+from support.hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
+from support.smime_hostile import real_structures, smime_rules  # noqa: E402
+from support.smime_keys import pki  # noqa: E402
 
 SENDER = "a@b.example"
 TIME_LIMIT = 10             # seconds per run: ample for any input of a few KB

@@ -22,6 +22,10 @@ import pytest
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 CORPUS = HERE / "corpus"          # messages written for these tests: see corpus/README.md
+# The test filters are loaded by name (gate_test_filters:Stamp) as any plug-in is: from
+# Python's path, in this process and in every gate a test starts (PYTHONPATH).
+PLUGINS = HERE / "plugins"
+sys.path.insert(0, str(PLUGINS))
 GATE = Path(sys.executable).parent / "ispmailgate"
 
 
@@ -231,7 +235,7 @@ def run_gate(args: list[str], stdin: bytes, *, env: dict[str, str] | None = None
              timeout: float = 60, cwd: Path | None = None) -> Run:
     """The installed ``ispmailgate`` as an MTA runs it: a process, argv, stdin, exit status."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ISPMAILGATE_")}
-    environment["PYTHONPATH"] = str(HERE)
+    environment["PYTHONPATH"] = str(PLUGINS)
     environment.update(env or {})
     process = subprocess.run([str(GATE), *args], input=stdin, capture_output=True,
                              env=environment, timeout=timeout, check=False, cwd=cwd)
@@ -355,5 +359,5 @@ def gate_executable() -> Path:
 
 # -- ClamAV ----------------------------------------------------------------------------------
 
-from clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)
-from mailauth import mailauth  # noqa: E402,F401  (fixture)
+from support.clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)
+from support.mailauth import mailauth  # noqa: E402,F401  (fixture)

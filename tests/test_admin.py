@@ -510,7 +510,7 @@ def test_check_says_whether_the_client_user_can_reach_the_socket(config_file):
     import grp
     import socket
 
-    from serving import shared_folder
+    from support.serving import shared_folder
 
     assert os.geteuid() == 0, "the check takes on another user's ids: root only"
     path = shared_folder() / "gate.sock"

@@ -12,7 +12,7 @@ import base64
 
 import pytest
 
-import costly
+from support import costly
 from conftest import config_error, run_inline
 
 SENDER, RECIPIENT = "a@b.example", "c@d.example"

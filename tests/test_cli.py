@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import CORPUS, HERE, free_port, run_gate, run_inline
+from conftest import CORPUS, PLUGINS, free_port, run_gate, run_inline
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MBOX = (CORPUS / "mbox-forward.eml").read_bytes()      # starts with "From grace@navy.example.mil ..."
@@ -126,7 +126,7 @@ def test_a_broken_installation_is_a_tempfail_not_a_bounce(tmp_path):
     """A dependency that no longer imports: the console script still answers 75, one line."""
     (tmp_path / "typer.py").write_text("raise ImportError('typer is broken here')\n")
     run = run_gate(["-f", "a@b.example", "c@d.example"], SIMPLE,
-                   env={"PYTHONPATH": f"{tmp_path}:{HERE}"})
+                   env={"PYTHONPATH": f"{tmp_path}:{PLUGINS}"})
     assert run.code == 75
     assert run.stderr == "4.3.0 ispmailgate cannot start: ImportError('typer is broken here')\n"
     assert run.stdout == b""

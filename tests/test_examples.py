@@ -218,7 +218,7 @@ STAMP = 'default_filter = ["s"]\n[filter.s]\ntype = "gate_test_filters:Stamp"\nv
 
 @pytest.fixture(scope="module")
 def unprivileged_gate() -> Path:
-    from postfix_instance import e2e_gate
+    from support.postfix_instance import e2e_gate
 
     return e2e_gate()
 

@@ -7,7 +7,7 @@ import sys
 import zipfile
 
 from conftest import PROJECT
-from prepared import offline
+from support.prepared import offline
 
 
 def test_wheel_contains_every_module_of_the_core_and_the_filters_and_no_bare_folder(tmp_path):

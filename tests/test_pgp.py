@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import CORPUS, corpus_messages, without_from_line
-from pgp_keys import GpgHome, World
+from support.pgp_keys import GpgHome, World
 from ispmailgate_filters.base import ConfigError, Context, Envelope, FilterError, Reject, TempFail
 from ispmailgate_filters.mime import Message
 from ispmailgate_filters.pgp import Pgp

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, GATE, HERE, run_gate, run_inline
+from conftest import CORPUS, GATE, PLUGINS, run_gate, run_inline
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
@@ -118,7 +118,7 @@ def test_a_full_disk_is_a_tempfail_not_an_error_report(config_file, smtp_sink):
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # EFBIG instead of a kill
 
-    environment = {**os.environ, "PYTHONPATH": str(HERE)}
+    environment = {**os.environ, "PYTHONPATH": str(PLUGINS)}
     process = subprocess.run([str(GATE), "-c", str(config), "-f", "a@b.example", "c@d.example"],
                              input=SIMPLE, capture_output=True, env=environment, timeout=60,
                              preexec_fn=small_files)

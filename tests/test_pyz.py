@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from conftest import CORPUS, PROJECT, crlf
-from prepared import wheels
+from support.prepared import wheels
 
 CLEAN_PYTHON = "/usr/bin/python3"
 MULTI = (CORPUS / "two-images.eml").read_bytes()

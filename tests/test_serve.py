@@ -17,8 +17,8 @@ import pytest
 
 from conftest import CORPUS, Sink, crlf, run_gate, wait_for
 from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, encode_arguments, frame
-from serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
-from serving import python, sink  # noqa: F401  (fixtures)
+from support.serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
+from support.serving import python, sink  # noqa: F401  (fixtures)
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MBOX = (CORPUS / "mbox-forward.eml").read_bytes()        # starts with a From_ line

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from smime_keys import openssl, pki, smime_message
+from support.smime_keys import openssl, pki, smime_message
 from ispmailgate_filters.base import ConfigError, Context, Envelope, FilterError, Reject, TempFail
 from ispmailgate_filters.mime import Message
 from ispmailgate_filters.smime import Smime

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, seven_zip, zip_of
-from clamav import EICAR, EICAR_NAME, ClamdProcess
+from support.attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, seven_zip, zip_of
+from support.clamav import EICAR, EICAR_NAME, ClamdProcess
 from conftest import corpus_messages, crlf, without_from_line
-from hostile import message as hostile_message
+from support.hostile import message as hostile_message
 from ispmailgate_filters.base import ConfigError, Context, Envelope, Reject
 from ispmailgate_filters.mime import Message, ParseError
 from ispmailgate_filters.virscan import VirScan

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import PROJECT, run_gate
-from prepared import offline
+from support.prepared import offline
 
 PAGE = PROJECT / "docs" / "writing-a-filter.md"
 WITH_FROM = b"From: a@example.org\nTo: b@example.com\nSubject: hello\n\nhello\n"

@@ -38,8 +38,8 @@ import textwrap
 from pathlib import Path
 
 from conftest import PROJECT
-from postfix_instance import smtp_transaction, write_rules
-from prepared import sendmail_binary  # noqa: F401  (imported from here by the tests)
+from support.postfix_instance import smtp_transaction, write_rules
+from support.prepared import sendmail_binary  # noqa: F401  (imported from here by the tests)
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 SENDMAIL_CF = Path("/usr/share/sendmail/cf")         # Debian package sendmail-cf

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from conftest import HERE, PROJECT, free_port
-from prepared import e2e_gate  # noqa: F401  (the end-to-end tests' gate, imported from here)
+from support.prepared import e2e_gate  # noqa: F401  (the end-to-end tests' gate, imported from here)
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 DOMAIN = "e2e.test"

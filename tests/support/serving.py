@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, Run, Sink, running_sink, wait_for
+from conftest import PLUGINS, Run, Sink, running_sink, wait_for
 
 CLIENT = Path(sys.executable).parent / "ispmailgate-client"
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -70,7 +70,7 @@ def shared_folder(prefix: str = "igs-") -> Path:
 
 def client_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ISPMAILGATE_")}
-    env["PYTHONPATH"] = str(HERE)
+    env["PYTHONPATH"] = str(PLUGINS)
     env.update(extra or {})
     return env
 

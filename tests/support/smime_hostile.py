@@ -42,7 +42,7 @@ def smime_rules(keys) -> str:
 
 def real_structures(keys) -> list[bytes]:
     """Real DER made by openssl: enveloped (CBC, GCM, to an EC key), signed, opaque signed."""
-    from smime_keys import openssl
+    from support.smime_keys import openssl
 
     content = b"Content-Type: text/plain\r\n\r\nreal content\r\n"
     made = [openssl("cms", "-encrypt", *cipher, "-outform", "DER", "-binary", holder.cert, data=content).stdout

@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from clamav import EICAR
+from support.clamav import EICAR
 
 MiB = 1024 * 1024
 

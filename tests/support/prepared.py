@@ -4,7 +4,7 @@ tools/test prepares it in its install step, before pytest starts, so that the te
 without a network (.ci/run runs them with none).  A test that finds a part missing fails
 and names that step.
 
-    .venv/bin/python tests/prepared.py      # what tools/test --install-only runs last
+    .venv/bin/python tests/support/prepared.py      # what tools/test --install-only runs last
 
 - wheels (build/test-wheels/): setuptools and wheel, to build this project with no index,
   and wheels of its runtime dependencies, for the wheel and the zipapp the tests build;
@@ -29,8 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PROJECT = HERE.parent
+PROJECT = Path(__file__).resolve().parent.parent.parent
+TEST_FILTERS = PROJECT / "tests" / "plugins" / "gate_test_filters.py"
 WHEELS = PROJECT / "build" / "test-wheels"
 SYSTEM_PYTHON = "/usr/bin/python3"
 INSTALL_STEP = "run tools/test (its install step prepares it, before pytest) or tools/test --install-only"
@@ -105,13 +105,13 @@ def _install_checkout(venv: Path) -> None:
     """The project (and the test filters) as they are now: no index, no dependencies."""
     _run([str(venv / "bin" / "pip"), "install", "-q", *offline("--no-deps", "--force-reinstall", str(PROJECT))])
     site = next((venv / "lib").glob("python3*/site-packages"))
-    shutil.copy(HERE / "gate_test_filters.py", site / "gate_test_filters.py")
+    shutil.copy(TEST_FILTERS, site / TEST_FILTERS.name)
     _readable_by_all(venv)
 
 
 def _sources_stamp() -> str:
     digest = hashlib.sha256()
-    sources = [PROJECT / "pyproject.toml", HERE / "gate_test_filters.py",
+    sources = [PROJECT / "pyproject.toml", TEST_FILTERS,
                *sorted(PROJECT.glob("ispmailgate*.py")), *sorted((PROJECT / "core").rglob("*.py")),
                *sorted((PROJECT / "filters").rglob("*.py"))]
     for path in sources:
