@@ -7,8 +7,13 @@ result goes to the next hop (SMTP, a sendmail-compatible command, or stdout) onc
 all of its recipients.  The exit status tells the MTA what happened: 0 delivered (or
 discarded on purpose, and logged), 75 try again later, 69 bounce.
 
-This module reads top to bottom in the order a message travels:
-argv -> config -> envelope -> route -> run chains -> deliver -> exit status.
+This file is the program's face: the command line (typer), and around every run the guard
+that turns whatever happens into a status an MTA understands.  The run of one message,
+:class:`ispmailgate_core.run.Gate`, reads top to bottom in the order a message travels:
+argv (here) -> rule file (``rules``) -> message and envelope (``reading``, ``envelope``)
+-> route and run the chains (``routing``) -> deliver (``delivery``) -> exit status
+(``outcome``, ``status``).  The subcommands import their modules only when called:
+``serve`` (``ispmailgate_core.serve``), ``check`` and ``explain`` (``ispmailgate_core.admin``).
 """
 
 # No "from __future__ import annotations" here: typer would then eval every annotation
@@ -21,30 +26,26 @@ from typing import Annotated, NamedTuple
 
 import typer
 
+from ispmailgate_core import settings
 from ispmailgate_core.logs import SyslogHandler, configure_logging, log
 from ispmailgate_core.rules import DEFAULT_CONFIG_PATH, Config
 from ispmailgate_core.run import Gate, Request, Streams, status_line
-from ispmailgate_core import settings
-from ispmailgate_core.status import (EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, LOCAL_TROUBLE, MISCONFIGURED, Stop,
-                                     tempfail)
-
+from ispmailgate_core.status import (EX_CONFIG, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE, LOCAL_TROUBLE, MISCONFIGURED,
+                                     Stop, tempfail)
 
 __version__ = "2.0.0"
 
 
 # =========================================================================================
-# argv
+# argv: one message through the gate
 # =========================================================================================
 
 gate_cli = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]})
-
 
 ConfigOption = Annotated[Path | None, typer.Option(
     "-c", "--config", metavar="FILE", envvar="ISPMAILGATE_CONFIG",
     help=f"Rule file (TOML). Default: $ISPMAILGATE_CONFIG, else {DEFAULT_CONFIG_PATH} "
          "if present, else the built-in default (dummy chain).")]
-
-
 SenderOption = Annotated[str | None, typer.Option(
     "-f", "--from", metavar="SENDER",
     help="Envelope sender; '' or '<>' is the null sender of bounces.")]
@@ -88,6 +89,10 @@ def deliver(
                       tmp_dir=tmp_dir, facility=facility, dry_run=dry_run)
     return Gate(request, ctx.obj.streams, ctx.obj.preloaded).run()
 
+
+# =========================================================================================
+# the administrator's subcommands
+# =========================================================================================
 
 admin_cli = typer.Typer(add_completion=False, context_settings={"help_option_names": ["-h", "--help"]},
                         help="Administration commands of ispmailgate.")
@@ -150,6 +155,10 @@ def explain_command(
 
     return explain(config, sender, recipients, ctx.obj.streams.stdout)
 
+
+# =========================================================================================
+# one command line, guarded
+# =========================================================================================
 
 class Invocation(NamedTuple):
     """What a run gets besides argv: its streams, and the config a server loaded once."""

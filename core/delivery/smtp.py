@@ -165,8 +165,6 @@ class SmtpProtocolError(SmtpError):
 
 
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-
-
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])(?:([ -])(.*?))?\r?\n", re.S)
 
 

@@ -2,8 +2,9 @@
 
 The master loads the rule file and every module once, binds the socket, and forks
 workers; each worker drops to the mail user, accepts one connection at a time and runs
-the request through ``ispmailgate.run`` -- the very same parser and code path as a one-shot
-run -- with the message read from the connection and the output sent back to
+the request through the command line's own ``ispmailgate.run`` (handed in as a
+:class:`.worker.Service`, never imported) -- the very same parser and code path as a
+one-shot run -- with the message read from the connection and the output sent back to
 ``ispmailgate-client``.  The master itself never reads a byte a client sent.
 
 As in gunicorn's arbiter, signal handlers only queue the signal; the main loop handles
@@ -20,4 +21,5 @@ through :mod:`.doorway`; :mod:`.protocol` reads requests and writes replies;
 
 import logging
 
-logging.getLogger("ispmailgate.serve").propagate = False    # the core replaces the "ispmailgate" handlers on every run
+# Not below "ispmailgate": a run replaces that logger's handlers every time.
+logging.getLogger("ispmailgate.serve").propagate = False

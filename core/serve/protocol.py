@@ -51,11 +51,7 @@ class ClientContext(NamedTuple):
 
 
 MAX_CONTEXT_ITEM = 4096     # PATH_MAX: a working directory, a rule file's path
-
-
 MAX_ARGUMENT = 128 * 1024   # MAX_ARG_STRLEN: no one-shot run gets a longer argument
-
-
 _DEV_INO = re.compile(rb"([0-9]{1,20}):([0-9]{1,20})")      # 2**64 has 20 digits
 
 
