@@ -22,13 +22,15 @@ import os
 import sys
 
 DEFAULT_SOCKET = "/run/ispmailgate/ispmailgate.sock"
-DEFAULT_CONFIG_PATH = "/etc/ispmailgate/ispmailgate.toml"    # as in ispmailgate.py
+# Copies of the core's (ispmailgate_core.rules, .status), which this module must not import
+# (tests/test_layout.py holds them equal).
+DEFAULT_CONFIG_PATH = "/etc/ispmailgate/ispmailgate.toml"
+EX_TEMPFAIL, LOCAL_TROUBLE = 75, "4.3.0"
 CONFIG_VARIABLE = "ISPMAILGATE_CONFIG"                       # what -c defaults to
-EX_TEMPFAIL = 75
 FALLBACKS = ("oneshot", "tempfail")
 DEFAULT_DEADLINE = 10.0         # seconds for a worker to take the request, else the fallback
 
-# The wire protocol, shared with ispmailgate_serve.
+# The wire protocol, shared with the server (ispmailgate_core.serve).
 PROTOCOL_VERSION = 3                               # what a client sends
 PROTOCOL_VERSIONS = (1, 2, 3)                      # what either side reads
 CONTEXT, ARGUMENTS, DATA, END = b"C", b"A", b"D", b"."      # client -> server frames
@@ -218,7 +220,7 @@ def write_all(fd: int, data: bytes) -> None:
 def tempfail(text: str) -> int:
     """The status line the MTA quotes, like ispmailgate's own."""
     try:
-        write_all(2, f"4.3.0 ispmailgate-client: {text}\n".encode())
+        write_all(2, f"{LOCAL_TROUBLE} ispmailgate-client: {text}\n".encode())
     except OSError:
         pass
     return EX_TEMPFAIL

@@ -11,7 +11,9 @@ the standard library's built-ins: it must load when nothing else does.
 
 import sys
 
-EX_TEMPFAIL = 75
+# Copies of ispmailgate_core.status's, which this module must not import (tests/test_layout.py
+# holds them equal).
+EX_TEMPFAIL, LOCAL_TROUBLE = 75, "4.3.0"
 
 
 def main() -> int:
@@ -32,7 +34,7 @@ def cannot_start(error: BaseException) -> int:
     except Exception:                   # noqa: BLE001 -- no syslog: stderr still says it
         pass
     try:
-        sys.stderr.write(f"4.3.0 {text}\n")
+        sys.stderr.write(f"{LOCAL_TROUBLE} {text}\n")
         sys.stderr.flush()
     except (OSError, ValueError, AttributeError):
         pass

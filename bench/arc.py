@@ -31,7 +31,7 @@ def main() -> None:
         subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
         key.chmod(0o600)
         started = time.perf_counter()
-        from ispmailgate_arc import ArcSettings, Sealer
+        from ispmailgate_core.arc import ArcSettings, Sealer
         settings = ArcSettings("gw.example.net", "arc1", key.read_bytes(), "mx.example.net", False, None)
         head = b"Authentication-Results: mx.example.net; dkim=pass header.d=example.org\n"
         messages = {"5 KB": head + small_message(),

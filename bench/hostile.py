@@ -50,7 +50,7 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "tests"))
 sys.path.insert(0, str(PROJECT / "bench"))
 
-import costly  # noqa: E402
+from support import costly  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -115,7 +115,7 @@ def gate(only: str, with_clamd: bool, binary: str) -> None:
 
     daemon = None
     if with_clamd:
-        from clamav import ClamdProcess
+        from support.clamav import ClamdProcess
 
         daemon = ClamdProcess().start()
     try:

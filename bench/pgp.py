@@ -30,7 +30,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "tests"))
 
-from pgp_keys import World  # noqa: E402  (the tests' key fixture, shared on purpose)
+from support.pgp_keys import World  # noqa: E402  (the tests' key fixture, shared on purpose)
 
 from ispmailgate_filters.base import Context, Envelope  # noqa: E402
 from ispmailgate_filters.mime import Message  # noqa: E402

@@ -27,7 +27,7 @@ sys.path.insert(0, str(PROJECT / "tests"))
 sys.path.insert(0, str(PROJECT / "bench"))
 
 from pgp import median_ms, message, one_shot  # noqa: E402  (same messages, same clock as bench/pgp.py)
-from smime_keys import Pki  # noqa: E402  (the tests' keys, shared on purpose)
+from support.smime_keys import Pki  # noqa: E402  (the tests' keys, shared on purpose)
 
 from ispmailgate_filters.base import Context, Envelope  # noqa: E402
 from ispmailgate_filters.mime import Message  # noqa: E402

@@ -40,7 +40,7 @@ if kind == "smtplib":
     with smtplib.SMTP("127.0.0.1", port) as smtp:
         smtp.sendmail("a@example.org", ["b@example.net"], data)
 elif kind == "gate":
-    from ispmailgate_delivery import SmtpHop
+    from ispmailgate_core.delivery.smtp import SmtpHop
     class Config:
         delivery_timeout, loop_suffix, helo_name = 60.0, "", "bench"
     replies = SmtpHop("127.0.0.1", port, Config()).deliver("a@example.org", ["b@example.net"], data)

@@ -27,11 +27,11 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT / "tests"))
 
-from attacks import message, zip_of  # noqa: E402
-from clamav import ClamdProcess  # noqa: E402
+from support.attacks import message, zip_of  # noqa: E402
+from support.clamav import ClamdProcess  # noqa: E402
 from ispmailgate_filters.base import Context, Envelope  # noqa: E402
 from ispmailgate_filters.mime import Message  # noqa: E402
-from ispmailgate_filters.scanners import Clamd  # noqa: E402
+from ispmailgate_filters.virscan.scanners import Clamd  # noqa: E402
 from ispmailgate_filters.virscan import VirScan  # noqa: E402
 
 MB = 1024 * 1024

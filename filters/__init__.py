@@ -1,8 +1,13 @@
-"""Built-in filters of ispmailgate, one module each, and the interface they share.
+"""Built-in filters of ispmailgate, a module or package each, and the interface they share.
 
-Installed as ``ispmailgate_filters`` (the source folder is ``filters/``).  Third-party
-filters register under the entry point group ``ispmailgate.filters``.
+Installed as ``ispmailgate_filters`` (the source folder is ``filters/``): a filter imports
+its interface from ``ispmailgate_filters.base``, and a package of third-party filters
+registers them under the entry point group of the same name, ``ispmailgate_filters``
+(docs/writing-a-filter.md).  The group's old name, ``ispmailgate.filters``, is still read.
 """
+
+# Where installed packages register filter types: the group first, then its old name.
+ENTRY_POINT_GROUPS = ("ispmailgate_filters", "ispmailgate.filters")
 
 # Type name -> "module:Class", imported only when a rule file names the type.
 BUILTIN = {

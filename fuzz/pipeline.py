@@ -39,17 +39,20 @@ from pathlib import Path
 import atheris
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))       # the test filters
+sys.path.insert(0, str(HERE.parent / "tests"))                 # support: hostile rules, keys
+sys.path.insert(0, str(HERE.parent / "tests" / "plugins"))     # the test filters
 
 with atheris.instrument_imports():
-    import ispmailgate
-    import ispmailgate_delivery  # noqa: F401
+    import ispmailgate  # noqa: F401  (the face, and with it the core of a one-shot run)
+    from ispmailgate_core.rules import Config, load_config
+    from ispmailgate_core.run import Gate, Request, Streams
+    import ispmailgate_core.delivery.smtp  # noqa: F401
     import ispmailgate_filters.mime  # noqa: F401
     import gate_test_filters  # noqa: F401
 
-from hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
-from smime_hostile import real_structures, smime_rules  # noqa: E402
-from smime_keys import pki  # noqa: E402
+from support.hostile import BUILT_IN_RULES, BUILT_IN_RECIPIENTS  # noqa: E402
+from support.smime_hostile import real_structures, smime_rules  # noqa: E402
+from support.smime_keys import pki  # noqa: E402
 
 SENDER = "a@b.example"
 TIME_LIMIT = 10             # seconds per run: ample for any input of a few KB
@@ -88,7 +91,7 @@ class CountingSink:
         return "250 2.0.0 queued"
 
 
-def load_configs(sink: CountingSink) -> dict[str, tuple[ispmailgate.Config, list[str]]]:
+def load_configs(sink: CountingSink) -> dict[str, tuple[Config, list[str]]]:
     """Rule files read once, as ``serve`` does: each input costs only its own work."""
     directory = Path(tempfile.mkdtemp(prefix="igfuzz"))
     atexit.register(shutil.rmtree, directory, True)
@@ -99,7 +102,7 @@ def load_configs(sink: CountingSink) -> dict[str, tuple[ispmailgate.Config, list
         head = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
         head += f'tmp_dir = "{directory}"\ntime_limit = {TIME_LIMIT}\nmail_host = "{sink.address}"\n'
         path.write_text(head + rules.replace("{directory}", str(directory)))
-        configs[name] = ispmailgate.load_config(path), recipients
+        configs[name] = load_config(path), recipients
     return configs
 
 
@@ -125,8 +128,8 @@ def one_input(data: bytes) -> None:
     for name, (config, recipients) in CONFIGS.items():
         SINK.accepted.clear()
         stdout, stderr = io.BytesIO(), io.StringIO()
-        request = ispmailgate.Request(recipients, SENDER, Path(config.path), to_stdout=name not in BY_SMTP)
-        code = ispmailgate.Gate(request, ispmailgate.Streams(io.BytesIO(data), stdout, stderr), config).run()
+        request = Request(recipients, SENDER, Path(config.path), to_stdout=name not in BY_SMTP)
+        code = Gate(request, Streams(io.BytesIO(data), stdout, stderr), config).run()
         complaint = stderr.getvalue()
         if code not in (0, 69, 75) or any(word in complaint for word in (
                 "Traceback", "internal error", "failed", "MemoryError", "time limit")):

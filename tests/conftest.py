@@ -22,6 +22,10 @@ import pytest
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 CORPUS = HERE / "corpus"          # messages written for these tests: see corpus/README.md
+# The test filters are loaded by name (gate_test_filters:Stamp) as any plug-in is: from
+# Python's path, in this process and in every gate a test starts (PYTHONPATH).
+PLUGINS = HERE / "plugins"
+sys.path.insert(0, str(PLUGINS))
 GATE = Path(sys.executable).parent / "ispmailgate"
 
 
@@ -231,7 +235,7 @@ def run_gate(args: list[str], stdin: bytes, *, env: dict[str, str] | None = None
              timeout: float = 60, cwd: Path | None = None) -> Run:
     """The installed ``ispmailgate`` as an MTA runs it: a process, argv, stdin, exit status."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ISPMAILGATE_")}
-    environment["PYTHONPATH"] = str(HERE)
+    environment["PYTHONPATH"] = str(PLUGINS)
     environment.update(env or {})
     process = subprocess.run([str(GATE), *args], input=stdin, capture_output=True,
                              env=environment, timeout=timeout, check=False, cwd=cwd)
@@ -243,9 +247,10 @@ def run_gate(args: list[str], stdin: bytes, *, env: dict[str, str] | None = None
 def run_inline(args: list[str], stdin: bytes) -> Run:
     """The same, in this process (fast, and lets a test reach into the run)."""
     import ispmailgate
+    from ispmailgate_core.run import Streams
 
     stdout, stderr = io.BytesIO(), io.StringIO()
-    code = ispmailgate.run(args, ispmailgate.Streams(io.BytesIO(stdin), stdout, stderr))
+    code = ispmailgate.run(args, Streams(io.BytesIO(stdin), stdout, stderr))
     assert "Traceback" not in stderr.getvalue(), stderr.getvalue()
     return Run(code, stdout.getvalue(), stderr.getvalue())
 
@@ -324,13 +329,13 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 def config_error(text: str, folder: Path):
     """The ConfigError that loading the rule file ``text`` raises (fails if it loads)."""
-    import ispmailgate
+    from ispmailgate_core import rules
     from ispmailgate_filters.base import ConfigError
 
     path = folder / "rules.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as caught:
-        ispmailgate.load_config(path)
+        rules.load_config(path)
     return caught.value
 
 
@@ -354,5 +359,5 @@ def gate_executable() -> Path:
 
 # -- ClamAV ----------------------------------------------------------------------------------
 
-from clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)
-from mailauth import mailauth  # noqa: E402,F401  (fixture)
+from support.clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)
+from support.mailauth import mailauth  # noqa: E402,F401  (fixture)

@@ -140,9 +140,9 @@ def test_check_survives_a_filter_whose_own_check_fails(config_file, smtp_sink):
 
 
 def test_check_without_any_rule_file_checks_the_built_in_default(tmp_path, monkeypatch):
-    import ispmailgate
+    from ispmailgate_core import rules
 
-    monkeypatch.setattr(ispmailgate, "DEFAULT_CONFIG_PATH", str(tmp_path / "none.toml"))
+    monkeypatch.setattr(rules, "DEFAULT_CONFIG_PATH", str(tmp_path / "none.toml"))
     run = run_inline(["check"], b"")
     lines = text_of(run).splitlines()
     assert lines[0] == "no rule file given and none installed: checking the built-in default"
@@ -326,7 +326,7 @@ def test_dry_run_in_shell_mode_writes_no_message(config_file):
 
 
 def test_reports_never_pass_control_characters_to_a_terminal():
-    from ispmailgate_admin import printable
+    from ispmailgate_core.admin.output import printable
 
     assert printable("Subject: \x1b[31mred\x07 \u202e ok") == "Subject: ?[31mred? ? ok"
 
@@ -476,9 +476,9 @@ def test_check_config_only_and_client_user_exclude_each_other(config_file):
 
 @pytest.mark.parametrize("reachable", [True, False])
 def test_check_says_when_log_lines_would_go_nowhere(config_file, monkeypatch, tmp_path, reachable):
-    import ispmailgate_admin
+    from ispmailgate_core.admin import check
 
-    monkeypatch.setattr(ispmailgate_admin, "syslog_reachable", lambda: reachable)
+    monkeypatch.setattr(check, "syslog_reachable", lambda: reachable)
     config = config_file(f'log_file = ""\ntmp_dir = "{tmp_path}"\n')
     lines = text_of(run_inline(["check", "-c", str(config)], b"")).splitlines()
     lost = (f"{config}: log_file: unset, and syslog is not reachable (nothing listens on /dev/log): every "
@@ -493,7 +493,7 @@ def test_check_says_when_log_lines_would_go_nowhere(config_file, monkeypatch, tm
 def test_syslog_is_reachable_only_where_something_listens(tmp_path):
     import socket
 
-    from ispmailgate import syslog_reachable
+    from ispmailgate_core.logs import syslog_reachable
 
     path = str(tmp_path / "log")
     assert not syslog_reachable(path) and not syslog_reachable(path, probe=False)
@@ -510,7 +510,7 @@ def test_check_says_whether_the_client_user_can_reach_the_socket(config_file):
     import grp
     import socket
 
-    from serving import shared_folder
+    from support.serving import shared_folder
 
     assert os.geteuid() == 0, "the check takes on another user's ids: root only"
     path = shared_folder() / "gate.sock"

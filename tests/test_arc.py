@@ -12,7 +12,7 @@ import dkim
 import pytest
 
 from conftest import CORPUS, run_gate, run_inline
-from mailauth import MisbehavingDns, signed
+from support.mailauth import MisbehavingDns, signed
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 AUTHSERV = "mx.example.net"

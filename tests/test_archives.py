@@ -16,13 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attacks import (MiB, corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip,
+from support.attacks import (MiB, corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip,
                      nested_zip, nested_zip_bomb, overlapping_zip, seven_zip, tar_of, zip_of)
-from clamav import EICAR
-from ispmailgate_filters.archives import Limits, Unpacker, sniff
+from support.clamav import EICAR
+from ispmailgate_filters.virscan.archives import Limits, Unpacker, sniff
 from ispmailgate_filters.base import printable
-from ispmailgate_filters.scanners import ScannerError
-from ispmailgate_filters.sevenzip import SevenZip, listing, sevenzip_problems
+from ispmailgate_filters.virscan.scanners import ScannerError
+from ispmailgate_filters.virscan.sevenzip import SevenZip, listing, sevenzip_problems
 
 
 def unpack(data: bytes, **limits) -> tuple[dict[str, bytes], list[tuple[str, str]], Unpacker]:

@@ -12,7 +12,7 @@ import base64
 
 import pytest
 
-import costly
+from support import costly
 from conftest import config_error, run_inline
 
 SENDER, RECIPIENT = "a@b.example", "c@d.example"
@@ -21,7 +21,7 @@ SENDER, RECIPIENT = "a@b.example", "c@d.example"
 @pytest.fixture
 def scans(monkeypatch):
     """How many objects virscan handed to clamd."""
-    from ispmailgate_filters.scanners import Clamd
+    from ispmailgate_filters.virscan.scanners import Clamd
 
     count = [0]
     real = Clamd.instream

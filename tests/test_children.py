@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GATE, HERE, run_gate, run_inline, wait_for
+from conftest import GATE, PLUGINS, run_gate, run_inline, wait_for
 
 MESSAGE = (b"From: a@example.org\nTo: b@example.net\nSubject: children\nMIME-Version: 1.0\n"
            b"Content-Type: text/plain\n\n" + b"a line of text that compresses well\n" * 200)
@@ -112,7 +112,7 @@ def test_the_commands_own_timeout_ends_its_child_too(config_file, tmp_path):
 def test_sigterm_ends_the_run_and_its_command(config_file, tmp_path):
     config = packer_config(config_file, hanging_command(tmp_path)).read_text().replace("time_limit = 1", "")
     (tmp_path / "c.toml").write_text(config)
-    environment = {**os.environ, "PYTHONPATH": str(HERE)}
+    environment = {**os.environ, "PYTHONPATH": str(PLUGINS)}
     (tmp_path / "message").write_bytes(MESSAGE)
     with open(tmp_path / "message", "rb") as stdin:
         process = subprocess.Popen([str(GATE), "-c", str(tmp_path / "c.toml"), "--stdout", "-f", "a@b.example",

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import CORPUS, HERE, free_port, run_gate, run_inline
+from conftest import CORPUS, PLUGINS, free_port, run_gate, run_inline
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MBOX = (CORPUS / "mbox-forward.eml").read_bytes()      # starts with "From grace@navy.example.mil ..."
@@ -113,12 +113,10 @@ def test_help_and_version_exit_0():
 
 
 def test_an_unexpected_exception_is_a_tempfail_without_traceback(monkeypatch, config_file):
-    import ispmailgate
-
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ispmailgate, "route", explode)
+    monkeypatch.setattr("ispmailgate_core.run.route", explode)
     run = run_inline(["-c", str(config_file()), "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 75
     assert run.first_line.startswith("4.3.0 internal error: RuntimeError('boom')")
@@ -128,7 +126,7 @@ def test_a_broken_installation_is_a_tempfail_not_a_bounce(tmp_path):
     """A dependency that no longer imports: the console script still answers 75, one line."""
     (tmp_path / "typer.py").write_text("raise ImportError('typer is broken here')\n")
     run = run_gate(["-f", "a@b.example", "c@d.example"], SIMPLE,
-                   env={"PYTHONPATH": f"{tmp_path}:{HERE}"})
+                   env={"PYTHONPATH": f"{tmp_path}:{PLUGINS}"})
     assert run.code == 75
     assert run.stderr == "4.3.0 ispmailgate cannot start: ImportError('typer is broken here')\n"
     assert run.stdout == b""
@@ -232,10 +230,10 @@ def test_a_deferral_says_its_reason_once(config_file):
 
 @pytest.mark.parametrize("reachable", [True, False])
 def test_a_run_whose_log_goes_nowhere_says_so_after_its_status_line(config_file, monkeypatch, reachable):
-    import ispmailgate
+    from ispmailgate_core import logs
 
-    monkeypatch.setattr(ispmailgate, "syslog_reachable", lambda probe=True: reachable)
-    unlogged = "ispmailgate: " + ispmailgate.UNLOGGED
+    monkeypatch.setattr("ispmailgate_core.run.syslog_reachable", lambda probe=True: reachable)
+    unlogged = "ispmailgate: " + logs.UNLOGGED
     config = config_file(f'log_file = ""\nmail_host = "127.0.0.1:{free_port()}"\n')
     run = run_inline(["-c", str(config), "-f", "a@b.example", "c@d.example"], SIMPLE)
     assert run.code == 75

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from conftest import CORPUS, HERE, crlf, run_gate
+from conftest import CORPUS, PLUGINS, crlf, run_gate
 from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, client_options, encode_arguments,
                                 encode_context, frame)
-from prepared import e2e_gate
-from serving import CLIENT, Server, client_env, drain, run_client, shared_folder
-from serving import python, sink  # noqa: F401  (fixtures)
+from support.prepared import e2e_gate
+from support.serving import CLIENT, Server, client_env, drain, run_client, shared_folder
+from support.serving import python, sink  # noqa: F401  (fixtures)
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MBOX = (CORPUS / "mbox-forward.eml").read_bytes()
@@ -361,7 +361,7 @@ def test_the_fallback_survives_a_broken_installation(tmp_path):
     """The one-shot fallback starts through ispmailgate_start: 75, not a traceback and 1."""
     (tmp_path / "typer.py").write_text("raise ImportError('typer is broken here')\n")
     run = run_client(absent_socket(), ["-f", "a@b.example", "c@d.example"], SIMPLE,
-                     env={"PYTHONPATH": f"{tmp_path}:{HERE}"})
+                     env={"PYTHONPATH": f"{tmp_path}:{PLUGINS}"})
     assert run.code == 75
     assert run.stderr == "4.3.0 ispmailgate cannot start: ImportError('typer is broken here')\n"
 

@@ -17,8 +17,10 @@ import time
 import pytest
 
 import ispmailgate
-import ispmailgate_delivery
 from conftest import recorded_calls, run_gate, run_inline
+from ispmailgate_core import process
+from ispmailgate_core.delivery import handover, smtp, wire
+from ispmailgate_core.run import Streams
 
 MESSAGE = (b"From: a@example.org\nTo: b@example.net\nSubject: once\nMessage-ID: <once@example.org>\n"
            b"\nexactly once\n")
@@ -43,7 +45,7 @@ def sleeping(*args, **kwargs):
 
 def delivering_then(after):
     """SmtpHop.deliver as it is, then ``after`` (inside the hand-over, the hop said 250)."""
-    original = ispmailgate_delivery.SmtpHop.deliver
+    original = smtp.SmtpHop.deliver
 
     def deliver(self, sender, recipients, data):
         replies = original(self, sender, recipients, data)
@@ -53,18 +55,18 @@ def delivering_then(after):
 
 
 INJECTIONS = {
-    "the delivery groups' log lines raise": ("ispmailgate.Gate._log_groups", raising),
-    "the delivery groups' log lines outlast the time limit": ("ispmailgate.Gate._log_groups", sleeping),
+    "the delivery groups' log lines raise": ("ispmailgate_core.run.Gate._log_groups", raising),
+    "the delivery groups' log lines outlast the time limit": ("ispmailgate_core.run.Gate._log_groups", sleeping),
     "the summary line raises": ("ispmailgate.log.info", raising),
-    "the exit status raises": ("ispmailgate.Gate._exit_status", raising),
-    "the bounce raises": ("ispmailgate_delivery.Reports.bounce", raising),
-    "the bounce cannot be written": ("ispmailgate_delivery._multipart_report", raising),
-    "every report cannot be written": ("ispmailgate_delivery._report_message", raising),
-    "the notices raise": ("ispmailgate_delivery.Reports.send_notices", raising),
+    "the exit status raises": ("ispmailgate_core.run.exit_status", raising),
+    "the bounce raises": ("ispmailgate_core.delivery.reports.Reports.bounce", raising),
+    "the bounce cannot be written": ("ispmailgate_core.delivery.reports._multipart_report", raising),
+    "every report cannot be written": ("ispmailgate_core.delivery.reports._report_message", raising),
+    "the notices raise": ("ispmailgate_core.delivery.reports.Reports.send_notices", raising),
     "the time limit fires inside the accepted delivery":
-        ("ispmailgate_delivery.SmtpHop.deliver", delivering_then(lambda: time.sleep(1.5))),
+        ("ispmailgate_core.delivery.smtp.SmtpHop.deliver", delivering_then(lambda: time.sleep(1.5))),
     "SIGTERM arrives inside the accepted delivery":
-        ("ispmailgate_delivery.SmtpHop.deliver", delivering_then(lambda: os.kill(os.getpid(), signal.SIGTERM))),
+        ("ispmailgate_core.delivery.smtp.SmtpHop.deliver", delivering_then(lambda: os.kill(os.getpid(), signal.SIGTERM))),
     "the work directory cannot be removed": ("shutil.rmtree", raising),
 }
 
@@ -89,7 +91,7 @@ def test_stderr_that_cannot_be_written_after_delivery_changes_nothing(config_fil
 
     config = partly_refused(config_file, smtp_sink)
     code = ispmailgate.run(["-c", config, "-d", "-f", "s@x.example", "a@x", "b@x"],
-                           ispmailgate.Streams(io.BytesIO(MESSAGE), io.BytesIO(), Broken()))
+                           Streams(io.BytesIO(MESSAGE), io.BytesIO(), Broken()))
     assert code == 0
     assert [m.rcpt_tos for m in smtp_sink.messages][0] == ["a@x"]
 
@@ -123,19 +125,15 @@ def test_the_time_limit_is_checked_before_a_delivery_starts(monkeypatch):
     class Hop:
         def deliver(self, sender, recipients, data):
             calls.append(recipients)
-            return {r: ispmailgate_delivery.Reply(250, "2.0.0 ok") for r in recipients}
+            return {r: wire.Reply(250, "2.0.0 ok") for r in recipients}
 
-    class Gate:
-        delivered = False
-        clock = ispmailgate.time_limit(0)
-
-    gate = Gate()
-    gate.clock.deadline = time.monotonic() - 1
-    with pytest.raises(ispmailgate.TimeLimitExceeded):
-        ispmailgate_delivery.hand_over(gate, Hop(), "s@x", ["a@x"], b"data")
-    assert calls == [] and not gate.delivered
-    gate.delivered = True
-    ispmailgate_delivery.hand_over(gate, Hop(), "s@x", ["a@x"], b"data")
+    hand_over = handover.Handover(Hop(), process.time_limit(0))
+    hand_over.clock.deadline = time.monotonic() - 1
+    with pytest.raises(process.TimeLimitExceeded):
+        hand_over("s@x", ["a@x"], b"data")
+    assert calls == [] and not hand_over.delivered
+    hand_over.delivered = True
+    hand_over("s@x", ["a@x"], b"data")
     assert calls == [["a@x"]]
 
 

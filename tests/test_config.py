@@ -10,17 +10,17 @@ SIMPLE = (CORPUS / "plain.eml").read_bytes()
 
 
 def load(text: str, tmp_path):
-    import ispmailgate
+    from ispmailgate_core import rules
 
     path = tmp_path / "rules.toml"
     path.write_text(text)
-    return ispmailgate.load_config(path)
+    return rules.load_config(path)
 
 
 def routes(config, sender: str, *recipients: str) -> list[tuple[str, str]]:
-    import ispmailgate
+    from ispmailgate_core import routing
 
-    return [(r.rule, r.chain_label) for r in (ispmailgate.route(config, sender, x) for x in recipients)]
+    return [(r.rule, r.chain_label) for r in (routing.route(config, sender, x) for x in recipients)]
 
 
 def test_first_matching_rule_decides(tmp_path):
@@ -83,9 +83,9 @@ def test_equal_steps_are_equal_whatever_their_names(tmp_path):
 
 
 def test_no_config_file_gives_the_built_in_default():
-    import ispmailgate
+    from ispmailgate_core import rules
 
-    config = ispmailgate.load_config(None)
+    config = rules.load_config(None)
     assert [f.name for f in config.default_chain] == ["dummy"]
     assert config.mail_host == "localhost:26" and config.loop_suffix == ".ispmailgate"
 
@@ -142,32 +142,33 @@ def test_config_from_the_environment(config_file, smtp_sink):
     assert len(smtp_sink.messages) == 1
 
 
-def test_filters_from_entry_points_are_found(tmp_path, monkeypatch):
+@pytest.mark.parametrize("registered", ["ispmailgate_filters", "ispmailgate.filters"])
+def test_filters_from_entry_points_are_found_under_the_group_and_its_old_name(tmp_path, monkeypatch, registered):
     import importlib.metadata
 
-    import ispmailgate
+    from ispmailgate_core import rules
 
     class Point:
         value = "gate_test_filters:Stamp"
 
     def entry_points(group=None, name=None):
-        return [Point()] if (group, name) == ("ispmailgate.filters", "thirdparty") else []
+        return [Point()] if (group, name) == (registered, "thirdparty") else []
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
-    config = ispmailgate.build_config({"default_filter": ["thirdparty"]}, "test")
+    config = rules.build_config({"default_filter": ["thirdparty"]}, "test")
     assert config.default_chain[0].name == "stamp"
 
 
 def test_mail_host_forms():
-    import ispmailgate
+    from ispmailgate_core import addresses
 
-    assert ispmailgate.parse_hop("localhost:26") == ("localhost", 26)
-    assert ispmailgate.parse_hop("mx.example") == ("mx.example", 25)
-    assert ispmailgate.parse_hop("[::1]:2525") == ("::1", 2525)
-    assert ispmailgate.parse_hop("::1") == ("::1", 25)
+    assert addresses.parse_hop("localhost:26") == ("localhost", 26)
+    assert addresses.parse_hop("mx.example") == ("mx.example", 25)
+    assert addresses.parse_hop("[::1]:2525") == ("::1", 2525)
+    assert addresses.parse_hop("::1") == ("::1", 25)
     for bad in ("", "host:port", "host:99999", "[::1]:x"):
         with pytest.raises(ValueError):
-            ispmailgate.parse_hop(bad)
+            addresses.parse_hop(bad)
 
 
 def test_mail_host_option_overrides_sendmail_command(config_file, smtp_sink, recorder):

@@ -14,7 +14,7 @@ import gzip
 
 import pytest
 
-import ispmailgate
+from ispmailgate_core import rules, settings
 from conftest import config_error, run_gate, run_inline
 
 SIMPLE = b"From: a@example.org\nTo: b@example.net\nSubject: ranges\n\nbody\n"
@@ -59,7 +59,7 @@ def test_an_insane_number_is_refused_by_a_run_and_by_check_alike(config_file, li
 def test_the_bounds_themselves_are_accepted(tmp_path, line):
     path = tmp_path / "rules.toml"
     path.write_text(line + "\n" + ('mail_user = "root"\n' if "[" not in line else ""))
-    assert ispmailgate.load_config(path) is not None
+    assert rules.load_config(path) is not None
 
 
 def test_a_float_option_of_a_third_party_filter_must_be_finite(tmp_path):
@@ -120,14 +120,14 @@ def test_the_deepest_nesting_allowed_works_with_every_built_in_filter(config_fil
     home.mkdir(mode=0o700)
     config = config_file(FILTERS.replace("GNUPGHOME", str(home))
                          + f'[[recipients]]\nfilters = {chain!r}\n'.replace("'", '"'))
-    message = shape(ispmailgate.MAX_MIME_DEPTH - 1)
+    message = shape(settings.MAX_MIME_DEPTH - 1)
     run = run_inline(["-c", str(config), "--stdout", "-f", "a@example.org", "b@example.net"], message)
     assert run.code == 0, run.stderr
     log = (tmp_path / "gate.log").read_text()
     assert "RecursionError" not in log and "cannot parse" not in log
     if "banner" in chain and shape is nested_multipart:
         assert run.stdout.count(b"BANNER TEXT") == 1        # reached the innermost text part
-    assert run.stdout.count(b"\nSubject: ") == 1 + (shape is nested_messages) * (ispmailgate.MAX_MIME_DEPTH - 1)
+    assert run.stdout.count(b"\nSubject: ") == 1 + (shape is nested_messages) * (settings.MAX_MIME_DEPTH - 1)
 
 
 def test_the_deepest_archive_nesting_allowed_is_scanned(config_file, tmp_path):

@@ -223,6 +223,7 @@ def test_missing_sendmail_is_a_tempfail(config_file, tmp_path):
 
 def test_stdout_that_cannot_be_written_is_a_tempfail(config_file):
     import ispmailgate
+    from ispmailgate_core.run import Streams
 
     class Closed:
         def write(self, data):
@@ -235,6 +236,6 @@ def test_stdout_that_cannot_be_written_is_a_tempfail(config_file):
     stderr = io.StringIO()
     config = config_file()
     code = ispmailgate.run(["-c", str(config), "--stdout", "-f", "s@x", "a@x"],
-                           ispmailgate.Streams(io.BytesIO(SIMPLE), Closed(), stderr))
+                           Streams(io.BytesIO(SIMPLE), Closed(), stderr))
     assert code == 75
     assert stderr.getvalue().startswith("4.3.0 cannot write to stdout")

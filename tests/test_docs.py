@@ -116,28 +116,29 @@ def test_every_exit_status_and_file_is_in_the_man_page():
     section = text.split("\nEXIT STATUS\n")[1].split("\nDELIVERY\n")[0]
     for status in ("0", "69", "75", "78"):
         assert re.search(rf"^\s+{status}\s", section, re.M), status
-    import ispmailgate
+    from ispmailgate_core import rules, settings
 
-    for path in (ispmailgate.DEFAULT_CONFIG_PATH, ispmailgate.SETTINGS["tmp_dir"].default, "ISPMAILGATE_CONFIG"):
+    for path in (rules.DEFAULT_CONFIG_PATH, settings.SETTINGS["tmp_dir"].default, "ISPMAILGATE_CONFIG"):
         assert path in text.split("\nFILES\n")[0] + text.split("\nFILES\n")[1], path
 
 
 def test_every_rule_file_key_and_built_in_filter_is_in_its_man_page():
-    import ispmailgate
+    from ispmailgate_core import rules
+    from ispmailgate_core.settings import SETTINGS
     from ispmailgate_filters import BUILTIN
 
     text = rendered(MAN / "ispmailgate.toml.5")
     settings = text.split("\nSETTINGS\n")[1].split("\nRULES\n")[0]
-    for key in ispmailgate.SETTINGS:
+    for key in SETTINGS:
         assert re.search(rf"^\s+{key}\n", settings, re.M), key
     import importlib
 
-    for section in ispmailgate.SECTIONS:
+    for section in rules.SECTIONS:
         assert f"[{section}]" in text, section
         module, name = generator().SECTION_KEYS[section]
         for key in getattr(importlib.import_module(module), name):
             assert re.search(rf"^\s+{key}( = |\n| )", text, re.M), f"[{section}] {key}"
-    for key in (*ispmailgate.RULE_KEYS, "recipients", "filter", "type"):
+    for key in (*rules.RULE_KEYS, "recipients", "filter", "type"):
         assert mentions(text, key), key
     filters = text.split("\nBUILT-IN FILTERS\n")[1].split("\nTHIRD-PARTY FILTERS\n")[0]
     for name in BUILTIN:
@@ -145,14 +146,14 @@ def test_every_rule_file_key_and_built_in_filter_is_in_its_man_page():
 
 
 def test_every_option_of_every_filter_in_this_build_is_in_the_man_page():
-    import ispmailgate
+    from ispmailgate_core import rules
     from ispmailgate_filters import BUILTIN
     from ispmailgate_filters.base import ConfigError
 
     text = rendered(MAN / "ispmailgate.toml.5")
     for name in BUILTIN:
         try:
-            cls = ispmailgate.filter_class(name, name)
+            cls = rules.filter_class(name, name)
         except ConfigError:
             continue
         for option in cls.options():
@@ -186,7 +187,7 @@ def test_every_option_the_readme_shows_is_in_the_man_page():
 def test_every_rule_file_key_the_readme_shows_is_in_the_man_page():
     import tomllib
 
-    import ispmailgate
+    from ispmailgate_core import rules
 
     blocks, spans = readme_code()
     toml = [block for block in blocks if re.search(r"^\w+ = ", block, re.M)]
@@ -198,7 +199,7 @@ def test_every_rule_file_key_the_readme_shows_is_in_the_man_page():
     text = rendered(MAN / "ispmailgate.toml.5")
     assert [key for key in sorted(keys) if not mentions(text, key)] == []
     for block in toml:          # and each example is a rule file a run accepts
-        ispmailgate.build_config(tomllib.loads(block), "README.md")
+        rules.build_config(tomllib.loads(block), "README.md")
 
 
 def test_the_readme_is_an_overview_that_points_at_the_reference():

@@ -20,8 +20,8 @@ import re
 import pytest
 
 from conftest import CORPUS
-from mailauth import signed
-from postfix_instance import PIPE_USER, PostfixInstance, e2e_gate, run_failing_test
+from support.mailauth import signed
+from support.postfix_instance import PIPE_USER, PostfixInstance, e2e_gate, run_failing_test
 
 NESTED = (CORPUS / "nested.eml").read_bytes()
 SIMPLE_BODY = b"Subject: e2e\nFrom: sender@e2e.test\nTo: alice@e2e.test\n\nHello through Postfix.\n"
@@ -216,7 +216,7 @@ def test_a_banner_is_added_on_the_way(postfix):
 
 
 def test_a_virus_is_bounced_and_clean_mail_marked(postfix, clamd):
-    from clamav import EICAR, EICAR_NAME
+    from support.clamav import EICAR, EICAR_NAME
 
     for path, mode in ((clamd.home, 0o755), (clamd.socket, 0o666)):   # the pipe user must reach it
         os.chmod(path, mode)
@@ -233,7 +233,7 @@ def test_a_virus_is_bounced_and_clean_mail_marked(postfix, clamd):
 
 
 def test_a_virus_can_be_discarded_into_the_quarantine_instead(postfix, clamd):
-    from clamav import EICAR, EICAR_NAME
+    from support.clamav import EICAR, EICAR_NAME
 
     for path, mode in ((clamd.home, 0o755), (clamd.socket, 0o666)):
         os.chmod(path, mode)
@@ -289,7 +289,7 @@ def test_smime_in_and_out_through_postfix(postfix):
     plain mail to bob leaves encrypted to bob's own certificate, which openssl decrypts."""
     import pwd
 
-    from smime_keys import openssl, pki
+    from support.smime_keys import openssl, pki
 
     keys = pki()
     bob = keys.person("e2e-bob", "bob@e2e.test")

@@ -13,8 +13,8 @@ import re
 import pytest
 
 from conftest import free_port
-from postfix_instance import e2e_gate, run_failing_test
-from sendmail_instance import SendmailInstance, sendmail_binary
+from support.postfix_instance import e2e_gate, run_failing_test
+from support.sendmail_instance import SendmailInstance, sendmail_binary
 
 MESSAGE = (b"Date: Thu, 01 Jan 2026 12:00:00 +0000\r\n"
            b"From: Sender <sender@e2e.test>\r\n"

@@ -110,7 +110,7 @@ def test_the_log_file_is_written_as_the_mail_user(config_file):
 # -- serve: the pid file and the socket ------------------------------------------------------
 
 def test_the_reviews_pid_file_links_reach_no_file_of_roots(tmp_path, victim):
-    from ispmailgate_serve import PidFile
+    from ispmailgate_core.serve.boot import PidFile
 
     folder = tmp_path / "run"
     folder.mkdir(mode=0o755)
@@ -126,7 +126,7 @@ def test_the_reviews_pid_file_links_reach_no_file_of_roots(tmp_path, victim):
 
 
 def test_a_pid_file_in_a_folder_others_can_write_is_refused(mail_users_folder):
-    from ispmailgate_serve import PidFile
+    from ispmailgate_core.serve.boot import PidFile
 
     with pytest.raises(PermissionError, match="owned by uid"):
         PidFile(str(mail_users_folder / "serve.pid"))
@@ -134,7 +134,7 @@ def test_a_pid_file_in_a_folder_others_can_write_is_refused(mail_users_folder):
 
 
 def test_a_pid_file_that_is_a_fifo_is_not_read(tmp_path):
-    from ispmailgate_serve import PidFile
+    from ispmailgate_core.serve.boot import PidFile
 
     path = tmp_path / "serve.pid"
     os.mkfifo(path)
@@ -146,7 +146,8 @@ def test_a_pid_file_that_is_a_fifo_is_not_read(tmp_path):
 
 
 def test_the_socket_is_bound_with_its_mode_where_nobody_else_can_swap_it(tmp_path, mail_users_folder):
-    from ispmailgate_serve import Listener, ServeSettings
+    from ispmailgate_core.serve.listener import Listener
+    from ispmailgate_core.serve.section import ServeSettings
 
     settings = ServeSettings().with_overrides(socket=str(tmp_path / "s.sock"), socket_mode=0o640)
     listener = Listener.open(settings, None)

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_gate, run_inline
-from hostile import BUILT_IN_RECIPIENTS, BUILT_IN_RULES, message
-from smime_hostile import smime_message
+from support.hostile import BUILT_IN_RECIPIENTS, BUILT_IN_RULES, message
+from support.smime_hostile import smime_message
 
 DEFINED = {0, 69, 75}
 PROPERTY = settings(max_examples=150, deadline=5000, derandomize=True,
@@ -127,8 +127,8 @@ def test_extreme_inputs_end_in_bounded_time_and_memory(changing_config, dummy_co
 @pytest.fixture(scope="module")
 def smime_config(tmp_path_factory):
     """smime both ways (decrypt and verify, then sign and encrypt), with real keys."""
-    from smime_hostile import smime_rules
-    from smime_keys import pki
+    from support.smime_hostile import smime_rules
+    from support.smime_keys import pki
 
     directory = tmp_path_factory.mktemp("hostile-smime")
     path = directory / "rules.toml"
@@ -138,8 +138,8 @@ def smime_config(tmp_path_factory):
 
 @functools.cache
 def real_smime() -> list[bytes]:
-    from smime_hostile import real_structures
-    from smime_keys import pki
+    from support.smime_hostile import real_structures
+    from support.smime_keys import pki
 
     return real_structures(pki())
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ispmailgate_filters.markup import insertion_point
+from ispmailgate_filters.banner.markup import insertion_point
 
 
 def at(document: bytes, position: str) -> bytes | None:

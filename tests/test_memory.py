@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-import costly
-from conftest import GATE, HERE
+from support import costly
+from conftest import GATE, PLUGINS
 
 MB = 1024 * 1024
 FIXED = 100 * MB        # the interpreter, its modules, and room to spare
@@ -49,7 +49,7 @@ def test_peak_memory_is_proportional_to_the_message(config_file, tmp_path, chain
     message.write_bytes(data)
     config = config_file(CHAINS[chain])
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ISPMAILGATE_")}
-    environment["PYTHONPATH"] = str(HERE)
+    environment["PYTHONPATH"] = str(PLUGINS)
     out = subprocess.run([sys.executable, "-c", PROBE, str(message), str(GATE), "-c", str(config), "--stdout",
                           "-f", "a@b.example", "c@d.example"], capture_output=True, text=True, env=environment,
                          timeout=300, check=True).stdout.split(" ", 2)

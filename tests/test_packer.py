@@ -168,7 +168,7 @@ def test_property_pos_then_neg_restores_every_part(tmp_path, data, codec):
 @settings(deadline=None, derandomize=True)
 @given(body=st.binary(max_size=5000), codec=st.sampled_from(["gzip", "bzip2", "xz"]), level=st.integers(1, 6))
 def test_property_codecs_round_trip_and_honour_their_cap(body, codec, level):
-    from ispmailgate_filters.packing import UnpackError, compress, decompress
+    from ispmailgate_filters.packer.packing import UnpackError, compress, decompress
 
     packed = compress(codec, body, level)
     assert decompress(codec, packed, len(body)) == body
@@ -214,7 +214,7 @@ def test_skip_types_incompressible_and_tiny_parts_stay_as_they_are(config_file, 
 def test_large_incompressible_bodies_are_recognised_without_packing_them_whole():
     import os
 
-    from ispmailgate_filters.packing import incompressible
+    from ispmailgate_filters.packer.packing import incompressible
 
     import random
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import CORPUS, corpus_messages, without_from_line
-from pgp_keys import GpgHome, World
+from support.pgp_keys import GpgHome, World
 from ispmailgate_filters.base import ConfigError, Context, Envelope, FilterError, Reject, TempFail
 from ispmailgate_filters.mime import Message
 from ispmailgate_filters.pgp import Pgp
@@ -676,12 +676,12 @@ def test_python_gnupg_is_imported_lazily():
 
 
 def test_the_example_rule_file_loads():
-    import ispmailgate
+    from ispmailgate_core import routing, rules
     from conftest import PROJECT
 
-    config = ispmailgate.load_config(PROJECT / "examples" / "pgp-gateway.toml")
+    config = rules.load_config(PROJECT / "examples" / "pgp-gateway.toml")
     partner, incoming, others = (config.filters[name] for name in ("to-partner", "from-outside", "per-recipient"))
     assert (partner.direction, partner.uid, partner.sign) == ("pos", "Gateway B <gw@example-b.net>", True)
     assert incoming.direction == "neg" and others.per_recipient and others.on_missing_key == "clear"
-    assert ispmailgate.route(config, "x@example-a.net", "y@example-b.net").chain == (partner,)
-    assert ispmailgate.route(config, "x@elsewhere.example", "y@example-a.net").chain == (incoming,)
+    assert routing.route(config, "x@example-a.net", "y@example-b.net").chain == (partner,)
+    assert routing.route(config, "x@elsewhere.example", "y@example-a.net").chain == (incoming,)

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import CORPUS, crlf, run_gate, run_inline, without_from_line
-from pgp_keys import GpgHome, World
+from support.pgp_keys import GpgHome, World
 from ispmailgate_filters.mime import Message
 
 SENDER = "someone@a.example"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import prepared
+from support import prepared
 
 
 @pytest.mark.parametrize("part", [prepared.wheels, prepared.e2e_gate, prepared.sendmail_binary])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, GATE, HERE, run_gate, run_inline
+from conftest import CORPUS, GATE, PLUGINS, run_gate, run_inline
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
@@ -118,7 +118,7 @@ def test_a_full_disk_is_a_tempfail_not_an_error_report(config_file, smtp_sink):
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # EFBIG instead of a kill
 
-    environment = {**os.environ, "PYTHONPATH": str(HERE)}
+    environment = {**os.environ, "PYTHONPATH": str(PLUGINS)}
     process = subprocess.run([str(GATE), "-c", str(config), "-f", "a@b.example", "c@d.example"],
                              input=SIMPLE, capture_output=True, env=environment, timeout=60,
                              preexec_fn=small_files)
@@ -183,7 +183,7 @@ def test_a_tmp_dir_the_mail_user_cannot_write_is_a_tempfail(config_file, shared_
 
 
 def test_readable_by_walks_every_parent(tmp_path):
-    import ispmailgate
+    from ispmailgate_core import process
 
     private = tmp_path / "private" / "lib"
     private.mkdir(parents=True)
@@ -194,5 +194,5 @@ def test_readable_by_walks_every_parent(tmp_path):
     tmp_path.chmod(0o755)
     uid, gid = 65534, 65534
     expected_open = all(os.stat(p).st_mode & 0o005 == 0o005 for p in [open_dir, *open_dir.parents])
-    assert ispmailgate.readable_by(uid, gid, str(open_dir)) == expected_open
-    assert not ispmailgate.readable_by(uid, gid, str(private))
+    assert process.readable_by(uid, gid, str(open_dir)) == expected_open
+    assert not process.readable_by(uid, gid, str(private))

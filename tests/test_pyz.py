@@ -11,7 +11,7 @@ import zipfile
 import pytest
 
 from conftest import CORPUS, PROJECT, crlf
-from prepared import wheels
+from support.prepared import wheels
 
 CLEAN_PYTHON = "/usr/bin/python3"
 MULTI = (CORPUS / "two-images.eml").read_bytes()
@@ -47,9 +47,10 @@ def rule_file(tmp_path, smtp_sink):
 def test_the_pyz_holds_the_program_and_pure_python_dependencies_only(pyz):
     names = zipfile.ZipFile(pyz).namelist()
     assert pyz.read_bytes().startswith(b"#!/usr/bin/env python3\n")
-    assert {"__main__.py", "ispmailgate.py", "ispmailgate_admin.py", "gnupg.py"} <= set(names)
-    for source in (PROJECT / "filters").glob("*.py"):
-        assert f"ispmailgate_filters/{source.name}" in names, source.name
+    assert {"__main__.py", "ispmailgate.py", "ispmailgate_core/admin/check.py", "gnupg.py"} <= set(names)
+    for source in (PROJECT / "filters").rglob("*.py"):
+        name = source.relative_to(PROJECT / "filters").as_posix()
+        assert f"ispmailgate_filters/{name}" in names, name
     assert any(name.startswith("typer/") for name in names)
     assert not [name for name in names if name.endswith((".so", ".pyd", ".dll", ".dylib"))]
     assert "ispmailgate.pyc" in names                     # compiled in: zipimport cannot cache

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from costly import ENTRY_POINTS, cpu_seconds
+from support.costly import ENTRY_POINTS, cpu_seconds
 
 LINEAR_AT_MOST = 8.0
 LONG_ENOUGH = 0.02          # seconds of CPU for the small case

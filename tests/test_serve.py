@@ -17,8 +17,8 @@ import pytest
 
 from conftest import CORPUS, Sink, crlf, run_gate, wait_for
 from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, encode_arguments, frame
-from serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
-from serving import python, sink  # noqa: F401  (fixtures)
+from support.serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
+from support.serving import python, sink  # noqa: F401  (fixtures)
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MBOX = (CORPUS / "mbox-forward.eml").read_bytes()        # starts with a From_ line
@@ -27,12 +27,12 @@ MBOX = (CORPUS / "mbox-forward.eml").read_bytes()        # starts with a From_ l
 # -- the [serve] section ------------------------------------------------------------------
 
 def test_serve_section_is_checked_with_the_rule_file(tmp_path):
-    import ispmailgate
+    from ispmailgate_core import rules
     from ispmailgate_filters.base import ConfigError
 
     path = tmp_path / "rules.toml"
     path.write_text('[serve]\nworkers = 3\nsocket_mode = "0640"\nmax_request_size = "2M"\n')
-    settings = ispmailgate.load_config(path).sections["serve"]
+    settings = rules.load_config(path).sections["serve"]
     assert (settings.workers, settings.socket_mode, settings.max_request_size) == (3, 0o640, 2 << 20)
     assert settings.fallback == "oneshot"
     for text, complaint in (("[serve]\nworkerz = 1\n", "serve.workerz: unknown key"),
@@ -41,7 +41,7 @@ def test_serve_section_is_checked_with_the_rule_file(tmp_path):
                             ('[serve]\nsocket_mode = "rw"\n', "serve.socket_mode: expected an octal")):
         path.write_text(text)
         with pytest.raises(ConfigError) as error:
-            ispmailgate.load_config(path)
+            rules.load_config(path)
         assert complaint in str(error.value) and str(path) in str(error.value)
 
 
@@ -531,14 +531,14 @@ def test_systemd_socket_activation_uses_the_socket_it_is_handed(python, sink):
     b"/tmp\x001:2\x00PATH=/evil\x00", b"/tmp\x00", b"/tmp\x001:2",
 ])
 def test_a_malformed_context_is_a_bad_request(context):
-    from ispmailgate_serve import ClientContext, RequestError
+    from ispmailgate_core.serve.protocol import ClientContext, RequestError
 
     with pytest.raises(RequestError):
         ClientContext.decode(context)
 
 
 def test_a_well_formed_context_is_read():
-    from ispmailgate_serve import ClientContext
+    from ispmailgate_core.serve.protocol import ClientContext
 
     context = ClientContext.decode(b"/home/ann\x0018446744073709551615:393220\x00ISPMAILGATE_CONFIG=r.toml\x00")
     assert context == ClientContext("/home/ann", (2 ** 64 - 1, 393220), "r.toml")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from smime_keys import openssl, pki, smime_message
+from support.smime_keys import openssl, pki, smime_message
 from ispmailgate_filters.base import ConfigError, Context, Envelope, FilterError, Reject, TempFail
 from ispmailgate_filters.mime import Message
 from ispmailgate_filters.smime import Smime
@@ -499,13 +499,13 @@ def test_cryptography_is_imported_lazily():
 
 
 def test_every_option_is_documented_and_the_example_loads():
-    import ispmailgate
+    from ispmailgate_core import routing, rules
     from conftest import PROJECT, assert_documented
 
     assert_documented(Smime)
-    config = ispmailgate.load_config(PROJECT / "examples" / "smime-gateway.toml")
+    config = rules.load_config(PROJECT / "examples" / "smime-gateway.toml")
     incoming, outgoing = config.filters["smime-in"], config.filters["smime-out"]
     assert incoming.direction == "neg" and len(incoming.key_file) == 2 and incoming.trust_store
     assert outgoing.per_recipient and outgoing.sign and outgoing.on_missing_cert == "clear"
-    assert ispmailgate.route(config, "x@elsewhere.example", "alice@example-a.net").chain == (incoming,)
-    assert ispmailgate.route(config, "alice@example-a.net", "bob@example-b.net").chain == (outgoing,)
+    assert routing.route(config, "x@elsewhere.example", "alice@example-a.net").chain == (incoming,)
+    assert routing.route(config, "alice@example-a.net", "bob@example-b.net").chain == (outgoing,)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import crlf, run_gate
-from smime_keys import openssl, pki, smime_message
+from support.smime_keys import openssl, pki, smime_message
 from ispmailgate_filters.mime import Message
 
 SENDER = "someone@a.example"

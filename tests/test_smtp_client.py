@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_inline
-from smtp_peer import ScriptedPeer
+from support.smtp_peer import ScriptedPeer
 
 MESSAGE = (b"From: a@example.org\nTo: b@example.net\nSubject: out of step\n"
            b"Message-ID: <1@example.org>\n\nline one\n.leading dot\nlast line\n")

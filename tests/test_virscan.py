@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from attacks import (corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message,
+from support.attacks import (corrupt_seven_zip, encrypted_zip, high_ratio_gzip, hostile_tar, many_member_zip, message,
                      nested_zip, nested_zip_bomb, overlapping_zip, seven_zip, tar_of, zip_of)
-from clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME, ClamdProcess
+from support.clamav import CUSTOM, CUSTOM_NAME, EICAR, EICAR_NAME, ClamdProcess
 from conftest import corpus_messages, crlf, free_port, run_inline, without_from_line
 from ispmailgate_filters.mime import Message
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, seven_zip, zip_of
-from clamav import EICAR, EICAR_NAME, ClamdProcess
+from support.attacks import encrypted_zip, hostile_tar, message, nested_zip_bomb, seven_zip, zip_of
+from support.clamav import EICAR, EICAR_NAME, ClamdProcess
 from conftest import corpus_messages, crlf, without_from_line
-from hostile import message as hostile_message
+from support.hostile import message as hostile_message
 from ispmailgate_filters.base import ConfigError, Context, Envelope, Reject
 from ispmailgate_filters.mime import Message, ParseError
 from ispmailgate_filters.virscan import VirScan
@@ -407,10 +407,10 @@ def test_nothing_is_written_outside_the_work_directory(back_end, config_file, sm
     ({"on_infected": "delete"}, "on_infected", "reject, discard, tag, pass"),
 ])
 def test_bad_options_are_refused_by_key(options, key, words):
-    import ispmailgate
+    from ispmailgate_core import rules
 
     with pytest.raises(ConfigError) as caught:
-        ispmailgate.build_config({"filter": {"av": {"type": "virscan", **options}}}, "rules.toml")
+        rules.build_config({"filter": {"av": {"type": "virscan", **options}}}, "rules.toml")
     assert caught.value.path == f"filter.av.{key}"
     assert words in caught.value.message
 
@@ -441,10 +441,10 @@ def test_check_reports_a_missing_7zip_when_7z_is_left_to_the_scanner(clamd, tmp_
 
 
 def test_the_example_rule_files_scanner_is_valid_as_written():
-    import ispmailgate
+    from ispmailgate_core import rules
     from conftest import PROJECT
 
-    config = ispmailgate.load_config(PROJECT / "examples" / "ispmailgate.toml")
+    config = rules.load_config(PROJECT / "examples" / "ispmailgate.toml")
     scan = config.filters["av"]
     assert (scan.on_infected, scan.max_unpacked, scan.max_ratio) == ("reject", 200 * 1024 ** 2, 100)
 

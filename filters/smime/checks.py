@@ -11,16 +11,30 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Hashable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .credentials import (CertificateStore, CertTrouble, describe, identity, read_certificates,
                           require_library, unusable)
 
-if TYPE_CHECKING:
-    from . import Smime
+
+class Options(Protocol):
+    """What check and explain read of an smime step (the step itself: a Smime, which
+    imports this module when asked, so this module does not import it back)."""
+    key_file: tuple
+    cert_file: tuple
+    sign: bool
+    recipient_cert: str
+    recipient_certs: str
+    per_recipient: bool
+    on_missing_cert: str
+    trust_store: str
+    openssl_binary: str
+
+    @property
+    def encrypts(self) -> bool: ...
 
 
-def problems(smime: Smime) -> list[str]:
+def problems(smime: Options) -> list[str]:
     try:
         require_library()
     except CertTrouble as trouble:
@@ -34,7 +48,7 @@ def problems(smime: Smime) -> list[str]:
     return found
 
 
-def _key_problems(smime: Smime) -> list[str]:
+def _key_problems(smime: Options) -> list[str]:
     found = []
     for number, (key_file, cert_file) in enumerate(zip(smime.key_file, smime.cert_file)):
         try:
@@ -55,7 +69,7 @@ def _expired(cert) -> str | None:
     return reason if reason and reason.startswith(("expired", "not valid")) else None
 
 
-def _recipient_problems(smime: Smime) -> list[str]:
+def _recipient_problems(smime: Options) -> list[str]:
     if smime.recipient_cert:
         cert = read_certificates(smime.recipient_cert, "recipient_cert")[0]
         reason = unusable(cert, encrypting=True)
@@ -67,14 +81,14 @@ def _recipient_problems(smime: Smime) -> list[str]:
     return []
 
 
-def _trust_store_problems(smime: Smime) -> list[str]:
+def _trust_store_problems(smime: Options) -> list[str]:
     if not smime.trust_store:
         return []
     read_certificates(smime.trust_store, "trust_store")
     return []
 
 
-def _openssl_problems(smime: Smime) -> list[str]:
+def _openssl_problems(smime: Options) -> list[str]:
     program = smime.openssl_binary
     found = program if "/" in program else shutil.which(program)
     if found and os.path.isfile(found) and os.access(found, os.X_OK):
@@ -82,7 +96,7 @@ def _openssl_problems(smime: Smime) -> list[str]:
     return [f"openssl ({program}) not found: it verifies every signature, and does GCM and EC keys"]
 
 
-def explain(smime: Smime, variant: Hashable) -> str:
+def explain(smime: Options, variant: Hashable) -> str:
     """Which certificate the recipients sharing ``variant`` are encrypted to."""
     if not smime.encrypts:
         return ""

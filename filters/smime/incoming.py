@@ -12,7 +12,7 @@ one ``X-ispMailGate-SMIME-Signature`` per signature; what cannot be decrypted fo
 from __future__ import annotations
 
 from email.utils import getaddresses
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..base import Context, marked_direction
 from ..mime import Message, Part
@@ -21,17 +21,24 @@ from .cms import NotForUs, Openssl, Signature, Undecryptable, decrypt, verify
 from .credentials import Identity
 from .parts import MARKER, RESULT, SIGNATURE, Malformed, signed_content, smime_kind
 
-if TYPE_CHECKING:
-    from . import Smime
-
 MAX_LAYERS = 4          # encrypted inside signed inside encrypted ... deeper is left as it is
 MAX_CALLS = 32          # decryptions and verifications per message
+
+
+class Options(Protocol):
+    """What this direction reads of its smime step (the step itself: a Smime, which imports
+    this module, so this module does not import it back)."""
+    direction: str
+    max_size: int
+    on_undecryptable: str
+    trust_store: str
+    unwrap_opaque: bool
 
 
 class Incoming:
     """One message through the decrypting and verifying direction."""
 
-    def __init__(self, smime: Smime, ctx: Context, keys: list[Identity], openssl: Openssl) -> None:
+    def __init__(self, smime: Options, ctx: Context, keys: list[Identity], openssl: Openssl) -> None:
         self.smime, self.ctx, self.keys, self.openssl = smime, ctx, keys, openssl
         self.signatures: list[tuple[str, Signature]] = []     # (scope, signature)
         self.decrypted: list[str] = []                        # scopes

@@ -1,0 +1,161 @@
+"""Delivery groups: leaves whose results are identical merged, each made ready (bytes, ARC
+seal, backup) while the time limit still holds, then handed over once for all its
+recipients."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, NamedTuple
+
+from ispmailgate_filters.base import Discard, Notice, Reject
+from ispmailgate_filters.mime import Message
+
+from ..outcome import Result
+from ..status import DONE, LOCAL_TROUBLE
+from .handover import Handover, Job
+
+log = logging.getLogger("ispmailgate")
+
+
+class Transfer(NamedTuple):
+    """One delivery group made ready: its recipients and bytes, or the verdict that ended it."""
+    recipients: list[str]
+    data: bytes | bytearray | None
+    leaf: Any
+
+
+class Delivery:
+    """Hands each distinct result to the next hop once, for all of its recipients.
+
+    In two stages around the commit point: :meth:`prepare` does all the work (the bytes of
+    each group, ARC seals, the backup of an unparsable original) while the time limit can
+    still stop the run; :meth:`deliver` only hands over, and from the first hand-over on
+    nothing the gate does can make the run end in 75 except a recipient whose message no
+    next hop accepted.
+    """
+
+    def __init__(self, job: Job, handover: Handover) -> None:
+        self.job, self.handover, self.hop = job, handover, handover.hop
+        self.sealer = None
+
+    def prepare(self, leaves: list) -> list[Transfer]:
+        transfers = []
+        groups = self.groups(leaves)
+        self.hop.expect(sum(1 for _, _, leaf in groups if leaf.verdict is None))
+        for recipients, message, leaf in groups:
+            if leaf.verdict is not None:
+                transfers.append(Transfer(recipients, None, leaf))
+                continue
+            if leaf.unparsed:
+                self._unparsed(leaf)
+            data = message.to_bytes()
+            if message.changed and self.job.arc:
+                data = self._seal(self.job.original, message, data, recipients)
+            transfers.append(Transfer(recipients, data, leaf))
+        return transfers
+
+    def deliver(self, transfers: list[Transfer],
+                refused: dict[str, Result] | None = None) -> tuple[dict[str, Result], tuple[str, ...]]:
+        """Each group in turn, then the notices and the bounce: the result of each recipient,
+        and the refused recipients whose sender could not be told.  ``refused`` are
+        recipients no next hop could be given.  Once a group is deferred the rest wait for
+        the MTA's retry too: handed over now, they would be delivered twice."""
+        results: dict[str, Result] = dict(refused or {})
+        deferred = False
+        for transfer in transfers:
+            verdict = transfer.leaf.verdict
+            if isinstance(verdict, (Discard, Reject)):
+                outcome = self._verdict(transfer.leaf)
+            elif deferred:
+                outcome = dict.fromkeys(transfer.recipients, Result(
+                    "deferred", LOCAL_TROUBLE, "not handed over: an earlier delivery group was deferred"))
+            elif verdict is not None:
+                outcome = self._verdict(transfer.leaf)
+            else:
+                replies = self.handover(self.job.sender, transfer.recipients, transfer.data)
+                outcome = {r: reply.result() for r, reply in replies.items()}
+            deferred = deferred or any(result.state == "deferred" for result in outcome.values())
+            results.update(outcome)
+        if not self.hop.carries_reports:
+            for notice in self.job.notices:
+                log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
+        elif self.job.notices and not deferred:     # the retry would send them again
+            self._reports().send_notices()
+        return results, (() if deferred else self._bounce(results))
+
+    def _bounce(self, results: dict[str, Result]) -> tuple[str, ...]:
+        """Some recipients refused for good and others not: a 69 would bounce those too, so
+        the sender gets our own delivery status notification for the refused ones.  Returns
+        the refused recipients it could not be sent for (past the commit point: never raises)."""
+        rejected = {rcpt: result for rcpt, result in results.items() if result.state == "rejected"}
+        if not rejected or len(rejected) == len(results) or not self.hop.carries_reports:
+            return ()
+        try:
+            sent = self._reports().bounce(rejected)
+        except Exception as error:      # noqa: BLE001 -- a fault of ours must not make a retry
+            log.error("cannot send the bounce: %r", error, exc_info=True)
+            sent = False
+        return () if sent else tuple(rejected)
+
+    def _reports(self):
+        from .reports import Reports     # only a run that reports something pays for it
+
+        return Reports(self.job, self.handover)
+
+    def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
+        """An ARC set for a changed message; if sealing fails, the message goes out unsealed."""
+        if self.sealer is None:
+            from ..arc import Sealer
+            self.sealer = Sealer(self.job.arc)
+        started = time.monotonic()
+        try:
+            sealed = self.sealer.seal(original.raw, data, message.eol)
+        except Exception as error:      # a message dkimpy cannot handle is still delivered
+            log.error("ARC sealing failed for %s, delivered unsealed: %r", ",".join(recipients), error)
+            return data
+        log.info("ARC sealed for %s in %.1f ms", ",".join(recipients), (time.monotonic() - started) * 1000)
+        return sealed
+
+    @staticmethod
+    def groups(leaves: list) -> list[tuple[list[str], Message | None, Any]]:
+        """Merge leaves whose resulting bytes are identical: one transaction for them all."""
+        import hashlib
+
+        groups: list[tuple[list[str], Message | None, Any]] = []
+        merged: dict[Any, list[str]] = {}
+        for leaf in leaves:
+            if leaf.message is None or leaf.unparsed:
+                groups.append((leaf.recipients, leaf.message, leaf))
+                continue
+            # a digest, not the bytes: holding every result until delivery would cost a copy each
+            key = hashlib.sha256(leaf.message.to_bytes()).digest() if leaf.message.changed else "unchanged"
+            if key in merged:
+                merged[key].extend(leaf.recipients)
+            else:
+                merged[key] = list(leaf.recipients)
+                groups.append((merged[key], leaf.message, leaf))
+        return groups
+
+    def _verdict(self, leaf) -> dict[str, Result]:
+        verdict = leaf.verdict
+        if isinstance(verdict, Discard):
+            return {r: Result("discarded", verdict.status, f"by {leaf.step}: {verdict}") for r in leaf.recipients}
+        if isinstance(verdict, Reject):
+            return {r: Result("rejected", verdict.status, f"{leaf.step}: {verdict}") for r in leaf.recipients}
+        # FilterError with on_filter_error = "report": the postmaster gets the original.
+        if not self.hop.carries_reports:
+            return {r: Result("deferred", LOCAL_TROUBLE, f"{leaf.step}: {verdict}") for r in leaf.recipients}
+        sent = self._reports().filter_error(leaf)
+        state = ("reported", DONE, f"to the postmaster: {leaf.step}: {verdict}") if sent else \
+                ("deferred", LOCAL_TROUBLE, f"{leaf.step}: {verdict}; the report to the postmaster failed")
+        return {r: Result(*state) for r in leaf.recipients}
+
+    def _unparsed(self, leaf) -> None:
+        job = self.job
+        kept = job.keep_backup(job.original.raw)
+        text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
+                f"{', '.join(leaf.recipients)}) in filter {leaf.step}.\nIt was delivered unchanged."
+                f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
+        job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
+                                  "unfiltered (parse error)", text))

@@ -1,0 +1,128 @@
+"""Reports: messages the gate writes itself (to the postmaster, notices from filters,
+bounces for partly refused mail), sent with the null sender through the same next hop."""
+
+from __future__ import annotations
+
+import logging
+
+from ..outcome import Result
+from ..reading import header_block_end
+from ..text import loggable, one_line
+from .handover import Handover, Job
+from .smtp import hostname
+
+log = logging.getLogger("ispmailgate")
+
+
+class Reports:
+    """Messages the gate writes itself, sent with the null sender through the same next hop.
+
+    Reports go out after the message, past the commit point, so nothing here raises: a
+    report that cannot be written or sent is logged and counts as not sent.  Whatever
+    text goes into one (addresses, filter messages) is made printable first.
+    """
+
+    def __init__(self, job: Job, handover: Handover) -> None:
+        self.job, self.handover = job, handover
+
+    def filter_error(self, leaf) -> bool:
+        text = (f"A filter failed on message {self.job.run_id}.\n\n"
+                f"Sender:     <{self.job.sender}>\nRecipients: {', '.join(leaf.recipients)}\n"
+                f"Filter:     {leaf.step}\nError:      {leaf.verdict}\n\n"
+                "The message was not delivered to these recipients; the original is attached.\n"
+                "Forward it to them once the problem is understood.\n")
+        return self._send((self.job.postmaster,), f"ispmailgate: filter {leaf.step} failed",
+                          text, self.job.original.raw)
+
+    def send_notices(self) -> None:
+        for notice in self.job.notices:
+            recipients = tuple(r for r in notice.recipients if r)
+            if recipients:
+                self._send(recipients, notice.subject, notice.text,
+                           self.job.original.raw if notice.attach_original else None)
+
+    def bounce(self, rejected: dict[str, Result]) -> bool:
+        """A delivery status notification (RFC 3464) to the sender for rejected recipients.
+
+        If the sender cannot be told and the others already have the message, the
+        postmaster gets it instead: a retry would deliver to them twice."""
+        to = self.job.sender or self.job.postmaster     # never bounce a bounce to <>
+        lines = [f"Your message could not be delivered to {len(rejected)} recipient(s):", ""]
+        lines += [f"<{one_line(rcpt)}>: {result.status} {one_line(result.text)}" for rcpt, result in rejected.items()]
+        status = [f"Reporting-MTA: dns; {hostname()}", ""]
+        for rcpt, result in rejected.items():
+            status += [f"Final-Recipient: rfc822; {one_line(rcpt)}", "Action: failed",
+                       f"Status: {result.status}", f"Diagnostic-Code: smtp; {one_line(result.text)}", ""]
+        subject = "Undelivered Mail Returned to Sender"
+        try:
+            report = _multipart_report("\n".join(lines) + "\n", "\n".join(status), original_headers(self.job.original.raw))
+        except Exception as error:      # noqa: BLE001 -- see the class
+            log.error("cannot write the bounce: %r", error, exc_info=True)
+            return False
+        if self._send((to,), subject, None, None, body=report):
+            return True
+        if self.handover.delivered and to != self.job.postmaster:
+            log.error("the sender <%s> cannot be told that %s failed; the postmaster is", to,
+                      ", ".join(one_line(r) for r in rejected))
+            self._send((self.job.postmaster,), subject, None, None, body=report)
+        return False
+
+    def _send(self, recipients: tuple[str, ...], subject: str, text: str | None,
+              attachment: bytes | bytearray | None, body: tuple[str, bytes] | None = None) -> bool:
+        try:
+            data = _report_message(self.job.postmaster, recipients, subject, text, attachment, body)
+        except Exception as error:      # noqa: BLE001 -- see the class
+            log.error("%s: cannot write report %r: %r", self.job.run_id, subject, error, exc_info=True)
+            return False
+        replies = self.handover("", list(recipients), data)
+        bad = {r: reply for r, reply in replies.items() if reply.code // 100 != 2}
+        for rcpt, reply in bad.items():
+            log.error("%s: report %r to %s failed: %s %s", self.job.run_id, subject, rcpt, reply.code, reply.text)
+        return not bad
+
+
+def original_headers(raw: bytes | bytearray) -> bytes:
+    """The original's header block as it came, for a bounce (at most 64 KB, cut at a line
+    end): a slice, never a parse, as a bounce goes out after delivery."""
+    block = bytes(raw[:min(header_block_end(raw), 64 * 1024)])
+    return block if block.endswith(b"\n") or b"\n" not in block else block[:block.rindex(b"\n") + 1]
+
+
+def _report_message(postmaster: str, recipients: tuple[str, ...], subject: str, text: str | None,
+                    attachment: bytes | bytearray | None, body: tuple[str, bytes] | None) -> bytes:
+    """A report assembled as bytes, so an attached original stays exactly as it came."""
+    from email.utils import formatdate, make_msgid
+
+    from ispmailgate_filters.mime import fold_field, new_boundary
+
+    head = b"".join(fold_field(name, value) for name, value in (
+        ("From", f"Mail Delivery System <{one_line(postmaster)}>"),
+        ("To", ", ".join(one_line(r) for r in recipients)),
+        ("Subject", one_line(subject)), ("Date", formatdate(localtime=True)),
+        ("Message-ID", make_msgid("ispmailgate")), ("Auto-Submitted", "auto-replied"),
+        ("MIME-Version", "1.0")))
+    if body is not None:
+        content_type, payload = body
+        return head + fold_field("Content-Type", content_type) + b"\n" + payload
+    text_part = (b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
+                 + loggable(text or "").encode("utf-8"))
+    if attachment is None:
+        return head + text_part
+    boundary = new_boundary().encode()
+    return (head + b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\n\n'
+            + b"--" + boundary + b"\n" + text_part + b"\n--" + boundary + b"\n"
+            + b"Content-Type: message/rfc822\nContent-Disposition: attachment\n\n"
+            + bytes(attachment) + (b"" if attachment.endswith(b"\n") else b"\n")
+            + b"--" + boundary + b"--\n")
+
+
+def _multipart_report(text: str, status: str, headers: bytes) -> tuple[str, bytes]:
+    from ispmailgate_filters.mime import new_boundary
+
+    boundary = new_boundary()
+    mark = f"--{boundary}\n".encode()
+    payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + loggable(text).encode("utf-8") + b"\n"
+               + mark + b"Content-Type: message/delivery-status\n\n" + loggable(status).encode("utf-8") + b"\n"
+               + mark + b"Content-Type: text/rfc822-headers\n\n" + headers
+               + f"\n--{boundary}--\n".encode())
+    return f'multipart/report; report-type=delivery-status; boundary="{boundary}"', payload

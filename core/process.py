@@ -1,0 +1,171 @@
+"""The process of a run: privileges dropped before the message is read, everything imported
+before that, and the wall-clock limit (with the signals that stop a run early)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from ispmailgate_filters.base import ConfigError
+
+from .rules import Config, mail_identity
+from .status import MISCONFIGURED, tempfail
+
+log = logging.getLogger("ispmailgate")
+
+
+def drop_privileges(config: Config) -> None:
+    """Started as root: become mail_user/mail_group (default nobody), groups cleared.
+
+    Called after the rule file is read and before the message is: nothing in a message is
+    ever handled with root's rights.
+    """
+    if os.geteuid() != 0:
+        return
+    user, group = config.mail_user, config.mail_group
+    try:
+        identity = mail_identity(config)       # load_config checked it already, as check does
+    except ConfigError as error:
+        raise tempfail(MISCONFIGURED, f"config error: {config.path}: {error}") from None
+    if identity is None:      # mail_user = "root", spelled out: allowed, never silently
+        log.warning("mail_user is root: this message is handled with root's rights")
+        return
+    uid, gid = identity
+    # the standard library's folder, and the one holding ispmailgate's own modules (site-packages,
+    # or the pyz): this module is in ispmailgate_core/ below it
+    if not readable_by(uid, gid, os.path.dirname(os.__file__), os.path.dirname(os.path.dirname(__file__))):
+        log.debug("%s cannot read this Python installation: importing everything first", user)
+        preload(config)
+    try:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    except OSError as error:
+        raise tempfail(MISCONFIGURED, f"cannot become {user}:{group or '-'}: {error}") from None
+    if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
+        raise tempfail(MISCONFIGURED, f"still root after switching to {user}")
+    log.debug("running as %s (uid %d, gid %d)", user, os.getuid(), os.getgid())
+
+
+def readable_by(uid: int, gid: int, *directories: str) -> bool:
+    """Can this user list and read these directories, every parent directory included?"""
+    import stat
+
+    for directory in directories:
+        path = os.path.abspath(directory)
+        while True:
+            info = os.stat(path)
+            bits = (stat.S_IRUSR | stat.S_IXUSR if info.st_uid == uid else
+                    stat.S_IRGRP | stat.S_IXGRP if info.st_gid == gid else stat.S_IROTH | stat.S_IXOTH)
+            if info.st_mode & bits != bits:
+                return False
+            if path == os.path.dirname(path):
+                break
+            path = os.path.dirname(path)
+    return True
+
+
+def preload(config: Config) -> None:
+    """Import now what the run imports lazily later, for every filter in the rule file.
+
+    Done before privileges are dropped (an interpreter installed under a private home is
+    not readable by mail_user) and before ``serve`` forks its workers (load once).
+    """
+    import importlib
+
+    for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
+                   "encodings.idna", "hashlib", "importlib.metadata", "shutil", "socket", "subprocess",
+                   "syslog", "tomllib", "unicodedata", "urllib.parse"):
+        importlib.import_module(module)
+    import codecs
+
+    for charset in MAIL_CHARSETS:   # codecs load their modules on first lookup, then cache
+        codecs.lookup(charset)
+    for step in {*config.filters.values(), *config.default_chain,
+                 *(step for rule in config.rules for step in rule.chain)}:
+        step.preload()
+
+
+# The charsets mail is written in, looked up before privileges are dropped.
+MAIL_CHARSETS = ("ascii", "latin-1", "utf-8", "utf-16", "utf-32", "utf-7", "koi8-r", "koi8-u",
+                 "mac-roman", "gb2312", "gbk", "gb18030", "big5", "big5hkscs", "shift_jis",
+                 "euc-jp", "iso2022-jp", "euc-kr", "cp932", "cp949", "cp950", "hz", "tis-620",
+                 "cp437", "cp850", "cp866", *(f"cp125{i}" for i in range(9)),
+                 *(f"iso8859-{i}" for i in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)))
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised by SIGALRM in the middle of whatever the run was doing (a BaseException,
+    like a verdict, so no ``except Exception`` on the way swallows it)."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM, SIGINT or SIGHUP before the first delivery: the run stops, its children are
+    killed on the way out (``finally``), and the MTA keeps the message (75)."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(f"stopped by {signal.Signals(signum).name} before delivery")
+
+
+class time_limit:
+    """Wall-clock limit for one message, with SIGALRM (main thread only; elsewhere only
+    :meth:`check` applies it).
+
+    Until :meth:`shield` the alarm interrupts whatever runs.  From the first delivery on
+    it no longer does: it must never land inside a transaction the next hop may already
+    have accepted, so the limit is checked (:meth:`check`) before each delivery starts,
+    and a delivery, bounded by ``delivery_timeout`` per step, runs to its end.  A
+    terminating signal is treated alike when nobody else handles it (a one-shot run; a
+    ``serve`` worker handles its own).
+    """
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = float("inf")
+        self.shielded = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "time_limit":
+        import signal
+        import threading
+
+        self.deadline = time.monotonic() + self.seconds
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._expired)
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
+                self.previous[number] = signal.signal(number, self._signalled)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.previous:
+            import signal
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            for number, handler in self.previous.items():
+                signal.signal(number, handler)
+            self.previous.clear()
+
+    def shield(self) -> None:
+        """From now on the alarm and signals no longer interrupt the run (see the class)."""
+        self.shielded = True
+
+    def check(self) -> None:
+        if time.monotonic() >= self.deadline:
+            raise TimeLimitExceeded()
+
+    def _expired(self, signum, frame) -> None:
+        if not self.shielded:
+            raise TimeLimitExceeded()
+
+    def _signalled(self, signum, frame) -> None:
+        if not self.shielded:       # once delivering, the run finishes (each step is bounded)
+            raise Interrupted(signum)

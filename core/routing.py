@@ -1,0 +1,146 @@
+"""Route and run the chains: each recipient's rule and chain, and the runner that runs
+every distinct filter step once for all the recipients it serves."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+from ispmailgate_filters.base import Envelope, Filter, FilterError, TempFail, Verdict
+from ispmailgate_filters.mime import Message, ParseError
+
+from .rules import Config
+from .status import of_error
+
+
+class Route(NamedTuple):
+    rule: str
+    chain: tuple[Filter, ...]
+
+    @property
+    def chain_label(self) -> str:
+        return ",".join(step.title for step in self.chain) or "-"
+
+
+def route(config: Config, sender: str, recipient: str) -> Route:
+    for rule in config.rules:
+        if rule.matches(sender, recipient):
+            return Route(rule.label, rule.chain)
+    return Route("default", config.default_chain)
+
+
+class Leaf(NamedTuple):
+    """Where a set of recipients ended up after their chains: a message, or a verdict."""
+    recipients: list[str]
+    message: Message | None
+    verdict: Verdict | None = None
+    step: str = ""
+    unparsed: bool = False          # the parser gave up: delivered unchanged, see on_parse_error
+
+    def defers(self, config: Config, carries_reports: bool) -> bool:
+        """Does this leaf make the whole run a tempfail, before anything is delivered?  A
+        TempFail does; a filter error when the policy says so or the next hop cannot carry
+        the postmaster's report; a message the parser gave up on when on_parse_error says so."""
+        if isinstance(self.verdict, TempFail):
+            return True
+        if isinstance(self.verdict, FilterError):
+            return config.on_filter_error == "tempfail" or not carries_reports
+        return self.unparsed and config.on_parse_error == "tempfail"
+
+
+class ChainRunner:
+    """Runs every recipient's chain, each distinct step once per distinct input.
+
+    The chains form a tree: recipients whose chains start with equal steps (same type
+    and options, same per-recipient variant) share those steps' work, and their paths
+    split where their chains differ.  A verdict ends the path for its recipients.
+    """
+
+    def __init__(self, make_context, log, trace: "list[StepTrace] | None" = None) -> None:
+        self.make_context = make_context
+        self.log = log
+        self.trace = trace          # --dry-run: what each step did, for whom
+
+    def run(self, message: Message, sender: str, routes: dict[str, Route]) -> list[Leaf]:
+        leaves: list[Leaf] = []
+        pending = [(message, list(routes), 0)]
+        while pending:
+            current, recipients, depth = pending.pop()
+            finished, branches = self.split(routes, recipients, depth)
+            if finished:
+                leaves.append(Leaf(finished, current))
+            shared = len(branches) + bool(finished) > 1
+            for (step, _), members in branches.items():
+                work = current.fork() if shared else current
+                leaf = self._step(step, work, Envelope(sender, tuple(members)), message)
+                if leaf is None:
+                    pending.append((work, members, depth + 1))
+                else:
+                    leaves.append(leaf)
+        return leaves
+
+    @classmethod
+    def split(cls, routes: dict[str, Route], recipients: list[str],
+              depth: int) -> "tuple[list[str], dict[tuple[Filter, Any], list[str]]]":
+        """Who is done after ``depth`` steps, and who takes which (step, variant) next."""
+        finished = [r for r in recipients if len(routes[r].chain) == depth]
+        branches: dict[tuple[Filter, Any], list[str]] = {}
+        for recipient in recipients:
+            if len(routes[recipient].chain) > depth:
+                step = routes[recipient].chain[depth]
+                branches.setdefault((step, cls._variant(step, recipient)), []).append(recipient)
+        return finished, branches
+
+    @staticmethod
+    def _variant(step: Filter, recipient: str) -> Any:
+        try:
+            return step.variant(recipient)
+        except Exception as error:    # decided in _step: the step will fail for them
+            return ("variant-error", repr(error))
+
+    def _step(self, step: Filter, work: Message, envelope: Envelope, original: Message) -> Leaf | None:
+        members = list(envelope.recipients)
+        started = time.monotonic()
+        before = bytes(work.to_bytes()) if self.trace is not None else None
+        try:
+            step.process(work, self.make_context(envelope, step))
+        except Verdict as verdict:
+            # the summary line carries the verdict; this is the detail of -d
+            self.log.debug("%s: %s for %s: %s", step.title, verdict.outcome, ",".join(members), verdict)
+            return self._record(step, started, Leaf(members, None, verdict, step.title))
+        except ParseError as error:
+            self.log.error("%s: cannot parse the message: %s", step.title, error)
+            return self._record(step, started, Leaf(members, Message(original.raw), None, step.title,
+                                                    unparsed=True), f"cannot parse the message: {error}")
+        except (OSError, MemoryError) as error:    # the machine's trouble, not the message's
+            self.log.error("%s: %r", step.title, error, exc_info=True)
+            return self._record(step, started, Leaf(members, None, TempFail(str(error), of_error(error)),
+                                                    step.title))
+        except Exception as error:
+            self.log.error("%s: filter error for %s: %r", step.title, ",".join(members), error,
+                           exc_info=True)
+            verdict = FilterError(f"filter {step.title} failed: {error!r}")
+            return self._record(step, started, Leaf(members, None, verdict, step.title))
+        self.log.debug("%s: %.1f ms for %s%s", step.title, (time.monotonic() - started) * 1000,
+                       ",".join(members), " (changed)" if work.changed else "")
+        if before is not None:
+            self._record(step, started, Leaf(members, work),
+                         "changed the message" if work.to_bytes() != before else "passed")
+        return None
+
+    def _record(self, step: Filter, started: float, leaf: Leaf, outcome: str = "") -> Leaf:
+        """For --dry-run: what this step did (a verdict speaks for itself)."""
+        if self.trace is not None:
+            if leaf.verdict is not None:
+                outcome = f"{leaf.verdict.outcome}: {leaf.verdict.status} {leaf.verdict}"
+            self.trace.append(StepTrace(step.title, tuple(leaf.recipients), outcome,
+                                        (time.monotonic() - started) * 1000))
+        return leaf
+
+
+class StepTrace(NamedTuple):
+    """What one filter step did for its recipients (``--dry-run`` prints these)."""
+    step: str
+    recipients: tuple[str, ...]
+    outcome: str
+    ms: float

@@ -1,0 +1,374 @@
+"""packer: compresses the parts of a message ("pos") and restores them ("neg").
+
+As the original's Packer, for two gateways that agree: one packs, the other unpacks,
+and ``direction = "auto"`` decides from the message's own marker header
+``X-ispMailGate-Packer`` (unmarked mail is packed, mail marked "pos" is unpacked).
+
+pos packs leaf parts one by one: the decoded body is compressed and sent as base64
+under a new ``Content-Type`` (``application/gzip`` ...) with a file name ending in the
+codec's suffix, so a reader without the gateway can still open it.  The header fields
+it replaces (Content-Type, Content-Transfer-Encoding, Content-Disposition, and
+MIME-Version of a message's top part) are recorded byte for byte in
+``X-ispMailGate-Packed-Fields`` (base64), a readable summary in ``X-ispMailGate-Packed``.
+neg puts those fields back where they stood, decompresses with a cap on the output,
+and re-encodes the body in its original Content-Transfer-Encoding.
+
+Left alone by pos: multipart containers (their leaves are packed), everything inside
+multipart/signed, multipart/encrypted or S/MIME, parts already packed, parts in
+``skip_types`` (already compressed formats), parts with an unknown transfer encoding
+or duplicate Content-* fields, and parts that would not shrink by ``min_saving``.
+An embedded message (message/rfc822) is descended into like a multipart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice,
+                   marked_direction, option, parse_size, seconds)
+from ..mime import Message, ParseError, Part, decode_body, encode_body, format_param, printable
+from .packing import BUILTIN_CODECS, UnpackError, compress, decompress, incompressible
+
+MARKER = "X-ispMailGate-Packer"
+PACKED = "X-ispMailGate-Packed"
+PACKED_FIELDS = "X-ispMailGate-Packed-Fields"
+REPLACED = ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition")
+PROTECTED = frozenset({"multipart/signed", "multipart/encrypted",
+                       "application/pkcs7-mime", "application/x-pkcs7-mime"})
+_ENCODINGS = frozenset({"", "7bit", "8bit", "binary", "base64", "quoted-printable"})
+_IDENTITY = frozenset({"", "7bit", "8bit", "binary"})
+_CODEC_NAME = re.compile(r"[a-z0-9][a-z0-9.+-]*\Z")
+_MEDIA_RANGE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)\Z")
+
+COMPRESSED_TYPES = (
+    "application/gzip", "application/x-gzip", "application/zip", "application/x-zip-compressed",
+    "application/x-bzip2", "application/x-xz", "application/zstd", "application/x-7z-compressed",
+    "application/vnd.rar", "application/x-rar-compressed", "image/jpeg", "image/png", "image/gif",
+    "image/webp", "audio/*", "video/*",
+)
+
+
+def _media_ranges(value) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of media types like \"image/jpeg\" or \"video/*\"")
+    ranges = tuple(v.strip().lower() for v in value)
+    bad = [v for v in ranges if not _MEDIA_RANGE.match(v)]
+    if bad:
+        raise ValueError(f"not a media type or type/*: {', '.join(map(repr, bad))}")
+    return ranges
+
+
+@dataclass(frozen=True)
+class Packer(Filter):
+    """Compresses each leaf part (pos) or restores packed parts (neg)."""
+
+    name = "packer"
+    description = "compress message parts (pos) or restore them (neg)"
+    lazy_modules = ("base64", "binascii", "bz2", "gzip", "lzma", "shutil", "subprocess", "threading",
+                    "zlib")
+
+    direction: str = option("auto", "pos: pack; neg: unpack; auto: unpack mail whose X-ispMailGate-Packer "
+                                    "header says pos, pack all other mail",
+                            convert=choice("pos", "neg", "auto"))
+    codec: str = option("gzip", "gzip | bzip2 | xz (built in), or a name of your own for "
+                                "command_pos/command_neg; recorded in each packed part")
+    level: int = option(6, "compression level of the built-in codecs, 1 (fast) to 9 (small; xz at 7 to 9 "
+                           "needs 200 to 700 MB of memory)")
+    command_pos: tuple = option((), "compress command as an argv list (no shell): body on stdin, "
+                                    "packed data on stdout, exit 0", convert=argv)
+    command_neg: tuple = option((), "decompress command as an argv list (no shell): packed data on "
+                                    "stdin, body on stdout, exit 0", convert=argv)
+    command_timeout: float = option(60.0, "seconds a command may run for one part", convert=seconds())
+    min_saving: int = option(10, "pack a part only if that makes it at least this many percent "
+                                 "smaller on the wire (0: pack every eligible part)")
+    skip_types: tuple = option(COMPRESSED_TYPES, "media types (type/subtype or type/*) pos leaves "
+                                                 "alone, e.g. formats that are compressed already",
+                               convert=_media_ranges)
+    max_unpacked: int = option(100 * 1024 ** 2, "most bytes neg may unpack for one message, all parts "
+                                                "together (e.g. \"100M\"); past it: on_unpack_error",
+                               convert=parse_size)
+    on_unpack_error: str = option("error", "for a packed part past max_unpacked, damaged, or in a codec "
+                                           "this filter cannot undo: error (a filter error, see "
+                                           "on_filter_error), keep (deliver it packed, log it), reject (5.6.0)",
+                                  convert=choice("error", "keep", "reject"))
+
+    def __post_init__(self) -> None:
+        if not _CODEC_NAME.match(self.codec):
+            raise OptionError("codec", f"expected a codec name like gzip (lower case), got {self.codec!r}")
+        if self.codec not in BUILTIN_CODECS:
+            for key, wanted in (("command_pos", ("pos", "auto")), ("command_neg", ("neg", "auto"))):
+                if self.direction in wanted and not getattr(self, key):
+                    raise OptionError(key, f"codec {self.codec!r} is not built in (gzip, bzip2, xz): "
+                                           f"give {key} as an argv list")
+        if not 1 <= self.level <= 9:
+            raise OptionError("level", f"expected 1 to 9, got {self.level}")
+        if not 0 <= self.min_saving <= 99:
+            raise OptionError("min_saving", f"expected a percentage from 0 to 99, got {self.min_saving}")
+        if self.command_timeout <= 0:
+            raise OptionError("command_timeout", "expected a positive number of seconds")
+
+    def breaks_dkim(self) -> bool:
+        return True         # packing and unpacking both rewrite the body
+
+    def trusted_files(self) -> dict[str, str]:
+        return {f"{key}[0]": command[0] for key, command in (("command_pos", self.command_pos),
+                                                            ("command_neg", self.command_neg)) if command}
+
+    def problems(self) -> list[str]:
+        import shutil
+
+        return [f"{key}: {command[0]} not found or not executable"
+                for key, command in (("command_pos", self.command_pos), ("command_neg", self.command_neg))
+                if command and shutil.which(command[0]) is None]
+
+    def process(self, message: Message, ctx: Context) -> None:
+        if marked_direction(message, MARKER, self.direction) == "pos":
+            self.pack(message, ctx)
+        else:
+            self.unpack(message, ctx)
+
+    # -- pos ---------------------------------------------------------------------------
+
+    def pack(self, message: Message, ctx: Context) -> None:
+        before = after = count = 0
+        for part, top in leaves_outside_protected(message.root):
+            if not self._packable(part):
+                continue
+            size = len(part.body)
+            if self._pack_part(part, top, ctx):
+                before, after, count = before + size, after + len(part.body), count + 1
+        # Marked even when nothing shrank: the peer's "auto" must unpack, not pack again.
+        if message.header_value(MARKER) != "pos":
+            message.headers.remove(MARKER)
+            message.headers.add(MARKER, "pos")
+        ctx.log.info("%s: packed %d part(s) with %s: %d -> %d bytes", self.title, count, self.codec,
+                     before, after)
+
+    def _packable(self, part: Part) -> bool:
+        content_type = part.content_type
+        return (bool(part.body) and part.separator != b"" and PACKED not in part.headers
+                and not content_type.startswith(("multipart/", "message/"))
+                and part.transfer_encoding in _ENCODINGS
+                and not any(_matches(content_type, media) for media in self.skip_types)
+                and all(len(part.headers.get_all(name)) <= 1 for name in (*REPLACED, "MIME-Version")))
+
+    def _pack_part(self, part: Part, top: bool, ctx: Context) -> bool:
+        data = part.decoded()
+        if self.min_saving and incompressible(data):
+            return False
+        try:
+            packed = compress(self.codec, data, self.level, self.command_pos, self._run_options(ctx))
+        except UnpackError as error:        # packing is an optimisation: the part goes as it is
+            ctx.log.warning("%s: %s part not packed: %s", self.title, part.content_type, error)
+            return False
+        encoded = _ending_like(encode_body(packed, "base64", part.headers.eol), part.body)
+        if self.min_saving and len(encoded) * 100 > len(part.body) * (100 - self.min_saving):
+            return False
+        replaced = (*REPLACED, "MIME-Version") if top else REPLACED
+        recorded = b"".join(part.headers.raw(name) or b"" for name in replaced)
+        summary = (f'{self.codec}; type="{part.content_type}"; encoding="{part.transfer_encoding or "7bit"}"; '
+                   f"size={len(data)}")
+        suffix, media_type = BUILTIN_CODECS.get(self.codec, (f".{self.codec}", "application/octet-stream"))
+        filename = printable(part.filename or "part") + suffix
+        fields = [("Content-Type", f"{media_type}; {format_param('name', filename)}"),
+                  ("Content-Transfer-Encoding", "base64"),
+                  ("Content-Disposition", f"attachment; {format_param('filename', filename)}")]
+        for name, value in fields + ([("MIME-Version", "1.0")] if top else []):
+            part.headers.set(name, value)
+        part.headers.add(PACKED, summary, top=False)
+        part.headers.add(PACKED_FIELDS, _chunked(recorded), top=False)
+        part.body = encoded
+        return True
+
+    # -- neg ---------------------------------------------------------------------------
+
+    def unpack(self, message: Message, ctx: Context) -> None:
+        budget, count, kept = self.max_unpacked, 0, 0
+        for parent, index, part in packed_parts(message.root):
+            try:        # within this step's max_unpacked and the message's budget (max_decoded)
+                restored, size = self._restore(part, min(budget, ctx.budget.room()), ctx,
+                                               top=parent is None or parent.is_message)
+            except UnpackError as error:
+                self._failed(part, error, ctx)
+                kept += 1
+                continue
+            budget -= size
+            ctx.budget.charge(decoded=size)
+            count += 1
+            if parent is None:
+                message.root = restored
+            else:
+                parent.children[index] = restored
+        if not kept and MARKER in message.headers:
+            message.headers.remove(MARKER)
+        if count:
+            ctx.log.info("%s: unpacked %d part(s), %d bytes", self.title, count, self.max_unpacked - budget)
+
+    def _restore(self, part: Part, budget: int, ctx: Context, *, top: bool) -> tuple[Part, int]:
+        codec, size = _summary(part.headers.get(PACKED) or "")
+        if size is not None and size > budget:
+            raise UnpackError(f"it would unpack to {size} bytes, over max_unpacked ({self.max_unpacked})")
+        original = recorded_fields(part, top)
+        command = self.command_neg if codec == self.codec else ()
+        if codec not in BUILTIN_CODECS and not command:
+            raise UnpackError(f"codec {codec!r} is not built in and not this filter's command codec")
+        data = decompress(codec, part.decoded(), budget, command, self._run_options(ctx))
+        if size is not None and len(data) != size:
+            raise UnpackError(f"unpacked {len(data)} bytes where {size} were recorded")
+        try:
+            restored = Part.from_bytes(_restored_header(part, original, top) + (part.separator or part.headers.eol))
+        except ParseError as error:
+            raise UnpackError(f"the restored header does not parse: {error}") from None
+        restored.default_type = part.default_type
+        encoding = restored.transfer_encoding
+        if encoding in _IDENTITY:
+            restored.body = data
+        elif encoding in ("base64", "quoted-printable"):
+            restored.body = exact_encoding(data, encoding, part.headers.eol, final_eol=part.body.endswith(b"\n"))
+        else:
+            raise UnpackError(f"recorded Content-Transfer-Encoding {encoding!r} cannot be restored")
+        return restored, len(data)
+
+    def _failed(self, part: Part, error: UnpackError, ctx: Context) -> None:
+        name = printable(part.filename or part.content_type)
+        if error.environment:           # this machine's fault, not the message's: retry later
+            raise TempFail(f"cannot unpack {name}: {error}")
+        if self.on_unpack_error == "keep":
+            ctx.log.warning("%s: %s left packed: %s", self.title, name, error)
+        elif self.on_unpack_error == "reject":
+            raise Reject(f"packed part {name}: {error}", "5.6.0")
+        else:
+            raise FilterError(f"cannot unpack {name}: {error}")
+
+    def _run_options(self, ctx: Context) -> dict:
+        return {"timeout": self.command_timeout, "cwd": ctx.workdir}
+
+
+# -- walking the tree ---------------------------------------------------------------------
+
+def leaves_outside_protected(part: Part, top: bool = True):
+    """(leaf, is the top part of a message) for every leaf not inside signed or encrypted content."""
+    if part.content_type in PROTECTED:
+        return
+    if part.is_leaf:
+        yield part, top
+        return
+    for child in part.children:
+        yield from leaves_outside_protected(child, part.is_message)
+
+
+def packed_parts(root: Part) -> list[tuple[Part | None, int, Part]]:
+    """(parent, index, part) for every packed leaf; parent None for the message's own top part."""
+    found = []
+    stack: list[tuple[Part, Part | None, int]] = [(root, None, 0)]
+    while stack:
+        current, above, at = stack.pop()
+        if current.content_type in PROTECTED:
+            continue
+        if current.is_leaf:
+            if PACKED in current.headers:
+                found.append((above, at, current))
+            continue
+        stack.extend((child, current, i) for i, child in reversed(list(enumerate(current.children))))
+    return found
+
+
+def exact_encoding(data: bytes, encoding: str, eol: bytes, *, final_eol: bool = True) -> bytes:
+    """``data`` in base64 or quoted-printable such that decoding gives back every byte.
+
+    Quoted-printable written as text turns CRLF inside the data into the message's line
+    ends; where that would change the data, line breaks are encoded (=0D=0A) instead.
+    Without ``final_eol`` the last line end goes (the boundary line brings its own) — unless
+    it was the data's own, as in a body that is one line break, or a CR at the very end.
+    """
+    if encoding == "base64":        # decodes to ``data`` by construction: nothing to check
+        return encode_body(data, encoding, eol, final_eol=final_eol)
+    encoded = encode_body(data, encoding, eol)
+    if not final_eol:
+        encoded = _without_last_eol(encoded)
+    # a bare CR at the end would join the boundary line's LF into one line end
+    if decode_body(encoded, encoding) != data or (not final_eol and encoded.endswith(b"\r")):
+        import binascii
+
+        encoded = binascii.b2a_qp(data, istext=False).replace(b"\n", eol)
+        if not final_eol:
+            encoded = _without_last_eol(encoded)
+    return encoded
+
+
+def _without_last_eol(encoded: bytes) -> bytes:
+    return encoded[:-2] if encoded.endswith(b"\r\n") else encoded.removesuffix(b"\n")
+
+
+def _ending_like(encoded: bytes, body: bytes) -> bytes:
+    """``encoded`` without its last line end when ``body`` had none (the boundary line has it)."""
+    return encoded if body.endswith(b"\n") else _without_last_eol(encoded)
+
+
+def _matches(content_type: str, media: str) -> bool:
+    return content_type == media or (media.endswith("/*") and content_type.startswith(media[:-1]))
+
+
+# -- the recorded fields -------------------------------------------------------------------
+
+def recorded_fields(part: Part, top: bool) -> list[tuple[str, bytes]]:
+    """The original Content-* fields pos recorded, checked before a byte of them is used.
+
+    The record is in the message, so anybody can write one: only the replaced fields are
+    accepted, once each, with no bare CR or NUL, in this message's line ends.
+    """
+    import base64
+    import binascii
+
+    text = "".join((part.headers.get(PACKED_FIELDS) or "").split())
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise UnpackError(f"{PACKED_FIELDS} is not valid base64") from None
+    eol = part.headers.eol
+    raw = raw.replace(b"\r\n", b"\n")
+    if b"\r" in raw or b"\0" in raw or (raw and not raw.endswith(b"\n")):
+        raise UnpackError(f"{PACKED_FIELDS} holds control characters or a cut field")
+    raw = raw.replace(b"\n", eol)
+    holder = Part.from_bytes(raw + eol)
+    fields = holder.headers.fields()
+    allowed = {name.lower() for name in ((*REPLACED, "MIME-Version") if top else REPLACED)}
+    names = [name.lower() for name, _ in fields]
+    if holder.body or set(names) - allowed or len(names) != len(set(names)):
+        raise UnpackError(f"{PACKED_FIELDS} holds fields other than {', '.join(sorted(allowed))}")
+    if holder.content_type.startswith(("multipart/", "message/")):     # read as a strict parser does
+        raise UnpackError(f"a packed part cannot restore to a {holder.content_type.split('/')[0]} "
+                          "(pos never packs one)")
+    return fields
+
+
+def _restored_header(part: Part, original: list[tuple[str, bytes]], top: bool) -> bytes:
+    """The packed part's header with the recorded fields back where they stood."""
+    replaced = {name.lower() for name in ((*REPLACED, "MIME-Version") if top else REPLACED)}
+    dropped = {PACKED.lower(), PACKED_FIELDS.lower()}
+    waiting = {name.lower(): raw for name, raw in original}
+    pieces = []
+    for name, raw in part.headers.fields():
+        key = name.lower()
+        if key in replaced:
+            if key in waiting:
+                pieces.append(waiting.pop(key))
+        elif key not in dropped:
+            pieces.append(raw)
+    return b"".join(pieces) + b"".join(waiting.values())
+
+
+def _summary(value: str) -> tuple[str, int | None]:
+    """The codec and recorded size from an X-ispMailGate-Packed value."""
+    codec = value.split(";", 1)[0].strip().lower()
+    size = re.search(r";\s*size\s*=\s*\"?(\d{1,15})\b", value)
+    return codec, int(size.group(1)) if size else None
+
+
+def _chunked(data: bytes) -> str:
+    """Base64 in words of 64, so the header folds into short lines."""
+    import base64
+
+    text = base64.b64encode(data).decode("ascii")
+    return " ".join(text[i:i + 64] for i in range(0, len(text), 64))
