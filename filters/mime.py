@@ -541,7 +541,9 @@ class _Parser:
         child_type = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
         children, delimiters, start = [], [], None
         for begin, line_end, closing in lines:
-            cut = _eol_start(source, body_start, begin)
+            # a line end before ``start`` ended the previous delimiter line: between two
+            # delimiter lines that follow each other is an empty part, not a shared line end
+            cut = _eol_start(source, body_start if start is None else start, begin)
             if start is None:
                 part.preamble = _slice(source, body_start, cut)
             else:
