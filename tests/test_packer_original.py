@@ -383,3 +383,54 @@ def test_packed_mail_is_not_packed_again_in_either_form(tmp_path):
     once = through(ORIGINAL, plain_message(), tmp_path)
     assert through(ORIGINAL, once, tmp_path) == once
     assert through(Packer(direction="pos", min_saving=0), as_the_original(), tmp_path) == as_the_original()
+
+
+# -- linear in what the sender controls ------------------------------------------------------------
+
+def many_leaves_the_original_packed(count: int) -> bytes:
+    return as_the_original([(["Content-Type: text/plain", "Content-Transfer-Encoding: 7bit"], b"x\n")] * count)
+
+
+def deep_leaf_with_lookalike_lines(lines: int) -> bytes:
+    """60 nested multiparts, at the bottom a leaf packed the original's way whose text has
+    every level's delimiter in lines that only begin like one: each restored line is
+    checked against all 60 delimiters."""
+    marks = [b"lvl%02d" % level for level in range(60)]
+    head = b"".join(b"Content-Type: multipart/mixed; boundary=%s\n\n--%s\n" % (m, m) for m in marks)
+    tail = b"".join(b"\n--%s--\n" % m for m in reversed(marks))
+    text = b"".join(b"--%sX and more\n" % m for m in marks) * (lines // 60 + 1)
+    leaf_header, body = packed_leaf(["Content-Type: text/plain", "Content-Transfer-Encoding: 7bit"], text, 1)
+    leaf = "".join(f + "\n" for f in leaf_header).encode() + b"\n" + b"\n".join(body)
+    return b"X-IspMailGate-Packer-Type: gzip\nX-ispMailGate-Packer: pos\n" + head + leaf + tail
+
+
+def neg(data: bytes) -> None:
+    ctx = Context(Envelope("a@example.org", ("b@example.com",)), message_id="T", log=logging.getLogger("t"),
+                  workdir=lambda: None, postmaster="pm@example.com")
+    message = Message(data, max_parts=10 ** 7)
+    Packer(max_unpacked=1 << 40).process(message, ctx)
+    message.to_bytes()
+
+
+def pos_original(data: bytes) -> None:
+    ctx = Context(Envelope("a@example.org", ("b@example.com",)), message_id="T", log=logging.getLogger("t"),
+                  workdir=lambda: None, postmaster="pm@example.com")
+    message = Message(data, max_parts=10 ** 7)
+    ORIGINAL.process(message, ctx)
+    message.to_bytes()
+
+
+@pytest.mark.parametrize("action, build, n", [
+    (neg, many_leaves_the_original_packed, 200),
+    (neg, deep_leaf_with_lookalike_lines, 2_000),
+    (pos_original, lambda n: plain_message([(["Content-Type: text/plain"], b"words\n")] * n), 200),
+], ids=["neg, many parts", "neg, 60 levels of delimiters", "pos original, many parts"])
+def test_four_times_the_parts_or_lines_cost_about_four_times_as_much(action, build, n):
+    from costly import cpu_seconds
+
+    small = cpu_seconds(action, build(n))
+    while small < 0.02 and n < 10 ** 6:
+        n *= 4
+        small = cpu_seconds(action, build(n))
+    large = cpu_seconds(action, build(4 * n))
+    assert large / small <= 8.0, f"n={n} took {small:.4f} s, 4n {large:.4f} s"
