@@ -445,8 +445,11 @@ def refuse_delimiters(body: bytes, delimiters: tuple[bytes, ...]) -> None:
     parser would cut at): the next reader would see parts there that no filter of this run saw."""
     if not delimiters:
         return
-    marks = b"|".join(re.escape(mark) for mark in delimiters)
-    if re.search(rb"(?:\A|\n)(?:" + marks + rb")(?:--)?[ \t\r]*(?:\n|\Z)", body):
+    # "--" spelled out ahead of the alternatives: the search then skips to each line that
+    # starts with it in C, instead of trying every alternative at every byte
+    boundaries = b"|".join(re.escape(mark[2:]) for mark in delimiters)
+    line = rb"--(?:" + boundaries + rb")(?:--)?[ \t\r]*(?:\n|\Z)"
+    if re.match(line, body) or re.search(b"\n" + line, body):
         raise UnpackError("the unpacked body holds a delimiter line of the multipart around it")
 
 
