@@ -240,10 +240,32 @@ class Part:
             return head + [body]
         if self.kind == Part.MESSAGE:
             return head + [self.children[0]]
-        pieces = head + [self.preamble]
+        pieces, before = head + [self.preamble], None
         for delimiter, child in zip(self.delimiters, self.children):
-            pieces += (delimiter, child)
-        return pieces + [self.close_delimiter, self.epilogue]
+            pieces += (self._starting_a_line(delimiter, before), child)
+            before = child
+        return pieces + [self._starting_a_line(self.close_delimiter, before), self.epilogue]
+
+    def _starting_a_line(self, delimiter: bytes, before: Part | None) -> bytes:
+        """A delimiter line that followed an empty part directly (the line end before it
+        ended the delimiter line above) gets a line end of its own once a filter gave that
+        part content: it must still start a line.  While the part is empty, nothing is added."""
+        if before is None or not delimiter or delimiter.startswith((b"\n", b"\r\n")):
+            return delimiter
+        if before._writes_nothing():
+            return delimiter
+        return self.headers.eol + delimiter
+
+    def _writes_nothing(self) -> bool:
+        """True for a part that serialises to no bytes at all (an empty part)."""
+        part = self
+        while not len(part.headers) and not part.separator:
+            if part.kind == Part.LEAF:
+                return not (len(part._body) if part._body is not None else part._end > part._body_start)
+            if part.kind == Part.MULTIPART:     # its delimiter lines at least
+                return False
+            part = part.children[0]             # an embedded message without a header of its own
+        return False
 
     # -- MIME information ------------------------------------------------------------------
 
@@ -541,7 +563,9 @@ class _Parser:
         child_type = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
         children, delimiters, start = [], [], None
         for begin, line_end, closing in lines:
-            cut = _eol_start(source, body_start, begin)
+            # a line end before ``start`` ended the previous delimiter line: between two
+            # delimiter lines that follow each other is an empty part, not a shared line end
+            cut = _eol_start(source, body_start if start is None else start, begin)
             if start is None:
                 part.preamble = _slice(source, body_start, cut)
             else:

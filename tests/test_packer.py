@@ -73,6 +73,7 @@ def packed_leaves(data: bytes) -> list:
     ('skip_types = ["image"]', "filter.z.skip_types", "not a media type"),
     ('on_unpack_error = "ignore"', "filter.z.on_unpack_error", "error, keep, reject"),
     ('direction = "up"', "filter.z.direction", "pos, neg, auto"),
+    ('format = "perl"', "filter.z.format", "ispmailgate, original"),
     ("command_timeout = 0", "filter.z.command_timeout", "seconds above 0"),
 ])
 def test_options_are_checked_at_load_and_name_their_key(tmp_path, options, key, words):
@@ -335,7 +336,8 @@ def test_what_each_unpack_error_action_means_for_the_mta(config_file, tmp_path, 
     assert run.code == code, run.stderr
     if action == "keep":
         assert run.stdout == data                       # left packed, marker kept for a later try
-        assert "left packed: unpacks to more than 1048576 bytes" in (tmp_path / "gate.log").read_text()
+        assert "left packed (as application/gzip): unpacks to more than 1048576 bytes" in \
+            (tmp_path / "gate.log").read_text()
     else:
         assert run.stdout == b""
 
@@ -376,7 +378,9 @@ def test_damage_and_unknown_codecs_are_unpack_errors(tmp_path):
              (packed_message(gzip.compress(b"x"), summary="lz4"), "codec 'lz4' is not built in"),
              (packed_message(gzip.compress(b"x"), summary="gzip; size=2"), "unpacked 1 bytes where 2"),
              (packed_message(b"").replace(b"X-ispMailGate-Packed-Fields: ", b"X-ispMailGate-Packed-Fields: *"),
-              "not valid base64")]
+              "not valid base64"),
+             (packed_message(gzip.compress(b"x")).replace(b"X-ispMailGate-Packed-Fields: ", b"X-Other: "),
+              r"form this filter does not know \(X-ispMailGate-Packed\)")]
     for data, words in cases:
         with pytest.raises(FilterError, match=words):
             Packer().process(Message(data), context(tmp_path))
