@@ -426,7 +426,7 @@ def pos_original(data: bytes) -> None:
     (pos_original, lambda n: plain_message([(["Content-Type: text/plain"], b"words\n")] * n), 200),
 ], ids=["neg, many parts", "neg, 60 levels of delimiters", "pos original, many parts"])
 def test_four_times_the_parts_or_lines_cost_about_four_times_as_much(action, build, n):
-    from costly import cpu_seconds
+    from support.costly import cpu_seconds
 
     small = cpu_seconds(action, build(n))
     while small < 0.02 and n < 10 ** 6:

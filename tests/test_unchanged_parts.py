@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clamav import clamd  # noqa: F401  (fixture)
+from support.clamav import clamd  # noqa: F401  (fixture)
 from conftest import corpus_messages, run_inline, without_from_line
 from ispmailgate_filters.mime import Message, Part
 
