@@ -28,6 +28,7 @@ class Job(NamedTuple):
     notices: list[Notice]           # the filters'; delivery adds its own, then sends them all
     keep_backup: Callable[[bytes | bytearray], Path | None]     # a copy of an unparsable original
     arc: Any = None                 # the rule file's [arc] settings; None: nothing is sealed
+    per_recipient: bool = False     # the caller takes a status per recipient (LMTP): see Delivery
 
 
 class Handover:

@@ -27,6 +27,7 @@ class SmtpHop:
     """
 
     carries_reports = True
+    per_recipient = False
 
     def __init__(self, host: str, port: int, config) -> None:
         self.host, self.port = host, port
@@ -104,9 +105,10 @@ class SmtpHop:
         """RCPT TO for each: (accepted, left for another transaction).
 
         One deferred recipient defers the whole transaction: the run then ends in 75, the
-        MTA retries every recipient, and those the hop took now would get it twice.  A 452
-        after some were accepted is the hop's recipient limit (RFC 5321 4.5.3.1.10): the
-        rest go in a transaction of their own.
+        MTA retries every recipient, and those the hop took now would get it twice -- unless
+        each recipient ends on its own (``per_recipient``, LMTP): then it defers only itself.
+        A 452 after some were accepted is the hop's recipient limit (RFC 5321 4.5.3.1.10):
+        the rest go in a transaction of their own.
         """
         accepted: list[str] = []
         for index, recipient in enumerate(recipients):
@@ -115,7 +117,7 @@ class SmtpHop:
                 accepted.append(recipient)
             elif reply.code == 452 and accepted:
                 return accepted, recipients[index:]
-            elif reply.code // 100 == 5:
+            elif reply.code // 100 == 5 or self.per_recipient:
                 settled[recipient] = reply
             else:
                 settled[recipient] = reply
