@@ -166,7 +166,8 @@ def test_a_removed_client_directory_resolves_relative_paths_nowhere(server, clie
     relative = in_removed_directory(["-c", "rules.toml", *ENVELOPE])
     assert (absolute.returncode, absolute.stdout) == (0, SIMPLE), absolute.stderr
     assert relative.returncode == 75
-    assert relative.stderr.decode().splitlines() == [
+    # (The installed client starts through /bin/sh, which warns first that it has no directory.)
+    assert [line for line in relative.stderr.decode().splitlines() if "getcwd" not in line] == [
         "4.3.5 config error: rules.toml: cannot read: No such file or directory",
         "ispmailgate serve: the client cannot tell its working directory: relative paths did not resolve"]
 
@@ -208,6 +209,7 @@ def test_a_client_directory_never_supplies_modules_to_the_workers(python, sink):
     folder = shared_folder()
     (folder / "planted.py").write_text(f"open({str(folder / 'imported')!r}, 'w').close()\n")
     (folder / "rules.toml").write_text('default_filter = ["planted:Filter"]\n')
+    folder.chmod(0o755)         # root's alone: else the server declines the rule file (the client is root)
     try:
         with DashCServer(python, f'mail_host = "{sink.address}"\n') as server:
             run = server.client(["-c", "rules.toml", *ENVELOPE], SIMPLE, cwd=folder)
