@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -311,6 +312,40 @@ def test_a_worker_killed_mid_message_costs_a_tempfail_not_the_message(python, si
         assert [m.content for m in drain(sink)] == [crlf(SIMPLE)]
         assert f"worker {worker} was killed by signal 9; replacing it" in server.log()
         assert replacement != worker
+
+
+def test_a_worker_killed_takes_the_commands_it_runs_with_it(python, sink):
+    """A filter's command runs in a process group of its own (not the worker's): a worker
+    killed with SIGKILL cannot end it, so the master does, from the groups the worker
+    recorded in its heartbeat."""
+    folder = shared_folder()
+    scanner = ["/bin/sh", "-c", f'echo $$ > {folder}/pid; sleep 600 & echo $! > {folder}/child; wait', "{path}"]
+    config = (f'mail_host = "{sink.address}"\ndefault_filter = ["scan"]\n[filter.scan]\ntype = "virscan"\n'
+              f'scanner = "command"\ncommand = {json.dumps(scanner)}\ntimeout = 900\n[serve]\nworkers = 1\n')
+    with Server(python, config) as server:
+        [worker] = wait_for_workers(server, 1)
+        client = subprocess.Popen([str(CLIENT), "--socket", str(server.socket), "-f", "a@b.example", "c@d.example"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  env=client_env())
+        client.stdin.write(SIMPLE)
+        client.stdin.close()
+        assert wait_for(lambda: (folder / "child").exists() and (folder / "child").read_text().strip(), 30), \
+            server.log()
+        command, child = (int((folder / name).read_text()) for name in ("pid", "child"))
+        assert os.getpgid(child) == command != os.getpgid(worker)
+        os.kill(worker, signal.SIGKILL)
+        assert client.wait(timeout=60) == 75
+        assert wait_for(lambda: not _alive(command) and not _alive(child), 30), server.log()
+        wait_for_workers(server, 1, exclude={worker})
+    drain(sink)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init counts as gone)."""
+    try:
+        return proc_status(pid)["State"][:1] != "Z"
+    except OSError:
+        return False
 
 
 def test_sigterm_lets_messages_in_flight_finish_then_exits(python, sink):

@@ -70,12 +70,16 @@ def uid_of(identity: Identity | None) -> int:
 
 
 class Heartbeat:
-    """A word of shared memory: the child writes the time, the master reads its age."""
+    """Shared memory: the child writes the time, the master reads its age; and the process
+    groups of the commands the child runs (a filter's own group each, see
+    ispmailgate_filters.processes), which the master ends if the child dies first."""
+
+    GROUPS = 16
 
     def __init__(self) -> None:
         import mmap
 
-        self.memory = mmap.mmap(-1, 8)          # anonymous and shared across fork
+        self.memory = mmap.mmap(-1, 8 + 4 * self.GROUPS)       # anonymous and shared across fork
         self.beat()
 
     def beat(self) -> None:
@@ -83,6 +87,15 @@ class Heartbeat:
 
     def age(self) -> float:
         return time.monotonic() - int.from_bytes(self.memory[:8], "big") / 1000
+
+    def record_groups(self, groups: set[int]) -> None:
+        """In the child: the groups of its running commands (the first GROUPS of them)."""
+        slots = sorted(groups)[:self.GROUPS]
+        self.memory[8:] = b"".join(g.to_bytes(4, "big") for g in slots).ljust(4 * self.GROUPS, b"\0")
+
+    def groups(self) -> list[int]:
+        raw = self.memory[8:]
+        return [g for g in (int.from_bytes(raw[i:i + 4], "big") for i in range(0, len(raw), 4)) if g]
 
 
 def start_child(identity: Identity | None, on_stop: Callable, on_handover: Callable | None = None) -> int:
@@ -110,3 +123,10 @@ def end_group(pid: int, signum: int = signal.SIGKILL) -> None:
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def end_all(pid: int, heartbeat: Heartbeat) -> None:
+    """Kill the child ``pid``'s process group and those of the commands it was running."""
+    end_group(pid)
+    for group in heartbeat.groups():
+        end_group(group)

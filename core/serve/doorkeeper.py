@@ -106,7 +106,7 @@ class Doorkeeper:
 
     def turn(self) -> None:
         now = time.monotonic()
-        soonest = min((door.deadline for door in self.doors.values()), default=now + 1.0)
+        soonest = min((door.deadline for door in self.doors.values() if not door.ready), default=now + 1.0)
         for fd, events in self.poll.poll(max(0.0, min(1.0, soonest - now)) * 1000):
             if fd in self.listening:
                 self.accept(self.listening[fd])

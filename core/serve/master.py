@@ -16,7 +16,7 @@ from ispmailgate_filters.base import ConfigError
 from ..process import preload
 from ..rules import Config, load_config
 from ..status import EX_CONFIG, EX_OK
-from .children import BOOT_ERROR, Heartbeat, Identity, end_group
+from .children import BOOT_ERROR, Heartbeat, Identity, end_all
 from .doorkeeper import Doorkeeper
 from .handoff import channel
 from .section import ServeSettings, settings_of
@@ -112,7 +112,7 @@ class Arbiter:
             pid = dead.si_pid
             worker = self.workers.pop(pid, None)
             if worker is not None:
-                end_group(pid)
+                end_all(pid, worker.heartbeat)
             _, status = os.waitpid(pid, 0)
             if worker is None:
                 continue
@@ -232,8 +232,8 @@ class Arbiter:
         except ProcessLookupError:
             self.workers.pop(pid, None)
             return
-        if signum == signal.SIGKILL:
-            end_group(pid)
+        if signum == signal.SIGKILL and pid in self.workers:
+            end_all(pid, self.workers[pid].heartbeat)
 
     def stop(self, graceful: bool) -> int:
         """Stop accepting, let the workers finish their messages (or kill them), then exit."""

@@ -72,6 +72,9 @@ class Worker:
         except Exception as error:
             log.error("worker %d cannot start: %s", self.pid, error)
             return BOOT_ERROR
+        from ispmailgate_filters import processes
+
+        processes.on_change = self.heartbeat.record_groups      # the master ends them if we are killed
         handled, idle = 0, select.poll()
         idle.register(self.queue, select.POLLIN)
         while self.alive and (not self.max_requests or handled < self.max_requests):
