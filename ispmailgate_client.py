@@ -1,11 +1,4 @@
-#!/bin/sh
-"""true" ; [ -x "${0%/*}/python3" ] && exec "${0%/*}/python3" -I -S "$0" "$@" ; exec python3 -I -S "$0" "$@"
-
-(The line above is for /bin/sh: installed as a script, this file starts the interpreter
-beside it with -I -S, isolated and without the site module, which costs more than all the
-rest of the client; stdlib only, so it needs nothing from site-packages.)
-
-ispmailgate-client: hands one message to a running ``ispmailgate serve``.
+"""ispmailgate-client: hands one message to a running ``ispmailgate serve``.
 
     ispmailgate-client [--socket PATH] [--fallback oneshot|tempfail] [--deadline SECONDS]
                        [ispmailgate arguments] < message
@@ -71,7 +64,7 @@ def encode_context() -> bytes:
 
 
 def main() -> int:
-    """Console-script entry point: ``ispmailgate-client``."""
+    """Entry point: ``ispmailgate-client`` (bin/ispmailgate-client starts it)."""
     import time         # built in: nothing to load
 
     socket_path, fallback, deadline, args = client_options(sys.argv[1:])

@@ -376,18 +376,21 @@ def test_the_fallback_gives_the_one_shot_result_for_usage_errors_too():
 # -- start-up cost ------------------------------------------------------------------------------
 
 def test_the_client_starts_isolated_without_site_and_imports_almost_nothing(strict_server):
-    """Installed, the client is a script /bin/sh hands to the interpreter beside it with -I -S
-    (its first lines); it imports neither typer nor email nor the core, nor re."""
-    lines = CLIENT.read_text().splitlines()
-    assert lines[0] == "#!/bin/sh" and '-I -S "$0" "$@"' in lines[1]
-    assert CLIENT.read_bytes() == (PROJECT / "ispmailgate_client.py").read_bytes(), \
+    """Installed, the client is a /bin/sh script that starts the interpreter beside it with
+    -I -S and imports ispmailgate_client from the site-packages beside it (compiled once);
+    that imports neither typer nor email nor the core, nor re."""
+    installed = e2e_gate().parent       # a regular install (this venv's is editable: site finds it)
+    text = (installed / "ispmailgate-client").read_text()
+    assert text == CLIENT.read_text() == (PROJECT / "bin" / "ispmailgate-client").read_text(), \
         "the installed client is not this checkout's: reinstall (tools/test --install-only)"
-    process = subprocess.run([sys.executable, "-I", "-S", "-X", "importtime", str(CLIENT), "--socket",
-                              str(strict_server.socket), "--version"], capture_output=True,
+    assert text.startswith("#!/bin/sh\n") and 'exec "$python" -I -S -c ' in text
+    [code] = re.findall(r"-I -S -c '(.*?)' \"\$here\"", text, re.S)
+    process = subprocess.run([str(installed / "python3"), "-I", "-S", "-X", "importtime", "-c", code, str(installed),
+                              "--socket", str(strict_server.socket), "--version"], capture_output=True,
                              env=client_env(), timeout=60)
-    assert process.returncode == 0 and process.stdout.startswith(b"ispmailgate ")
+    assert process.returncode == 0 and process.stdout.startswith(b"ispmailgate "), process.stderr
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", process.stderr.decode(), re.M))
-    assert "_socket" in imported
+    assert {"_socket", "ispmailgate_client"} <= imported
     assert not {name for name in imported if name.split(".")[0] in
-                ("typer", "click", "rich", "email", "ispmailgate", "ispmailgate_client", "ispmailgate_core",
-                 "ispmailgate_filters", "socket", "tomllib", "subprocess", "site", "re", "__future__")}, sorted(imported)
+                ("typer", "click", "rich", "email", "ispmailgate", "ispmailgate_core",
+                 "ispmailgate_filters", "socket", "tomllib", "subprocess", "re", "__future__")}, sorted(imported)

@@ -348,6 +348,55 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_a_busy_worker_holds_no_connection_hostage_and_the_doorkeeper_waits_idle(python, sink):
+    """One worker busy with a held message: the other takes every other client in turn (no
+    connection waits on the busy one).  Then both busy: a client whose head arrived waits
+    for a free worker past head_timeout, and the doorkeeper does not spin meanwhile."""
+    drain(sink)
+    pauses = shared_folder()
+    (pauses / "hold").touch()
+    config = (f'mail_host = "{sink.address}"\ndefault_filter = ["dummy"]\n'
+              f'[[recipients]]\nrecipient = "^held@"\nfilters = ["hold"]\n'
+              f'[filter.hold]\ntype = "serve_test_filters:Pause"\nfolder = "{pauses}"\n'
+              '[serve]\nworkers = 2\nhead_timeout = 0.5\n')
+    with Server(python, config) as server:
+        wait_for_workers(server, 2)
+        held = [subprocess.Popen([str(CLIENT), "--socket", str(server.socket), "-f", "a@b.example", "held@d.example"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 env=client_env())]
+        held[0].stdin.write(SIMPLE)
+        held[0].stdin.close()
+        assert wait_for(lambda: len(started(pauses)) == 1, 30), server.log()
+        for number in range(6):
+            run = server.client(["--deadline", "30", "-f", "a@b.example", f"free{number}@d.example"], SIMPLE)
+            assert run.code == 0, run.stderr
+        assert len(drain(sink)) == 6 and "does not run this request" not in server.gate_log.read_text()
+        doorkeeper = server.doorkeeper()
+        held.append(subprocess.Popen([str(CLIENT), "--socket", str(server.socket), "-f", "a@b.example",
+                                      "held@d.example"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, env=client_env()))
+        held[1].stdin.write(SIMPLE)
+        held[1].stdin.close()
+        assert wait_for(lambda: len(started(pauses)) == 2, 30), server.log()
+        waiting = subprocess.Popen([str(CLIENT), "--socket", str(server.socket), "--deadline", "60", "-f",
+                                    "a@b.example", "last@d.example"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=client_env())
+        waiting.stdin.write(SIMPLE)
+        waiting.stdin.close()
+        before = _cpu_seconds(doorkeeper)
+        time.sleep(3)               # six head_timeouts: a spinning doorkeeper burns most of it
+        assert _cpu_seconds(doorkeeper) - before < 1.0
+        assert waiting.poll() is None
+        (pauses / "hold").unlink()
+        assert [process.wait(timeout=60) for process in (*held, waiting)] == [0, 0, 0]
+        assert len(drain(sink)) == 3
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_sigterm_lets_messages_in_flight_finish_then_exits(python, sink):
     drain(sink)
     pauses = shared_folder()
