@@ -75,11 +75,11 @@ def children_cpu() -> float:
 def write_config(tmp: Path, sink: str, workers: int, chain: str, clamd: str | None) -> Path:
     config = tmp / "rules.toml"
     text = (f'tmp_dir = "{tmp / "spool"}"\nmail_host = "{sink}"\nloop_suffix = ""\n'
-            f'default_filter = ["{chain}"]\n')
+            f'default_filter = ["{"scan" if clamd else chain}"]\n')
     if os.geteuid() == 0:
         text += 'mail_user = "nobody"\nmail_group = "nogroup"\n'
     if clamd:
-        text += f'[filter.virscan]\nsocket = "{clamd}"\n'
+        text += f'[filter.scan]\ntype = "virscan"\nsocket = "{clamd}"\n'
     text += (f'[serve]\nsocket = "{tmp / "s.sock"}"\nlmtp = "unix:{tmp / "l.sock"}"\nworkers = {workers}\n'
              "max_requests = 0\n")
     config.write_text(text)

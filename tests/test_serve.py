@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, Sink, crlf, run_gate, wait_for
-from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, encode_arguments, frame
+from ispmailgate_client import ARGUMENTS, CONTEXT, DATA, END, PROTOCOL_VERSION, encode_arguments, frame
 from support.serving import CLIENT, Server, client_env, drain, proc_status, shared_folder, wait_for_workers
 from support.serving import python, sink  # noqa: F401  (fixtures)
 
@@ -390,6 +390,31 @@ def test_a_busy_worker_holds_no_connection_hostage_and_the_doorkeeper_waits_idle
         (pauses / "hold").unlink()
         assert [process.wait(timeout=60) for process in (*held, waiting)] == [0, 0, 0]
         assert len(drain(sink)) == 3
+
+
+def test_half_a_large_head_holds_no_worker(python, sink):
+    """Attack finding 12: heads that stop half-way, even past 256 KB, wait in the doorkeeper
+    (at most head_timeout), never in a worker: the one worker goes on serving."""
+    drain(sink)
+    with Server(python, f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\nhead_timeout = 20\n') as server:
+        wait_for_workers(server, 1)
+        half = (bytes([PROTOCOL_VERSION]) + frame(CONTEXT, b"/\0\0") + ARGUMENTS
+                + (1 << 20).to_bytes(4, "big") + b"x\0" * (150 << 10))      # 300 KB of a 1 MB frame
+        stalled = []
+        for _ in range(3):
+            connection = socket.socket(socket.AF_UNIX)
+            connection.connect(str(server.socket))
+            connection.sendall(half)
+            stalled.append(connection)
+        try:
+            for number in range(3):
+                run = server.client(["--deadline", "10", "-f", "a@b.example", f"c{number}@d.example"], SIMPLE)
+                assert run.code == 0, run.stderr
+                assert "does not run this request" not in run.stderr and "took the message" not in run.stderr
+            assert len(drain(sink)) == 3
+        finally:
+            for connection in stalled:
+                connection.close()
 
 
 def _cpu_seconds(pid: int) -> float:
