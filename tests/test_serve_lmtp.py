@@ -206,3 +206,23 @@ def test_a_bad_listen_address_is_a_boot_error(python, tmp_path):
                              capture_output=True, text=True, env=client_env(), timeout=60)
     assert process.returncode == 78
     assert 'serve.lmtp: expected "unix:/path", "inet:host:port" or ""' in process.stderr
+
+
+def test_sessions_a_killed_worker_held_no_longer_count_against_the_connection_limit(python, sink):
+    killed: set[int] = set()
+    with Listening(python, f'mail_host = "{sink.address}"\nloop_suffix = ""\n'
+                           "[serve]\nworkers = 1\nconnections_per_worker = 2\n") as server:
+        for _ in range(2):
+            [worker] = wait_for_workers(server, 1, exclude=killed) - killed
+            talk = lhlo(server)
+            talk.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n")
+            assert talk.replies(3)[-1].startswith("354")
+            os.kill(worker, signal.SIGKILL)
+            assert talk.reply() == ""
+            talk.sock.close()
+            killed.add(worker)
+        wait_for_workers(server, 1, exclude=killed)
+        sessions = [lhlo(server) for _ in range(2)]         # both greeted: 220, not 421
+        for talk in sessions:
+            talk.close()
+    drain(sink)

@@ -85,7 +85,8 @@ class Doorkeeper:
             return BOOT_ERROR
         self.doors: dict[int, Door] = {}
         self.ready: list[Door] = []         # waiting for room on the queue, oldest first
-        self.queued = self.sessions_out = 0
+        self.queued = 0                     # on the queue, not yet taken by a worker
+        self.holding: dict[int, int] = {}   # LMTP and SMTP sessions a worker holds, by its pid
         self.poll = select.poll()
         self.listening = {listener.sock.fileno(): listener for listener in self.listeners}
         for fd in [*self.listening, self.returns.fileno()]:
@@ -115,6 +116,7 @@ class Doorkeeper:
             elif fd in self.doors:
                 self.serve(self.doors[fd], events)
         self.expire(time.monotonic())
+        self.forget_the_dead()
         self.dispatch()
 
     # -- connections in ------------------------------------------------------------------------
@@ -149,7 +151,7 @@ class Doorkeeper:
 
     def open(self, sock: socket.socket, kind: str, peer: str) -> None:
         now = time.monotonic()
-        full = len(self.doors) + self.queued + self.sessions_out >= self.capacity
+        full = len(self.doors) + self.queued + sum(self.holding.values()) >= self.capacity
         if kind == "client":
             door = Door(sock, kind, peer, now + self.settings.head_timeout)
             if full:        # closed unanswered: the client falls back, as if nobody were here
@@ -244,7 +246,6 @@ class Doorkeeper:
             del self.doors[door.sock.fileno()]
             door.sock.close()       # the worker has its own descriptor now
             self.queued += 1
-            self.sessions_out += door.kind != "client"
 
     def take_returns(self) -> None:
         for _ in range(64):
@@ -258,14 +259,33 @@ class Doorkeeper:
             self.returned(parcel)
 
     def returned(self, parcel: Parcel) -> None:
+        worker = parcel.state.get("pid", 0)
         if parcel.kind == "taken":
             self.queued = max(0, self.queued - 1)
+            if parcel.state.get("session"):
+                self.holding[worker] = self.holding.get(worker, 0) + 1
         elif parcel.kind == "gone":
-            self.sessions_out = max(0, self.sessions_out - 1)
+            self._released(worker)
         elif parcel.connection is not None:
             if not parcel.state.get("handed"):         # from a worker, not from a predecessor
-                self.sessions_out = max(0, self.sessions_out - 1)
+                self._released(worker)
             self.adopt(parcel)
+
+    def _released(self, worker: int) -> None:
+        if self.holding.get(worker, 0) > 1:
+            self.holding[worker] -= 1
+        else:
+            self.holding.pop(worker, None)
+
+    def forget_the_dead(self) -> None:
+        """A worker killed while it held sessions gives none back: they count no more."""
+        for worker in list(self.holding):
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                del self.holding[worker]
+            except PermissionError:
+                pass
 
     def adopt(self, parcel: Parcel) -> None:
         """A connection from a worker (its session, after a transaction) or a predecessor."""

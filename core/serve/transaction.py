@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def serve_transaction(parcel: Parcel, config: Config, settings: ServeSettings) -
     log.info("%s from %s: %d recipients, %d bytes: %s ms=%.0f", state["protocol"].upper(), state["peer"],
              len(state["recipients"]), reader.size, b" ".join(r[:3] for r in replies).decode(),
              (time.monotonic() - started) * 1000)
-    after = {"protocol": state["protocol"], "helo": state["helo"], "peer": state["peer"]}
+    after = {"protocol": state["protocol"], "helo": state["helo"], "peer": state["peer"], "pid": os.getpid()}
     return Parcel(state["protocol"], connection, after, reader.rest)
 
 

@@ -95,7 +95,8 @@ class Worker:
             log.error("worker %d: %s", self.pid, error)
             return None
         if parcel is not None:
-            self.returns.send(Parcel("taken", state={"pid": self.pid}), timeout=1.0)
+            self.returns.send(Parcel("taken", state={"pid": self.pid, "session": parcel.kind != "client"}),
+                              timeout=1.0)
         return parcel
 
     def _stop(self, signum, frame) -> None:
@@ -112,7 +113,7 @@ class Worker:
         except Exception as error:      # noqa: BLE001 -- nothing a session does may end the worker
             log.error("worker %d: internal error: %r", self.pid, error, exc_info=True)
         if back is None or not self.returns.send(back, timeout=5.0):
-            self.returns.send(Parcel("gone"), timeout=1.0)
+            self.returns.send(Parcel("gone", state={"pid": self.pid}), timeout=1.0)
         parcel.connection.close()       # ours; the doorkeeper has its own now
 
     def handle(self, connection, head: bytes = b"") -> None:
