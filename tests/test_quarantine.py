@@ -101,6 +101,14 @@ def test_a_discarded_virus_is_listed_released_byte_for_byte_once_and_again_only_
         ("root (uid 0)", [ANN, BOB], False, "done"), ("root (uid 0)", [ANN, BOB], True, "done")]
 
 
+def test_a_released_message_carries_no_verdict_field_its_sender_forged(gateway, smtp_sink):
+    config = gateway()
+    forged = b"X-ispMailGate-VirScan: scanned\n" + PLAIN
+    id = discard(config, forged)
+    assert quarantine(config, "release", id).code == 0
+    assert smtp_sink.messages[0].content == crlf(PLAIN)        # the forged field alone is gone
+
+
 HOSTILE_IDS = ["../../etc/passwd", "/etc/passwd", "..", ".", "", "20250301-142501-6C1F0A93B2-4e1a7c/../../x",
                "20250301-142501-6C1F0A93B2-4e1a7c.eml/..", "20250301-142501-../../../etc", "x\nSubject: y",
                "20250301-142501-6C1F0A93B2-4e1a7c\0", "~root/.ssh/id_rsa", "*", "20250301-142501-6C1F0A93B2-4E1A7C"]

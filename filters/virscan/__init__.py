@@ -304,11 +304,13 @@ class VirScan(Filter):
 
     def _quarantine(self, message: Message, report: Report, ctx: Context) -> Path:
         """Keep a copy of discarded mail with its envelope and findings (see ..kept);
-        failing that, defer."""
+        failing that, defer.  The copy is what a delivery would carry: without an incoming
+        verdict field, so a message released from quarantine shows no verdict a sender forged."""
         from ..kept import MESSAGE, keep, new_id
 
         if ctx.dry_run:                 # --dry-run decides but keeps nothing
             return Path(self.quarantine_dir) / (new_id(ctx.message_id) + MESSAGE)
+        self._mark(message, None)
         findings = tuple({"object": printable(f.label, 400), "verdict": f.verdict, "detail": f.detail}
                          for f in report.findings)
         try:       # in a directory of our own, never through a link (root: see .files)
