@@ -62,20 +62,22 @@ def _envelope(session: Session, record: Record, to: list[str] | None, sender: st
         raise Refusal(stop.code, f"{record.id}: {stop.text}") from None
     if refused:
         raise Refusal(EX_UNAVAILABLE, "; ".join(f"<{r}>: {result.text}" for r, result in refused.items()))
+    return sender, usable if force else _not_twice(record, usable, named=bool(to))
+
+
+def _not_twice(record: Record, recipients: list[str], named: bool) -> list[str]:
+    """The recipients without the message yet: named ones (--to) that have it are refused,
+    the kept ones that have it left out."""
     already = record.released_to()
-    if force or not already:
-        return sender, usable
-    if to:
-        again = [r for r in usable if r in already]
-        if again:
-            raise Refusal(EX_UNAVAILABLE, f"{record.id} was released to {_addresses(again)} already: "
-                                          "--force to release it to them again")
-        return sender, usable
-    rest = [r for r in usable if r not in already]
+    again = [r for r in recipients if r in already]
+    if named and again:
+        raise Refusal(EX_UNAVAILABLE, f"{record.id} was released to {_addresses(again)} already: "
+                                      "--force to release it to them again")
+    rest = [r for r in recipients if r not in already]
     if not rest:
         raise Refusal(EX_UNAVAILABLE, f"{record.id} was released already (to {_addresses(sorted(already))}): "
                                       "--force to release it again")
-    return sender, rest
+    return rest
 
 
 def _refuse_twice(record: Record, force: bool) -> None:

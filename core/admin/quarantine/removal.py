@@ -13,7 +13,8 @@ log = logging.getLogger("ispmailgate")
 
 
 def delete_entries(session: Session, ids: list[str]) -> int:
-    """Remove each entry; 0 when all went, 69 when one was not there, 75 when one was busy."""
+    """Remove each entry; 0 when all went, 69 when one was not there, 75 when one was busy,
+    78 when a quarantine or an entry could not be read."""
     code = EX_OK
     for id in dict.fromkeys(ids):
         try:
@@ -37,7 +38,7 @@ def purge_entries(session: Session, older_than: float, dry_run: bool = False) ->
     removed = size = 0
     busy: list[str] = []
     for quarantine in session.quarantines:
-        for id, kept, length in _aged(quarantine, older_than):
+        for id, kept, length in _aged(session, quarantine, older_than):
             if dry_run:
                 session.out.line(f"would remove {id} ({quarantine.path}), kept {shown(kept)}")
             else:
@@ -54,11 +55,14 @@ def purge_entries(session: Session, older_than: float, dry_run: bool = False) ->
     return EX_TEMPFAIL if busy else session.status
 
 
-def _aged(quarantine: Quarantine, before: float) -> list[tuple[str, float, int]]:
+def _aged(session: Session, quarantine: Quarantine, before: float) -> list[tuple[str, float, int]]:
     """(id, when kept, size) of the entries kept before ``before``."""
     found = []
-    for id in sorted({*quarantine.ids(), *quarantine.record_ids()}):
-        entry = quarantine.entry(id)
+    messages = set(quarantine.ids())
+    for id in sorted({*messages, *quarantine.record_ids()}):
+        entry = session.entry(quarantine, id)
+        if id in messages and entry is None:        # unreadable: said, and left alone
+            continue
         if entry is None:       # a record whose message is gone: its own time, else its file's
             kept, length = quarantine.record(id, quarantine.record_mtime(id)).time, 0
         else:

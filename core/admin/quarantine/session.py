@@ -14,7 +14,7 @@ from ispmailgate_filters.base import ConfigError
 from ...logs import add_log_file, configure_logging
 from ...process import drop_privileges
 from ...rules import Config, find_config, load_config
-from ...status import EX_CONFIG, EX_UNAVAILABLE, MISCONFIGURED, Stop
+from ...status import EX_CONFIG, EX_OK, EX_UNAVAILABLE, MISCONFIGURED, Stop
 from ...text import one_line
 from ..output import Output
 from .store import Entry, Quarantine, Refused, user
@@ -66,15 +66,16 @@ class Session:
     @property
     def status(self) -> int:
         """0, or 78 when a quarantine had to be refused."""
-        return EX_CONFIG if self.refused else 0
+        return EX_CONFIG if self.refused else EX_OK
 
     def entries(self) -> list[Entry]:
         """Every entry of every quarantine, oldest first (one that cannot be read is said)."""
         found = [entry for quarantine in self.quarantines for id in quarantine.ids()
-                 if (entry := self._entry(quarantine, id)) is not None]
+                 if (entry := self.entry(quarantine, id)) is not None]
         return sorted(found, key=lambda entry: (entry.record.time, entry.id))
 
-    def _entry(self, quarantine: Quarantine, id: str) -> Entry | None:
+    def entry(self, quarantine: Quarantine, id: str) -> Entry | None:
+        """The entry ``id`` of ``quarantine``; one that cannot be read is said, and None."""
         try:
             return quarantine.entry(id)
         except Refused as refused:
@@ -85,7 +86,7 @@ class Session:
     def find(self, id: str) -> Entry:
         """The entry ``id`` (validated as the gateway's own name before it gets here)."""
         for quarantine in self.quarantines:
-            entry = self._entry(quarantine, id)
+            entry = self.entry(quarantine, id)
             if entry is not None:
                 return entry
         if self.refused:
@@ -132,6 +133,9 @@ def run_command(requested: Path | None, stdout: BinaryIO, stderr: TextIO,
     except Refusal as refusal:
         session.say(refusal.text)
         return refusal.code
+    except Refused as refused:      # an entry that changed under the command
+        session.say(str(refused))
+        return EX_CONFIG
     except BrokenPipeError:         # stdout's reader had enough (list | head): no fault
         return session.status
     finally:
