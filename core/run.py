@@ -277,21 +277,18 @@ class Gate:
             except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
                 log.error("cannot remove %s: %r", self.workdir_path, error)
 
-    def keep_backup(self, data: bytes | bytearray) -> Path | None:
-        """The original's tmp_dir/keep/: a copy of a message the parser could not handle."""
-        from ispmailgate_filters.files import create_in, private_directory
+    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str) -> Path | None:
+        """The original's tmp_dir/keep/: a copy of a message the parser could not handle,
+        delivered unchanged, kept with its envelope (see ispmailgate_filters.kept)."""
+        from ispmailgate_filters.kept import keep
 
-        keep = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.eml"
+        directory = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
+        finding = {"object": "the message", "verdict": "unparsable", "detail": f"the parser gave up in {step}"}
         try:
-            directory = private_directory(str(keep))
-            try:
-                create_in(directory, name, bytes(data))
-            finally:
-                os.close(directory)
-            return keep / name
+            return keep(str(directory), bytes(data), run_id=self.id, sender=self.sender, recipients=recipients,
+                        kept_by="ispmailgate", action="delivered", verdict="unparsable", findings=(finding,))
         except OSError as error:
-            log.error("cannot keep a backup in %s: %s", keep, error)
+            log.error("cannot keep a backup in %s: %s", directory, error)
             return None
 
     def _finish(self, code: int, status: str, text: str) -> int:

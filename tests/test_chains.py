@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 
 from conftest import CORPUS, run_gate, run_inline
 
@@ -183,9 +184,11 @@ def test_unparseable_message_is_kept_delivered_unchanged_and_reported(config_fil
     notices = [m for m in smtp_sink.messages if m.rcpt_tos == ["pm@gw"]]
     assert delivered[0].content == SIMPLE.replace(b"\n", b"\r\n")      # unchanged, not stamped
     assert b"parse error" in notices[0].content
-    [kept] = (tmp_path / "spool" / "keep").iterdir()
+    [kept] = (tmp_path / "spool" / "keep").glob("*.eml")
     assert kept.read_bytes() == SIMPLE
-    assert oct(kept.stat().st_mode & 0o777) == "0o600"
+    record = json.loads(kept.with_suffix(".json").read_text())         # the envelope beside it
+    assert (record["sender"], record["recipients"], record["action"]) == ("s@x.example", ["a@x"], "delivered")
+    assert {oct(path.stat().st_mode & 0o777) for path in (kept, kept.with_suffix(".json"))} == {"0o600"}
 
 
 def test_unparseable_message_can_be_a_tempfail_instead(config_file, smtp_sink, tmp_path):

@@ -153,7 +153,7 @@ class Delivery:
 
     def _unparsed(self, leaf) -> None:
         job = self.job
-        kept = job.keep_backup(job.original.raw)
+        kept = job.keep_backup(job.original.raw, leaf.recipients, leaf.step)
         text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
                 f"{', '.join(leaf.recipients)}) in filter {leaf.step}.\nIt was delivered unchanged."
                 f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
