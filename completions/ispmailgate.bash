@@ -6,7 +6,7 @@ _ispmailgate() {
         [[ ${COMP_WORDS[i]} == -- ]] && return 0      # recipients only from here
     done
     if ((COMP_CWORD > 1)); then
-        case ${COMP_WORDS[1]} in check|explain|serve) command=${COMP_WORDS[1]} ;; esac
+        case ${COMP_WORDS[1]} in check|dkim-record|explain|serve) command=${COMP_WORDS[1]} ;; esac
     fi
     case $command in
     "")
@@ -20,7 +20,7 @@ _ispmailgate() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
         elif ((COMP_CWORD == 1)); then
-            COMPREPLY=($(compgen -W "check explain serve" -- "$cur"))
+            COMPREPLY=($(compgen -W "check dkim-record explain serve" -- "$cur"))
         fi
         ;;
     "check")
@@ -30,6 +30,14 @@ _ispmailgate() {
         esac
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-c --config --config-only --client-user -h --help" -- "$cur"))
+        fi
+        ;;
+    "dkim-record")
+        case $prev in
+        -c|--config) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        esac
+        if [[ $cur == -* ]]; then
+            COMPREPLY=($(compgen -W "-c --config -h --help" -- "$cur"))
         fi
         ;;
     "explain")
