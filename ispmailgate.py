@@ -13,7 +13,7 @@ that turns whatever happens into a status an MTA understands.  The run of one me
 argv (here) -> rule file (``rules``) -> message and envelope (``reading``, ``envelope``)
 -> route and run the chains (``routing``) -> deliver (``delivery``) -> exit status
 (``outcome``, ``status``).  The subcommands import their modules only when called:
-``serve`` (``ispmailgate_core.serve``), ``check``, ``explain`` and ``quarantine``
+``serve`` (``ispmailgate_core.serve``), ``check``, ``explain``, ``dkim-record`` and ``quarantine``
 (``ispmailgate_core.admin``).
 """
 
@@ -52,7 +52,7 @@ SenderOption = Annotated[str | None, typer.Option(
     help="Envelope sender; '' or '<>' is the null sender of bounces.")]
 
 
-@gate_cli.command(epilog="Subcommands: ispmailgate serve | check | explain | quarantine (see ispmailgate(1)).")
+@gate_cli.command(epilog="Subcommands: ispmailgate serve | check | explain | dkim-record | quarantine (see ispmailgate(1)).")
 def deliver(
     ctx: typer.Context,
     recipients: Annotated[list[str] | None, typer.Argument(
@@ -155,6 +155,19 @@ def explain_command(
     from ispmailgate_core.admin.explain import explain
 
     return explain(config, sender, recipients, ctx.obj.streams.stdout)
+
+
+@admin_cli.command("dkim-record")
+def dkim_record_command(
+    ctx: typer.Context,
+    domain: Annotated[str, typer.Argument(metavar="DOMAIN", show_default=False,
+                                          help="The domain of a [[dkim]] table.")],
+    config: ConfigOption = None,
+) -> int:
+    """Print the DNS TXT record that publishes the key of each [[dkim]] table of DOMAIN."""
+    from ispmailgate_core.admin.dkim_keys import dkim_record
+
+    return dkim_record(config, domain, ctx.obj.streams.stdout)
 
 
 # Command groups, registered only when a command line names one: building one costs every

@@ -16,7 +16,7 @@ _ispmailgate() {
         [[ ${COMP_WORDS[i]} == -- ]] && return 0      # recipients only from here
     done
     if ((COMP_CWORD > 1)); then
-        case ${COMP_WORDS[1]} in check|explain|quarantine|serve) command=${COMP_WORDS[1]} ;; esac
+        case ${COMP_WORDS[1]} in check|dkim-record|explain|quarantine|serve) command=${COMP_WORDS[1]} ;; esac
     fi
     if [[ $command == quarantine ]] && ((COMP_CWORD > 2)); then
         case ${COMP_WORDS[2]} in delete|list|purge|release|show) command="quarantine ${COMP_WORDS[2]}" ;; esac
@@ -33,7 +33,7 @@ _ispmailgate() {
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
         elif ((COMP_CWORD == 1)); then
-            COMPREPLY=($(compgen -W "check explain quarantine serve" -- "$cur"))
+            COMPREPLY=($(compgen -W "check dkim-record explain quarantine serve" -- "$cur"))
         fi
         ;;
     "quarantine")
@@ -52,6 +52,14 @@ _ispmailgate() {
         esac
         if [[ $cur == -* ]]; then
             COMPREPLY=($(compgen -W "-c --config --config-only --client-user -h --help" -- "$cur"))
+        fi
+        ;;
+    "dkim-record")
+        case $prev in
+        -c|--config) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        esac
+        if [[ $cur == -* ]]; then
+            COMPREPLY=($(compgen -W "-c --config -h --help" -- "$cur"))
         fi
         ;;
     "explain")

@@ -3,7 +3,7 @@
 function __ispmailgate_using --description 'Is this admin command $argv[1] (none: the main one)?'
     set -l words (commandline -opc)
     set -l command ''
-    if test (count $words) -ge 2; and contains -- $words[2] check explain quarantine serve
+    if test (count $words) -ge 2; and contains -- $words[2] check dkim-record explain quarantine serve
         set command $words[2]
     end
     if test "$command" = quarantine; and test (count $words) -ge 3; and contains -- $words[3] delete list purge release show
@@ -24,6 +24,7 @@ end
 
 complete -c ispmailgate -f
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a check -d 'Check the rule file and what its filters need; exit 0, or 78 with one line per problem.'
+complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a dkim-record -d 'Print the DNS TXT record that publishes the key of each [[dkim]] table of DOMAIN.'
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a explain -d 'Show the rule and chain each recipient gets, and the delivery groups; needs no message.'
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a quarantine -d 'Kept copies (virscan\'s quarantine, tmp_dir/keep/): list, show, release, delete, purge.'
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a serve -d 'Serve ispmailgate-client: pre-forked workers behind a Unix socket.'
@@ -47,6 +48,8 @@ complete -c ispmailgate -n '__ispmailgate_using check' -s c -l config -r -F -d '
 complete -c ispmailgate -n '__ispmailgate_using check' -l config-only -d 'Check the rule file alone (syntax, keys, types, regexes, filter options): nothing on this machine, for a CI before the gateway.'
 complete -c ispmailgate -n '__ispmailgate_using check' -l client-user -x -d 'Also check that USER, as whom the MTA runs ispmailgate-client, can connect to the socket of ispmailgate serve.'
 complete -c ispmailgate -n '__ispmailgate_using check' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using dkim-record' -s c -l config -r -F -d 'Rule file (TOML).'
+complete -c ispmailgate -n '__ispmailgate_using dkim-record' -s h -l help -d 'Show this message and exit.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s h -l help -d 'Show this message and exit.'

@@ -174,7 +174,7 @@ class Gate:
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
         leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
-                  config.sections.get("arc"))
+                  config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes))
         if trace is not None:
             return self._dry_run(job, hop, leaves, routes, refused, trace)
         deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]
@@ -331,6 +331,13 @@ class Gate:
                      "; ".join(self.summary[:1000]) or "-", status, took)
         except Exception:       # noqa: BLE001 -- logging is never what changes an outcome
             pass
+
+
+def _unsigned(config: Config, routes: dict[str, Route]) -> frozenset[str]:
+    """Recipients whose rule turns DKIM signing off (none to tell apart without [[dkim]])."""
+    if "dkim" not in config.sections:
+        return frozenset()
+    return frozenset(recipient for recipient, chosen in routes.items() if not chosen.dkim)
 
 
 def _outcome_word(code: int) -> str:
