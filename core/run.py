@@ -180,7 +180,8 @@ class Gate:
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
         leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
-                  config.sections.get("arc"), self.request.per_recipient)
+                  config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes),
+                  self.request.per_recipient)
         if trace is not None:
             return self._dry_run(job, hop, leaves, routes, refused, trace)
         deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]
@@ -288,21 +289,25 @@ class Gate:
             except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
                 log.error("cannot remove %s: %r", self.workdir_path, error)
 
-    def keep_backup(self, data: bytes | bytearray) -> Path | None:
-        """The original's tmp_dir/keep/: a copy of a message the parser could not handle."""
-        from ispmailgate_filters.files import create_in, private_directory
+    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str,
+                    failure: str | None = None) -> Path | None:
+        """The original's tmp_dir/keep/, kept with its envelope (see ispmailgate_filters.kept):
+        a copy of a message the parser could not handle, delivered unchanged; or, with a
+        *failure*, of one a filter failed on and no one received (``quarantine release``
+        delivers it)."""
+        from ispmailgate_filters.kept import keep
 
-        keep = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.eml"
+        directory = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
+        if failure is None:
+            verdict, action, detail = "unparsable", "delivered", f"the parser gave up in {step}"
+        else:
+            verdict, action, detail = "failed", "discarded", f"filter {step} failed: {failure}"
+        finding = {"object": "the message", "verdict": verdict, "detail": detail}
         try:
-            directory = private_directory(str(keep))
-            try:
-                create_in(directory, name, bytes(data))
-            finally:
-                os.close(directory)
-            return keep / name
+            return keep(str(directory), bytes(data), run_id=self.id, sender=self.sender, recipients=recipients,
+                        kept_by="ispmailgate", action=action, verdict=verdict, findings=(finding,))
         except OSError as error:
-            log.error("cannot keep a backup in %s: %s", keep, error)
+            log.error("cannot keep a backup in %s: %s", directory, error)
             return None
 
     def _finish(self, code: int, status: str, text: str) -> int:
@@ -353,6 +358,13 @@ def _deferred_by(leaf: Leaf) -> Result:
     if leaf.verdict:
         return Result("deferred", leaf.verdict.status, f"{leaf.step}: {leaf.verdict}")
     return Result("deferred", UNPARSABLE, f"{leaf.step}: cannot parse the message")
+
+
+def _unsigned(config: Config, routes: dict[str, Route]) -> frozenset[str]:
+    """Recipients whose rule turns DKIM signing off (none to tell apart without [[dkim]])."""
+    if "dkim" not in config.sections:
+        return frozenset()
+    return frozenset(recipient for recipient, chosen in routes.items() if not chosen.dkim)
 
 
 def _outcome_word(code: int) -> str:
