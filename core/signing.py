@@ -41,7 +41,11 @@ KEYS = {
                   "must be domain).",
     "resolver": "DNS server HOST[:PORT] that ispmailgate check asks for the published key "
                 "(default: the system's resolver).",
+    "sign": "originating (default): sign only in a run given --originating (the MTA's transport for "
+            "its own users' mail); always: sign whatever the run (a gateway that only sees outbound mail).",
 }
+SIGN_WHEN = ("originating", "always")
+NOT_ORIGINATING = "the run is not originating"
 ALGORITHMS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
 # dkimpy's DKIM.SHOULD: RFC 6376 5.4.1's list, with the MIME fields and Message-ID
 DEFAULT_HEADERS = (
@@ -71,6 +75,7 @@ class DkimSettings(NamedTuple):
     canonicalization: tuple[str, str]
     subdomains: bool = False
     resolver: tuple[str, int] | None = None
+    sign: str = "originating"               # or "always": see SIGN_WHEN
 
     def covers(self, domain: str) -> bool:
         return domain == self.domain or (self.subdomains and domain.endswith("." + self.domain))
@@ -107,11 +112,14 @@ def _table(table: dict, where: str) -> DkimSettings:
     subdomains = table.get("subdomains", False)
     if not isinstance(subdomains, bool):
         raise ConfigError(f"{where}.subdomains", "expected true or false")
+    when = table.get("sign", "originating")
+    if when not in SIGN_WHEN:
+        raise ConfigError(f"{where}.sign", f"expected {' or '.join(SIGN_WHEN)}, got {when!r}")
     return DkimSettings(where, domain, selector, key, path, table.get("algorithm", "rsa-sha256"),
                         _headers(table.get("headers", DEFAULT_HEADERS), f"{where}.headers"),
                         _canonicalization(table.get("canonicalization", "relaxed/relaxed"),
                                           f"{where}.canonicalization"),
-                        subdomains, _resolver(table.get("resolver"), f"{where}.resolver"))
+                        subdomains, _resolver(table.get("resolver"), f"{where}.resolver"), when)
 
 
 def dns_name(value: Any, where: str) -> str:
@@ -211,16 +219,23 @@ def _ascii(domain: str) -> str:
 class Signer:
     """Signs the delivery groups of one run, with the ``[[dkim]]`` tables of its rule file."""
 
-    def __init__(self, tables: tuple[DkimSettings, ...]) -> None:
-        self.tables = tables
+    def __init__(self, tables: tuple[DkimSettings, ...], originating: bool = False) -> None:
+        self.tables, self.originating = tables, originating
 
     def plan(self, headers) -> tuple[list[DkimSettings], str]:
-        """The tables that sign a result with these top-level headers, or why none does."""
+        """The tables that sign a result with these top-level headers, or why none does.
+
+        A From: says nothing about who wrote the mail: anyone on the internet can claim
+        the signing domain.  So a table signs only mail the MTA vouches for (the run is
+        given --originating on its users' transport) unless it says sign = "always"."""
         domains, why = author_domains(headers)
         if not domains:
             return [], why
         chosen = [table for table in self.tables if any(table.covers(domain) for domain in domains)]
-        return chosen, "" if chosen else f"the From: domain {', '.join(domains)} is in no [[dkim]] domain"
+        if not chosen:
+            return [], f"the From: domain {', '.join(domains)} is in no [[dkim]] domain"
+        signing = [table for table in chosen if self.originating or table.sign == "always"]
+        return signing, "" if signing else not_originating(chosen)
 
     def sign(self, original: bytes | bytearray, data: bytes | bytearray, eol: bytes,
              tables: list[DkimSettings]) -> tuple[bytes | bytearray, list[DkimSettings]]:
@@ -261,6 +276,12 @@ class Signer:
                     log.info("%s: the DKIM-Signature it arrived with does not verify: %r", table.where, error)
                     return False
         return False
+
+
+def not_originating(tables: list[DkimSettings]) -> str:
+    """Why these tables did not sign: the run was not originating."""
+    names = ", ".join(f"d={table.domain} s={table.selector}" for table in tables)
+    return f"{NOT_ORIGINATING} (no --originating): {names} signs only the mail of the MTA's own users"
 
 
 def signature(table: DkimSettings, wire: bytes) -> bytes:

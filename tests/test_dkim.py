@@ -57,7 +57,7 @@ def signing_config(config_file, sink, *tables: str, chain: str = '["banner"]', e
 
 
 def deliver(config, data: bytes, sink, *recipients: str, debug: bool = False) -> bytes:
-    args = ["-c", str(config), "-f", "ada@gate.example", *(["-d"] if debug else []),
+    args = ["-c", str(config), "--originating", "-f", "ada@gate.example", *(["-d"] if debug else []),
             *(recipients or ["rcpt@example.com"])]
     run = run_inline(args, data)
     assert run.code == 0, run.stderr
@@ -108,6 +108,28 @@ def test_mail_from_another_domain_is_not_signed_and_the_log_says_why(config_file
     assert wire == other.replace(b"\n", b"\r\n")        # untouched, byte for byte
     log = (tmp_path / "gate.log").read_text()
     assert "not DKIM-signed for rcpt@example.com: the From: domain elsewhere.example is in no [[dkim]] domain" in log
+
+
+def test_a_forged_from_of_our_domain_from_outside_is_not_signed(config_file, smtp_sink, signing, tmp_path):
+    """Only the MTA knows who wrote the mail: without --originating nothing is signed, whatever
+    the envelope sender claims (t_dkim_forged.py)."""
+    config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa))
+    for sender in ("attacker@evil.example", "ada@gate.example"):
+        run = run_inline(["-c", str(config), "-f", sender, "rcpt@example.com"], LETTER)
+        assert run.code == 0, run.stderr
+        assert signatures(smtp_sink.messages[-1].content) == []
+    assert ("not DKIM-signed for rcpt@example.com: the run is not originating (no --originating): "
+            "d=gate.example s=sel signs only the mail of the MTA's own users") in (tmp_path / "gate.log").read_text()
+
+
+def test_a_table_that_signs_always_signs_a_run_that_is_not_originating(config_file, smtp_sink, signing):
+    config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa, 'sign = "always"'),
+                            dkim_table(signing.ed25519, algorithm="ed25519-sha256"))
+    run = run_inline(["-c", str(config), "-f", "ada@gate.example", "rcpt@example.com"], LETTER)
+    assert run.code == 0, run.stderr
+    wire = smtp_sink.messages[-1].content
+    assert [re.search(rb"s=(\w+);", f).group(1) for f in signatures(wire)] == [b"sel"]
+    assert verifies(wire, signing)
 
 
 @pytest.mark.parametrize("subdomains, expected", [("false", 0), ("true", 1)])
@@ -185,7 +207,7 @@ def test_the_signature_for_the_sendmail_hop_verifies_on_the_wire(config_file, si
     script, calls = recorder(0)
     config = config_file(f'sendmail_command = ["{script}"]\ndefault_filter = ["banner"]\n{BANNER}'
                          + dkim_table(signing.rsa, 'canonicalization = "simple/simple"'))
-    run = run_inline(["-c", str(config), "-f", "ada@gate.example", "b@example.com"], LETTER)
+    run = run_inline(["-c", str(config), "--originating", "-f", "ada@gate.example", "b@example.com"], LETTER)
     assert run.code == 0, run.stderr
     handed = recorded_calls(calls)[0]["data"].encode("latin-1")
     assert b"\r\n" not in handed and b"c=simple/simple" in handed
@@ -212,7 +234,7 @@ def test_with_arc_the_signature_comes_first_and_the_arc_set_covers_it(config_fil
 def test_a_message_dkimpy_cannot_sign_is_deferred_not_sent_unsigned(config_file, smtp_sink, signing):
     broken = LETTER.replace(b"Subject: Notes\n", b"Subject: Notes\nNot a header line\n")
     run = run_inline(["-c", str(signing_config(config_file, smtp_sink, dkim_table(signing.rsa))),
-                      "-f", "ada@gate.example", "rcpt@example.com"], broken)
+                      "--originating", "-f", "ada@gate.example", "rcpt@example.com"], broken)
     assert run.code == 75
     assert run.first_line.startswith("4.6.0 DKIM signing as gate.example (s=sel) failed: ")
     assert "Unexpected characters in RFC822 header" in run.first_line
@@ -227,7 +249,7 @@ def test_any_signing_failure_defers_everything_with_the_reason(config_file, smtp
     monkeypatch.setattr(module, "signature", fail)
     rule = '[[recipients]]\nrecipient = "@inside\\\\.example$"\nfilters = []\ndkim = false\n'
     config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa), extra=rule)
-    run = run_inline(["-c", str(config), "-f", "ada@gate.example", "in@inside.example", "out@example.com"],
+    run = run_inline(["-c", str(config), "--originating", "-f", "ada@gate.example", "in@inside.example", "out@example.com"],
                      LETTER)
     assert (run.code, run.first_line) == (75, "4.3.5 DKIM signing as gate.example (s=sel) failed: "
                                               "the key went away")

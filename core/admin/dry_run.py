@@ -76,7 +76,7 @@ def _signing(job: Job, recipients: list[str], message: Message) -> str:
 
     if recipients[0] in job.unsigned:
         return "not DKIM-signed: the rule says dkim = false"
-    signer = Signer(job.dkim)
+    signer = Signer(job.dkim, job.originating)
     tables, why = signer.plan(message.top_headers())
     if not tables:
         return f"not DKIM-signed: {why}"

@@ -113,11 +113,14 @@ class Delivery:
         be made defers the run (nothing has been handed over yet): never unsigned instead."""
         if self.signer is None:
             from ..signing import Signer
-            self.signer = Signer(self.job.dkim)
+            self.signer = Signer(self.job.dkim, self.job.originating)
         whom = ",".join(recipients)
         tables, why = self.signer.plan(message.top_headers())
         if not tables:
-            log.debug("not DKIM-signed for %s: %s", whom, why)
+            from ..signing import NOT_ORIGINATING       # mail from outside claiming our domain: said
+
+            log.log(logging.INFO if why.startswith(NOT_ORIGINATING) else logging.DEBUG,
+                    "not DKIM-signed for %s: %s", whom, why)
             return data
         started = time.monotonic()
         try:
