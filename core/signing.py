@@ -20,8 +20,9 @@ from typing import Any, NamedTuple
 
 from ispmailgate_filters.base import ConfigError
 
+from .dkim_header import MAX_FIELDS, MAX_SIGNED_NAMES, read_block
 from .keys import PrivateKey, key_record, parse_private_key, read_private_file
-from .status import LOCAL_TROUBLE, MISCONFIGURED, UNPARSABLE
+from .status import LOCAL_TROUBLE, MISCONFIGURED, UNSIGNABLE
 
 log = logging.getLogger("ispmailgate.dkim")
 
@@ -216,6 +217,14 @@ def _ascii(domain: str) -> str:
         return ""
 
 
+class NotSigned(Exception):
+    """A header block readers may take apart otherwise than dkimpy: delivered unsigned."""
+
+
+class Unsignable(Exception):
+    """A header block past what signing takes (MAX_FIELDS): the message's own fault."""
+
+
 class Signer:
     """Signs the delivery groups of one run, with the ``[[dkim]]`` tables of its rule file."""
 
@@ -242,6 +251,11 @@ class Signer:
         """``data`` with a DKIM-Signature on top for each table (in ``data``'s own line
         ending), and the tables that signed: not those :meth:`signed_before`."""
         wire = _crlf(data)
+        block = read_block(wire)
+        if block.fields > MAX_FIELDS:
+            raise Unsignable(f"more than {MAX_FIELDS} header fields")
+        if block.odd or block.from_fields > 1:
+            raise NotSigned(block.odd or f"{block.from_fields} From: fields as dkimpy reads the header")
         unchanged = data is original or data == original
         signers = [table for table in tables if not (unchanged and self.signed_before(table, wire))]
         if not signers:
@@ -257,6 +271,9 @@ class Signer:
         (asked of the key itself, not of DNS): a signature that only claims the domain, or
         that a later change broke, gets a fresh one beside it.  Only the first is checked,
         as each check hashes the whole body."""
+        from .dkim_linear import install
+
+        install()
         import dkim
         from dkim.util import InvalidTagValueList, parse_tag_value
 
@@ -269,6 +286,10 @@ class Signer:
                 continue
             if (tags.get(b"d", b"").lower(), tags.get(b"s", b"").lower()) == \
                     (table.domain.encode(), table.selector.encode()):
+                if tags.get(b"h", b"").count(b":") >= MAX_SIGNED_NAMES:    # dkimpy: names x fields
+                    log.info("%s: the DKIM-Signature it arrived with signs over %d names: not checked",
+                             table.where, MAX_SIGNED_NAMES)
+                    return False
                 record = key_record(table.key).encode()
                 try:
                     return bool(verifier.verify(idx=index, dnsfunc=lambda name, timeout=5: record))
@@ -286,6 +307,9 @@ def not_originating(tables: list[DkimSettings]) -> str:
 
 def signature(table: DkimSettings, wire: bytes) -> bytes:
     """One DKIM-Signature field (CRLF line ends) for the wire form of a message."""
+    from .dkim_linear import install
+
+    install()
     import dkim
 
     signer = dkim.DKIM(wire, signature_algorithm=table.algorithm.encode(), linesep=b"\r\n")
@@ -296,12 +320,13 @@ def signature(table: DkimSettings, wire: bytes) -> bytes:
 
 
 def failure_status(error: BaseException) -> str:
-    """The enhanced status code of a failed signature: the key (4.3.5), a header block dkimpy
-    cannot read (4.6.0), or anything else (4.3.0); the run is deferred in each case."""
+    """The enhanced status code of a failed signature: the message's own fault for good
+    (5.6.0: a header block dkimpy cannot read, or past MAX_FIELDS), else the key (4.3.5) or
+    anything else (4.3.0), which defer the run."""
     name = type(error).__name__
-    if name in ("KeyFormatError", "NaClNotFoundError", "ParameterError"):
-        return MISCONFIGURED
-    return UNPARSABLE if name == "MessageFormatError" else LOCAL_TROUBLE
+    if isinstance(error, Unsignable) or name == "MessageFormatError":
+        return UNSIGNABLE
+    return MISCONFIGURED if name in ("KeyFormatError", "NaClNotFoundError", "ParameterError") else LOCAL_TROUBLE
 
 
 def _crlf(data: bytes | bytearray) -> bytes:

@@ -231,14 +231,68 @@ def test_with_arc_the_signature_comes_first_and_the_arc_set_covers_it(config_fil
 
 # -- signing failure defers ------------------------------------------------------------------------
 
-def test_a_message_dkimpy_cannot_sign_is_deferred_not_sent_unsigned(config_file, smtp_sink, signing):
-    broken = LETTER.replace(b"Subject: Notes\n", b"Subject: Notes\nNot a header line\n")
+@pytest.mark.parametrize("data, why", [
+    (LETTER.replace(b"To: ", b"From x\nFrom: Bank <help@bank.example>\nTo: "),
+     "a line that is neither a header field nor a continuation (From x): readers end the header there"),
+    (LETTER.replace(b"\nTo: ", b"\rFrom: Bank <help@bank.example>\nTo: "), "a bare CR in the header block"),
+    (LETTER.replace(b"Subject: Notes\n", b"Subject: Notes\nX-A : b\n"), "a line that is neither"),
+    (LETTER.replace(b"Subject: Notes\n", b"Subject: Notes\nNot a header line\n"), "a line that is neither"),
+    (LETTER.replace(b"\n\nThe", b"\nThe"), "a line that is neither")])
+def test_a_header_block_readers_may_take_apart_otherwise_is_delivered_unsigned(config_file, smtp_sink, signing,
+                                                                              tmp_path, data, why):
+    """dkimpy skips an mbox From_ line that ends the header for a mail reader, and keeps a
+    bare CR inside a field that a reader splits there (t_dkim_twofrom.py); a line dkimpy
+    cannot read made every retry exit 75 (t_dkim_shapes.py)."""
+    wire = deliver(signing_config(config_file, smtp_sink, dkim_table(signing.rsa), chain="[]"), data, smtp_sink)
+    assert signatures(wire) == [] and not wire.startswith(b"DKIM-Signature")
+    assert "not DKIM-signed as gate.example (s=sel) for rcpt@example.com: " + why in \
+        (tmp_path / "gate.log").read_text()
+
+
+def test_a_header_block_past_the_bound_is_refused_for_good(config_file, smtp_sink, signing):
+    """dkimpy folds an h= of every To: instance quadratically: 800,000 empty To: fields
+    took 45 s (t_dkim_fold.py).  More fields than the bound is the message's fault."""
+    many = LETTER.replace(b"To: rcpt@example.com\n", b"To:\n" * 1001)
     run = run_inline(["-c", str(signing_config(config_file, smtp_sink, dkim_table(signing.rsa))),
-                      "--originating", "-f", "ada@gate.example", "rcpt@example.com"], broken)
-    assert run.code == 75
-    assert run.first_line.startswith("4.6.0 DKIM signing as gate.example (s=sel) failed: ")
-    assert "Unexpected characters in RFC822 header" in run.first_line
+                      "--originating", "-f", "ada@gate.example", "rcpt@example.com"], many)
+    assert run.code == 69
+    assert run.first_line.startswith("5.6.0 DKIM signing as gate.example (s=sel) refused the message: "
+                                     "more than 1000 header fields")
     assert smtp_sink.messages == []
+    fewer = LETTER.replace(b"To: rcpt@example.com\n", b"To:\n" * 990)
+    assert verifies(deliver(signing_config(config_file, smtp_sink, dkim_table(signing.rsa)), fewer, smtp_sink),
+                    signing)
+
+
+def test_a_message_dkimpy_cannot_read_is_the_message_s_fault_a_key_failure_is_not():
+    from ispmailgate_core.signing import Unsignable, failure_status
+
+    assert failure_status(dkim.MessageFormatError("Unexpected characters")) == "5.6.0"
+    assert failure_status(Unsignable("more than 1000 header fields")) == "5.6.0"
+    assert failure_status(dkim.KeyFormatError("bad key")) == "4.3.5"
+    assert failure_status(OSError("no memory")) == "4.3.0"
+
+
+def test_an_arriving_signature_of_ours_with_a_huge_h_is_not_checked(config_file, smtp_sink, signing, tmp_path):
+    """dkimpy looks for every h= name through every field: 32,000 names took 62 s (t_dkim_cost.py)."""
+    names = ":\n ".join(":".join(f"n{i:x}" for i in range(start, start + 20)) for start in range(0, 300, 20))
+    claimed = (f"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=gate.example; s=sel; h=from:{names};"
+               "\n bh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=Zm9yZ2Vk\n").encode() + LETTER
+    wire = deliver(signing_config(config_file, smtp_sink, dkim_table(signing.rsa), chain="[]"), claimed, smtp_sink)
+    assert len(signatures(wire)) == 2 and verifies(wire, signing, 0)
+    assert "dkim[0]: the DKIM-Signature it arrived with signs over 200 names: not checked" in \
+        (tmp_path / "gate.log").read_text()
+
+
+def test_with_arc_a_header_block_past_the_bound_goes_out_unsealed(config_file, smtp_sink, signing, tmp_path):
+    arc = (f'[arc]\ndomain = "{DOMAIN}"\nselector = "{signing.other.selector}"\n'
+           f'private_key_file = "{signing.other.path}"\nauthserv_id = "mx.gate.example"\n')
+    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\ndefault_filter = ["banner"]\n'
+                         f'{BANNER}{arc}')
+    many = LETTER.replace(b"To: rcpt@example.com\n", b"X-Many: x\n" * 1001)
+    wire = deliver(config, many, smtp_sink)
+    assert b"ARC-Seal" not in wire and b"-- sent through the gateway" in wire
+    assert "not ARC sealed for rcpt@example.com: more than 1000 header fields" in (tmp_path / "gate.log").read_text()
 
 
 def test_any_signing_failure_defers_everything_with_the_reason(config_file, smtp_sink, signing, monkeypatch):
