@@ -4,6 +4,7 @@ is, ``check`` comparing each key with what DNS publishes, ``dkim-record``, expla
 from __future__ import annotations
 
 import base64
+import os
 import re
 import subprocess
 
@@ -87,6 +88,31 @@ def run_config(config_file, text: str):
 def test_table_errors_name_their_key_and_defer(config_file, signing, table, complaint):
     run = run_config(config_file, "[[dkim]]\n" + table.format(key=signing.rsa.path))
     assert run.code == 75 and complaint.format(key=signing.rsa.path) in run.first_line, run.first_line
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["dkim-record", "gate.example"]])
+def test_a_fifo_or_a_link_in_the_key_s_place_is_refused_at_once(config_file, signing, tmp_path, command):
+    """Whoever may change the key's directory put a FIFO there: every run, check and
+    dkim-record blocked in open() for ever, as root and before any time limit (t_key_fifo.sh)."""
+    table = '[[dkim]]\ndomain = "gate.example"\nselector = "sel"\nprivate_key_file = "{}"\n'
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo, 0o600)
+    link = tmp_path / "link.pem"
+    link.symlink_to(signing.rsa.path)
+    for path, complaint in ((fifo, "is not a regular file"), (link, "a symbolic link")):
+        config = config_file(table.format(path))
+        extra = ["-f", "a@gate.example", "b@example.com"] if not command else []
+        run = run_gate([*command, "-c", str(config), *extra], LETTER, timeout=30)     # was: for ever
+        assert run.code in (75, 78) and complaint in (run.stderr + run.stdout.decode()), run
+
+
+def test_an_arc_key_that_is_a_fifo_is_refused_at_once(config_file, tmp_path):
+    fifo = tmp_path / "arc.pem"
+    os.mkfifo(fifo, 0o600)
+    config = config_file(f'[arc]\ndomain = "gate.example"\nselector = "arc"\nprivate_key_file = "{fifo}"\n'
+                         'authserv_id = "mx.gate.example"\n')
+    run = run_gate(["-c", str(config), "-f", "a@gate.example", "b@example.com"], LETTER, timeout=30)
+    assert run.code == 75 and f"arc.private_key_file: {fifo} is not a regular file" in run.first_line
 
 
 def test_the_key_must_be_private_present_and_long_enough(config_file, signing, tmp_path):
