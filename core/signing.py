@@ -35,7 +35,10 @@ KEYS = {
                         "privileges are dropped.",
     "algorithm": "rsa-sha256 (default) or ed25519-sha256 (RFC 8463); must fit the key.",
     "headers": "Header fields signed where present (default: RFC 6376 section 5.4.1's list, as "
-               "dkimpy has it); From is always signed, and over-signed.",
+               "dkimpy has it); a name written +NAME is over-signed too: listed once more than the "
+               "message has it, so that one added on the way breaks the signature (default: From, To, "
+               "Cc, Subject, Date, Reply-To, Message-ID, In-Reply-To, References, MIME-Version, "
+               "Content-Type, Content-Transfer-Encoding); From is always signed and over-signed.",
     "canonicalization": "HEADER/BODY, each simple or relaxed (default \"relaxed/relaxed\"); a single "
                         "word is HEADER/simple, as in the c= tag.",
     "subdomains": "true: sign mail from subdomains of domain too (default false: the From: domain "
@@ -55,6 +58,9 @@ DEFAULT_HEADERS = (
     "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-message-id", "in-reply-to",
     "references", "list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post",
     "list-owner", "list-archive")
+# what a reader sees, signed once more than present so that an added one breaks the signature
+OVERSIGNED = ("from", "to", "cc", "subject", "date", "reply-to", "message-id", "in-reply-to", "references",
+              "mime-version", "content-type", "content-transfer-encoding")
 # RFC 6376 5.4: fields hops add or change (and the signatures themselves), never signed
 NEVER_SIGNED = ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature")
 MIN_RSA_BITS = 1024         # RFC 8301 3.2: verifiers refuse shorter keys
@@ -77,6 +83,7 @@ class DkimSettings(NamedTuple):
     subdomains: bool = False
     resolver: tuple[str, int] | None = None
     sign: str = "originating"               # or "always": see SIGN_WHEN
+    oversigned: tuple[str, ...] = ("from",)     # of headers: signed once more than present
 
     def covers(self, domain: str) -> bool:
         return domain == self.domain or (self.subdomains and domain.endswith("." + self.domain))
@@ -116,11 +123,11 @@ def _table(table: dict, where: str) -> DkimSettings:
     when = table.get("sign", "originating")
     if when not in SIGN_WHEN:
         raise ConfigError(f"{where}.sign", f"expected {' or '.join(SIGN_WHEN)}, got {when!r}")
-    return DkimSettings(where, domain, selector, key, path, table.get("algorithm", "rsa-sha256"),
-                        _headers(table.get("headers", DEFAULT_HEADERS), f"{where}.headers"),
+    headers, oversigned = _headers(table.get("headers", DEFAULT_HEADERS), f"{where}.headers")
+    return DkimSettings(where, domain, selector, key, path, table.get("algorithm", "rsa-sha256"), headers,
                         _canonicalization(table.get("canonicalization", "relaxed/relaxed"),
                                           f"{where}.canonicalization"),
-                        subdomains, _resolver(table.get("resolver"), f"{where}.resolver"), when)
+                        subdomains, _resolver(table.get("resolver"), f"{where}.resolver"), when, oversigned)
 
 
 def dns_name(value: Any, where: str) -> str:
@@ -159,16 +166,21 @@ def _key(path: str, algorithm: Any, where: str) -> PrivateKey:
     return key
 
 
-def _headers(value: Any, where: str) -> frozenset[str]:
+def _headers(value: Any, where: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The names signed where present, and those of them over-signed (+NAME, and From)."""
+    if value is DEFAULT_HEADERS:
+        return frozenset(DEFAULT_HEADERS), OVERSIGNED
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(where, "expected a list of header field names")
-    names = {name.strip().lower() for name in value}
+        raise ConfigError(where, "expected a list of header field names (+NAME: over-signed too)")
+    written = [name.strip().lower() for name in value]
+    names = {name.removeprefix("+") for name in written}
     for name in sorted(names):
-        if not _FIELD_NAME.fullmatch(name):
+        if not _FIELD_NAME.fullmatch(name) or name.startswith("+"):
             raise ConfigError(where, f"not a header field name: {name!r}")
         if name in NEVER_SIGNED:
             raise ConfigError(where, f"{name} must not be signed: hops add or change it (RFC 6376 5.4)")
-    return frozenset(names | {"from"})
+    oversigned = dict.fromkeys(["from", *(name[1:] for name in written if name.startswith("+"))])
+    return frozenset(names | {"from"}), tuple(oversigned)
 
 
 def _canonicalization(value: Any, where: str) -> tuple[str, str]:
@@ -313,10 +325,13 @@ def signature(table: DkimSettings, wire: bytes) -> bytes:
     import dkim
 
     signer = dkim.DKIM(wire, signature_algorithm=table.algorithm.encode(), linesep=b"\r\n")
-    signer.should_sign = {name.encode() for name in table.headers}
-    signer.frozen_sign = {b"from"}      # over-signed: a From: added later breaks the signature
+    signed = [name for name, _ in signer.headers if name.lower().decode("ascii", "replace") in table.headers]
+    # over-signed: each name once more than the message has it (absent ones too), so that
+    # a field added on the way above the signed ones breaks the signature
+    oversigned = [name.encode() for name in table.oversigned]
     return signer.sign(table.selector.encode(), table.domain.encode(), table.key.secret,
-                       canonicalize=tuple(part.encode() for part in table.canonicalization))
+                       canonicalize=tuple(part.encode() for part in table.canonicalization),
+                       include_headers=[name.lower() for name in signed] + oversigned)
 
 
 def failure_status(error: BaseException) -> str:

@@ -92,6 +92,28 @@ def test_mail_from_the_domain_leaves_with_a_banner_and_a_signature_that_verifies
     assert b"x-ispmailgate-banner" not in signed
 
 
+@pytest.mark.parametrize("added", [b"Reply-To: payments@evil.example\n", b"Subject: URGENT: send card details\n",
+                                   b"To: victim@bank.example\n", b"Content-Type: text/html\n",
+                                   b"In-Reply-To: <x@bank.example>\n"])
+def test_a_field_a_reader_sees_added_on_the_way_breaks_the_signature(config_file, smtp_sink, signing, added):
+    """Only From was over-signed and absent fields were not in h=: a Reply-To, a second
+    Subject or To added above the signed ones left the signature valid (t_dkim_oversign.py)."""
+    wire = deliver(signing_config(config_file, smtp_sink, dkim_table(signing.rsa)), LETTER, smtp_sink)
+    assert verifies(wire, signing)
+    end = wire.index(b"\r\nFrom: ") + 2
+    assert not verifies(wire[:end] + added.replace(b"\n", b"\r\n") + wire[end:], signing)
+
+
+def test_headers_says_which_names_are_over_signed(config_file, smtp_sink, signing):
+    table = dkim_table(signing.rsa, 'headers = ["subject", "+To", "date"]')
+    wire = deliver(signing_config(config_file, smtp_sink, table), LETTER, smtp_sink)
+    [field] = signatures(wire)
+    assert re.sub(rb"\s", b"", re.search(rb"h=([^;]*);", field).group(1)) == b"from:to:subject:date:from:to"
+    end = wire.index(b"\r\nFrom: ") + 2
+    assert not verifies(wire[:end] + b"To: victim@bank.example\r\n" + wire[end:], signing)
+    assert verifies(wire[:end] + b"Reply-To: x@y.example\r\n" + wire[end:], signing)     # not listed
+
+
 def test_rsa_and_ed25519_tables_of_one_domain_dual_sign(config_file, smtp_sink, signing):
     config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa),
                             dkim_table(signing.ed25519, algorithm="ed25519-sha256"))
