@@ -251,6 +251,22 @@ def test_with_arc_the_signature_comes_first_and_the_arc_set_covers_it(config_fil
     assert b"dkim-signature" in re.sub(rb"\s", b"", re.search(rb"h=([^;]*);", ams).group(1)).split(b":")
 
 
+def test_the_gate_s_own_bounce_is_signed_by_the_postmaster_s_domain(config_file, smtp_sink, signing):
+    """Its From: is postmaster@<the signing domain>: unsigned, receivers that enforce DMARC
+    would refuse the gate's own bounces.  Signed whether or not the run is originating."""
+    smtp_sink.handler.rcpt_replies["gone@example.com"] = "550 5.1.1 no such user"
+    config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa), chain="[]",
+                            extra=f'postmaster = "postmaster@{DOMAIN}"')
+    other = LETTER.replace(b"ada@gate.example", b"bob@elsewhere.example")
+    run = run_inline(["-c", str(config), "-f", "bob@elsewhere.example", "rcpt@example.com", "gone@example.com"],
+                     other)
+    assert run.code == 0, run.stderr
+    delivered, bounce = smtp_sink.messages
+    assert signatures(delivered.content) == [] and bounce.mail_from == "<>"
+    assert b"From: Mail Delivery System <postmaster@gate.example>" in bounce.content
+    assert len(signatures(bounce.content)) == 1 and verifies(bounce.content, signing)
+
+
 # -- signing failure defers ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data, why", [
