@@ -54,6 +54,13 @@ def test_the_linear_blank_strip_returns_exactly_what_dkimpy_s_returns(body):
         dkim_linear.originals["strip_trailing_whitespace"](body)
 
 
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b" "]), max_size=30).map(b"".join))
+def test_the_linear_empty_line_strip_returns_exactly_what_dkimpy_s_returns(body):
+    dkim_linear.install()
+    assert dkim_linear.strip_trailing_lines(body) == dkim_linear.originals["strip_trailing_lines"](body)
+
+
 def test_dkimpy_is_patched_once_it_signs(table):
     import dkim
     import dkim.canonicalization
@@ -63,6 +70,7 @@ def test_dkimpy_is_patched_once_it_signs(table):
     signature(table, b"From: a@gate.example\r\n\r\nhi\r\n")
     assert dkim.rfc822_parse is dkim_linear.rfc822_parse
     assert dkim.canonicalization.strip_trailing_whitespace is dkim_linear.strip_trailing_whitespace
+    assert dkim.canonicalization.strip_trailing_lines is dkim_linear.strip_trailing_lines
 
 
 def scales_linearly(action, build, n: int) -> None:
