@@ -17,7 +17,6 @@ and an existing chain DNS could not decide gets no new set rather than ``cv=fail
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, NamedTuple
 
@@ -89,21 +88,9 @@ def _dns_budget(table: dict, where: str) -> tuple[int, float]:
 
 
 def _private_key(path: str, where: str) -> bytes:
-    try:
-        with open(path, "rb") as stream:
-            info = os.fstat(stream.fileno())
-            if info.st_mode & 0o004:
-                raise ConfigError(f"{where}.private_key_file", f"{path} is readable by others "
-                                  f"(chmod o-r {path})")
-            if os.geteuid() == 0:       # a secret root reads: only root may change it
-                from ispmailgate_filters.files import untrusted
+    from .keys import read_private_file     # no FIFO, no link, private: as the [[dkim]] keys
 
-                reason = untrusted(path, info)
-                if reason:
-                    raise ConfigError(f"{where}.private_key_file", f"{reason}: refused as root")
-            key = stream.read()
-    except OSError as error:
-        raise ConfigError(f"{where}.private_key_file", f"cannot read {path}: {error.strerror}") from None
+    key = read_private_file(path, f"{where}.private_key_file")
     if b"PRIVATE KEY-----" not in key:
         raise ConfigError(f"{where}.private_key_file", f"{path} holds no PEM private key")
     return key

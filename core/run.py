@@ -57,6 +57,7 @@ class Request(NamedTuple):
     tmp_dir: str | None = None
     facility: str | None = None
     dry_run: bool = False
+    originating: bool = False       # the MTA vouches that the mail is its own users' ([[dkim]] signs it)
 
     @property
     def shell_mode(self) -> bool:
@@ -174,7 +175,8 @@ class Gate:
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
         leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
-                  config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes))
+                  config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes),
+                  self.request.originating)
         if trace is not None:
             return self._dry_run(job, hop, leaves, routes, refused, trace)
         deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]

@@ -72,17 +72,22 @@ def _fate(job: Job, config: Config, hop: NextHop, leaf: Leaf, message: Message |
 def _signing(job: Job, recipients: list[str], message: Message) -> str:
     """What [[dkim]] would do with this group's result: signed, by whom, or why not.  The
     signatures are made (and thrown away), so a key dkimpy cannot use shows here."""
-    from ..signing import Signer
+    from ..signing import NotSigned, Signer, failure_status
 
     if recipients[0] in job.unsigned:
         return "not DKIM-signed: the rule says dkim = false"
-    signer = Signer(job.dkim)
+    signer = Signer(job.dkim, job.originating)
     tables, why = signer.plan(message.top_headers())
     if not tables:
         return f"not DKIM-signed: {why}"
     try:
         _, signers = signer.sign(job.original.raw, message.to_bytes(), message.eol, tables)
+    except NotSigned as why:
+        return f"not DKIM-signed: {why}"
     except Exception as error:      # noqa: BLE001 -- the report says what a run would hit
+        status = failure_status(error)
+        if status.startswith("5"):
+            return f"DKIM signing would refuse the message: {status} {error}; these recipients would not get it"
         return f"DKIM signing would fail: {error!r}; the run would deliver nothing and exit 75"
     skipped = [t for t in tables if t not in signers]
     text = "would be DKIM-signed as " + ", ".join(f"d={t.domain} s={t.selector}" for t in signers) if signers \

@@ -12,7 +12,7 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
-from ..status import DONE, LOCAL_TROUBLE, tempfail
+from ..status import DONE, LOCAL_TROUBLE, UNSIGNABLE, tempfail
 from .handover import Handover, Job
 
 log = logging.getLogger("ispmailgate")
@@ -23,6 +23,7 @@ class Transfer(NamedTuple):
     recipients: list[str]
     data: bytes | bytearray | None
     leaf: Any
+    refused: Result | None = None       # the result the group gets instead of a hand-over
 
 
 class Delivery:
@@ -54,6 +55,9 @@ class Delivery:
             data = message.to_bytes()
             if self.job.dkim and recipients[0] not in self.job.unsigned:
                 data = self._sign(self.job.original, message, data, recipients)
+                if isinstance(data, Result):        # the message's own fault: refused for good
+                    transfers.append(Transfer(recipients, None, leaf, data))
+                    continue
             if message.changed and self.job.arc:
                 data = self._seal(self.job.original, message, data, recipients)
             transfers.append(Transfer(recipients, data, leaf))
@@ -71,7 +75,9 @@ class Delivery:
         # holds back every result, before anything was handed over (never a duplicate).
         for transfer in sorted(transfers, key=lambda t: not _failed(t.leaf.verdict)):
             verdict = transfer.leaf.verdict
-            if isinstance(verdict, (Discard, Reject)):
+            if transfer.refused is not None:
+                outcome = dict.fromkeys(transfer.recipients, transfer.refused)
+            elif isinstance(verdict, (Discard, Reject)):
                 outcome = self._verdict(transfer.leaf)
             elif deferred:
                 outcome = dict.fromkeys(transfer.recipients, Result(
@@ -110,26 +116,37 @@ class Delivery:
         return Reports(self.job, self.handover)
 
     def _sign(self, original: Message, message: Message, data: bytes | bytearray,
-              recipients: list[str]) -> bytes | bytearray:
+              recipients: list[str]) -> bytes | bytearray | Result:
         """DKIM signatures for a result whose From: is in a [[dkim]] domain.  One that cannot
-        be made defers the run (nothing has been handed over yet): never unsigned instead."""
+        be made defers the run (nothing has been handed over yet): never unsigned instead;
+        unless the message is at fault: then its recipients' result, refused for good.  A
+        header block readers may see otherwise than dkimpy goes out unsigned."""
+        from ..signing import NotSigned, failure_status
+
         if self.signer is None:
             from ..signing import Signer
-            self.signer = Signer(self.job.dkim)
+            self.signer = Signer(self.job.dkim, self.job.originating)
         whom = ",".join(recipients)
         tables, why = self.signer.plan(message.top_headers())
         if not tables:
-            log.debug("not DKIM-signed for %s: %s", whom, why)
+            from ..signing import NOT_ORIGINATING       # mail from outside claiming our domain: said
+
+            log.log(logging.INFO if why.startswith(NOT_ORIGINATING) else logging.DEBUG,
+                    "not DKIM-signed for %s: %s", whom, why)
             return data
         started = time.monotonic()
+        names = ", ".join(f"{t.domain} (s={t.selector})" for t in tables)
         try:
             signed, signers = self.signer.sign(original.raw, data, message.eol, tables)
+        except NotSigned as why:
+            log.warning("not DKIM-signed as %s for %s: %s", names, whom, why)
+            return data
         except Exception as error:      # dkimpy's, the key's, or ours: the status line says which
-            from ..signing import failure_status
-
-            names = ", ".join(f"{t.domain} (s={t.selector})" for t in tables)
             log.error("DKIM signing as %s failed for %s: %r", names, whom, error)
-            raise tempfail(failure_status(error), f"DKIM signing as {names} failed: {error}") from None
+            status = failure_status(error)
+            if status == UNSIGNABLE:
+                return Result("rejected", status, f"DKIM signing as {names} refused the message: {error}")
+            raise tempfail(status, f"DKIM signing as {names} failed: {error}") from None
         for table in tables:
             if table not in signers:
                 log.info("not DKIM-signed again for %s: unchanged, and %s (s=%s) signed it already",
@@ -140,10 +157,20 @@ class Delivery:
         return signed
 
     def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
-        """An ARC set for a changed message; if sealing fails, the message goes out unsealed."""
+        """An ARC set for a changed message; if sealing fails, the message goes out unsealed,
+        as does one whose header block is too big to hand dkimpy (its cost grows with it).
+        Unsealed, not refused: the seal is the gateway's note, the mail is not wrong without it."""
+        from ..dkim_header import MAX_FIELDS, read_block
+
         if self.sealer is None:
             from ..arc import Sealer
+            from ..dkim_linear import install
+
+            install()
             self.sealer = Sealer(self.job.arc)
+        if max(read_block(original.raw).fields, read_block(data).fields) > MAX_FIELDS:
+            log.warning("not ARC sealed for %s: more than %d header fields", ",".join(recipients), MAX_FIELDS)
+            return data
         started = time.monotonic()
         try:
             sealed = self.sealer.seal(original.raw, data, message.eol)
