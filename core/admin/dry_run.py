@@ -68,10 +68,24 @@ def _fate(job: Job, config: Config, hop: NextHop, leaf: Leaf, message: Message |
 
 
 def _header_changes(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list[str]:
-    """Top-level header fields a chain added or removed (values shortened)."""
-    lines = [f"    - {name}: {value}" for name, value in before if (name, value) not in after]
-    lines += [f"    + {name}: {value}" for name, value in after if (name, value) not in before]
+    """Top-level header fields a chain added or removed (values shortened).  Counted as
+    multisets, so the cost is linear in the fields, however many the sender wrote."""
+    from collections import Counter
+
+    removed, added = Counter(before) - Counter(after), Counter(after) - Counter(before)
+    lines = [f"    - {name}: {value}" for name, value in _taken(before, removed)]
+    lines += [f"    + {name}: {value}" for name, value in _taken(after, added)]
     return [line if len(line) <= 100 else line[:97] + "..." for line in lines[:20]]
+
+
+def _taken(fields: list[tuple[str, str]], wanted: "Counter[tuple[str, str]]") -> list[tuple[str, str]]:
+    """The fields of ``wanted``, as many of each as it counts, in the order ``fields`` has them."""
+    taken = []
+    for field in fields:
+        if wanted[field] > 0:
+            wanted[field] -= 1
+            taken.append(field)
+    return taken
 
 
 def _expected_results(config: Config, hop: NextHop, leaves: list[Leaf],
