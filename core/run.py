@@ -166,7 +166,7 @@ class Gate:
         from_line = split_from_line(data)
         self.message = message = Message(data, max_depth=config.max_mime_depth,
                                          max_parts=config.max_mime_parts)
-        self.budget = Budget(config.max_objects, config.max_decoded)
+        self.budget = Budget(config.max_objects, config.max_decoded, config.max_message_size)
         sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)

@@ -288,8 +288,9 @@ NOTHING = "handing nothing to the next hop"
      NOTHING),
     ("error", 0, "error in judge: judge could not decide; the postmaster <pm@x.example> would get a "
                  "report with the original attached, these recipients nothing", HANDED),
-    ("parse", 0, f"would be delivered unchanged ({len(SIMPLE)} bytes): the parser gave up in judge; "
-                 "a copy would be kept in tmp_dir/keep/ and the postmaster told", HANDED),
+    ("parse", 0, "error in judge: judge cannot parse part of the message: the test judge cannot parse "
+                 "this; the postmaster <pm@x.example> would get a report with the original attached, "
+                 "these recipients nothing", HANDED),
 ])
 def test_dry_run_tells_what_a_real_run_would_do(config_file, smtp_sink, tmp_path, verdict, would_exit,
                                                 fate, summary):

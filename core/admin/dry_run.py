@@ -30,7 +30,7 @@ def dry_run_report(job: Job, size: int, config: Config, hop: NextHop, leaves: li
         chains = sorted({f"rule {routes[r].rule}, chain {routes[r].chain_label}" for r in recipients})
         lines.append(f"  {addresses(recipients)} ({'; '.join(chains)}):")
         lines.append(f"    {_fate(job, config, hop, leaf, message)}")
-        if message is not None and message.changed and not leaf.unparsed:
+        if message is not None and message.changed:
             lines += _header_changes(original, message.top_headers().items())
     lines += [f"notice to {addresses(n.recipients)}: {n.subject}" for n in job.notices]
     status, _, _ = exit_status(_expected_results(config, hop, leaves, refused))
@@ -59,10 +59,10 @@ def _fate(job: Job, config: Config, hop: NextHop, leaf: Leaf, message: Message |
                 "a report with the original attached, these recipients nothing")
     if verdict is not None:
         return f"{verdict.outcome} by {step}: {verdict.status} {verdict}"
-    if leaf.unparsed:
-        return (f"would be delivered unchanged ({len(message.raw)} bytes): the parser gave up in "
-                f"{step}; a copy would be kept in tmp_dir/keep/ and the postmaster told")
     data = message.to_bytes()
+    if leaf.unparsed:
+        return (f"would be delivered ({len(data)} bytes) after its chain ran on it unparsed: the "
+                "parser gave up; a copy would be kept in tmp_dir/keep/ and the postmaster told")
     state = "changed" if message.changed else "unchanged, byte for byte"
     return f"would be delivered: {len(data)} bytes, {state}"
 
