@@ -80,3 +80,13 @@ def test_pgp_neg_on_unparsed_mail_removes_forged_verdicts(parser_gives_up, tmp_p
     Pgp(direction="neg", gnupghome=str(tmp_path)).process(message, ctx)
     assert message.unparsed is not None
     assert b"(forged)" not in bytes(message.to_bytes())
+
+
+def test_the_messages_own_content_is_parsed_again_within_its_configured_limits():
+    """banner's wrap and the signing helpers re-parsed with the built-in limits (leftover)."""
+    parts = b"".join(b"--z\nContent-Type: text/plain\n\npart %d\n" % i for i in range(50))
+    entity = b'Content-Type: multipart/mixed; boundary="z"\n\n' + parts + b"--z--\n"
+    message = Message(b"From: a@x.example\n\nhi\n", max_parts=10)
+    again = message.parse_again(entity)
+    assert sum(1 for _ in again.walk()) <= 11          # 51 with the built-in limits
+    assert sum(1 for _ in Message(entity).root.walk()) == 51
