@@ -86,6 +86,10 @@ def preload(config: Config) -> None:
     for step in {*config.filters.values(), *config.default_chain,
                  *(step for rule in config.rules for step in rule.chain)}:
         step.preload()
+    if "arc" in config.sections or "dkim" in config.sections:   # seals and signatures: dkimpy
+        importlib.import_module("dkim")
+    if any(table.key.kind == "ed25519" for table in config.sections.get("dkim", ())):
+        importlib.import_module("nacl.signing")
 
 
 # The charsets mail is written in, looked up before privileges are dropped.

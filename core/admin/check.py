@@ -30,13 +30,19 @@ def check(requested: Path | None, stdout: BinaryIO, *, config_only: bool = False
         out.line("no rule file given and none installed: checking the built-in default")
     problems: list[ConfigError] = []
     config = load_config(path, problems)
+    warnings = []
     if config is not None:
         problems += _located(config, _shadowed_rules(config))
         if not config_only:
             problems += environment_problems(config)
         if client_user is not None:
             problems += _located(config, socket_problems(config, client_user))
-    warnings = dkim_warnings(config) if config is not None else []
+        if "dkim" in config.sections:
+            from .dkim_keys import signing_findings     # dkimpy (and DNS) only for [[dkim]]
+
+            found, warnings = signing_findings(config.sections["dkim"], probe_dns=not config_only)
+            problems += _located(config, found)
+        warnings += dkim_warnings(config)
     for line in [*map(str, problems), *(f"{config.path}: {warning}" for warning in warnings)]:
         out.line(line)
     out.line(_summary(path, config, problems, warnings, config_only))
