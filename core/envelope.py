@@ -51,12 +51,12 @@ def sender_of_from_line(line: str | None) -> str | None:
 
 def envelope_from_headers(message: Message, from_line: str | None) -> tuple[str, list[str]]:
     """Shell test mode: sender from From_, Return-Path or From:; recipients as ``sendmail -t``."""
-    from email.utils import getaddresses
+    from ispmailgate_filters.mime import addresses
 
     headers = message.top_headers()
     sender = sender_of_from_line(from_line)
     if sender is None:
         sender = headers.get("Return-Path") or headers.get("From") or ""
-        sender = getaddresses([sender])[0][1] if sender.strip() not in ("", "<>") else ""
+        sender = addresses([sender])[0][1] if sender.strip() not in ("", "<>") else ""
     fields = [v for name in ("To", "Cc", "Bcc") for v in headers.get_all(name)]
-    return sender, [address for _, address in getaddresses(fields) if address]
+    return sender, [address for _, address in addresses(fields) if address]

@@ -10,7 +10,7 @@ from ispmailgate_filters.base import Envelope, Filter, FilterError, TempFail, Ve
 from ispmailgate_filters.mime import Message, ParseError
 
 from .rules import Config
-from .status import of_error
+from .status import UNPARSABLE, of_error
 
 
 class Route(NamedTuple):
@@ -36,17 +36,19 @@ class Leaf(NamedTuple):
     message: Message | None
     verdict: Verdict | None = None
     step: str = ""
-    unparsed: bool = False          # the parser gave up: delivered unchanged, see on_parse_error
+    unparsed: bool = False          # the parser gave up on its message: see on_parse_error
 
     def defers(self, config: Config, carries_reports: bool) -> bool:
         """Does this leaf make the whole run a tempfail, before anything is delivered?  A
-        TempFail does; a filter error when the policy says so or the next hop cannot carry
-        the postmaster's report; a message the parser gave up on when on_parse_error says so."""
+        TempFail does; a message the parser gave up on when on_parse_error says so; a filter
+        error when the policy says so or the next hop cannot carry the postmaster's report."""
         if isinstance(self.verdict, TempFail):
+            return True
+        if self.unparsed and config.on_parse_error == "tempfail":
             return True
         if isinstance(self.verdict, FilterError):
             return config.on_filter_error == "tempfail" or not carries_reports
-        return self.unparsed and config.on_parse_error == "tempfail"
+        return False
 
 
 class ChainRunner:
@@ -69,11 +71,11 @@ class ChainRunner:
             current, recipients, depth = pending.pop()
             finished, branches = self.split(routes, recipients, depth)
             if finished:
-                leaves.append(Leaf(finished, current))
+                leaves.append(Leaf(finished, current, unparsed=current.parsed and current.unparsed is not None))
             shared = len(branches) + bool(finished) > 1
             for (step, _), members in branches.items():
                 work = current.fork() if shared else current
-                leaf = self._step(step, work, Envelope(sender, tuple(members)), message)
+                leaf = self._step(step, work, Envelope(sender, tuple(members)))
                 if leaf is None:
                     pending.append((work, members, depth + 1))
                 else:
@@ -99,9 +101,11 @@ class ChainRunner:
         except Exception as error:    # decided in _step: the step will fail for them
             return ("variant-error", repr(error))
 
-    def _step(self, step: Filter, work: Message, envelope: Envelope, original: Message) -> Leaf | None:
+    def _step(self, step: Filter, work: Message, envelope: Envelope) -> Leaf | None:
         members = list(envelope.recipients)
         started = time.monotonic()
+        if step.unparsed_mail != "process" and self._unparsed(step, work):
+            return self._not_on_unparsed(step, work, members, started)
         before = bytes(work.to_bytes()) if self.trace is not None else None
         try:
             step.process(work, self.make_context(envelope, step))
@@ -109,10 +113,10 @@ class ChainRunner:
             # the summary line carries the verdict; this is the detail of -d
             self.log.debug("%s: %s for %s: %s", step.title, verdict.outcome, ",".join(members), verdict)
             return self._record(step, started, Leaf(members, None, verdict, step.title))
-        except ParseError as error:
-            self.log.error("%s: cannot parse the message: %s", step.title, error)
-            return self._record(step, started, Leaf(members, Message(original.raw), None, step.title,
-                                                    unparsed=True), f"cannot parse the message: {error}")
+        except ParseError as error:     # content a filter parses inside the message
+            self.log.error("%s: cannot parse part of the message: %s", step.title, error)
+            verdict = FilterError(f"{step.title} cannot parse part of the message: {error}", UNPARSABLE)
+            return self._record(step, started, Leaf(members, None, verdict, step.title, unparsed=True))
         except (OSError, MemoryError) as error:    # the machine's trouble, not the message's
             self.log.error("%s: %r", step.title, error, exc_info=True)
             return self._record(step, started, Leaf(members, None, TempFail(str(error), of_error(error)),
@@ -128,6 +132,26 @@ class ChainRunner:
             self._record(step, started, Leaf(members, work),
                          "changed the message" if work.to_bytes() != before else "passed")
         return None
+
+    def _unparsed(self, step: Filter, work: Message) -> bool:
+        """Has the parser given up on ``work``?  Parsed now if need be: whether ``step`` may
+        run on it depends on that (a step that processes any message needs no parse here)."""
+        if work.unparsed is not None:
+            self.log.warning("%s: the message cannot be parsed (%s): this step %s", step.title,
+                             work.unparsed, "is skipped" if step.unparsed_mail == "pass"
+                             else "cannot do its work on it")
+        return work.unparsed is not None
+
+    def _not_on_unparsed(self, step: Filter, work: Message, members: list[str], started: float) -> Leaf | None:
+        """A step that may be skipped on unparsed mail (None: go on), or the filter error of one
+        whose promise cannot be kept on it: never skipped in silence."""
+        if step.unparsed_mail == "pass":
+            if self.trace is not None:
+                self._record(step, started, Leaf(members, work), "skipped: the message cannot be parsed")
+            return None
+        verdict = FilterError(f"the message cannot be parsed ({work.unparsed}), and {step.title} "
+                              "cannot do its work on it", UNPARSABLE)
+        return self._record(step, started, Leaf(members, None, verdict, step.title, unparsed=True))
 
     def _record(self, step: Filter, started: float, leaf: Leaf, outcome: str = "") -> Leaf:
         """For --dry-run: what this step did (a verdict speaks for itself)."""

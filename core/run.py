@@ -167,7 +167,7 @@ class Gate:
         from_line = split_from_line(data)
         self.message = message = Message(data, max_depth=config.max_mime_depth,
                                          max_parts=config.max_mime_parts)
-        self.budget = Budget(config.max_objects, config.max_decoded)
+        self.budget = Budget(config.max_objects, config.max_decoded, config.max_message_size)
         sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
@@ -279,19 +279,19 @@ class Gate:
             except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
                 log.error("cannot remove %s: %r", self.workdir_path, error)
 
-    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str,
+    def keep_backup(self, data: bytes | bytearray, recipients: list[str], what: str,
                     failure: str | None = None) -> Path | None:
         """The original's tmp_dir/keep/, kept with its envelope (see ispmailgate_filters.kept):
-        a copy of a message the parser could not handle, delivered unchanged; or, with a
-        *failure*, of one a filter failed on and no one received (``quarantine release``
-        delivers it)."""
+        a copy of a message the parser gave up on (``what``: why), delivered after its chain
+        ran on it unparsed; or, with a *failure*, of one filter ``what`` failed on and no one
+        received (``quarantine release`` delivers it)."""
         from ispmailgate_filters.kept import keep
 
         directory = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
         if failure is None:
-            verdict, action, detail = "unparsable", "delivered", f"the parser gave up in {step}"
+            verdict, action, detail = "unparsable", "delivered", f"the parser gave up ({what})"
         else:
-            verdict, action, detail = "failed", "discarded", f"filter {step} failed: {failure}"
+            verdict, action, detail = "failed", "discarded", f"filter {what} failed: {failure}"
         finding = {"object": "the message", "verdict": verdict, "detail": detail}
         try:
             return keep(str(directory), bytes(data), run_id=self.id, sender=self.sender, recipients=recipients,

@@ -221,12 +221,13 @@ class Delivery:
 
     def _unparsed(self, leaf) -> None:
         job = self.job
-        kept = job.keep_backup(job.original.raw, leaf.recipients, leaf.step)
+        kept = job.keep_backup(job.original.raw, leaf.recipients, leaf.message.unparsed or "")
         text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
-                f"{', '.join(leaf.recipients)}) in filter {leaf.step}.\nIt was delivered unchanged."
-                f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
+                f"{', '.join(leaf.recipients)}).\nIts chain ran on it unparsed, each step as it "
+                "declares (on_parse_error = \"deliver\"), and it was delivered."
+                f"\nA copy of the original is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
-                                  "unfiltered (parse error)", text))
+                                  "unparsed (parse error)", text))
 
 
 def _failed(verdict) -> bool:
