@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_inline
@@ -65,6 +67,21 @@ def test_a_step_that_processes_unparsed_mail_runs_and_the_postmaster_is_told(
     assert b"parse error" in notices[0].content
     [kept] = (tmp_path / "spool" / "keep").glob("*.eml")      # its envelope beside it (.json)
     assert kept.read_bytes() == SIMPLE
+
+
+def test_an_unparsed_message_is_kept_once_and_told_once_however_many_chains(
+        config_file, smtp_sink, tmp_path, parser_gives_up):
+    """Attack review 2, finding 5: a copy and a notice per delivery group (20 recipients with
+    20 chains: 20 copies of a 5 MB message, 20 notices, 20 transactions)."""
+    rules = "".join(f'[filter.s{n}]\ntype = "gate_test_filters:StampAny"\nvalue = "v{n}"\n'
+                    f'[[recipients]]\nrecipient = "^r{n}@"\nfilters = ["s{n}"]\n' for n in range(6))
+    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\npostmaster = "pm@gw"\n{rules}')
+    recipients = [f"r{n}@x" for n in range(6)]
+    run = run_inline(["-c", str(config), "-f", "s@x.example", *recipients], SIMPLE)
+    assert run.code == 0, run.stderr
+    assert sorted(m.rcpt_tos for m in smtp_sink.messages) == sorted([[r] for r in recipients] + [["pm@gw"]])
+    [kept] = (tmp_path / "spool" / "keep").glob("*.json")
+    assert sorted(json.loads(kept.read_text())["recipients"]) == recipients
 
 
 def test_pgp_neg_on_unparsed_mail_removes_forged_verdicts(parser_gives_up, tmp_path):

@@ -44,14 +44,13 @@ class Delivery:
         transfers = []
         groups = self.groups(leaves, self.job.unsigned)
         self.hop.expect(sum(1 for _, _, leaf in groups if leaf.verdict is None))
-        reported: set[int] = set()      # a leaf split by dkim = false is still one unparsed message
+        unparsed = [leaf for _, _, leaf in groups if leaf.unparsed and leaf.verdict is None]
+        if unparsed:        # one copy kept and one notice for the message, however many groups
+            self._unparsed(unparsed)
         for recipients, message, leaf in groups:
             if leaf.verdict is not None:
                 transfers.append(Transfer(recipients, None, leaf))
                 continue
-            if leaf.unparsed and id(leaf) not in reported:
-                reported.add(id(leaf))
-                self._unparsed(leaf)
             data = message.to_bytes()
             if self.job.dkim and recipients[0] not in self.job.unsigned:
                 data = self._sign(self.job.original, message, data, recipients)
@@ -196,9 +195,7 @@ class Delivery:
             digest = hashlib.sha256(leaf.message.to_bytes()).digest() if leaf.message.changed else "unchanged"
             for recipients in by_signing(leaf.recipients, unsigned):
                 key = (digest, recipients[0] in unsigned)
-                if leaf.unparsed:
-                    groups.append((recipients, leaf.message, leaf))
-                elif key in merged:
+                if key in merged:
                     merged[key].extend(recipients)
                 else:
                     merged[key] = list(recipients)
@@ -219,11 +216,12 @@ class Delivery:
                 ("deferred", LOCAL_TROUBLE, f"{leaf.step}: {verdict}; the report to the postmaster failed")
         return {r: Result(*state) for r in leaf.recipients}
 
-    def _unparsed(self, leaf) -> None:
+    def _unparsed(self, leaves: list) -> None:
         job = self.job
-        kept = job.keep_backup(job.original.raw, leaf.recipients, leaf.message.unparsed or "")
+        recipients = list(dict.fromkeys(r for leaf in leaves for r in leaf.recipients))
+        kept = job.keep_backup(job.original.raw, recipients, leaves[0].message.unparsed or "")
         text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
-                f"{', '.join(leaf.recipients)}).\nIts chain ran on it unparsed, each step as it "
+                f"{', '.join(recipients)}).\nIts chain ran on it unparsed, each step as it "
                 "declares (on_parse_error = \"deliver\"), and it was delivered."
                 f"\nA copy of the original is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
