@@ -12,7 +12,7 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
-from ..status import DONE, LOCAL_TROUBLE
+from ..status import DONE, LOCAL_TROUBLE, of_error, tempfail
 from .handover import Handover, Job
 
 log = logging.getLogger("ispmailgate")
@@ -104,14 +104,20 @@ class Delivery:
         return Reports(self.job, self.handover)
 
     def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
-        """An ARC set for a changed message; if sealing fails, the message goes out unsealed."""
+        """An ARC set for a changed message.  If this machine cannot seal (a module, memory,
+        a file), nothing is delivered and the MTA retries; if the message cannot be sealed
+        (dkimpy refuses its fields, its chain is undecided or full), it goes out unsealed and
+        the log says why."""
         if self.sealer is None:
             from ..arc import Sealer
             self.sealer = Sealer(self.job.arc)
         started = time.monotonic()
         try:
             sealed = self.sealer.seal(original.raw, data, message.eol)
-        except Exception as error:      # a message dkimpy cannot handle is still delivered
+        except (ImportError, MemoryError, OSError) as error:
+            log.error("ARC sealing failed for %s: %r; nothing is delivered", ",".join(recipients), error)
+            raise tempfail(of_error(error), f"ARC sealing failed: {error!r}") from None
+        except Exception as error:      # the message's own doing: it is still delivered
             log.error("ARC sealing failed for %s, delivered unsealed: %r", ",".join(recipients), error)
             return data
         log.info("ARC sealed for %s in %.1f ms", ",".join(recipients), (time.monotonic() - started) * 1000)
