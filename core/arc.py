@@ -128,6 +128,26 @@ def _resolver(value: Any, where: str) -> tuple[str, int] | None:
     return host, port if explicit else 53
 
 
+def preload() -> None:
+    """Import what checking and sealing import lazily (before privileges are dropped): dkimpy,
+    authres with its result types, and dnspython, which loads the class of each record type
+    on the first answer that carries one (an answer is the sender's DNS: any type)."""
+    import importlib
+    import pkgutil
+
+    import authres
+    import dkim
+    import dkim.crypto
+    import dkim.util
+    import dns.exception
+    import dns.rdtypes
+    import dns.resolver
+
+    authres.all_features()
+    for module in pkgutil.walk_packages(dns.rdtypes.__path__, "dns.rdtypes."):
+        importlib.import_module(module.name)
+
+
 class Unsealable(Exception):
     """A message that must not get an ARC set now: its chain could not be validated."""
 

@@ -68,32 +68,55 @@ def readable_by(uid: int, gid: int, *directories: str) -> bool:
 
 
 def preload(config: Config) -> None:
-    """Import now what the run imports lazily later, for every filter in the rule file.
+    """Import now whatever the run may import later: the core's lazy imports, every codec,
+    each configured filter's modules, and with ``[arc]`` dkimpy and dnspython.
 
     Done before privileges are dropped (an interpreter installed under a private home is
-    not readable by mail_user) and before ``serve`` forks its workers (load once).
+    not readable by mail_user, and then nothing can be imported after the drop: a module
+    that fails there is a filter error, an unsealed message, or a value silently left
+    undecoded) and before ``serve`` forks its workers (load once).  tests/test_preload.py
+    holds these lists to the code's imports and runs every built-in filter and ARC with
+    imports forbidden after the drop.
     """
     import importlib
 
-    for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
-                   "encodings.idna", "hashlib", "importlib.metadata", "shutil", "socket", "subprocess",
-                   "syslog", "tomllib", "unicodedata", "urllib.parse"):
+    for module in CORE_MODULES:
         importlib.import_module(module)
-    import codecs
-
-    for charset in MAIL_CHARSETS:   # codecs load their modules on first lookup, then cache
-        codecs.lookup(charset)
+    _every_codec()
     for step in {*config.filters.values(), *config.default_chain,
                  *(step for rule in config.rules for step in rule.chain)}:
         step.preload()
+    if config.sections.get("arc") is not None:
+        from .arc import preload as arc_modules
+        arc_modules()
 
 
-# The charsets mail is written in, looked up before privileges are dropped.
-MAIL_CHARSETS = ("ascii", "latin-1", "utf-8", "utf-16", "utf-32", "utf-7", "koi8-r", "koi8-u",
-                 "mac-roman", "gb2312", "gbk", "gb18030", "big5", "big5hkscs", "shift_jis",
-                 "euc-jp", "iso2022-jp", "euc-kr", "cp932", "cp949", "cp950", "hz", "tis-620",
-                 "cp437", "cp850", "cp866", *(f"cp125{i}" for i in range(9)),
-                 *(f"iso8859-{i}" for i in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)))
+# What the core imports lazily on the way of a run, after privileges are dropped (a served
+# run included: its worker dropped them before its first message).
+CORE_MODULES = (
+    "_socket", "binascii", "collections", "email", "email.errors", "email.header", "email.message",
+    "email.parser", "email.utils", "grp", "hashlib", "importlib.metadata", "io", "mmap", "pwd",
+    "random", "select", "shutil", "signal", "socket", "stat", "struct", "subprocess", "syslog",
+    "tempfile", "threading", "tomllib", "unicodedata", "urllib.parse",
+    "ispmailgate_filters", "ispmailgate_filters.files", "ispmailgate_filters.mime",
+    "ispmailgate_core.admin.dry_run", "ispmailgate_core.arc", "ispmailgate_core.delivery.reports",
+    "ispmailgate_core.delivery.wire", "ispmailgate_core.serve.section")
+
+
+def _every_codec() -> None:
+    """Every codec of the standard library.  A message names its own charsets (Content-Type,
+    RFC 2047 words, RFC 2231 values, any name Python knows), and a codec is a module loaded
+    on its first lookup: one the mail user cannot load makes ``LookupError``, which a decoder
+    takes for an unknown charset and quietly leaves the value undecoded."""
+    import encodings
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(encodings.__path__):
+        try:
+            importlib.import_module(f"encodings.{module.name}")
+        except ImportError:     # mbcs, oem: Windows only
+            pass
 
 
 class TimeLimitExceeded(BaseException):

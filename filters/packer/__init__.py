@@ -74,7 +74,7 @@ class Packer(Filter):
     name = "packer"
     description = "compress message parts (pos) or restore them (neg)"
     lazy_modules = ("base64", "binascii", "bz2", "gzip", "lzma", "shutil", "subprocess", "threading",
-                    "zlib")
+                    "zlib", "ispmailgate_filters.processes")
 
     direction: str = option("auto", "pos: pack; neg: unpack; auto: unpack mail whose X-ispMailGate-Packer "
                                     "header says pos or that names the original's packer, pack all other mail",

@@ -69,7 +69,8 @@ class Smime(Filter):
     lazy_modules = ("cryptography.x509", "cryptography.hazmat.primitives.serialization.pkcs7",
                     "cryptography.hazmat.primitives.asymmetric.rsa", "email.utils", "subprocess",
                     "ispmailgate_filters.smime.cms", "ispmailgate_filters.smime.credentials",
-                    "ispmailgate_filters.smime.incoming")
+                    "ispmailgate_filters.smime.incoming", "ispmailgate_filters.smime.checks",
+                    "cryptography.hazmat.backends.openssl.backend")
 
     direction: str = option("auto", "pos: encrypt/sign; neg: decrypt/verify; auto: by content "
                             "(S/MIME-encrypted mail goes neg, all else pos)", convert=choice("pos", "neg", "auto"))

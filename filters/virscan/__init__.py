@@ -116,7 +116,7 @@ class VirScan(Filter):
     name = "virscan"
     description = "scan every part and archive member for viruses (clamd or a command)"
     lazy_modules = ("bz2", "gzip", "json", "lzma", "select", "socket", "subprocess", "tarfile",
-                    "unicodedata", "zipfile", "zlib")
+                    "unicodedata", "zipfile", "zlib", "ispmailgate_filters.processes")
 
     scanner: str = option("clamd", "clamd | command", convert=choice("clamd", "command"))
     socket: str = option("/run/clamav/clamd.ctl", "clamd's Unix socket")
