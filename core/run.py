@@ -21,6 +21,7 @@ from .addresses import parse_hop
 from .delivery.groups import Delivery
 from .delivery.handover import Handover, Job
 from .delivery.hops import NextHop, StdoutHop, configured_hop
+from .delivery.spool import Spool
 from .delivery.smtp import SmtpHop
 from .envelope import envelope_addresses, envelope_from_headers, sender_of_from_line
 from .logs import UNLOGGED, add_log_file, configure_logging, syslog_reachable
@@ -172,7 +173,8 @@ class Gate:
         hop = self._next_hop(config, from_line)
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
-        leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
+        finish = Spool(self.workdir) if trace is None else None     # a dry run keeps what it shows
+        leaves = ChainRunner(self._context, log, trace, finish).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
                   config.sections.get("arc"))
         if trace is not None:

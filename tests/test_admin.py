@@ -268,11 +268,11 @@ def test_dry_run_prints_each_verdict_and_delivers_nothing(config_file, smtp_sink
     assert delivery == [
         "  <carol@z.example> (rule default, chain dummy):",
         f"    would be delivered: {len(SIMPLE)} bytes, unchanged, byte for byte",
-        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
-        "    rejected by judge: 5.7.1 judged unacceptable",
         "  <bob@x.example> (rule recipients[0], chain stamp,judge):",
         f"    would be delivered: {stamped} bytes, changed",
         "    + X-Stamp: yes",
+        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
+        "    rejected by judge: 5.7.1 judged unacceptable",
         "a real run would exit 0 if the next hop accepted what it was given",
     ]
 

@@ -12,8 +12,9 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
-from ..status import DONE, LOCAL_TROUBLE, of_error, tempfail
+from ..status import DONE, LOCAL_TROUBLE, Stop, of_error, tempfail
 from .handover import Handover, Job
+from .spool import Finished
 
 log = logging.getLogger("ispmailgate")
 
@@ -21,7 +22,7 @@ log = logging.getLogger("ispmailgate")
 class Transfer(NamedTuple):
     """One delivery group made ready: its recipients and bytes, or the verdict that ended it."""
     recipients: list[str]
-    data: bytes | bytearray | None
+    data: bytes | bytearray | Finished | None      # Finished: a result waiting in its spool file
     leaf: Any
 
 
@@ -51,7 +52,13 @@ class Delivery:
                 self._unparsed(leaf)
             data = message.to_bytes()
             if message.changed and self.job.arc:
-                data = self._seal(self.job.original, message, data, recipients)
+                sealed = self._seal(self.job.original, message, data, recipients)
+                if isinstance(message, Finished) and message.path is not None:    # stays in its file
+                    data = message.with_head(sealed[:len(sealed) - len(data)])
+                else:
+                    data = sealed
+            elif isinstance(message, Finished) and message.path is not None:
+                data = message
             transfers.append(Transfer(recipients, data, leaf))
         return transfers
 
@@ -73,8 +80,7 @@ class Delivery:
             elif verdict is not None:
                 outcome = self._verdict(transfer.leaf)
             else:
-                replies = self.handover(self.job.sender, transfer.recipients, transfer.data)
-                outcome = {r: reply.result() for r, reply in replies.items()}
+                outcome = self._hand_over(transfer)
             deferred = deferred or any(result.state == "deferred" for result in outcome.values())
             results.update(outcome)
         if not self.hop.carries_reports:
@@ -83,6 +89,18 @@ class Delivery:
         elif self.job.notices and not deferred:     # the retry would send them again
             self._reports().send_notices()
         return results, (() if deferred else self._bounce(results))
+
+    def _hand_over(self, transfer: Transfer) -> dict[str, Result]:
+        """One group to the next hop; a spooled result is read back for it, and only for it."""
+        data = transfer.data
+        if isinstance(data, Finished):
+            try:
+                data = data.to_bytes()
+            except Stop as stop:        # its file went away: these recipients wait for the retry
+                log.error("%s", stop)
+                return dict.fromkeys(transfer.recipients, Result("deferred", stop.status, stop.text))
+        replies = self.handover(self.job.sender, transfer.recipients, data)
+        return {r: reply.result() for r, reply in replies.items()}
 
     def _bounce(self, results: dict[str, Result]) -> tuple[str, ...]:
         """Some recipients refused for good and others not: a 69 would bounce those too, so
@@ -135,7 +153,8 @@ class Delivery:
                 groups.append((leaf.recipients, leaf.message, leaf))
                 continue
             # a digest, not the bytes: holding every result until delivery would cost a copy each
-            key = hashlib.sha256(leaf.message.to_bytes()).digest() if leaf.message.changed else "unchanged"
+            key = ("unchanged" if not leaf.message.changed else getattr(leaf.message, "digest", None)
+                   or hashlib.sha256(leaf.message.to_bytes()).digest())
             if key in merged:
                 merged[key].extend(leaf.recipients)
             else:
