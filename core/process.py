@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ispmailgate_filters.base import ConfigError
@@ -47,6 +48,26 @@ def drop_privileges(config: Config) -> None:
     if os.geteuid() == 0 or os.getegid() == 0 and gid != 0:
         raise tempfail(MISCONFIGURED, f"still root after switching to {user}")
     log.debug("running as %s (uid %d, gid %d)", user, os.getuid(), os.getgid())
+
+
+def opened_as_mail_user(config: Config, opener: Callable[[], Any]) -> Any:
+    """``opener()`` with the mail user's rights (effective ids only), for a process that
+    stays root (the serve master): a file in a directory the mail user owns (the log
+    directory of the man page's set-up) is opened as a one-shot run opens it, never as root
+    through a path that user controls.  As anybody else, or with mail_user = "root": as is."""
+    identity = mail_identity(config) if os.geteuid() == 0 else None
+    if identity is None:
+        return opener()
+    groups, gid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(identity[1])
+    os.seteuid(identity[0])
+    try:
+        return opener()
+    finally:
+        os.seteuid(0)
+        os.setegid(gid)
+        os.setgroups(groups)
 
 
 def readable_by(uid: int, gid: int, *directories: str) -> bool:
