@@ -156,8 +156,8 @@ class Interrupted(BaseException):
 
 
 class time_limit:
-    """Wall-clock limit for one message, with SIGALRM (main thread only; elsewhere only
-    :meth:`check` applies it).
+    """Wall-clock limit for one message, with SIGALRM (main thread only, and only where
+    SIGALRM's handler can be put back; elsewhere only :meth:`check` applies it).
 
     Until :meth:`shield` the alarm interrupts whatever runs.  From the first delivery on
     it no longer does: it must never land inside a transaction the next hop may already
@@ -181,6 +181,10 @@ class time_limit:
 
         self.deadline = time.monotonic() + self.seconds
         if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGALRM) is None:
+            # a handler installed from C (by a program embedding Python): signal.signal could
+            # not put it back, so it is left alone, and only check() applies the limit
             return self
         self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._expired)
         for name in self.SIGNALS:
