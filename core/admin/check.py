@@ -36,12 +36,19 @@ def check(requested: Path | None, stdout: BinaryIO, *, config_only: bool = False
             problems += environment_problems(config)
         if client_user is not None:
             problems += _located(config, socket_problems(config, client_user))
-    warnings = dkim_warnings(config) if config is not None else []
-    for line in [*map(str, problems), *(f"{config.path}: {warning}" for warning in warnings)]:
+    # the rule file's own (said by every run in its log), then what check alone sees
+    warnings = [*config.warnings, *dkim_warnings(config)] if config is not None else []
+    for line in [*map(str, problems), *(_with_source(config.path, warning) for warning in warnings)]:
         out.line(line)
     out.line(_summary(path, config, problems, warnings, config_only))
     out.close()
     return EX_CONFIG if problems else EX_OK
+
+
+def _with_source(path: str, warning: str) -> str:
+    """``path: warning: ...`` (a rule file's own warning starts with its path already)."""
+    text = warning[len(path) + 1:] if warning.startswith(f"{path} ") else warning
+    return f"{path}: {text}" if text.startswith("warning: ") else f"{path}: warning: {text}"
 
 
 def _summary(path: Path | None, config: Config | None, problems: list, warnings: list[str],
