@@ -13,7 +13,8 @@ that turns whatever happens into a status an MTA understands.  The run of one me
 argv (here) -> rule file (``rules``) -> message and envelope (``reading``, ``envelope``)
 -> route and run the chains (``routing``) -> deliver (``delivery``) -> exit status
 (``outcome``, ``status``).  The subcommands import their modules only when called:
-``serve`` (``ispmailgate_core.serve``), ``check`` and ``explain`` (``ispmailgate_core.admin``).
+``serve`` (``ispmailgate_core.serve``), ``check``, ``explain``, ``dkim-record`` and ``quarantine``
+(``ispmailgate_core.admin``).
 """
 
 # No "from __future__ import annotations" here: typer would then eval every annotation
@@ -51,7 +52,7 @@ SenderOption = Annotated[str | None, typer.Option(
     help="Envelope sender; '' or '<>' is the null sender of bounces.")]
 
 
-@gate_cli.command(epilog="Subcommands: ispmailgate serve | check | explain (see ispmailgate(1)).")
+@gate_cli.command(epilog="Subcommands: ispmailgate serve | check | explain | dkim-record | quarantine (see ispmailgate(1)).")
 def deliver(
     ctx: typer.Context,
     recipients: Annotated[list[str] | None, typer.Argument(
@@ -156,6 +157,35 @@ def explain_command(
     return explain(config, sender, recipients, ctx.obj.streams.stdout)
 
 
+@admin_cli.command("dkim-record")
+def dkim_record_command(
+    ctx: typer.Context,
+    domain: Annotated[str, typer.Argument(metavar="DOMAIN", show_default=False,
+                                          help="The domain of a [[dkim]] table.")],
+    config: ConfigOption = None,
+) -> int:
+    """Print the DNS TXT record that publishes the key of each [[dkim]] table of DOMAIN."""
+    from ispmailgate_core.admin.dkim_keys import dkim_record
+
+    return dkim_record(config, domain, ctx.obj.streams.stdout)
+
+
+# Command groups, registered only when a command line names one: building one costs every
+# one-shot run about a millisecond.  Name -> "module:typer app".
+ADMIN_GROUPS = {"quarantine": "ispmailgate_core.admin.quarantine.commands:quarantine_cli"}
+
+
+@functools.cache
+def admin_app() -> typer.Typer:
+    """The admin commands with their groups (``quarantine list`` ...)."""
+    import importlib
+
+    for name, where in ADMIN_GROUPS.items():
+        module, _, app = where.partition(":")
+        admin_cli.add_typer(getattr(importlib.import_module(module), app), name=name)
+    return admin_cli
+
+
 # =========================================================================================
 # one command line, guarded
 # =========================================================================================
@@ -169,7 +199,7 @@ class Invocation(NamedTuple):
 def run(argv: list[str], streams: Streams, preloaded: "Config | None" = None) -> int:
     """Run one command line; always returns an exit status an MTA understands."""
     try:
-        cli = admin_cli if argv and argv[0] in admin_commands() else gate_cli
+        cli = admin_app() if argv and argv[0] in admin_commands() else gate_cli
         command = click_command(cli)
         status = command.main(args=list(argv), prog_name="ispmailgate", standalone_mode=False,
                               obj=Invocation(streams, preloaded))
@@ -201,13 +231,13 @@ def _prepare_served_runs() -> None:
     """Before ``serve`` forks its workers: what every served run would otherwise build anew."""
     import typer.rich_utils  # noqa: F401  (typer's help output, for served --help)
 
-    for cli in (gate_cli, admin_cli):
+    for cli in (gate_cli, admin_app()):
         click_command(cli)
 
 
 def admin_commands() -> set[str]:
     """Subcommand names: only as the very first argument (``--`` makes anything a recipient)."""
-    return {info.name or info.callback.__name__ for info in admin_cli.registered_commands}
+    return {info.name or info.callback.__name__ for info in admin_cli.registered_commands} | set(ADMIN_GROUPS)
 
 
 def main() -> int:

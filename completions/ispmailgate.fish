@@ -3,16 +3,36 @@
 function __ispmailgate_using --description 'Is this admin command $argv[1] (none: the main one)?'
     set -l words (commandline -opc)
     set -l command ''
-    if test (count $words) -ge 2; and contains -- $words[2] check explain serve
+    if test (count $words) -ge 2; and contains -- $words[2] check dkim-record explain quarantine serve
         set command $words[2]
+    end
+    if test "$command" = quarantine; and test (count $words) -ge 3; and contains -- $words[3] delete list purge release show
+        set command "$command $words[3]"
     end
     test "$command" = "$argv[1]"
 end
 
+function __ispmailgate_ids --description 'The ids of kept messages, as the program lists them'
+    set -l words (commandline -opc)
+    set -l config
+    set -l at (contains -i -- -c $words; or contains -i -- --config $words)
+    if test -n "$at"; and test (count $words) -gt $at[1]
+        set config -c $words[(math $at[1] + 1)]
+    end
+    $words[1] quarantine list -q $config 2>/dev/null
+end
+
 complete -c ispmailgate -f
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a check -d 'Check the rule file and what its filters need; exit 0, or 78 with one line per problem.'
+complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a dkim-record -d 'Print the DNS TXT record that publishes the key of each [[dkim]] table of DOMAIN.'
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a explain -d 'Show the rule and chain each recipient gets, and the delivery groups; needs no message.'
+complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a quarantine -d 'Kept copies (virscan\'s quarantine, tmp_dir/keep/): list, show, release, delete, purge.'
 complete -c ispmailgate -n 'test (count (commandline -opc)) -eq 1' -a serve -d 'Serve ispmailgate-client: pre-forked workers behind a Unix socket.'
+complete -c ispmailgate -n '__ispmailgate_using quarantine' -a delete -d 'Delete entries: the message and its record.'
+complete -c ispmailgate -n '__ispmailgate_using quarantine' -a list -d 'List the kept messages: id, time, size, verdict, state, sender, recipients, findings.'
+complete -c ispmailgate -n '__ispmailgate_using quarantine' -a purge -d 'Remove every entry kept before a time, and nothing else.'
+complete -c ispmailgate -n '__ispmailgate_using quarantine' -a release -d 'Re-inject a kept message, byte for byte, to the next hop with its envelope; no chain runs.'
+complete -c ispmailgate -n '__ispmailgate_using quarantine' -a show -d 'Show an entry: its envelope, findings, releases and the message\'s header.'
 complete -c ispmailgate -n '__ispmailgate_using' -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate -n '__ispmailgate_using' -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate -n '__ispmailgate_using' -s m -l mail-host -x -d 'Deliver by SMTP to this next hop (overrides mail_host and sendmail_command).'
@@ -23,13 +43,38 @@ complete -c ispmailgate -n '__ispmailgate_using' -s t -l tmp-dir -x -a '(__fish_
 complete -c ispmailgate -n '__ispmailgate_using' -s a -l facility -x -a 'mail daemon user auth authpriv cron kern lpr news syslog uucp local0 local1 local2 local3 local4 local5 local6 local7' -d 'Syslog facility (overrides facility).'
 complete -c ispmailgate -n '__ispmailgate_using' -l version -d 'Print the version and exit.'
 complete -c ispmailgate -n '__ispmailgate_using' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using quarantine' -s h -l help -d 'Show this message and exit.'
 complete -c ispmailgate -n '__ispmailgate_using check' -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate -n '__ispmailgate_using check' -l config-only -d 'Check the rule file alone (syntax, keys, types, regexes, filter options): nothing on this machine, for a CI before the gateway.'
 complete -c ispmailgate -n '__ispmailgate_using check' -l client-user -x -d 'Also check that USER, as whom the MTA runs ispmailgate-client, can connect to the socket of ispmailgate serve.'
 complete -c ispmailgate -n '__ispmailgate_using check' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using dkim-record' -s c -l config -r -F -d 'Rule file (TOML).'
+complete -c ispmailgate -n '__ispmailgate_using dkim-record' -s h -l help -d 'Show this message and exit.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s f -l from -x -d 'Envelope sender; \'\' or \'<>\' is the null sender of bounces.'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s c -l config -r -F -d 'Rule file (TOML).'
 complete -c ispmailgate -n '__ispmailgate_using explain' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine delete"' -s c -l config -r -F -d 'Rule file (TOML) naming the quarantines, as for a run: $ISPMAILGATE_CONFIG, else /etc/ispmailgate/ispmailgate.toml.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine delete"' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine delete"' -a '(__ispmailgate_ids)'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -s c -l config -r -F -d 'Rule file (TOML) naming the quarantines, as for a run: $ISPMAILGATE_CONFIG, else /etc/ispmailgate/ispmailgate.toml.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l json -d 'A JSON list of objects, for scripts.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l since -x -d 'Only entries kept since DATE (2025-03-01, 2025-03-01T14:30) or for AGE (2d, 12h).'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l verdict -x -a 'infected unscannable unparsable' -d 'Only entries with this verdict (infected, unscannable, unparsable).'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -s q -l quiet -d 'The ids alone, one a line.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine purge"' -l older-than -x -d 'Remove what was kept longer ago than AGE (30d, 12h, 2w) or before a DATE.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine purge"' -s n -l dry-run -d 'List what would be removed; remove nothing.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine purge"' -s c -l config -r -F -d 'Rule file (TOML) naming the quarantines, as for a run: $ISPMAILGATE_CONFIG, else /etc/ispmailgate/ispmailgate.toml.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine purge"' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine release"' -l to -x -d 'Release to this recipient instead (repeat for more).'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine release"' -s f -l from -x -d 'Envelope sender instead of the kept one.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine release"' -l force -d 'Release even to recipients that have it, or a copy that was delivered.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine release"' -s c -l config -r -F -d 'Rule file (TOML) naming the quarantines, as for a run: $ISPMAILGATE_CONFIG, else /etc/ispmailgate/ispmailgate.toml.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine release"' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine release"' -a '(__ispmailgate_ids)'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine show"' -s c -l config -r -F -d 'Rule file (TOML) naming the quarantines, as for a run: $ISPMAILGATE_CONFIG, else /etc/ispmailgate/ispmailgate.toml.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine show"' -s h -l help -d 'Show this message and exit.'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine show"' -a '(__ispmailgate_ids)'
 complete -c ispmailgate -n '__ispmailgate_using serve' -l socket -r -F -d 'Unix socket to listen on (overrides serve.socket).'
 complete -c ispmailgate -n '__ispmailgate_using serve' -l workers -x -d 'Worker processes (overrides serve.workers).'
 complete -c ispmailgate -n '__ispmailgate_using serve' -l pidfile -r -F -d 'Write the master\'s pid here (overrides serve.pid_file).'

@@ -55,3 +55,12 @@ def parse_hop(value: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"not HOST[:PORT]: {value!r}")
     return host, int(port)
+
+
+def parse_dns_server(value: str) -> tuple[str, int]:
+    """A DNS server: ``host``, ``host:port``, ``[v6addr]:port`` or a bare IPv6 address; port
+    53 unless given."""
+    text = value.strip()
+    host, port = parse_hop(text)
+    explicit = "]:" in text or text.count(":") == 1
+    return host, port if explicit else 53

@@ -90,7 +90,7 @@ def readable_by(uid: int, gid: int, *directories: str) -> bool:
 
 def preload(config: Config) -> None:
     """Import now whatever the run may import later: the core's lazy imports, every codec,
-    each configured filter's modules, and with ``[arc]`` dkimpy and dnspython.
+    each configured filter's modules, and with ``[arc]`` or ``[[dkim]]`` dkimpy and dnspython.
 
     Done before privileges are dropped (an interpreter installed under a private home is
     not readable by mail_user, and then nothing can be imported after the drop: a module
@@ -107,9 +107,12 @@ def preload(config: Config) -> None:
     for step in {*config.filters.values(), *config.default_chain,
                  *(step for rule in config.rules for step in rule.chain)}:
         step.preload()
-    if config.sections.get("arc") is not None:
+    if "arc" in config.sections or "dkim" in config.sections:   # seals and signatures: dkimpy
         from .arc import preload as arc_modules
         arc_modules()
+        importlib.import_module("ispmailgate_core.signing")
+    if any(table.key.kind == "ed25519" for table in config.sections.get("dkim", ())):
+        importlib.import_module("nacl.signing")
 
 
 # What the core imports lazily on the way of a run, after privileges are dropped (a served
@@ -119,7 +122,7 @@ CORE_MODULES = (
     "email.parser", "email.utils", "grp", "hashlib", "importlib.metadata", "io", "mmap", "pwd",
     "random", "select", "shutil", "signal", "socket", "stat", "struct", "subprocess", "syslog",
     "tempfile", "threading", "tomllib", "unicodedata", "urllib.parse",
-    "ispmailgate_filters", "ispmailgate_filters.files", "ispmailgate_filters.mime",
+    "ispmailgate_filters", "ispmailgate_filters.files", "ispmailgate_filters.kept", "ispmailgate_filters.mime",
     "ispmailgate_core.admin.dry_run", "ispmailgate_core.arc", "ispmailgate_core.delivery.reports",
     "ispmailgate_core.delivery.wire", "ispmailgate_core.serve.section")
 

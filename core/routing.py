@@ -17,6 +17,7 @@ from .status import of_error
 class Route(NamedTuple):
     rule: str
     chain: tuple[Filter, ...]
+    dkim: bool = True           # the rule lets [[dkim]] sign its recipients' results
 
     @property
     def chain_label(self) -> str:
@@ -26,7 +27,7 @@ class Route(NamedTuple):
 def route(config: Config, sender: str, recipient: str) -> Route:
     for rule in config.rules:
         if rule.matches(sender, recipient):
-            return Route(rule.label, rule.chain)
+            return Route(rule.label, rule.chain, rule.dkim)
     return Route("default", config.default_chain)
 
 

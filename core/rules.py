@@ -40,6 +40,7 @@ class Rule(NamedTuple):
     label: str
     conditions: tuple[Condition, ...]
     chain: tuple[Filter, ...]
+    dkim: bool = True                   # false: results for its recipients are not DKIM-signed
 
     def matches(self, sender: str, recipient: str) -> bool:
         return all(condition.holds(sender, recipient) for condition in self.conditions)
@@ -79,7 +80,13 @@ def _serve_section(table: Any, where: str) -> Any:
     return load_section(table, where)
 
 
-SECTIONS: dict[str, Any] = {"arc": _arc_section, "serve": _serve_section}
+def _dkim_section(tables: Any, where: str) -> Any:
+    from .signing import load_section     # the [[dkim]] tables: keys read, dkimpy not imported
+
+    return load_section(tables, where)
+
+
+SECTIONS: dict[str, Any] = {"arc": _arc_section, "dkim": _dkim_section, "serve": _serve_section}
 
 
 def find_config(requested: Path | None) -> Path | None:
@@ -282,6 +289,8 @@ RULE_KEYS = {
     "sender_is": "internal | external: the sender's domain is (not) in internal_domains; "
                  "the null sender is external.",
     "filters": "The chain: filter instance names or filter types, in order.",
+    "dkim": "false: results for matching recipients are not DKIM-signed (mail that stays inside); "
+            "default true.",
 }
 
 
@@ -303,7 +312,10 @@ def _rule(entry: dict[str, Any], index: int, filters: dict[str, Filter],
         if f"{subject}_is" in entry:
             conditions.append(checked(_domain_condition, subject, entry[f"{subject}_is"],
                                       f"{where}.{subject}_is", internal_domains))
-    return None if checked.failures > failures else Rule(where, tuple(conditions), chain)
+    signed = entry.get("dkim", True)
+    if not isinstance(signed, bool):
+        checked(_raise, ConfigError(f"{where}.dkim", f"expected true or false, got {signed!r}"))
+    return None if checked.failures > failures else Rule(where, tuple(conditions), chain, signed)
 
 
 def _chain_names(entry: dict[str, Any], where: str) -> tuple[str, ...]:

@@ -178,7 +178,7 @@ class Gate:
         finish = Spool(self.workdir) if trace is None else None     # a dry run keeps what it shows
         leaves = ChainRunner(self._context, log, trace, finish).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
-                  config.sections.get("arc"))
+                  config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes))
         if trace is not None:
             return self._dry_run(job, hop, leaves, routes, refused, trace)
         deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]
@@ -281,21 +281,18 @@ class Gate:
             except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
                 log.error("cannot remove %s: %r", self.workdir_path, error)
 
-    def keep_backup(self, data: bytes | bytearray) -> Path | None:
-        """The original's tmp_dir/keep/: a copy of a message the parser could not handle."""
-        from ispmailgate_filters.files import create_in, private_directory
+    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str) -> Path | None:
+        """The original's tmp_dir/keep/: a copy of a message the parser could not handle,
+        delivered unchanged, kept with its envelope (see ispmailgate_filters.kept)."""
+        from ispmailgate_filters.kept import keep
 
-        keep = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self.id}.eml"
+        directory = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
+        finding = {"object": "the message", "verdict": "unparsable", "detail": f"the parser gave up in {step}"}
         try:
-            directory = private_directory(str(keep))
-            try:
-                create_in(directory, name, bytes(data))
-            finally:
-                os.close(directory)
-            return keep / name
+            return keep(str(directory), bytes(data), run_id=self.id, sender=self.sender, recipients=recipients,
+                        kept_by="ispmailgate", action="delivered", verdict="unparsable", findings=(finding,))
         except OSError as error:
-            log.error("cannot keep a backup in %s: %s", keep, error)
+            log.error("cannot keep a backup in %s: %s", directory, error)
             return None
 
     def _finish(self, code: int, status: str, text: str) -> int:
@@ -338,6 +335,13 @@ class Gate:
                      "; ".join(self.summary[:1000]) or "-", status, took)
         except Exception:       # noqa: BLE001 -- logging is never what changes an outcome
             pass
+
+
+def _unsigned(config: Config, routes: dict[str, Route]) -> frozenset[str]:
+    """Recipients whose rule turns DKIM signing off (none to tell apart without [[dkim]])."""
+    if "dkim" not in config.sections:
+        return frozenset()
+    return frozenset(recipient for recipient, chosen in routes.items() if not chosen.dkim)
 
 
 def _outcome_word(code: int) -> str:

@@ -296,6 +296,11 @@ class Filter:
         """What is wrong with this filter's environment (files, sockets, keys), for ``check``."""
         return []
 
+    def quarantine_dirs(self) -> tuple[str, ...]:
+        """Directories where this step keeps copies of messages, in the format of
+        :mod:`ispmailgate_filters.kept`: ``ispmailgate quarantine`` works on them."""
+        return ()
+
     def trusted_files(self) -> dict[str, str]:
         """Option name -> a command it runs or a file of secrets it reads.  Started as root,
         the core refuses the rule file unless root alone can change each (a bare command

@@ -429,7 +429,7 @@ def test_check_lists_every_problem_of_a_rule_where_a_run_stops_at_the_first(conf
     config = config_file(text)
     run = run_inline(["check", "--config-only", "-c", str(config)], b"")
     assert run.code == 78
-    known = "recipient, sender, recipient_not, sender_not, recipient_is, sender_is, filters"
+    known = "recipient, sender, recipient_not, sender_not, recipient_is, sender_is, filters, dkim"
     unknown = ("unknown filter {!r} (built in: banner, dummy, packer, pgp, smime, virscan; or a [filter.NAME] "
                "table, an entry point, or module:Class)")
     assert text_of(run).splitlines() == [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 
 from conftest import CORPUS, run_gate, run_inline
 
@@ -144,6 +145,25 @@ def test_filter_error_reports_to_the_postmaster_with_the_original(config_file, s
     assert body.startswith(MULTI.replace(b"\n", b"\r\n"))
 
 
+def test_filter_error_report_carries_an_original_with_overlong_lines_in_base64(config_file, smtp_sink):
+    """A line over SMTP's 998 octets would make the next hop refuse the whole report."""
+    import base64
+
+    config = config_file(f'mail_host = "{smtp_sink.address}"\npostmaster = "pm@gw.example"\n'
+                         'loop_suffix = ""\n[filter.crashy]\ntype = "gate_test_filters:Judge"\n'
+                         'verdict = "crash"\n[[recipients]]\nfilters = ["crashy"]\n')
+    original = b"From: a@x.example\nX-Long: " + b"y" * 3000 + b"\n\n" + b"z" * 5000 + b"\n"
+    run = run_gate(["-c", str(config), "-f", "s@x.example", "a@x"], original)
+    assert run.code == 0, run.stderr
+    [report] = smtp_sink.messages
+    assert report.rcpt_tos == ["pm@gw.example"]
+    parsed = email.message_from_bytes(report.content, policy=email.policy.default)
+    text, attached = parsed.get_payload()
+    assert attached.get_content_type() == "application/octet-stream"
+    assert attached.get_filename() == "original.eml"
+    assert base64.b64decode(attached.get_payload()) == original
+
+
 def test_filter_error_can_be_a_tempfail_instead(config_file, smtp_sink):
     config = config_file(f'mail_host = "{smtp_sink.address}"\non_filter_error = "tempfail"\n'
                          '[filter.e]\ntype = "gate_test_filters:Judge"\nverdict = "error"\n'
@@ -183,9 +203,11 @@ def test_unparseable_message_is_kept_delivered_unchanged_and_reported(config_fil
     notices = [m for m in smtp_sink.messages if m.rcpt_tos == ["pm@gw"]]
     assert delivered[0].content == SIMPLE.replace(b"\n", b"\r\n")      # unchanged, not stamped
     assert b"parse error" in notices[0].content
-    [kept] = (tmp_path / "spool" / "keep").iterdir()
+    [kept] = (tmp_path / "spool" / "keep").glob("*.eml")
     assert kept.read_bytes() == SIMPLE
-    assert oct(kept.stat().st_mode & 0o777) == "0o600"
+    record = json.loads(kept.with_suffix(".json").read_text())         # the envelope beside it
+    assert (record["sender"], record["recipients"], record["action"]) == ("s@x.example", ["a@x"], "delivered")
+    assert {oct(path.stat().st_mode & 0o777) for path in (kept, kept.with_suffix(".json"))} == {"0o600"}
 
 
 def test_unparseable_message_can_be_a_tempfail_instead(config_file, smtp_sink, tmp_path):

@@ -87,7 +87,9 @@ def test_man_page_renders_without_warnings(page):
 def test_every_command_line_option_and_command_is_in_the_man_page():
     main, subcommands = generator().cli()
     text = rendered(MAN / "ispmailgate.1")
-    for command in [main, *subcommands]:
+    nested = [command for group in subcommands for command in group.subcommands]     # quarantine list ...
+    assert {"list", "show", "release", "delete", "purge"} <= {command.name for command in nested}
+    for command in [main, *subcommands, *nested]:
         assert command.name == "" or mentions(text, command.name), command.name
         for option in command.options:
             for name in option.names:
@@ -95,8 +97,8 @@ def test_every_command_line_option_and_command_is_in_the_man_page():
             if option.metavar:
                 assert option.metavar.split("[")[0] in text, option.metavar
     commands_section = text.split("\nCOMMANDS\n")[1].split("\nSHELL TEST MODE\n")[0]
-    for command in subcommands:
-        assert re.search(rf"^\s+{command.name} ", commands_section, re.M), command.name
+    for words, _ in generator().commands_in(subcommands):
+        assert re.search(rf"^\s+{words} ", commands_section, re.M), words
 
 
 def test_the_client_and_its_options_are_in_the_man_page():
@@ -251,6 +253,10 @@ def test_bash_completes_commands_options_and_values(tmp_path):
     assert bash_complete(["ispmailgate", "-f", ""]) == []                    # no guessing addresses
     assert bash_complete(["ispmailgate", "-f", "a@b", "ch"]) == []            # a recipient, not a command
     assert bash_complete(["ispmailgate", "--", "-"]) == []                    # recipients only
+    assert bash_complete(["ispmailgate", "quarantine", ""]) == ["delete", "list", "purge", "release", "show"]
+    assert bash_complete(["ispmailgate", "quarantine", "purge", "--o"]) == ["--older-than"]
+    assert bash_complete(["ispmailgate", "quarantine", "list", "--verdict", "un"]) == ["unscannable", "unparsable"]
+    assert bash_complete(["ispmailgate", "quarantine", "release", "--f"]) == ["--from", "--force"]
 
 
 def test_bash_completes_the_clients_own_options_in_front_then_ispmailgates(tmp_path):
@@ -304,6 +310,49 @@ def test_zsh_completion_is_found_by_compinit():
                              capture_output=True, text=True, timeout=60, check=True)
     assert process.stdout.strip() == "_ispmailgate", process.stderr
     assert subprocess.run(["zsh", "-n", str(COMPLETIONS / "_ispmailgate")], timeout=60).returncode == 0
+
+
+@pytest.fixture
+def kept_entry(tmp_path, monkeypatch):
+    """A rule file in tmp_path whose keep/ holds one entry, and $PATH finding this ispmailgate:
+    the id completions ask it for the ids."""
+    from ispmailgate_filters.kept import keep
+
+    from conftest import GATE
+
+    root = 'mail_user = "root"\n' if os.geteuid() == 0 else ""
+    (tmp_path / "rules.toml").write_text(f'{root}tmp_dir = "{tmp_path / "spool"}"\nlog_file = "{tmp_path / "log"}"\n')
+    kept = keep(str(tmp_path / "spool" / "keep"), b"Subject: kept\n\nbody\n", run_id="0123456789",
+                sender="a@example.org", recipients=("b@example.com",), kept_by="ispmailgate",
+                action="delivered", verdict="unparsable")
+    monkeypatch.setenv("PATH", f"{GATE.parent}:{os.environ['PATH']}")
+    return kept.stem
+
+
+def test_bash_and_fish_complete_the_ids_of_kept_messages(tmp_path, kept_entry):
+    for command in ("show", "release", "delete"):
+        assert bash_complete(["ispmailgate", "quarantine", command, "-c", "rules.toml", ""], tmp_path) == [kept_entry]
+    assert bash_complete(["ispmailgate", "quarantine", "show", "--config", "rules.toml", "2"], tmp_path) == [kept_entry]
+    assert bash_complete(["ispmailgate", "quarantine", "show", "-c", "rules.toml", "x"], tmp_path) == []
+    assert bash_complete(["ispmailgate", "quarantine", "list", "-c", "rules.toml", ""], tmp_path) == []
+    process = subprocess.run(["fish", "--no-config", "-c", f"source {COMPLETIONS / 'ispmailgate.fish'}; "
+                              "complete -C 'ispmailgate quarantine release -c rules.toml '; "
+                              "complete -C 'ispmailgate quarantine '"],
+                             capture_output=True, text=True, timeout=60, check=True, cwd=tmp_path)
+    assert [line.split("\t")[0] for line in process.stdout.splitlines()] == [
+        kept_entry, "delete", "list", "purge", "release", "show"]
+
+
+def test_zsh_completes_quarantine_commands_and_ids_at_the_keyboard(tmp_path, kept_entry):
+    terminal = Terminal(["zsh", "-f", "-i"], tmp_path)      # $PATH as kept_entry set it
+    try:
+        terminal.type(f"fpath=({COMPLETIONS} $fpath); autoload -U compinit; compinit -u -D; "
+                      "echo $((6 * 7))-ready\n", b"42-ready")
+        terminal.type("ispmailgate quarantine rel\t", b"release ")
+        terminal.type("-c rules.toml 2\t", kept_entry.encode())
+        terminal.type("\x15ispmailgate quarantine purge --ol\t", b"--older-than")
+    finally:
+        terminal.close()
 
 
 class Terminal:

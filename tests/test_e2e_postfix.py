@@ -284,6 +284,38 @@ def test_a_banner_on_dkim_signed_mail_is_arc_sealed_on_the_way(postfix, mailauth
                      delivered)
 
 
+def test_mail_from_our_domain_leaves_with_a_banner_and_a_signature_that_verifies(postfix):
+    """DKIM-signed after the banner (issue 20): the signature verifies in alice's Maildir,
+    after Postfix's reinjection and delivery added their fields."""
+    import pwd
+
+    import dkim
+
+    from support.mailauth import DnsServer, make_key
+
+    key, record = make_key(postfix.base, "gw", "e2e.test")
+    os.chown(key.path, pwd.getpwnam(PIPE_USER).pw_uid, -1)       # the pipe user's, and nobody else's
+    dns = DnsServer({key.dns_name: record})
+    try:
+        postfix.rules(f'''
+            default_filter = ["disclaimer"]
+            [filter.disclaimer]
+            type = "banner"
+            text = "-- checked by the gateway"
+            [[dkim]]
+            domain = "e2e.test"
+            selector = "gw"
+            private_key_file = "{key.path}"
+        ''')
+        postfix.submit("sender@e2e.test", ["alice@e2e.test"], SIMPLE_BODY)
+        [delivered] = postfix.wait_for_mail("alice")
+        assert b"Hello through Postfix.\n" in delivered and b"-- checked by the gateway" in delivered
+        assert re.search(rb"\nDKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=e2e.test;", delivered)
+        assert dkim.verify(delivered.replace(b"\n", b"\r\n"), dnsfunc=dns.txt)
+    finally:
+        dns.stop()
+
+
 def test_smime_in_and_out_through_postfix(postfix):
     """openssl-made signed-and-enveloped mail is decrypted and verified on its way to alice;
     plain mail to bob leaves encrypted to bob's own certificate, which openssl decrypts."""

@@ -81,6 +81,8 @@ def test_it_runs_as_an_executable_with_its_admin_commands(pyz, smtp_sink, tmp_pa
     run = run_clean([str(pyz), "check", "-c", str(rules)])
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout == f"{rules}: OK (0 rules, 0 named filters)\n".encode()
+    run = run_clean([str(pyz), "quarantine", "list", "--json", "-c", str(rules)])     # a group loaded lazily
+    assert (run.returncode, run.stdout) == (0, b"[]\n"), run.stderr
 
 
 def test_smime_in_the_pyz_says_what_it_lacks(pyz, tmp_path, smtp_sink):

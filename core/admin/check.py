@@ -30,14 +30,22 @@ def check(requested: Path | None, stdout: BinaryIO, *, config_only: bool = False
         out.line("no rule file given and none installed: checking the built-in default")
     problems: list[ConfigError] = []
     config = load_config(path, problems)
+    warnings = []
     if config is not None:
         problems += _located(config, _shadowed_rules(config))
         if not config_only:
             problems += environment_problems(config)
         if client_user is not None:
             problems += _located(config, socket_problems(config, client_user))
-    # the rule file's own (said by every run in its log), then what check alone sees
-    warnings = [*config.warnings, *dkim_warnings(config)] if config is not None else []
+        # the rule file's own (said by every run in its log), then what check alone sees
+        warnings = list(config.warnings)
+        if "dkim" in config.sections:
+            from .dkim_keys import signing_findings     # dkimpy (and DNS) only for [[dkim]]
+
+            found, signing = signing_findings(config.sections["dkim"], probe_dns=not config_only)
+            problems += _located(config, found)
+            warnings += signing
+        warnings += dkim_warnings(config)
     for line in [*map(str, problems), *(_with_source(config.path, warning) for warning in warnings)]:
         out.line(line)
     out.line(_summary(path, config, problems, warnings, config_only))

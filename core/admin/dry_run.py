@@ -26,10 +26,12 @@ def dry_run_report(job: Job, size: int, config: Config, hop: NextHop, leaves: li
         lines.append("  (none)")
     lines.append("delivery:")
     original = Message(job.original.raw).top_headers().items()
-    for recipients, message, leaf in Delivery.groups(leaves):
+    for recipients, message, leaf in Delivery.groups(leaves, job.unsigned):
         chains = sorted({f"rule {routes[r].rule}, chain {routes[r].chain_label}" for r in recipients})
         lines.append(f"  {addresses(recipients)} ({'; '.join(chains)}):")
         lines.append(f"    {_fate(job, config, hop, leaf, message)}")
+        if job.dkim and leaf.verdict is None and not leaf.defers(config, hop.carries_reports):
+            lines.append(f"    {_signing(job, recipients, message)}")
         if message is not None and message.changed and not leaf.unparsed:
             lines += _header_changes(original, message.top_headers().items())
     lines += [f"notice to {addresses(n.recipients)}: {n.subject}" for n in job.notices]
@@ -65,6 +67,29 @@ def _fate(job: Job, config: Config, hop: NextHop, leaf: Leaf, message: Message |
     data = message.to_bytes()
     state = "changed" if message.changed else "unchanged, byte for byte"
     return f"would be delivered: {len(data)} bytes, {state}"
+
+
+def _signing(job: Job, recipients: list[str], message: Message) -> str:
+    """What [[dkim]] would do with this group's result: signed, by whom, or why not.  The
+    signatures are made (and thrown away), so a key dkimpy cannot use shows here."""
+    from ..signing import Signer
+
+    if recipients[0] in job.unsigned:
+        return "not DKIM-signed: the rule says dkim = false"
+    signer = Signer(job.dkim)
+    tables, why = signer.plan(message.top_headers())
+    if not tables:
+        return f"not DKIM-signed: {why}"
+    try:
+        _, signers = signer.sign(job.original.raw, message.to_bytes(), message.eol, tables)
+    except Exception as error:      # noqa: BLE001 -- the report says what a run would hit
+        return f"DKIM signing would fail: {error!r}; the run would deliver nothing and exit 75"
+    skipped = [t for t in tables if t not in signers]
+    text = "would be DKIM-signed as " + ", ".join(f"d={t.domain} s={t.selector}" for t in signers) if signers \
+        else "not DKIM-signed again"
+    if skipped:
+        text += "; unchanged and already signed as " + ", ".join(f"d={t.domain} s={t.selector}" for t in skipped)
+    return text
 
 
 def _header_changes(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list[str]:

@@ -8,6 +8,7 @@ from typing import BinaryIO
 
 from ispmailgate_filters.base import ConfigError, Filter
 
+from ..delivery.groups import by_signing
 from ..delivery.hops import configured_hop
 from ..envelope import envelope_addresses
 from ..routing import ChainRunner, Route, route
@@ -38,13 +39,16 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
         out.line(f"<{recipient}>: refused, {result.status} {result.text}")
     out.line()
     out.line("filter steps, each run once for the recipients listed:")
-    groups = _plan(routes, list(routes), 0, "  ", out)
+    unsigned = frozenset(r for r, chosen in routes.items() if not chosen.dkim)
+    groups = [part for members in _plan(routes, list(routes), 0, "  ", out)
+              for part in by_signing(members, unsigned if "dkim" in config.sections else frozenset())]
     out.line()
     out.line("delivery groups (a verdict can end a chain early; identical results are merged):")
     for number, members in enumerate(groups, 1):
-        chain = routes[members[0]].chain
-        out.line(f"  {number}. {addresses(members)}: {routes[members[0]].chain_label}; "
-                 f"{_sealing(config, chain)}")
+        chosen = routes[members[0]]
+        signing = f"; {_signing(config, chosen)}" if "dkim" in config.sections else ""
+        out.line(f"  {number}. {addresses(members)}: {chosen.chain_label}; "
+                 f"{_sealing(config, chosen.chain)}{signing}")
     out.line(f"next hop: {configured_hop(config).describe()}")
     out.close()
     return EX_OK
@@ -85,6 +89,19 @@ def _explained(step: Filter, variant) -> list[str]:
     except Exception as error:      # explain must show the rest whatever one filter does
         detail = f"cannot tell: {error!r}"
     return [detail] if detail else []
+
+
+def _signing(config: Config, chosen: Route) -> str:
+    """Who DKIM-signs the group's results: known only once a message says its From:."""
+    tables = config.sections["dkim"]
+    if not chosen.dkim:
+        return f"not DKIM-signed ({chosen.rule}: dkim = false)"
+    domains: dict[str, list[str]] = {}
+    for t in tables:
+        domains.setdefault(t.domain + (" or below" if t.subdomains else ""), []).append(
+            f"d={t.domain} s={t.selector} {t.algorithm}")
+    return "DKIM-signed if the From: domain is " + " or ".join(
+        f"{domain} (by {', '.join(signers)})" for domain, signers in domains.items())
 
 
 def _sealing(config: Config, chain) -> str:

@@ -1,6 +1,6 @@
-"""Delivery groups: leaves whose results are identical merged, each made ready (bytes, ARC
-seal, backup) while the time limit still holds, then handed over once for all its
-recipients."""
+"""Delivery groups: leaves whose results are identical merged, each made ready (bytes, DKIM
+signatures, ARC seal, backup) while the time limit still holds, then handed over once for
+all its recipients."""
 
 from __future__ import annotations
 
@@ -30,35 +30,36 @@ class Delivery:
     """Hands each distinct result to the next hop once, for all of its recipients.
 
     In two stages around the commit point: :meth:`prepare` does all the work (the bytes of
-    each group, ARC seals, the backup of an unparsable original) while the time limit can
-    still stop the run; :meth:`deliver` only hands over, and from the first hand-over on
-    nothing the gate does can make the run end in 75 except a recipient whose message no
-    next hop accepted.
+    each group, DKIM signatures, ARC seals, the backup of an unparsable original) while the
+    time limit can still stop the run, and a signature that cannot be made stops it (75);
+    :meth:`deliver` only hands over, and from the first hand-over on nothing the gate does
+    can make the run end in 75 except a recipient whose message no next hop accepted.
     """
 
     def __init__(self, job: Job, handover: Handover) -> None:
         self.job, self.handover, self.hop = job, handover, handover.hop
-        self.sealer = None
+        self.sealer = self.signer = None
 
     def prepare(self, leaves: list) -> list[Transfer]:
         transfers = []
-        groups = self.groups(leaves)
+        groups = self.groups(leaves, self.job.unsigned)
         self.hop.expect(sum(1 for _, _, leaf in groups if leaf.verdict is None))
+        reported: set[int] = set()      # a leaf split by dkim = false is still one unparsed message
         for recipients, message, leaf in groups:
             if leaf.verdict is not None:
                 transfers.append(Transfer(recipients, None, leaf))
                 continue
-            if leaf.unparsed:
+            if leaf.unparsed and id(leaf) not in reported:
+                reported.add(id(leaf))
                 self._unparsed(leaf)
-            data = message.to_bytes()
+            content = data = message.to_bytes()
+            if self.job.dkim and recipients[0] not in self.job.unsigned:
+                data = self._sign(self.job.original, message, data, recipients)
             if message.changed and self.job.arc:
-                sealed = self._seal(self.job.original, message, data, recipients)
-                if isinstance(message, Finished) and message.path is not None:    # stays in its file
-                    data = message.with_head(sealed[:len(sealed) - len(data)])
-                else:
-                    data = sealed
-            elif isinstance(message, Finished) and message.path is not None:
-                data = message
+                data = self._seal(self.job.original, message, data, recipients)
+            if isinstance(message, Finished) and message.path is not None:
+                # signing and sealing put fields on top: those wait in memory, the rest in its file
+                data = message.with_head(bytes(data[:len(data) - len(content)]))
             transfers.append(Transfer(recipients, data, leaf))
         return transfers
 
@@ -121,6 +122,36 @@ class Delivery:
 
         return Reports(self.job, self.handover)
 
+    def _sign(self, original: Message, message: Message, data: bytes | bytearray,
+              recipients: list[str]) -> bytes | bytearray:
+        """DKIM signatures for a result whose From: is in a [[dkim]] domain.  One that cannot
+        be made defers the run (nothing has been handed over yet): never unsigned instead."""
+        if self.signer is None:
+            from ..signing import Signer
+            self.signer = Signer(self.job.dkim)
+        whom = ",".join(recipients)
+        tables, why = self.signer.plan(message.top_headers())
+        if not tables:
+            log.debug("not DKIM-signed for %s: %s", whom, why)
+            return data
+        started = time.monotonic()
+        try:
+            signed, signers = self.signer.sign(original.raw, data, message.eol, tables)
+        except Exception as error:      # dkimpy's, the key's, or ours: the status line says which
+            from ..signing import failure_status
+
+            names = ", ".join(f"{t.domain} (s={t.selector})" for t in tables)
+            log.error("DKIM signing as %s failed for %s: %r", names, whom, error)
+            raise tempfail(failure_status(error), f"DKIM signing as {names} failed: {error}") from None
+        for table in tables:
+            if table not in signers:
+                log.info("not DKIM-signed again for %s: unchanged, and %s (s=%s) signed it already",
+                         whom, table.domain, table.selector)
+        if signers:
+            log.info("DKIM-signed as %s for %s in %.1f ms", ", ".join(f"{t.domain} (s={t.selector})" for t in signers),
+                     whom, (time.monotonic() - started) * 1000)
+        return signed
+
     def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
         """An ARC set for a changed message.  If this machine cannot seal (a module, memory,
         a file), nothing is delivered and the MTA retries; if the message cannot be sealed
@@ -142,24 +173,29 @@ class Delivery:
         return sealed
 
     @staticmethod
-    def groups(leaves: list) -> list[tuple[list[str], Message | None, Any]]:
-        """Merge leaves whose resulting bytes are identical: one transaction for them all."""
+    def groups(leaves: list, unsigned: frozenset[str] = frozenset()) -> list[tuple[list[str], Message | None, Any]]:
+        """Merge leaves whose resulting bytes are identical: one transaction for them all.
+        Recipients whose rule turns DKIM signing off (``unsigned``) go apart from the others."""
         import hashlib
 
         groups: list[tuple[list[str], Message | None, Any]] = []
         merged: dict[Any, list[str]] = {}
         for leaf in leaves:
-            if leaf.message is None or leaf.unparsed:
+            if leaf.message is None:
                 groups.append((leaf.recipients, leaf.message, leaf))
                 continue
             # a digest, not the bytes: holding every result until delivery would cost a copy each
-            key = ("unchanged" if not leaf.message.changed else getattr(leaf.message, "digest", None)
-                   or hashlib.sha256(leaf.message.to_bytes()).digest())
-            if key in merged:
-                merged[key].extend(leaf.recipients)
-            else:
-                merged[key] = list(leaf.recipients)
-                groups.append((merged[key], leaf.message, leaf))
+            digest = ("unchanged" if not leaf.message.changed else getattr(leaf.message, "digest", None)
+                      or hashlib.sha256(leaf.message.to_bytes()).digest())
+            for recipients in by_signing(leaf.recipients, unsigned):
+                key = (digest, recipients[0] in unsigned)
+                if leaf.unparsed:
+                    groups.append((recipients, leaf.message, leaf))
+                elif key in merged:
+                    merged[key].extend(recipients)
+                else:
+                    merged[key] = list(recipients)
+                    groups.append((merged[key], leaf.message, leaf))
         return groups
 
     def _verdict(self, leaf) -> dict[str, Result]:
@@ -178,9 +214,18 @@ class Delivery:
 
     def _unparsed(self, leaf) -> None:
         job = self.job
-        kept = job.keep_backup(job.original.raw)
+        kept = job.keep_backup(job.original.raw, leaf.recipients, leaf.step)
         text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
                 f"{', '.join(leaf.recipients)}) in filter {leaf.step}.\nIt was delivered unchanged."
                 f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
                                   "unfiltered (parse error)", text))
+
+
+def by_signing(recipients: list[str], unsigned: frozenset[str]) -> list[list[str]]:
+    """The recipients to sign for and those not to, each list only if it has any."""
+    if not unsigned:
+        return [recipients]
+    signed = [r for r in recipients if r not in unsigned]
+    apart = [r for r in recipients if r in unsigned]
+    return [group for group in (signed, apart) if group]

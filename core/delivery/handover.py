@@ -26,8 +26,10 @@ class Job(NamedTuple):
     original: Message               # as it came: attached to reports, its header block in bounces
     postmaster: str
     notices: list[Notice]           # the filters'; delivery adds its own, then sends them all
-    keep_backup: Callable[[bytes | bytearray], Path | None]     # a copy of an unparsable original
+    keep_backup: Callable[[bytes | bytearray, list[str], str], Path | None]    # an unparsable original
     arc: Any = None                 # the rule file's [arc] settings; None: nothing is sealed
+    dkim: Any = None                # the rule file's [[dkim]] tables; None: nothing is signed
+    unsigned: frozenset[str] = frozenset()      # recipients whose rule says dkim = false
 
 
 class Handover:

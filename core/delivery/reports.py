@@ -4,6 +4,7 @@ bounces for partly refused mail), sent with the null sender through the same nex
 from __future__ import annotations
 
 import logging
+import re
 
 from ..outcome import Result
 from ..reading import header_block_end
@@ -111,8 +112,7 @@ def _report_message(postmaster: str, recipients: tuple[str, ...], subject: str, 
     boundary = new_boundary().encode()
     return (head + b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\n\n'
             + b"--" + boundary + b"\n" + text_part + b"\n--" + boundary + b"\n"
-            + b"Content-Type: message/rfc822\nContent-Disposition: attachment\n\n"
-            + bytes(attachment) + (b"" if attachment.endswith(b"\n") else b"\n")
+            + _attached(b"message/rfc822", b"Content-Disposition: attachment\n", attachment)
             + b"--" + boundary + b"--\n")
 
 
@@ -123,6 +123,27 @@ def _multipart_report(text: str, status: str, headers: bytes) -> tuple[str, byte
     mark = f"--{boundary}\n".encode()
     payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + loggable(text).encode("utf-8") + b"\n"
                + mark + b"Content-Type: message/delivery-status\n\n" + loggable(status).encode("utf-8") + b"\n"
-               + mark + b"Content-Type: text/rfc822-headers\n\n" + headers
+               + mark + _attached(b"text/rfc822-headers", b"", headers)
                + f"\n--{boundary}--\n".encode())
     return f'multipart/report; report-type=delivery-status; boundary="{boundary}"', payload
+
+
+# A line longer than SMTP allows (RFC 5321 4.5.3.1.6: 998 octets) makes a next hop refuse
+# the whole report; the message itself may carry one (it is the sender's), a report may not.
+_TOO_LONG = re.compile(rb"[^\r\n]{999}")
+
+
+def _attached(content_type: bytes, fields: bytes, data: bytes | bytearray) -> bytes:
+    """A part holding *data* as it came, ending in a newline; base64 when a line of it is
+    too long to be sent (then an original is application/octet-stream, as RFC 2046 allows
+    message/rfc822 no encoding)."""
+    if not _TOO_LONG.search(data):
+        return (b"Content-Type: " + content_type + b"\n" + fields + b"\n"
+                + bytes(data) + (b"" if data.endswith(b"\n") else b"\n"))
+    import base64
+
+    if content_type == b"message/rfc822":
+        content_type = b'application/octet-stream; name="original.eml"'
+        fields = b'Content-Disposition: attachment; filename="original.eml"\n'
+    return (b"Content-Type: " + content_type + b"\n" + fields + b"Content-Transfer-Encoding: base64\n\n"
+            + base64.encodebytes(bytes(data)))

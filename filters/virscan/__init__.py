@@ -40,7 +40,6 @@ archives inside a 7z; ``ispmailgate check`` warns if its configuration does not.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,6 @@ from typing import Any
 from .archives import Item, Limits, Unpacker
 from ..base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
                    option, parse_size, printable, seconds)
-from ..files import create_in, private_directory
 from ..mime import Message, Part, ParseError, decode_words
 from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError
 from .sevenzip import SevenZip, sevenzip_problems
@@ -305,27 +303,22 @@ class VirScan(Filter):
                 headers.set("Subject", printable(f"{prefix} {subject}".strip(), 900))
 
     def _quarantine(self, message: Message, report: Report, ctx: Context) -> Path:
-        """Keep a copy of discarded mail (directory 0700, files 0600); failing that, defer."""
-        import json
+        """Keep a copy of discarded mail with its envelope and findings (see ..kept);
+        failing that, defer.  The copy is what a delivery would carry: without an incoming
+        verdict field, so a message released from quarantine shows no verdict a sender forged."""
+        from ..kept import MESSAGE, keep, new_id
 
-        directory = Path(self.quarantine_dir)
-        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{ctx.message_id}-{os.urandom(3).hex()}"
-        envelope = {"sender": ctx.envelope.sender, "recipients": list(ctx.envelope.recipients),
-                    "verdict": report.verdict,
-                    "findings": [{"object": printable(f.label, 400), "verdict": f.verdict,
-                                  "detail": f.detail} for f in report.findings]}
         if ctx.dry_run:                 # --dry-run decides but keeps nothing
-            return directory / f"{stem}.eml"
+            return Path(self.quarantine_dir) / (new_id(ctx.message_id) + MESSAGE)
+        self._mark(message, None)
+        findings = tuple({"object": printable(f.label, 400), "verdict": f.verdict, "detail": f.detail}
+                         for f in report.findings)
         try:       # in a directory of our own, never through a link (root: see .files)
-            folder = private_directory(str(directory))
-            try:
-                create_in(folder, f"{stem}.eml", bytes(message.to_bytes()))
-                create_in(folder, f"{stem}.json", json.dumps(envelope, indent=1).encode())
-            finally:
-                os.close(folder)
+            return keep(self.quarantine_dir, bytes(message.to_bytes()), run_id=ctx.message_id,
+                        sender=ctx.envelope.sender, recipients=ctx.envelope.recipients, kept_by=self.title,
+                        action="discarded", verdict=report.verdict, findings=findings)
         except OSError as error:
-            raise TempFail(f"cannot quarantine in {directory}: {error.strerror or error}") from None
-        return directory / f"{stem}.eml"
+            raise TempFail(f"cannot quarantine in {self.quarantine_dir}: {error.strerror or error}") from None
 
     def _notify(self, verdict: str, action: str, report: Report, ctx: Context, kept: Path | None) -> None:
         envelope = ctx.envelope
@@ -347,6 +340,9 @@ class VirScan(Filter):
 
     def breaks_dkim(self) -> bool:
         return "tag" in (self.on_infected, self.on_unscannable)   # the subject prefix
+
+    def quarantine_dirs(self) -> tuple[str, ...]:
+        return (self.quarantine_dir,)
 
     def trusted_files(self) -> dict[str, str]:
         files = {"command[0]": self.command[0]} if self.scanner == "command" else {}

@@ -41,6 +41,19 @@ def make_key(directory: Path, selector: str, domain: str) -> tuple[Key, str]:
     return Key(selector, domain, path.read_bytes(), path), record
 
 
+def make_ed25519_key(directory: Path, selector: str, domain: str) -> tuple[Key, str]:
+    """An Ed25519 key (PKCS#8 PEM, as openssl writes it) and its DKIM TXT record (RFC 8463:
+    the raw 32-byte public key, the last 32 bytes of openssl's SubjectPublicKeyInfo)."""
+    path = directory / f"{selector}.{domain}.pem"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(path)], check=True,
+                   capture_output=True)
+    path.chmod(0o600)
+    public = subprocess.run(["openssl", "pkey", "-in", str(path), "-pubout", "-outform", "DER"],
+                            check=True, capture_output=True).stdout
+    record = f"v=DKIM1; k=ed25519; p={base64.b64encode(public[-32:]).decode()}"
+    return Key(selector, domain, path.read_bytes(), path), record
+
+
 class DnsServer:
     """dnsmasq answering only the TXT records it is given, on 127.0.0.1:port."""
 
