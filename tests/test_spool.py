@@ -12,6 +12,7 @@ import dkim
 
 from conftest import CORPUS, GATE, PLUGINS, run_inline
 from support.mailauth import signed
+from test_dkim import LETTER, dkim_table, signing, verifies  # noqa: F401  (signing: a fixture)
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
 MB = 1024 * 1024
@@ -95,3 +96,30 @@ def test_memory_does_not_grow_with_the_number_of_distinct_results(config_file, t
     config = config_file(distinct_banners(16))
     few, many = peak(config, message, 4), peak(config, message, 16)
     assert many < few + 16 * MB, f"{few // MB} MiB for 4 results, {many // MB} MiB for 16"
+
+
+def test_spooled_results_are_dkim_signed_and_sealed_over_what_leaves(config_file, smtp_sink, mailauth,
+                                                                     signing, monkeypatch):
+    """[[dkim]] and [arc] put their fields on top of a result that waits in its file: both
+    verify on what the next hop got."""
+    from ispmailgate_core.delivery import spool
+
+    monkeypatch.setattr(spool, "IN_MEMORY", 0)
+    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n' + distinct_banners(3)
+                         + dkim_table(signing.rsa) + f'''
+[arc]
+domain = "{mailauth.gateway_key.domain}"
+selector = "{mailauth.gateway_key.selector}"
+private_key_file = "{mailauth.gateway_key.path}"
+authserv_id = "mx.example.net"
+resolver = "{mailauth.dns.address}"
+''')
+    run = run_inline(["-c", str(config), "-f", "ada@gate.example", *(f"u{i}@x.example" for i in range(3))], LETTER)
+    assert run.code == 0, run.stderr
+    assert len(smtp_sink.messages) == 3
+    for message in smtp_sink.messages:
+        assert f"disclaimer {message.rcpt_tos[0][1]}".encode() in message.content
+        assert message.content.startswith(b"ARC-Seal: i=1;")
+        assert verifies(message.content, signing)
+        verdict, _, reason = dkim.arc_verify(message.content, dnsfunc=mailauth.dns.txt)
+        assert verdict == dkim.CV_Pass, reason
