@@ -24,6 +24,12 @@ def distinct_banners(count: int) -> str:
                    f'[filter.b{i}]\ntype = "banner"\ntext = "disclaimer {i}"\n' for i in range(count))
 
 
+def arc_section(mailauth) -> str:
+    return (f'[arc]\ndomain = "{mailauth.gateway_key.domain}"\nselector = "{mailauth.gateway_key.selector}"\n'
+            f'private_key_file = "{mailauth.gateway_key.path}"\nauthserv_id = "mx.example.net"\n'
+            f'resolver = "{mailauth.dns.address}"\n')
+
+
 def test_spooled_results_are_delivered_as_they_were_made_and_sealed(config_file, smtp_sink, mailauth,
                                                                     monkeypatch, tmp_path):
     """With nothing held in memory but the first, every other result goes through its
@@ -31,14 +37,8 @@ def test_spooled_results_are_delivered_as_they_were_made_and_sealed(config_file,
     from ispmailgate_core.delivery import spool
 
     monkeypatch.setattr(spool, "IN_MEMORY", 0)
-    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n' + distinct_banners(4) + f'''
-[arc]
-domain = "{mailauth.gateway_key.domain}"
-selector = "{mailauth.gateway_key.selector}"
-private_key_file = "{mailauth.gateway_key.path}"
-authserv_id = "mx.example.net"
-resolver = "{mailauth.dns.address}"
-''')
+    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n' + distinct_banners(4)
+                         + arc_section(mailauth))
     written = []
     real_write = spool.Spool._write
     monkeypatch.setattr(spool.Spool, "_write", lambda self, *a: written.append(1) or real_write(self, *a))
@@ -106,14 +106,7 @@ def test_spooled_results_are_dkim_signed_and_sealed_over_what_leaves(config_file
 
     monkeypatch.setattr(spool, "IN_MEMORY", 0)
     config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\n' + distinct_banners(3)
-                         + dkim_table(signing.rsa) + f'''
-[arc]
-domain = "{mailauth.gateway_key.domain}"
-selector = "{mailauth.gateway_key.selector}"
-private_key_file = "{mailauth.gateway_key.path}"
-authserv_id = "mx.example.net"
-resolver = "{mailauth.dns.address}"
-''')
+                         + dkim_table(signing.rsa) + arc_section(mailauth))
     run = run_inline(["-c", str(config), "-f", "ada@gate.example", *(f"u{i}@x.example" for i in range(3))], LETTER)
     assert run.code == 0, run.stderr
     assert len(smtp_sink.messages) == 3
