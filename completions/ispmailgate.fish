@@ -59,7 +59,7 @@ complete -c ispmailgate -n '__ispmailgate_using "quarantine delete"' -a '(__ispm
 complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -s c -l config -r -F -d 'Rule file (TOML) naming the quarantines, as for a run: $ISPMAILGATE_CONFIG, else /etc/ispmailgate/ispmailgate.toml.'
 complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l json -d 'A JSON list of objects, for scripts.'
 complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l since -x -d 'Only entries kept since DATE (2025-03-01, 2025-03-01T14:30) or for AGE (2d, 12h).'
-complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l verdict -x -a 'infected unscannable unparsable' -d 'Only entries with this verdict (infected, unscannable, unparsable).'
+complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -l verdict -x -a 'infected unscannable unparsable' -d 'Only entries with this verdict (infected, unscannable, unparsable, failed).'
 complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -s q -l quiet -d 'The ids alone, one a line.'
 complete -c ispmailgate -n '__ispmailgate_using "quarantine list"' -s h -l help -d 'Show this message and exit.'
 complete -c ispmailgate -n '__ispmailgate_using "quarantine purge"' -l older-than -x -d 'Remove what was kept longer ago than AGE (30d, 12h, 2w) or before a DATE.'

@@ -281,16 +281,23 @@ class Gate:
             except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
                 log.error("cannot remove %s: %r", self.workdir_path, error)
 
-    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str) -> Path | None:
-        """The original's tmp_dir/keep/: a copy of a message the parser could not handle,
-        delivered unchanged, kept with its envelope (see ispmailgate_filters.kept)."""
+    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str,
+                    failure: str | None = None) -> Path | None:
+        """The original's tmp_dir/keep/, kept with its envelope (see ispmailgate_filters.kept):
+        a copy of a message the parser could not handle, delivered unchanged; or, with a
+        *failure*, of one a filter failed on and no one received (``quarantine release``
+        delivers it)."""
         from ispmailgate_filters.kept import keep
 
         directory = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
-        finding = {"object": "the message", "verdict": "unparsable", "detail": f"the parser gave up in {step}"}
+        if failure is None:
+            verdict, action, detail = "unparsable", "delivered", f"the parser gave up in {step}"
+        else:
+            verdict, action, detail = "failed", "discarded", f"filter {step} failed: {failure}"
+        finding = {"object": "the message", "verdict": verdict, "detail": detail}
         try:
             return keep(str(directory), bytes(data), run_id=self.id, sender=self.sender, recipients=recipients,
-                        kept_by="ispmailgate", action="delivered", verdict="unparsable", findings=(finding,))
+                        kept_by="ispmailgate", action=action, verdict=verdict, findings=(finding,))
         except OSError as error:
             log.error("cannot keep a backup in %s: %s", directory, error)
             return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def one_line(text: str) -> str:
     """Text fit for one log or status line: white space folded, at most 900 characters."""
-    return loggable(" ".join(str(text).split())[:900])
+    return loggable(" ".join(str(text).split())[:900])[:900]     # cut again: escapes lengthen it
 
 
 def loggable(text: str) -> str:

@@ -120,7 +120,8 @@ class SinkHandler:
 
     ``rcpt_replies`` maps an address (as sent, suffix included) to a reply; ``data_reply``
     answers the end of DATA; ``drop_in_data`` closes the connection in the middle of DATA;
-    ``delay`` stalls before answering DATA.
+    ``delay`` stalls before answering DATA; ``max_size`` refuses larger messages as a size
+    limit would.
     """
     messages: list[Received] = field(default_factory=list)
     mail_reply: str | None = None
@@ -128,6 +129,8 @@ class SinkHandler:
     data_reply: str | None = None
     drop_in_data: bool = False
     delay: float = 0.0
+    max_size: int = 0           # a message larger than this gets too_big (0: no limit)
+    too_big: str = "552 5.3.4 message size exceeds fixed limit"
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_reply:
@@ -151,6 +154,8 @@ class SinkHandler:
             await asyncio.sleep(self.delay)
         if self.data_reply:
             return self.data_reply
+        if self.max_size and len(envelope.original_content) > self.max_size:
+            return self.too_big
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
                                       envelope.original_content, list(envelope.mail_options)))
         return "250 2.0.0 queued"

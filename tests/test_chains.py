@@ -6,6 +6,8 @@ import email
 import email.policy
 import json
 
+import pytest
+
 from conftest import CORPUS, run_gate, run_inline
 
 SIMPLE = (CORPUS / "plain.eml").read_bytes()
@@ -162,6 +164,66 @@ def test_filter_error_report_carries_an_original_with_overlong_lines_in_base64(c
     assert attached.get_content_type() == "application/octet-stream"
     assert attached.get_filename() == "original.eml"
     assert base64.b64decode(attached.get_payload()) == original
+
+
+@pytest.mark.parametrize("shape", ["bare CRs", "many recipients"])
+def test_a_report_has_no_line_an_smtp_server_refuses(config_file, smtp_sink, shape):
+    """A bare CR does not end an SMTP line; a long list of recipients is one line of text."""
+    config = config_file(f'mail_host = "{smtp_sink.address}"\npostmaster = "pm@gw.example"\n'
+                         'loop_suffix = ""\n[filter.crashy]\ntype = "gate_test_filters:Judge"\n'
+                         'verdict = "crash"\n[[recipients]]\nfilters = ["crashy"]\n')
+    if shape == "bare CRs":
+        original, recipients = b"From: a@x.example\n\n" + b"word\r" * 600 + b"\n", ["a@x"]
+    else:
+        original, recipients = SIMPLE, [f"recipient-number-{n:04d}@x.example" for n in range(60)]
+    run = run_gate(["-c", str(config), "-f", "s@x.example", *recipients], original)
+    assert run.code == 0, run.stderr
+    [report] = smtp_sink.messages
+    assert report.rcpt_tos == ["pm@gw.example"]
+    parsed = email.message_from_bytes(report.content, policy=email.policy.default)
+    text = parsed.get_payload()[0].get_content()
+    assert "crashy" in text and all(rcpt in text for rcpt in recipients)
+
+
+def _one_fails(config_file, smtp_sink):
+    """b@x's chain shares a@x's first step: a@x's result is ready first (as the review found)."""
+    return config_file(f'mail_host = "{smtp_sink.address}"\npostmaster = "pm@gw.example"\n'
+                       'loop_suffix = ""\n[filter.crashy]\ntype = "gate_test_filters:Judge"\n'
+                       'verdict = "crash"\n[[recipients]]\nrecipient = "^b@"\nfilters = ["dummy", "crashy"]\n')
+
+
+def test_a_report_refused_for_its_size_keeps_the_original_and_says_where(config_file, smtp_sink):
+    """a@x has the message; a 75 now would give it a second copy on the retry."""
+    from ispmailgate_filters.kept import Record
+
+    config = _one_fails(config_file, smtp_sink)
+    original = SIMPLE + b"\n" + b"filler line\n" * 300
+    smtp_sink.handler.max_size = len(original) + original.count(b"\n") + 200    # CRLF on the wire
+    keep = config.parent / "spool" / "keep"
+    for order in (["a@x", "b@x"], ["b@x", "a@x"]):
+        smtp_sink.handler.messages.clear()
+        before = set(keep.glob("*.eml"))
+        run = run_gate(["-c", str(config), "-f", "s@x.example", *order], original)
+        assert run.code == 0, run.stderr
+        report, delivered = smtp_sink.messages      # the report first: see the next test
+        assert delivered.rcpt_tos == ["a@x"] and delivered.content == original.replace(b"\n", b"\r\n")
+        assert report.rcpt_tos == ["pm@gw.example"] and b"Content-Type: message/rfc822" not in report.content
+        [kept] = set(keep.glob("*.eml")) - before
+        assert kept.read_bytes() == original
+        assert f"quarantine release {kept.stem} delivers".encode() in report.content
+        record = Record.from_json(kept.with_suffix(".json").read_bytes(), kept.stem, 0.0)
+        assert (record.recipients, record.verdict, record.action) == (("b@x",), "failed", "discarded")
+
+
+def test_a_report_that_must_be_retried_holds_back_every_result(config_file, smtp_sink):
+    """The report goes first: deferred, it leaves nothing handed over for the retry to repeat."""
+    original = SIMPLE + b"\n" + b"filler line\n" * 300
+    smtp_sink.handler.max_size = len(original) + original.count(b"\n") + 200    # the report is larger
+    smtp_sink.handler.too_big = "452 4.3.1 insufficient system storage"
+    for order in (["a@x", "b@x"], ["b@x", "a@x"]):
+        run = run_gate(["-c", str(_one_fails(config_file, smtp_sink)), "-f", "s@x.example", *order], original)
+        assert run.code == 75, run.stderr
+        assert smtp_sink.messages == []
 
 
 def test_filter_error_can_be_a_tempfail_instead(config_file, smtp_sink):

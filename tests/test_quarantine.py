@@ -175,6 +175,33 @@ def _aged(id: str, folder: Path, days: float) -> str:
 
 # -- release ----------------------------------------------------------------------------------------
 
+def test_an_age_in_m_is_refused_as_months_or_minutes_could_be_meant(gateway, tmp_path):
+    config = gateway()
+    id = _aged(discard(config), tmp_path / "quarantine", 1)
+    run = quarantine(config, "purge", "--older-than", "6m")
+    assert run.code != 0 and "m is not a unit" in run.stderr
+    assert [entry["id"] for entry in listed(config)] == [id]
+    assert quarantine(config, "purge", "--older-than", "90min").code == 0
+    assert listed(config) == []
+
+
+@pytest.mark.parametrize("how", ["a link", "nesting"])
+def test_a_record_that_cannot_be_read_is_said_and_the_others_still_listed(gateway, tmp_path, how):
+    config = gateway()
+    broken, fine = discard(config), discard(config)
+    record = tmp_path / "quarantine" / f"{broken}.json"
+    record.unlink()
+    if how == "a link":
+        record.symlink_to(record)            # ELOOP when opened
+    else:
+        record.write_text("[" * 100_000 + "]" * 100_000)
+    for args in (("list", "--json"), ("show", broken), ("purge", "--older-than", "30d")):
+        run = quarantine(config, *args)
+        assert run.code == 0, (args, run.stderr)
+    entries = {entry["id"]: entry for entry in listed(config)}
+    assert entries[broken]["verdict"] == "(unreadable record)" and entries[fine]["verdict"] == "infected"
+
+
 def test_release_goes_through_the_sendmail_command_byte_for_byte_with_the_envelope(gateway, recorder, tmp_path):
     sendmail, calls = recorder()
     config = gateway(f'sendmail_command = ["{sendmail}", "-i"]\n')
@@ -241,6 +268,7 @@ def test_release_to_other_recipients_and_from_another_sender(gateway, smtp_sink)
     assert (received.mail_from, received.rcpt_tos) == ("quarantine@gw.example", ["helpdesk@example.com",
                                                                                  "cert@example.com"])
     assert quarantine(config, "release", id, "--to", "cert@example.com").code == 69     # has it
+    assert quarantine(config, "release", id, "--to", "cert@EXAMPLE.com").code == 69     # the same domain
     assert quarantine(config, "release", id).code == 0          # the original recipients have not
     assert smtp_sink.messages[-1].rcpt_tos == [ANN, BOB] and smtp_sink.messages[-1].mail_from == SENDER
 

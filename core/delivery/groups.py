@@ -71,7 +71,9 @@ class Delivery:
         the MTA's retry too: handed over now, they would be delivered twice."""
         results: dict[str, Result] = dict(refused or {})
         deferred = False
-        for transfer in transfers:
+        # The postmaster's reports of failed filters first: one that must be retried then
+        # holds back every result, before anything was handed over (never a duplicate).
+        for transfer in sorted(transfers, key=lambda t: not _failed(t.leaf.verdict)):
             verdict = transfer.leaf.verdict
             if isinstance(verdict, (Discard, Reject)):
                 outcome = self._verdict(transfer.leaf)
@@ -220,6 +222,11 @@ class Delivery:
                 f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
                                   "unfiltered (parse error)", text))
+
+
+def _failed(verdict) -> bool:
+    """A filter's failure (reported to the postmaster), not a Discard or a Reject."""
+    return verdict is not None and not isinstance(verdict, (Discard, Reject))
 
 
 def by_signing(recipients: list[str], unsigned: frozenset[str]) -> list[list[str]]:

@@ -26,7 +26,7 @@ class Job(NamedTuple):
     original: Message               # as it came: attached to reports, its header block in bounces
     postmaster: str
     notices: list[Notice]           # the filters'; delivery adds its own, then sends them all
-    keep_backup: Callable[[bytes | bytearray, list[str], str], Path | None]    # an unparsable original
+    keep_backup: Callable[..., Path | None]     # an original kept in tmp_dir/keep/ (Gate.keep_backup)
     arc: Any = None                 # the rule file's [arc] settings; None: nothing is sealed
     dkim: Any = None                # the rule file's [[dkim]] tables; None: nothing is signed
     unsigned: frozenset[str] = frozenset()      # recipients whose rule says dkim = false

@@ -27,13 +27,26 @@ class Reports:
         self.job, self.handover = job, handover
 
     def filter_error(self, leaf) -> bool:
-        text = (f"A filter failed on message {self.job.run_id}.\n\n"
-                f"Sender:     <{self.job.sender}>\nRecipients: {', '.join(leaf.recipients)}\n"
-                f"Filter:     {leaf.step}\nError:      {leaf.verdict}\n\n"
-                "The message was not delivered to these recipients; the original is attached.\n"
-                "Forward it to them once the problem is understood.\n")
-        return self._send((self.job.postmaster,), f"ispmailgate: filter {leaf.step} failed",
-                          text, self.job.original.raw)
+        """The postmaster gets the original; if the next hop refuses the report for good (its
+        size, say), the original is kept in tmp_dir/keep/ and the report names it instead."""
+        job, subject = self.job, f"ispmailgate: filter {leaf.step} failed"
+        about = (f"A filter failed on message {job.run_id}.\n\nSender:     <{job.sender}>\n"
+                 f"Recipients: {', '.join(leaf.recipients)}\nFilter:     {leaf.step}\nError:      {leaf.verdict}\n\n"
+                 "The message was not delivered to these recipients; ")
+        replies = self._send_replies((job.postmaster,), subject, about + "the original is attached.\n"
+                                     "Forward it to them once the problem is understood.\n", job.original.raw)
+        if replies is None or all(reply.code // 100 == 2 for reply in replies.values()):
+            return replies is not None
+        if any(reply.code // 100 != 5 for reply in replies.values()):
+            return False                        # deferred: the retry sends it again
+        kept = job.keep_backup(job.original.raw, list(leaf.recipients), leaf.step, failure=str(leaf.verdict))
+        if kept is None:
+            return False
+        log.warning("%s: the report with the original was refused; the original is kept as %s", job.run_id, kept.stem)
+        return self._send((job.postmaster,), subject, about + "the report with the original attached was "
+                          f"refused by the next hop, so the original is kept as\n{kept}.\n"
+                          f"ispmailgate quarantine show {kept.stem} shows it; once the problem is understood,\n"
+                          f"ispmailgate quarantine release {kept.stem} delivers it to them.\n", None)
 
     def send_notices(self) -> None:
         for notice in self.job.notices:
@@ -70,16 +83,22 @@ class Reports:
 
     def _send(self, recipients: tuple[str, ...], subject: str, text: str | None,
               attachment: bytes | bytearray | None, body: tuple[str, bytes] | None = None) -> bool:
+        replies = self._send_replies(recipients, subject, text, attachment, body)
+        return replies is not None and all(reply.code // 100 == 2 for reply in replies.values())
+
+    def _send_replies(self, recipients: tuple[str, ...], subject: str, text: str | None,
+                      attachment: bytes | bytearray | None, body: tuple[str, bytes] | None = None) -> dict | None:
+        """The next hop's reply for each recipient; None when the report could not be written."""
         try:
             data = _report_message(self.job.postmaster, recipients, subject, text, attachment, body)
         except Exception as error:      # noqa: BLE001 -- see the class
             log.error("%s: cannot write report %r: %r", self.job.run_id, subject, error, exc_info=True)
-            return False
+            return None
         replies = self.handover("", list(recipients), data)
-        bad = {r: reply for r, reply in replies.items() if reply.code // 100 != 2}
-        for rcpt, reply in bad.items():
-            log.error("%s: report %r to %s failed: %s %s", self.job.run_id, subject, rcpt, reply.code, reply.text)
-        return not bad
+        for rcpt, reply in replies.items():
+            if reply.code // 100 != 2:
+                log.error("%s: report %r to %s failed: %s %s", self.job.run_id, subject, rcpt, reply.code, reply.text)
+        return replies
 
 
 def original_headers(raw: bytes | bytearray) -> bytes:
@@ -105,8 +124,7 @@ def _report_message(postmaster: str, recipients: tuple[str, ...], subject: str, 
     if body is not None:
         content_type, payload = body
         return head + fold_field("Content-Type", content_type) + b"\n" + payload
-    text_part = (b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n"
-                 + loggable(text or "").encode("utf-8"))
+    text_part = _text_part(loggable(text or "").encode("utf-8"))
     if attachment is None:
         return head + text_part
     boundary = new_boundary().encode()
@@ -121,7 +139,7 @@ def _multipart_report(text: str, status: str, headers: bytes) -> tuple[str, byte
 
     boundary = new_boundary()
     mark = f"--{boundary}\n".encode()
-    payload = (mark + b"Content-Type: text/plain; charset=utf-8\n\n" + loggable(text).encode("utf-8") + b"\n"
+    payload = (mark + _text_part(loggable(text).encode("utf-8")) + b"\n"
                + mark + b"Content-Type: message/delivery-status\n\n" + loggable(status).encode("utf-8") + b"\n"
                + mark + _attached(b"text/rfc822-headers", b"", headers)
                + f"\n--{boundary}--\n".encode())
@@ -130,7 +148,8 @@ def _multipart_report(text: str, status: str, headers: bytes) -> tuple[str, byte
 
 # A line longer than SMTP allows (RFC 5321 4.5.3.1.6: 998 octets) makes a next hop refuse
 # the whole report; the message itself may carry one (it is the sender's), a report may not.
-_TOO_LONG = re.compile(rb"[^\r\n]{999}")
+# A bare CR does not end a line for SMTP: it counts.
+_TOO_LONG = re.compile(rb"[^\n]{999}")
 
 
 def _attached(content_type: bytes, fields: bytes, data: bytes | bytearray) -> bytes:
@@ -147,3 +166,12 @@ def _attached(content_type: bytes, fields: bytes, data: bytes | bytearray) -> by
         fields = b'Content-Disposition: attachment; filename="original.eml"\n'
     return (b"Content-Type: " + content_type + b"\n" + fields + b"Content-Transfer-Encoding: base64\n\n"
             + base64.encodebytes(bytes(data)))
+
+
+def _text_part(text: bytes) -> bytes:
+    """The report's own words (which quote addresses and replies of any length)."""
+    if not _TOO_LONG.search(text):
+        return b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n" + text
+    import base64
+
+    return b"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: base64\n\n" + base64.encodebytes(text)

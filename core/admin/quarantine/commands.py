@@ -72,7 +72,7 @@ def quarantine_list(
                                         "or for AGE (2d, 12h).")] = None,
     verdict: Annotated[str | None, typer.Option(
         "--verdict", metavar="VERDICT", help="Only entries with this verdict (infected, unscannable, "
-                                             "unparsable).")] = None,
+                                             "unparsable, failed).")] = None,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="The ids alone, one a line.")] = False,
 ) -> int:
     """List the kept messages: id, time, size, verdict, state, sender, recipients, findings."""

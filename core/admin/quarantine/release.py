@@ -69,15 +69,21 @@ def _not_twice(record: Record, recipients: list[str], named: bool) -> list[str]:
     """The recipients without the message yet: named ones (--to) that have it are refused,
     the kept ones that have it left out."""
     already = record.released_to()
-    again = [r for r in recipients if r in already]
+    had = {_same(r) for r in already}      # a domain is the same in any case
+    again = [r for r in recipients if _same(r) in had]
     if named and again:
         raise Refusal(EX_UNAVAILABLE, f"{record.id} was released to {_addresses(again)} already: "
                                       "--force to release it to them again")
-    rest = [r for r in recipients if r not in already]
+    rest = [r for r in recipients if _same(r) not in had]
     if not rest:
         raise Refusal(EX_UNAVAILABLE, f"{record.id} was released already (to {_addresses(sorted(already))}): "
                                       "--force to release it again")
     return rest
+
+
+def _same(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address
 
 
 def _refuse_twice(record: Record, force: bool) -> None:

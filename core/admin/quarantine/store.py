@@ -99,14 +99,17 @@ class Quarantine:
 
     def record(self, id: str, mtime: float) -> Record:
         """The record of ``id``: an unreadable one is shown as such, never fatal."""
+        unreadable = Record(id=id, time=mtime, verdict="(unreadable record)")
         try:
             raw = self._read(id + RECORD, MAX_RECORD)
         except FileNotFoundError:
             raw = None
+        except (OSError, Refused):      # a link, a FIFO, no permission: said, never followed
+            return unreadable
         try:
             return Record.from_json(raw, id, mtime, delivered=self.delivered)
-        except (ValueError, TypeError, OverflowError):
-            return Record(id=id, time=mtime, verdict="(unreadable record)")
+        except (ValueError, TypeError, OverflowError, RecursionError):     # RecursionError: nesting
+            return unreadable
 
     def record_mtime(self, id: str) -> float:
         return os.stat(id + RECORD, dir_fd=self.folder, follow_symlinks=False).st_mtime

@@ -6,15 +6,17 @@ from __future__ import annotations
 import re
 import time
 
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
-_AGE = re.compile(r"([0-9]{1,9})([smhdw])")
+# Minutes are "min": a bare "m" could as well mean months, and "purge --older-than 6m"
+# removing all but six minutes' worth is not a mistake to leave open.
+UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+_AGE = re.compile(r"([0-9]{1,9})(min|[shdw])")
 
 
 def age(text: str) -> float:
-    """Seconds from ``30d``, ``12h``, ``90m``, ``2w``, ``3600s`` (or several: ``1d12h``)."""
+    """Seconds from ``30d``, ``12h``, ``90min``, ``2w``, ``3600s`` (or several: ``1d12h``)."""
     words = text.strip().lower()
     if not words or _AGE.sub("", words):
-        raise ValueError(f"expected an age such as 30d, 12h, 90m or 2w, got {text!r}")
+        raise ValueError(f"expected an age such as 30d, 12h, 90min or 2w (no months: m is not a unit), got {text!r}")
     return float(sum(int(number) * UNITS[unit] for number, unit in _AGE.findall(words)))
 
 
@@ -32,7 +34,7 @@ def moment(text: str, now: float | None = None) -> float:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"expected a date such as 2025-03-01 or 2025-03-01T14:30, or an age "
-                         f"such as 2d, got {text!r}") from None
+                         f"such as 2d or 90min (m is not a unit), got {text!r}") from None
     return when.timestamp()       # a naive date is local time, as the ids' times are
 
 
