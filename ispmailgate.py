@@ -247,8 +247,9 @@ def admin_commands() -> set[str]:
 
 def main() -> int:
     """Console-script entry point: ``ispmailgate``."""
-    streams = Streams(sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
-    return run(sys.argv[1:], streams)
+    from ispmailgate_core.standard_streams import standard_streams
+
+    return run(sys.argv[1:], standard_streams())
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from .addresses import MAX_ADDRESS, canonical_address
 from .outcome import Result
 from .rules import Config
 from .status import BAD_RECIPIENT, BAD_SENDER, EMPTY_RECIPIENT, EX_UNAVAILABLE, Stop, tempfail
+from .text import one_line
 
 
 def envelope_addresses(config: "Config", sender: str,
@@ -30,6 +31,15 @@ def envelope_addresses(config: "Config", sender: str,
     if "" in usable:
         raise tempfail(EMPTY_RECIPIENT, "empty recipient address")
     return sender, list(dict.fromkeys(usable)), refused
+
+
+def refused_untold(refused: "dict[str, Result]") -> Stop:
+    """A next hop that cannot carry our delivery status notification (stdout) cannot tell the
+    sender about a refused recipient: rather than drop it silently and exit 0, the message is
+    refused for every recipient (69, its 5.1.3), so the MTA's bounce tells the sender."""
+    recipient, result = next(iter(refused.items()))
+    return Stop(EX_UNAVAILABLE, result.status, f"<{one_line(recipient)[:100]}>: {result.text}; --stdout cannot "
+                                               "tell the sender, so no recipient gets the message")
 
 
 def usable_address(text: str, config: "Config") -> str:

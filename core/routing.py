@@ -4,6 +4,7 @@ every distinct filter step once for all the recipients it serves."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ispmailgate_filters.base import Envelope, Filter, FilterError, TempFail, Verdict
@@ -33,10 +34,10 @@ def route(config: Config, sender: str, recipient: str) -> Route:
 class Leaf(NamedTuple):
     """Where a set of recipients ended up after their chains: a message, or a verdict."""
     recipients: list[str]
-    message: Message | None
+    message: Any                    # a Message, or what ChainRunner's finish made of it; None: a verdict
     verdict: Verdict | None = None
     step: str = ""
-    unparsed: bool = False          # the parser gave up on its message: see on_parse_error
+    unparsed: bool | str = False    # the parser gave up on its message (why, where known): see on_parse_error
 
     def defers(self, config: Config, carries_reports: bool) -> bool:
         """Does this leaf make the whole run a tempfail, before anything is delivered?  A
@@ -59,27 +60,36 @@ class ChainRunner:
     split where their chains differ.  A verdict ends the path for its recipients.
     """
 
-    def __init__(self, make_context, log, trace: "list[StepTrace] | None" = None) -> None:
+    def __init__(self, make_context, log, trace: "list[StepTrace] | None" = None,
+                 finish: "Callable[[Message], Any] | None" = None) -> None:
         self.make_context = make_context
         self.log = log
         self.trace = trace          # --dry-run: what each step did, for whom
+        self.finish = finish or (lambda message: message)   # what a finished message is kept as
 
     def run(self, message: Message, sender: str, routes: dict[str, Route]) -> list[Leaf]:
+        """Depth first: one path of the tree at a time, so that the messages alive at once are
+        those on the current path (and the forks waiting at its branch points), never one per
+        result; each result is handed to ``finish`` as soon as its chain is done."""
         leaves: list[Leaf] = []
-        pending = [(message, list(routes), 0)]
+        pending: list[tuple] = [(message, list(routes), 0, None, False)]
         while pending:
-            current, recipients, depth = pending.pop()
-            finished, branches = self.split(routes, recipients, depth)
-            if finished:
-                leaves.append(Leaf(finished, current, unparsed=current.parsed and current.unparsed is not None))
-            shared = len(branches) + bool(finished) > 1
-            for (step, _), members in branches.items():
+            current, recipients, depth, step, shared = pending.pop()
+            if step is not None:
                 work = current.fork() if shared else current
-                leaf = self._step(step, work, Envelope(sender, tuple(members)))
+                leaf = self._step(step, work, Envelope(sender, tuple(recipients)))
                 if leaf is None:
-                    pending.append((work, members, depth + 1))
+                    pending.append((work, recipients, depth + 1, None, False))
                 else:
                     leaves.append(leaf)
+                continue
+            finished, branches = self.split(routes, recipients, depth)
+            if finished:
+                unparsed = (current.parsed and current.unparsed) or False     # never parsed: never gave up
+                leaves.append(Leaf(finished, self.finish(current), unparsed=unparsed))
+            shared = len(branches) + bool(finished) > 1
+            for (step, _), members in branches.items():    # the last branch runs first, as it always did
+                pending.append((current, members, depth, step, shared))
         return leaves
 
     @classmethod

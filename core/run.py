@@ -21,8 +21,9 @@ from .addresses import parse_hop
 from .delivery.groups import Delivery
 from .delivery.handover import Handover, Job
 from .delivery.hops import NextHop, StdoutHop, configured_hop
+from .delivery.spool import Spool
 from .delivery.smtp import SmtpHop
-from .envelope import envelope_addresses, envelope_from_headers, sender_of_from_line
+from .envelope import envelope_addresses, envelope_from_headers, refused_untold, sender_of_from_line
 from .logs import UNLOGGED, add_log_file, configure_logging, syslog_reachable
 from .outcome import Result, exit_status
 from .process import Interrupted, TimeLimitExceeded, drop_privileges, time_limit
@@ -171,9 +172,12 @@ class Gate:
         sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
+        if refused and not hop.carries_reports and not (self.request.shell_mode or self.request.dry_run):
+            raise refused_untold(refused)
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
-        leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
+        finish = Spool(self.workdir) if trace is None else None     # a dry run keeps what it shows
+        leaves = ChainRunner(self._context, log, trace, finish).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
                   config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes),
                   self.request.originating)

@@ -268,11 +268,11 @@ def test_dry_run_prints_each_verdict_and_delivers_nothing(config_file, smtp_sink
     assert delivery == [
         "  <carol@z.example> (rule default, chain dummy):",
         f"    would be delivered: {len(SIMPLE)} bytes, unchanged, byte for byte",
-        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
-        "    rejected by judge: 5.7.1 judged unacceptable",
         "  <bob@x.example> (rule recipients[0], chain stamp,judge):",
         f"    would be delivered: {stamped} bytes, changed",
         "    + X-Stamp: yes",
+        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
+        "    rejected by judge: 5.7.1 judged unacceptable",
         "a real run would exit 0 if the next hop accepted what it was given",
     ]
 
@@ -444,6 +444,42 @@ def test_check_lists_every_problem_of_a_rule_where_a_run_stops_at_the_first(conf
         f"{config}: 7 problems",
     ]
     assert config_error(config.read_text(), tmp_path).path == "recipients[0].colour"
+
+
+def test_check_lists_every_problem_of_a_filter_table_and_the_rule_files_warnings(config_file, tmp_path):
+    """Leftovers: check stopped at the first problem of a [filter.X] table (a run still stops
+    there), and did not print the rule file's own warnings; passphrase_file holds a path."""
+    from conftest import config_error
+
+    config = config_file('''
+        default_filter = ["b"]
+        [filter.b]
+        type = "banner"
+        txt = "x"
+        on_dkim_signed = "maybe"
+        [filter.p]
+        type = "pgp"
+        uid = "x"
+        passphrase_file = "/nowhere/passphrases.toml"
+        [filter.p.passphrases]
+        "gw@b.example" = "sesame"
+    ''')
+    config.chmod(0o644)
+    run = run_inline(["check", "--config-only", "-c", str(config)], b"")
+    assert run.code == 78
+    lines = text_of(run).splitlines()
+    assert lines[:2] == [
+        f"{config}: filter.b.txt: unknown option for filter type 'banner' (known: html, html_file, "
+        "html_position, on_dkim_signed, on_protected, position, subject_prefix, text, text_file)",
+        f"{config}: filter.b.on_dkim_signed: expected one of modify, skip, got 'maybe'"]
+    assert lines[2] == f"{config}: warning: holds passphrases and is readable by others (chmod o-r)"
+    assert lines[3].startswith(f"{config}: warning: no [arc] is configured")
+    assert lines[-1] == f"{config}: 2 problems, 2 warnings"
+    assert config_error(config.read_text(), tmp_path).path == "filter.b.txt"
+    without = config_file(config.read_text().replace('[filter.p.passphrases]\n"gw@b.example" = "sesame"\n', ""),
+                          name="without.toml")
+    without.chmod(0o644)
+    assert "passphrases" not in text_of(run_inline(["check", "--config-only", "-c", str(without)], b""))
 
 
 def test_check_config_only_looks_at_nothing_on_this_machine(config_file, tmp_path):

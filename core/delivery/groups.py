@@ -12,8 +12,9 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
-from ..status import DONE, LOCAL_TROUBLE, UNSIGNABLE, tempfail
+from ..status import DONE, LOCAL_TROUBLE, UNSIGNABLE, Stop, of_error, tempfail
 from .handover import Handover, Job
+from .spool import Finished
 
 log = logging.getLogger("ispmailgate")
 
@@ -21,7 +22,7 @@ log = logging.getLogger("ispmailgate")
 class Transfer(NamedTuple):
     """One delivery group made ready: its recipients and bytes, or the verdict that ended it."""
     recipients: list[str]
-    data: bytes | bytearray | None
+    data: bytes | bytearray | Finished | None      # Finished: a result waiting in its spool file
     leaf: Any
     refused: Result | None = None       # the result the group gets instead of a hand-over
 
@@ -51,7 +52,7 @@ class Delivery:
             if leaf.verdict is not None:
                 transfers.append(Transfer(recipients, None, leaf))
                 continue
-            data = message.to_bytes()
+            content = data = message.to_bytes()
             if self.job.dkim and recipients[0] not in self.job.unsigned:
                 data = self._sign(self.job.original, message, data, recipients)
                 if isinstance(data, Result):        # the message's own fault: refused for good
@@ -59,6 +60,9 @@ class Delivery:
                     continue
             if message.changed and self.job.arc:
                 data = self._seal(self.job.original, message, data, recipients)
+            if isinstance(message, Finished) and message.path is not None:
+                # signing and sealing put fields on top: those wait in memory, the rest in its file
+                data = message.with_head(bytes(data[:len(data) - len(content)]))
             transfers.append(Transfer(recipients, data, leaf))
         return transfers
 
@@ -84,8 +88,7 @@ class Delivery:
             elif verdict is not None:
                 outcome = self._verdict(transfer.leaf)
             else:
-                replies = self.handover(self.job.sender, transfer.recipients, transfer.data)
-                outcome = {r: reply.result() for r, reply in replies.items()}
+                outcome = self._hand_over(transfer)
             deferred = deferred or any(result.state == "deferred" for result in outcome.values())
             results.update(outcome)
         if not self.hop.carries_reports:
@@ -94,6 +97,18 @@ class Delivery:
         elif self.job.notices and not deferred:     # the retry would send them again
             self._reports().send_notices()
         return results, (() if deferred else self._bounce(results))
+
+    def _hand_over(self, transfer: Transfer) -> dict[str, Result]:
+        """One group to the next hop; a spooled result is read back for it, and only for it."""
+        data = transfer.data
+        if isinstance(data, Finished):
+            try:
+                data = data.to_bytes()
+            except Stop as stop:        # its file went away: these recipients wait for the retry
+                log.error("%s", stop)
+                return dict.fromkeys(transfer.recipients, Result("deferred", stop.status, stop.text))
+        replies = self.handover(self.job.sender, transfer.recipients, data)
+        return {r: reply.result() for r, reply in replies.items()}
 
     def _bounce(self, results: dict[str, Result]) -> tuple[str, ...]:
         """Some recipients refused for good and others not: a 69 would bounce those too, so
@@ -156,9 +171,12 @@ class Delivery:
         return signed
 
     def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
-        """An ARC set for a changed message; if sealing fails, the message goes out unsealed,
-        as does one whose header block is too big to hand dkimpy (its cost grows with it).
-        Unsealed, not refused: the seal is the gateway's note, the mail is not wrong without it."""
+        """An ARC set for a changed message.  If this machine cannot seal (a module, memory,
+        a file), nothing is delivered and the MTA retries; if the message cannot be sealed
+        (dkimpy refuses its fields, its chain is undecided or full, its header block is too
+        big to hand dkimpy: its cost grows with it), it goes out unsealed and the log says
+        why.  Unsealed, not refused: the seal is the gateway's note, the mail is not wrong
+        without it."""
         from ..dkim_header import MAX_FIELDS, read_block
 
         if self.sealer is None:
@@ -173,7 +191,10 @@ class Delivery:
         started = time.monotonic()
         try:
             sealed = self.sealer.seal(original.raw, data, message.eol)
-        except Exception as error:      # a message dkimpy cannot handle is still delivered
+        except (ImportError, MemoryError, OSError) as error:
+            log.error("ARC sealing failed for %s: %r; nothing is delivered", ",".join(recipients), error)
+            raise tempfail(of_error(error), f"ARC sealing failed: {error!r}") from None
+        except Exception as error:      # the message's own doing: it is still delivered
             log.error("ARC sealing failed for %s, delivered unsealed: %r", ",".join(recipients), error)
             return data
         log.info("ARC sealed for %s in %.1f ms", ",".join(recipients), (time.monotonic() - started) * 1000)
@@ -192,7 +213,8 @@ class Delivery:
                 groups.append((leaf.recipients, leaf.message, leaf))
                 continue
             # a digest, not the bytes: holding every result until delivery would cost a copy each
-            digest = hashlib.sha256(leaf.message.to_bytes()).digest() if leaf.message.changed else "unchanged"
+            digest = ("unchanged" if not leaf.message.changed else getattr(leaf.message, "digest", None)
+                      or hashlib.sha256(leaf.message.to_bytes()).digest())
             for recipients in by_signing(leaf.recipients, unsigned):
                 key = (digest, recipients[0] in unsigned)
                 if key in merged:
@@ -219,7 +241,8 @@ class Delivery:
     def _unparsed(self, leaves: list) -> None:
         job = self.job
         recipients = list(dict.fromkeys(r for leaf in leaves for r in leaf.recipients))
-        kept = job.keep_backup(job.original.raw, recipients, leaves[0].message.unparsed or "")
+        why = leaves[0].unparsed if isinstance(leaves[0].unparsed, str) else ""
+        kept = job.keep_backup(job.original.raw, recipients, why)
         text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
                 f"{', '.join(recipients)}).\nIts chain ran on it unparsed, each step as it "
                 "declares (on_parse_error = \"deliver\"), and it was delivered."

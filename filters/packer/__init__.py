@@ -75,7 +75,7 @@ class Packer(Filter):
     name = "packer"
     description = "compress message parts (pos) or restore them (neg)"
     lazy_modules = ("base64", "binascii", "bz2", "gzip", "lzma", "shutil", "subprocess", "threading",
-                    "zlib", "ispmailgate_filters.bounded")
+                    "zlib", "ispmailgate_filters.bounded", "ispmailgate_filters.processes")
     unparsed_mail = "process"       # pos packs nothing of it; neg: see _unparsed
 
     direction: str = option("auto", "pos: pack; neg: unpack; auto: unpack mail whose X-ispMailGate-Packer "

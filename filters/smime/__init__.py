@@ -73,7 +73,8 @@ class Smime(Filter):
     lazy_modules = ("cryptography.x509", "cryptography.hazmat.primitives.serialization.pkcs7",
                     "cryptography.hazmat.primitives.asymmetric.rsa", "email.utils", "subprocess",
                     "ispmailgate_filters.smime.cms", "ispmailgate_filters.smime.credentials",
-                    "ispmailgate_filters.smime.incoming")
+                    "ispmailgate_filters.smime.incoming", "ispmailgate_filters.smime.checks",
+                    "cryptography.hazmat.backends.openssl.backend")
     # pos encrypts it whole; neg removes forged verdicts and calls what it holds undecryptable
     unparsed_mail = "process"
 

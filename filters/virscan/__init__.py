@@ -115,7 +115,7 @@ class VirScan(Filter):
     name = "virscan"
     description = "scan every part and archive member for viruses (clamd or a command)"
     lazy_modules = ("bz2", "gzip", "json", "lzma", "select", "socket", "subprocess", "tarfile",
-                    "unicodedata", "zipfile", "zlib")
+                    "unicodedata", "zipfile", "zlib", "ispmailgate_filters.processes")
     unparsed_mail = "process"       # scanned raw, at best unscannable
 
     scanner: str = option("clamd", "clamd | command", convert=choice("clamd", "command"))
