@@ -69,6 +69,9 @@ def deliver(
     dry_run: Annotated[bool, typer.Option(
         "-n", "--dry-run", help="Run the chains and print what would be delivered to whom, with "
                                 "each filter's verdict; deliver nothing.")] = False,
+    originating: Annotated[bool, typer.Option(
+        "--originating", help="The mail is the MTA's own users' (submission, mynetworks): [[dkim]] "
+                              "tables with sign = \"originating\" sign only in such a run.")] = False,
     debug: Annotated[bool, typer.Option("-d", "--debug", help="Log every step in detail.")] = False,
     tmp_dir: Annotated[str | None, typer.Option(
         "-t", "--tmp-dir", metavar="DIR", help="Directory for work files (overrides tmp_dir).")] = None,
@@ -87,7 +90,7 @@ def deliver(
             raise tempfail(MISCONFIGURED, f"usage: -a/--facility: {error}") from None
     request = Request(recipients=list(recipients or ()), sender=sender, config=config,
                       mail_host=mail_host, to_stdout=to_stdout, debug=debug,
-                      tmp_dir=tmp_dir, facility=facility, dry_run=dry_run)
+                      tmp_dir=tmp_dir, facility=facility, dry_run=dry_run, originating=originating)
     return Gate(request, ctx.obj.streams, ctx.obj.preloaded).run()
 
 
@@ -154,11 +157,13 @@ def explain_command(
                                                     help="Envelope recipients to route.")],
     sender: SenderOption = None,
     config: ConfigOption = None,
+    originating: Annotated[bool, typer.Option(
+        "--originating", help="Explain a run given --originating (the MTA's own users' mail).")] = False,
 ) -> int:
     """Show the rule and chain each recipient gets, and the delivery groups; needs no message."""
     from ispmailgate_core.admin.explain import explain
 
-    return explain(config, sender, recipients, ctx.obj.streams.stdout)
+    return explain(config, sender, recipients, ctx.obj.streams.stdout, originating=originating)
 
 
 @admin_cli.command("dkim-record")
@@ -246,8 +251,9 @@ def admin_commands() -> set[str]:
 
 def main() -> int:
     """Console-script entry point: ``ispmailgate``."""
-    streams = Streams(sys.stdin.buffer, sys.stdout.buffer, sys.stderr)
-    return run(sys.argv[1:], streams)
+    from ispmailgate_core.standard_streams import standard_streams
+
+    return run(sys.argv[1:], standard_streams())
 
 
 if __name__ == "__main__":

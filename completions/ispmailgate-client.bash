@@ -24,7 +24,7 @@ _ispmailgate_client() {
     esac
     if [[ $cur == -* ]]; then
         ((front)) && COMPREPLY=($(compgen -W "--socket --fallback --deadline" -- "$cur"))
-        COMPREPLY+=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
+        COMPREPLY+=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run --originating -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
     fi
     return 0
 }

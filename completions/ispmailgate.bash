@@ -31,7 +31,7 @@ _ispmailgate() {
         -a|--facility) COMPREPLY=($(compgen -W "mail daemon user auth authpriv cron kern lpr news syslog uucp local0 local1 local2 local3 local4 local5 local6 local7" -- "$cur")); return 0 ;;
         esac
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
+            COMPREPLY=($(compgen -W "-f --from -c --config -m --mail-host --stdout -n --dry-run --originating -d --debug -t --tmp-dir -a --facility --version -h --help" -- "$cur"))
         elif ((COMP_CWORD == 1)); then
             COMPREPLY=($(compgen -W "check dkim-record explain quarantine serve" -- "$cur"))
         fi
@@ -68,7 +68,7 @@ _ispmailgate() {
         -c|--config) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
         esac
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "-f --from -c --config -h --help" -- "$cur"))
+            COMPREPLY=($(compgen -W "-f --from -c --config --originating -h --help" -- "$cur"))
         fi
         ;;
     "quarantine delete")

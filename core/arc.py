@@ -11,17 +11,20 @@ next hop gets).  This module and dkimpy are imported only when ``[arc]`` is conf
 
 DNS is asked on a budget per message (``dns_lookups`` queries, ``dns_timeout`` seconds,
 each name once): a timeout, a failure or a spent budget is ``temperror``, never ``fail``,
-and an existing chain DNS could not decide gets no new set rather than ``cv=fail``.
+and an existing chain DNS could not decide gets no new set rather than ``cv=fail``.  What
+checking costs besides DNS (keys, signatures, ARC sets, passes over the message) is bounded
+in :mod:`.dkim_bounds`, with the same rule: a spent budget is never a pass or a fail.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from typing import Any, NamedTuple
 
 from ispmailgate_filters.base import ConfigError
+
+from .dkim_bounds import MAX_ARC_INSTANCES, Work, overlong_signature, parse, passes, prepared, refused_key, tags
 
 log = logging.getLogger("ispmailgate.arc")
 
@@ -89,21 +92,9 @@ def _dns_budget(table: dict, where: str) -> tuple[int, float]:
 
 
 def _private_key(path: str, where: str) -> bytes:
-    try:
-        with open(path, "rb") as stream:
-            info = os.fstat(stream.fileno())
-            if info.st_mode & 0o004:
-                raise ConfigError(f"{where}.private_key_file", f"{path} is readable by others "
-                                  f"(chmod o-r {path})")
-            if os.geteuid() == 0:       # a secret root reads: only root may change it
-                from ispmailgate_filters.files import untrusted
+    from .keys import read_private_file     # no FIFO, no link, private: as the [[dkim]] keys
 
-                reason = untrusted(path, info)
-                if reason:
-                    raise ConfigError(f"{where}.private_key_file", f"{reason}: refused as root")
-            key = stream.read()
-    except OSError as error:
-        raise ConfigError(f"{where}.private_key_file", f"cannot read {path}: {error.strerror}") from None
+    key = read_private_file(path, f"{where}.private_key_file")
     if b"PRIVATE KEY-----" not in key:
         raise ConfigError(f"{where}.private_key_file", f"{path} holds no PEM private key")
     return key
@@ -122,6 +113,26 @@ def _resolver(value: Any, where: str) -> tuple[str, int] | None:
         raise ConfigError(f"{where}.resolver", f"expected HOST[:PORT], got {value!r}") from None
     explicit = "]:" in text or text.count(":") == 1
     return host, port if explicit else 53
+
+
+def preload() -> None:
+    """Import what checking and sealing import lazily (before privileges are dropped): dkimpy,
+    authres with its result types, and dnspython, which loads the class of each record type
+    on the first answer that carries one (an answer is the sender's DNS: any type)."""
+    import importlib
+    import pkgutil
+
+    import authres
+    import dkim
+    import dkim.crypto
+    import dkim.util
+    import dns.exception
+    import dns.rdtypes
+    import dns.resolver
+
+    authres.all_features()
+    for module in pkgutil.walk_packages(dns.rdtypes.__path__, "dns.rdtypes."):
+        importlib.import_module(module.name)
 
 
 class Unsealable(Exception):
@@ -143,7 +154,7 @@ class Sealer:
         wire = _crlf(changed)
         results = self._results(bytes(original))
         stamp = f"Authentication-Results: {self.settings.authserv_id}; {'; '.join(results) or 'none'}\r\n"
-        arc_set = _arc_set(stamp.encode() + wire, self.settings)
+        arc_set = _arc_set(_trusted_only(parse(stamp.encode() + wire), self.settings.authserv_id), self.settings)
         if not arc_set:
             raise dkim.DKIMException("dkimpy produced no ARC set")
         head = b"".join(arc_set)
@@ -156,62 +167,130 @@ class Sealer:
         a bare ``none`` when it merges results, and an AAR with no result at all is not
         valid RFC 8601 (nor what RFC 8617 asks for, which is the ``arc`` result).  The
         chain is validated first: the seal depends on it, the DKIM results only inform.
+        The message is parsed for dkimpy once, and its checks share one work budget.
         """
         if self._gateway_results is None:
             trusted = _trusted_methods(original, self.settings.authserv_id)
+            parsed = parse(_crlf(original))
+            work = Work(parsed)
             results = []
             if "arc" not in trusted:
                 arrived_sealed = _headers(original).get("ARC-Seal") is not None
-                results.append(f"arc={self._chain(original) if arrived_sealed else 'none'}")
+                results.append(f"arc={self._chain(parsed, work) if arrived_sealed else 'none'}")
             if self.settings.verify_dkim:
-                results[:0] = self._dkim_results(original)
+                results[:0] = self._dkim_results(parsed, work)
             self._gateway_results = results
         return self._gateway_results
 
-    def _dkim_results(self, original: bytes) -> list[str]:
-        message = _crlf(original)
-        count = len(_headers(original).get_all("DKIM-Signature"))
-        if not count:
+    def _dkim_results(self, parsed: tuple, work: Work) -> list[str]:
+        signatures = [value for name, value in parsed[0] if name.lower() == b"dkim-signature"]
+        if not signatures:
             return ["dkim=none"]
-        if count > MAX_SIGNATURES:
-            log.warning("%d DKIM signatures: only the first %d are checked", count, MAX_SIGNATURES)
-        return [self._dkim_result(message, index) for index in range(min(count, MAX_SIGNATURES))]
+        if len(signatures) > MAX_SIGNATURES:
+            log.warning("%d DKIM signatures: only the first %d are checked", len(signatures), MAX_SIGNATURES)
+        return [self._dkim_result(parsed, index, value, work)
+                for index, value in enumerate(signatures[:MAX_SIGNATURES])]
 
-    def _dkim_result(self, message: bytes, index: int) -> str:
-        """pass, fail (the signature does not match), permerror (no usable key or a broken
-        signature), or temperror (DNS did not answer in time or usably, or the budget is
-        spent): dkimpy turns DNS timeouts into a plain False, so the lookups are watched."""
+    def _dkim_result(self, parsed: tuple, index: int, signature: bytes, work: Work) -> str:
+        """pass, fail (the signature does not match), permerror (no usable key, a broken
+        signature, one longer than any key that is checked), or temperror (DNS did not answer
+        in time or usably, or a budget is spent): dkimpy turns DNS timeouts into a plain
+        False, so the lookups are watched."""
+        found = tags(signature)
+        domain, selector = _text(found.get(b"d")), _text(found.get(b"s"))
+        if overlong_signature(signature):
+            log.info("DKIM signature %d: b= is longer than any key that is checked", index + 1)
+            result = "permerror"
+        elif not work.take(passes(signature)):
+            log.warning("DKIM signature %d not checked: the work budget of this message is spent", index + 1)
+            result = "temperror"
+        else:
+            result = self._verify_dkim(parsed, index)
+        return f"dkim={result} header.d={domain} header.s={selector}" if domain else f"dkim={result}"
+
+    def _verify_dkim(self, parsed: tuple, index: int) -> str:
         import dkim
 
-        verifier = dkim.DKIM(message, minkey=1024, timeout=QUERY_SECONDS)
+        verifier = prepared(dkim.DKIM, parsed, minkey=1024, timeout=QUERY_SECONDS)
         troubles = len(self.lookups.troubles)
         try:
             good = verifier.verify(idx=index, dnsfunc=self.lookups.txt)
-        except dkim.DKIMException as error:
-            log.info("DKIM signature %d: %s", index + 1, error)
+        except (ImportError, MemoryError):     # this machine's trouble, not the signature's
+            raise
+        except Exception as error:      # DKIMException, or dkimpy tripping over the sender's tags
+            log.info("DKIM signature %d: %r", index + 1, error)
             good = None
         if len(self.lookups.troubles) > troubles:
-            result = "temperror"
-        elif good:
-            result = "pass"
-        else:
-            result = "fail" if good is False and getattr(verifier, "pk", None) is not None else "permerror"
-        domain, selector = (_text(getattr(verifier, key, None)) for key in ("domain", "selector"))
-        return f"dkim={result} header.d={domain} header.s={selector}" if domain else f"dkim={result}"
+            return "temperror"
+        if good:
+            return "pass"
+        return "fail" if good is False and getattr(verifier, "pk", None) is not None else "permerror"
 
-    def _chain(self, original: bytes) -> str:
+    def _chain(self, parsed: tuple, work: Work) -> str:
         """Validate the ARC chain the message arrived with: pass, fail or none.  A chain DNS
-        could not decide is neither: the message then goes out without a new set."""
+        or the work budget could not decide is neither: the message then goes out without
+        a new set."""
         import dkim
 
+        chain = prepared(dkim.ARC, parsed, minkey=1024, timeout=QUERY_SECONDS)
+        instances, fields = chain.sorted_arc_headers()
+        if not instances:
+            return "none"
+        broken = _broken_chain(instances, fields)
+        if broken:
+            log.info("existing ARC chain: fail (%s)", broken)
+            return "fail"
+        # dkimpy checks every set's seal and message signature, after a pass to find them
+        cost = 1 + sum(1 if name.lower() == b"arc-seal" else passes(value)
+                       for _, (name, value) in fields if name.lower() != b"arc-authentication-results")
+        if not work.take(cost):
+            log.warning("existing ARC chain of %d sets not validated: the work budget of this message "
+                        "is spent; no ARC set is added", instances)
+            raise Unsealable(f"the existing ARC chain of {instances} sets is too costly to validate")
         troubles = len(self.lookups.troubles)
-        verdict, _, reason = dkim.arc_verify(_crlf(original), dnsfunc=self.lookups.txt)
+        verdict, reason = self._validate(chain)
         if len(self.lookups.troubles) > troubles:
             why = "; ".join(dict.fromkeys(self.lookups.troubles[troubles:]))
             log.warning("existing ARC chain not validated (DNS: %s): no ARC set is added", why)
             raise Unsealable(f"the existing ARC chain could not be validated (DNS: {why})")
-        log.info("existing ARC chain: %s (%s)", verdict.decode(), reason)
-        return verdict.decode()
+        log.info("existing ARC chain: %s (%s)", verdict, reason)
+        return verdict
+
+    def _validate(self, chain) -> tuple[str, str]:
+        import dkim
+
+        try:
+            verdict, _, reason = chain.verify(dnsfunc=self.lookups.txt)
+        except (ImportError, MemoryError):     # this machine's trouble, not the chain's
+            raise
+        except dkim.DKIMException as error:     # as dkim.arc_verify answers it
+            return "fail", str(error)
+        except Exception as error:      # dkimpy tripping over the sender's fields: undecided
+            log.warning("existing ARC chain not validated (%r): no ARC set is added", error)
+            raise Unsealable(f"the existing ARC chain could not be validated ({error!r})") from None
+        # None: a seal declared the chain failed (RFC 8617 5.2: then it has failed)
+        return (verdict or dkim.CV_Fail).decode(), reason
+
+
+def _broken_chain(instances: int, fields: list) -> str:
+    """Why a chain fails before any signature is checked, or "" (dkimpy's order of fields:
+    ``(instance, (name, relaxed value))``)."""
+    if instances > MAX_ARC_INSTANCES:
+        return f"{instances} ARC sets (RFC 8617 allows {MAX_ARC_INSTANCES})"
+    if len(fields) != 3 * instances:
+        return f"{len(fields)} ARC header fields for {instances} sets: a set incomplete or doubled"
+    for _, (name, value) in fields:
+        if name.lower() != b"arc-authentication-results" and overlong_signature(value):
+            return f"an {name.decode('ascii', 'replace')} longer than any key that is checked"
+    return ""
+
+
+def _trusted_only(parsed: tuple, authserv_id: str) -> tuple:
+    """The message for dkimpy's sealer without Authentication-Results of other verifiers: it
+    parses each one (as UTF-8, failing on other bytes) only to drop it, and none is signed."""
+    mark = authserv_id.encode()
+    headers, body = parsed
+    return [h for h in headers if h[0] != b"Authentication-Results" or mark in h[1]], body
 
 
 class Lookups:
@@ -220,6 +299,8 @@ class Lookups:
     A query that times out, fails (SERVFAIL, REFUSED, garbage) or would pass the budget is
     recorded in ``troubles`` and raised to dkimpy as its DnsTimeoutError; dkimpy swallows
     that into a plain False, so the caller looks at ``troubles`` to tell temperror from fail.
+    A key no legitimate signer uses (:func:`.dkim_bounds.refused_key`) is raised to dkimpy as
+    its KeyFormatError before dkimpy computes with it: a permerror, or a failed ARC seal.
     """
 
     def __init__(self, settings: ArcSettings) -> None:
@@ -227,6 +308,7 @@ class Lookups:
         self.left = settings.dns_lookups
         self.deadline: float | None = None
         self.answers: dict[str, bytes | None | str] = {}     # a str: why there is no answer
+        self.refusals: dict[str, str | None] = {}            # why a key is not used, per name
         self.troubles: list[str] = []
 
     def txt(self, name: bytes | str, timeout: float = QUERY_SECONDS) -> bytes | None:
@@ -239,6 +321,12 @@ class Lookups:
         if isinstance(answer, str):
             self.troubles.append(f"{name}: {answer}")
             raise dkim.DnsTimeoutError(answer)
+        if answer is not None and name not in self.refusals:
+            self.refusals[name] = refused_key(answer)
+            if self.refusals[name]:
+                log.info("key %s not used: %s", name, self.refusals[name])
+        if answer is not None and self.refusals[name]:
+            raise dkim.KeyFormatError(f"{name}: {self.refusals[name]}")
         return answer
 
     def _query(self, name: str, timeout: float) -> bytes | None | str:
@@ -275,16 +363,17 @@ class Lookups:
         return None
 
 
-def _arc_set(message: bytes, settings: ArcSettings) -> list[bytes]:
-    """dkimpy's arc_sign, with the message's DKIM-Signature fields in the AMS: RFC 8617
-    4.1.2 asks for them (dkimpy leaves them out), so the set covers the gateway's own."""
+def _arc_set(parsed: tuple, settings: ArcSettings) -> list[bytes]:
+    """dkimpy's arc_sign on a message :func:`parse` parsed, with the message's
+    DKIM-Signature fields in the AMS: RFC 8617 4.1.2 asks for them (dkimpy leaves them
+    out), so the set covers the gateway's own."""
     import dkim
 
-    signer = dkim.ARC(message, linesep=b"\r\n")
+    signer = prepared(dkim.ARC, parsed, linesep=b"\r\n")
     signer.should_not_sign.discard(b"dkim-signature")
     signer.should_sign.add(b"dkim-signature")
     return signer.sign(settings.selector.encode(), settings.domain.encode(), settings.private_key,
-                       settings.authserv_id.encode())
+                       settings.authserv_id.encode(), include_headers=signer.default_sign_headers())
 
 
 def _text(value: bytes | str | None) -> str:
@@ -298,6 +387,8 @@ def _trusted_methods(message: bytes, authserv_id: str) -> set[str]:
 
     methods = set()
     for value in _headers(message).get_all("Authentication-Results"):
+        if authserv_id not in value:        # not the trusted verifier's: no parse needed
+            continue
         try:
             header = authres.AuthenticationResultsHeader.parse("Authentication-Results: " + value)
         except Exception:       # authres raises its own SyntaxError family on garbage

@@ -9,6 +9,7 @@ from .addresses import MAX_ADDRESS, canonical_address
 from .outcome import Result
 from .rules import Config
 from .status import BAD_RECIPIENT, BAD_SENDER, EMPTY_RECIPIENT, EX_UNAVAILABLE, Stop, tempfail
+from .text import one_line
 
 
 def envelope_addresses(config: "Config", sender: str,
@@ -32,6 +33,15 @@ def envelope_addresses(config: "Config", sender: str,
     return sender, list(dict.fromkeys(usable)), refused
 
 
+def refused_untold(refused: "dict[str, Result]") -> Stop:
+    """A next hop that cannot carry our delivery status notification (stdout) cannot tell the
+    sender about a refused recipient: rather than drop it silently and exit 0, the message is
+    refused for every recipient (69, its 5.1.3), so the MTA's bounce tells the sender."""
+    recipient, result = next(iter(refused.items()))
+    return Stop(EX_UNAVAILABLE, result.status, f"<{one_line(recipient)[:100]}>: {result.text}; --stdout cannot "
+                                               "tell the sender, so no recipient gets the message")
+
+
 def usable_address(text: str, config: "Config") -> str:
     """``canonical_address``, and short enough for an SMTP command with the loop suffix."""
     address = canonical_address(text, config.unqualified_domain)
@@ -51,12 +61,12 @@ def sender_of_from_line(line: str | None) -> str | None:
 
 def envelope_from_headers(message: Message, from_line: str | None) -> tuple[str, list[str]]:
     """Shell test mode: sender from From_, Return-Path or From:; recipients as ``sendmail -t``."""
-    from email.utils import getaddresses
+    from ispmailgate_filters.mime import addresses
 
     headers = message.top_headers()
     sender = sender_of_from_line(from_line)
     if sender is None:
         sender = headers.get("Return-Path") or headers.get("From") or ""
-        sender = getaddresses([sender])[0][1] if sender.strip() not in ("", "<>") else ""
+        sender = addresses([sender])[0][1] if sender.strip() not in ("", "<>") else ""
     fields = [v for name in ("To", "Cc", "Bcc") for v in headers.get_all(name)]
-    return sender, [address for _, address in getaddresses(fields) if address]
+    return sender, [address for _, address in addresses(fields) if address]

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import re
+import stat
 from typing import NamedTuple
 
 from ispmailgate_filters.base import ConfigError
@@ -34,10 +36,23 @@ class PrivateKey(NamedTuple):
 
 def read_private_file(path: str, where: str) -> bytes:
     """The bytes of a private key file: refused if others may read it, and as root if
-    anyone but root could change it or a directory above it."""
+    anyone but root could change it or a directory above it.
+
+    Opened without following a last symbolic link and without blocking, and refused unless
+    it is a regular file, before anything is read: whoever may change the key's directory
+    could otherwise put a FIFO there, and every run (as root, before its time limit) would
+    wait in open() for ever."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        with open(path, "rb") as stream:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        why = "a symbolic link: give the key file's own path" if error.errno == errno.ELOOP else error.strerror
+        raise ConfigError(where, f"cannot read {path}: {why}") from None
+    try:
+        with open(descriptor, "rb", closefd=True) as stream:
             info = os.fstat(stream.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigError(where, f"{path} is not a regular file")
             if info.st_mode & 0o004:
                 raise ConfigError(where, f"{path} is readable by others (chmod o-r {path})")
             if os.geteuid() == 0:       # a secret root reads: only root may change it

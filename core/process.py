@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ispmailgate_filters.base import ConfigError
@@ -49,6 +50,26 @@ def drop_privileges(config: Config) -> None:
     log.debug("running as %s (uid %d, gid %d)", user, os.getuid(), os.getgid())
 
 
+def opened_as_mail_user(config: Config, opener: Callable[[], Any]) -> Any:
+    """``opener()`` with the mail user's rights (effective ids only), for a process that
+    stays root (the serve master): a file in a directory the mail user owns (the log
+    directory of the man page's set-up) is opened as a one-shot run opens it, never as root
+    through a path that user controls.  As anybody else, or with mail_user = "root": as is."""
+    identity = mail_identity(config) if os.geteuid() == 0 else None
+    if identity is None:
+        return opener()
+    groups, gid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(identity[1])
+    os.seteuid(identity[0])
+    try:
+        return opener()
+    finally:
+        os.seteuid(0)
+        os.setegid(gid)
+        os.setgroups(groups)
+
+
 def readable_by(uid: int, gid: int, *directories: str) -> bool:
     """Can this user list and read these directories, every parent directory included?"""
     import stat
@@ -68,36 +89,60 @@ def readable_by(uid: int, gid: int, *directories: str) -> bool:
 
 
 def preload(config: Config) -> None:
-    """Import now what the run imports lazily later, for every filter in the rule file.
+    """Import now whatever the run may import later: the core's lazy imports, every codec,
+    each configured filter's modules, and with ``[arc]`` or ``[[dkim]]`` dkimpy and dnspython.
 
     Done before privileges are dropped (an interpreter installed under a private home is
-    not readable by mail_user) and before ``serve`` forks its workers (load once).
+    not readable by mail_user, and then nothing can be imported after the drop: a module
+    that fails there is a filter error, an unsealed message, or a value silently left
+    undecoded) and before ``serve`` forks its workers (load once).  tests/test_preload.py
+    holds these lists to the code's imports and runs every built-in filter and ARC with
+    imports forbidden after the drop.
     """
     import importlib
 
-    for module in ("email.utils", "email.header", "email.message", "email.parser", "codecs",
-                   "encodings.idna", "hashlib", "importlib.metadata", "shutil", "socket", "subprocess",
-                   "syslog", "tomllib", "unicodedata", "urllib.parse"):
+    for module in CORE_MODULES:
         importlib.import_module(module)
-    import codecs
-
-    for charset in MAIL_CHARSETS:   # codecs load their modules on first lookup, then cache
-        codecs.lookup(charset)
+    _every_codec()
     for step in {*config.filters.values(), *config.default_chain,
                  *(step for rule in config.rules for step in rule.chain)}:
         step.preload()
     if "arc" in config.sections or "dkim" in config.sections:   # seals and signatures: dkimpy
-        importlib.import_module("dkim")
+        from .arc import preload as arc_modules
+        arc_modules()
+        importlib.import_module("ispmailgate_core.signing")
+        importlib.import_module("ispmailgate_core.dkim_header")
+        importlib.import_module("ispmailgate_core.dkim_linear").install()
     if any(table.key.kind == "ed25519" for table in config.sections.get("dkim", ())):
         importlib.import_module("nacl.signing")
 
 
-# The charsets mail is written in, looked up before privileges are dropped.
-MAIL_CHARSETS = ("ascii", "latin-1", "utf-8", "utf-16", "utf-32", "utf-7", "koi8-r", "koi8-u",
-                 "mac-roman", "gb2312", "gbk", "gb18030", "big5", "big5hkscs", "shift_jis",
-                 "euc-jp", "iso2022-jp", "euc-kr", "cp932", "cp949", "cp950", "hz", "tis-620",
-                 "cp437", "cp850", "cp866", *(f"cp125{i}" for i in range(9)),
-                 *(f"iso8859-{i}" for i in (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16)))
+# What the core imports lazily on the way of a run, after privileges are dropped (a served
+# run included: its worker dropped them before its first message).
+CORE_MODULES = (
+    "_socket", "binascii", "collections", "email", "email.errors", "email.header", "email.message",
+    "email.parser", "email.utils", "grp", "hashlib", "importlib.metadata", "io", "mmap", "pwd",
+    "random", "select", "shutil", "signal", "socket", "stat", "struct", "subprocess", "syslog",
+    "tempfile", "threading", "tomllib", "unicodedata", "urllib.parse",
+    "ispmailgate_filters", "ispmailgate_filters.files", "ispmailgate_filters.kept", "ispmailgate_filters.mime",
+    "ispmailgate_core.admin.dry_run", "ispmailgate_core.arc", "ispmailgate_core.delivery.reports",
+    "ispmailgate_core.delivery.wire", "ispmailgate_core.serve.section")
+
+
+def _every_codec() -> None:
+    """Every codec of the standard library.  A message names its own charsets (Content-Type,
+    RFC 2047 words, RFC 2231 values, any name Python knows), and a codec is a module loaded
+    on its first lookup: one the mail user cannot load makes ``LookupError``, which a decoder
+    takes for an unknown charset and quietly leaves the value undecoded."""
+    import encodings
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(encodings.__path__):
+        try:
+            importlib.import_module(f"encodings.{module.name}")
+        except ImportError:     # mbcs, oem: Windows only
+            pass
 
 
 class TimeLimitExceeded(BaseException):
@@ -116,8 +161,8 @@ class Interrupted(BaseException):
 
 
 class time_limit:
-    """Wall-clock limit for one message, with SIGALRM (main thread only; elsewhere only
-    :meth:`check` applies it).
+    """Wall-clock limit for one message, with SIGALRM (main thread only, and only where
+    SIGALRM's handler can be put back; elsewhere only :meth:`check` applies it).
 
     Until :meth:`shield` the alarm interrupts whatever runs.  From the first delivery on
     it no longer does: it must never land inside a transaction the next hop may already
@@ -141,6 +186,10 @@ class time_limit:
 
         self.deadline = time.monotonic() + self.seconds
         if threading.current_thread() is not threading.main_thread():
+            return self
+        if signal.getsignal(signal.SIGALRM) is None:
+            # a handler installed from C (by a program embedding Python): signal.signal could
+            # not put it back, so it is left alone, and only check() applies the limit
             return self
         self.previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._expired)
         for name in self.SIGNALS:

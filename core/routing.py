@@ -4,13 +4,14 @@ every distinct filter step once for all the recipients it serves."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ispmailgate_filters.base import Envelope, Filter, FilterError, TempFail, Verdict
 from ispmailgate_filters.mime import Message, ParseError
 
 from .rules import Config
-from .status import of_error
+from .status import UNPARSABLE, of_error
 
 
 class Route(NamedTuple):
@@ -33,20 +34,22 @@ def route(config: Config, sender: str, recipient: str) -> Route:
 class Leaf(NamedTuple):
     """Where a set of recipients ended up after their chains: a message, or a verdict."""
     recipients: list[str]
-    message: Message | None
+    message: Any                    # a Message, or what ChainRunner's finish made of it; None: a verdict
     verdict: Verdict | None = None
     step: str = ""
-    unparsed: bool = False          # the parser gave up: delivered unchanged, see on_parse_error
+    unparsed: bool | str = False    # the parser gave up on its message (why, where known): see on_parse_error
 
     def defers(self, config: Config, carries_reports: bool) -> bool:
         """Does this leaf make the whole run a tempfail, before anything is delivered?  A
-        TempFail does; a filter error when the policy says so or the next hop cannot carry
-        the postmaster's report; a message the parser gave up on when on_parse_error says so."""
+        TempFail does; a message the parser gave up on when on_parse_error says so; a filter
+        error when the policy says so or the next hop cannot carry the postmaster's report."""
         if isinstance(self.verdict, TempFail):
+            return True
+        if self.unparsed and config.on_parse_error == "tempfail":
             return True
         if isinstance(self.verdict, FilterError):
             return config.on_filter_error == "tempfail" or not carries_reports
-        return self.unparsed and config.on_parse_error == "tempfail"
+        return False
 
 
 class ChainRunner:
@@ -57,27 +60,36 @@ class ChainRunner:
     split where their chains differ.  A verdict ends the path for its recipients.
     """
 
-    def __init__(self, make_context, log, trace: "list[StepTrace] | None" = None) -> None:
+    def __init__(self, make_context, log, trace: "list[StepTrace] | None" = None,
+                 finish: "Callable[[Message], Any] | None" = None) -> None:
         self.make_context = make_context
         self.log = log
         self.trace = trace          # --dry-run: what each step did, for whom
+        self.finish = finish or (lambda message: message)   # what a finished message is kept as
 
     def run(self, message: Message, sender: str, routes: dict[str, Route]) -> list[Leaf]:
+        """Depth first: one path of the tree at a time, so that the messages alive at once are
+        those on the current path (and the forks waiting at its branch points), never one per
+        result; each result is handed to ``finish`` as soon as its chain is done."""
         leaves: list[Leaf] = []
-        pending = [(message, list(routes), 0)]
+        pending: list[tuple] = [(message, list(routes), 0, None, False)]
         while pending:
-            current, recipients, depth = pending.pop()
-            finished, branches = self.split(routes, recipients, depth)
-            if finished:
-                leaves.append(Leaf(finished, current))
-            shared = len(branches) + bool(finished) > 1
-            for (step, _), members in branches.items():
+            current, recipients, depth, step, shared = pending.pop()
+            if step is not None:
                 work = current.fork() if shared else current
-                leaf = self._step(step, work, Envelope(sender, tuple(members)), message)
+                leaf = self._step(step, work, Envelope(sender, tuple(recipients)))
                 if leaf is None:
-                    pending.append((work, members, depth + 1))
+                    pending.append((work, recipients, depth + 1, None, False))
                 else:
                     leaves.append(leaf)
+                continue
+            finished, branches = self.split(routes, recipients, depth)
+            if finished:
+                unparsed = (current.parsed and current.unparsed) or False     # never parsed: never gave up
+                leaves.append(Leaf(finished, self.finish(current), unparsed=unparsed))
+            shared = len(branches) + bool(finished) > 1
+            for (step, _), members in branches.items():    # the last branch runs first, as it always did
+                pending.append((current, members, depth, step, shared))
         return leaves
 
     @classmethod
@@ -99,9 +111,11 @@ class ChainRunner:
         except Exception as error:    # decided in _step: the step will fail for them
             return ("variant-error", repr(error))
 
-    def _step(self, step: Filter, work: Message, envelope: Envelope, original: Message) -> Leaf | None:
+    def _step(self, step: Filter, work: Message, envelope: Envelope) -> Leaf | None:
         members = list(envelope.recipients)
         started = time.monotonic()
+        if step.unparsed_mail != "process" and self._unparsed(step, work):
+            return self._not_on_unparsed(step, work, members, started)
         before = bytes(work.to_bytes()) if self.trace is not None else None
         try:
             step.process(work, self.make_context(envelope, step))
@@ -109,10 +123,10 @@ class ChainRunner:
             # the summary line carries the verdict; this is the detail of -d
             self.log.debug("%s: %s for %s: %s", step.title, verdict.outcome, ",".join(members), verdict)
             return self._record(step, started, Leaf(members, None, verdict, step.title))
-        except ParseError as error:
-            self.log.error("%s: cannot parse the message: %s", step.title, error)
-            return self._record(step, started, Leaf(members, Message(original.raw), None, step.title,
-                                                    unparsed=True), f"cannot parse the message: {error}")
+        except ParseError as error:     # content a filter parses inside the message
+            self.log.error("%s: cannot parse part of the message: %s", step.title, error)
+            verdict = FilterError(f"{step.title} cannot parse part of the message: {error}", UNPARSABLE)
+            return self._record(step, started, Leaf(members, None, verdict, step.title, unparsed=True))
         except (OSError, MemoryError) as error:    # the machine's trouble, not the message's
             self.log.error("%s: %r", step.title, error, exc_info=True)
             return self._record(step, started, Leaf(members, None, TempFail(str(error), of_error(error)),
@@ -128,6 +142,26 @@ class ChainRunner:
             self._record(step, started, Leaf(members, work),
                          "changed the message" if work.to_bytes() != before else "passed")
         return None
+
+    def _unparsed(self, step: Filter, work: Message) -> bool:
+        """Has the parser given up on ``work``?  Parsed now if need be: whether ``step`` may
+        run on it depends on that (a step that processes any message needs no parse here)."""
+        if work.unparsed is not None:
+            self.log.warning("%s: the message cannot be parsed (%s): this step %s", step.title,
+                             work.unparsed, "is skipped" if step.unparsed_mail == "pass"
+                             else "cannot do its work on it")
+        return work.unparsed is not None
+
+    def _not_on_unparsed(self, step: Filter, work: Message, members: list[str], started: float) -> Leaf | None:
+        """A step that may be skipped on unparsed mail (None: go on), or the filter error of one
+        whose promise cannot be kept on it: never skipped in silence."""
+        if step.unparsed_mail == "pass":
+            if self.trace is not None:
+                self._record(step, started, Leaf(members, work), "skipped: the message cannot be parsed")
+            return None
+        verdict = FilterError(f"the message cannot be parsed ({work.unparsed}), and {step.title} "
+                              "cannot do its work on it", UNPARSABLE)
+        return self._record(step, started, Leaf(members, None, verdict, step.title, unparsed=True))
 
     def _record(self, step: Filter, started: float, leaf: Leaf, outcome: str = "") -> Leaf:
         """For --dry-run: what this step did (a verdict speaks for itself)."""

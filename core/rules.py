@@ -237,9 +237,11 @@ def _raise(error: ConfigError) -> None:
 
 
 def _holds_passphrases(table: Any) -> bool:
+    """Does the table hold a passphrase?  A key that names a file (``passphrase_file``) holds
+    a path, and the file is checked where it is read."""
     if isinstance(table, dict):
-        return any("passphrase" in str(key).lower() or _holds_passphrases(value)
-                   for key, value in table.items())
+        return any("passphrase" in str(key).lower() and not str(key).lower().endswith("_file")
+                   or _holds_passphrases(value) for key, value in table.items())
     return isinstance(table, list) and any(_holds_passphrases(item) for item in table)
 
 
@@ -351,7 +353,7 @@ def _named_filters(table: Any, checked: _Checked) -> dict[str, Filter]:
     When errors are being collected, a broken instance is kept as a bare placeholder so
     the chains naming it do not report it a second time as an unknown filter.
     """
-    return {name: checked(_named_filter, name, options, fallback=Filter(label=name))
+    return {name: checked(_named_filter, name, options, checked, fallback=Filter(label=name))
             for name, options in checked(_filter_tables, table, fallback={}).items()}
 
 
@@ -361,7 +363,7 @@ def _filter_tables(table: Any) -> dict[str, Any]:
     return table
 
 
-def _named_filter(name: str, options: Any) -> Filter:
+def _named_filter(name: str, options: Any, checked: _Checked) -> Filter:
     where = f"filter.{name}"
     if not isinstance(options, dict):
         raise ConfigError(where, "expected a table")
@@ -369,7 +371,31 @@ def _named_filter(name: str, options: Any) -> Filter:
     kind = options.pop("type", None)
     if not isinstance(kind, str):
         raise ConfigError(f"{where}.type", "missing: the filter type (dummy, banner, ...)")
-    return _built(filter_class(kind, f"{where}.type"), options, where, name)
+    cls = filter_class(kind, f"{where}.type")
+    *earlier, last = _option_problems(cls, options, where) or [None]
+    for problem in earlier:         # collected (check), or the first raised (a run)
+        checked(_raise, problem)
+    if last is not None:
+        raise last
+    return _built(cls, options, where, name)
+
+
+def _option_problems(cls: type[Filter], options: dict[str, Any], where: str) -> list[ConfigError]:
+    """Every unknown or ill-typed option of a table, each under its key path (building the
+    filter stops at the first; ``check`` lists them all)."""
+    known, problems = cls.options(), []
+    for key, value in options.items():
+        if key not in known:
+            problems.append(ConfigError(f"{where}.{key}", f"unknown option for filter type {cls.name!r}"
+                                                          f" (known: {', '.join(sorted(known)) or 'none'})"))
+            continue
+        try:
+            known[key].metadata["convert"](value)
+        except (ValueError, TypeError) as error:
+            problems.append(ConfigError(f"{where}.{key}", str(error)))
+        except Exception:       # noqa: BLE001 -- a plugin's own converter: from_options reports it
+            pass
+    return problems
 
 
 def resolve_chain(names: tuple[str, ...], where: str, filters: dict[str, Filter],

@@ -21,8 +21,9 @@ from .addresses import parse_hop
 from .delivery.groups import Delivery
 from .delivery.handover import Handover, Job
 from .delivery.hops import NextHop, StdoutHop, configured_hop
+from .delivery.spool import Spool
 from .delivery.smtp import SmtpHop
-from .envelope import envelope_addresses, envelope_from_headers, sender_of_from_line
+from .envelope import envelope_addresses, envelope_from_headers, refused_untold, sender_of_from_line
 from .logs import UNLOGGED, add_log_file, configure_logging, syslog_reachable
 from .outcome import Result, exit_status
 from .process import Interrupted, TimeLimitExceeded, drop_privileges, time_limit
@@ -57,6 +58,7 @@ class Request(NamedTuple):
     tmp_dir: str | None = None
     facility: str | None = None
     dry_run: bool = False
+    originating: bool = False       # the MTA vouches that the mail is its own users' ([[dkim]] signs it)
     # The caller takes a status per recipient (LMTP): a recipient that must wait for a retry
     # holds back only itself, and refused ones are the caller's to bounce.
     per_recipient: bool = False
@@ -171,17 +173,20 @@ class Gate:
         from_line = split_from_line(data)
         self.message = message = Message(data, max_depth=config.max_mime_depth,
                                          max_parts=config.max_mime_parts)
-        self.budget = Budget(config.max_objects, config.max_decoded)
+        self.budget = Budget(config.max_objects, config.max_decoded, config.max_message_size)
         sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
         hop.per_recipient = self.request.per_recipient
+        if refused and not hop.carries_reports and not (self.request.shell_mode or self.request.dry_run):
+            raise refused_untold(refused)
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
         trace: list[StepTrace] | None = [] if self.request.dry_run else None
-        leaves = ChainRunner(self._context, log, trace).run(message, sender, routes) if routes else []
+        finish = Spool(self.workdir) if trace is None else None     # a dry run keeps what it shows
+        leaves = ChainRunner(self._context, log, trace, finish).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
                   config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes),
-                  self.request.per_recipient)
+                  self.request.originating, self.request.per_recipient)
         if trace is not None:
             return self._dry_run(job, hop, leaves, routes, refused, trace)
         deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]
@@ -289,19 +294,19 @@ class Gate:
             except Exception as error:      # noqa: BLE001 -- after delivery nothing raises
                 log.error("cannot remove %s: %r", self.workdir_path, error)
 
-    def keep_backup(self, data: bytes | bytearray, recipients: list[str], step: str,
+    def keep_backup(self, data: bytes | bytearray, recipients: list[str], what: str,
                     failure: str | None = None) -> Path | None:
         """The original's tmp_dir/keep/, kept with its envelope (see ispmailgate_filters.kept):
-        a copy of a message the parser could not handle, delivered unchanged; or, with a
-        *failure*, of one a filter failed on and no one received (``quarantine release``
-        delivers it)."""
+        a copy of a message the parser gave up on (``what``: why), delivered after its chain
+        ran on it unparsed; or, with a *failure*, of one filter ``what`` failed on and no one
+        received (``quarantine release`` delivers it)."""
         from ispmailgate_filters.kept import keep
 
         directory = Path(self.request.tmp_dir or self.config.tmp_dir) / "keep"
         if failure is None:
-            verdict, action, detail = "unparsable", "delivered", f"the parser gave up in {step}"
+            verdict, action, detail = "unparsable", "delivered", f"the parser gave up ({what})"
         else:
-            verdict, action, detail = "failed", "discarded", f"filter {step} failed: {failure}"
+            verdict, action, detail = "failed", "discarded", f"filter {what} failed: {failure}"
         finding = {"object": "the message", "verdict": verdict, "detail": detail}
         try:
             return keep(str(directory), bytes(data), run_id=self.id, sender=self.sender, recipients=recipients,

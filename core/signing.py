@@ -20,8 +20,9 @@ from typing import Any, NamedTuple
 
 from ispmailgate_filters.base import ConfigError
 
+from .dkim_header import MAX_FIELDS, MAX_SIGNED_NAMES, read_block
 from .keys import PrivateKey, key_record, parse_private_key, read_private_file
-from .status import LOCAL_TROUBLE, MISCONFIGURED, UNPARSABLE
+from .status import LOCAL_TROUBLE, MISCONFIGURED, UNSIGNABLE
 
 log = logging.getLogger("ispmailgate.dkim")
 
@@ -34,14 +35,21 @@ KEYS = {
                         "privileges are dropped.",
     "algorithm": "rsa-sha256 (default) or ed25519-sha256 (RFC 8463); must fit the key.",
     "headers": "Header fields signed where present (default: RFC 6376 section 5.4.1's list, as "
-               "dkimpy has it); From is always signed, and over-signed.",
+               "dkimpy has it); a name written +NAME is over-signed too: listed once more than the "
+               "message has it, so that one added on the way breaks the signature (default: From, To, "
+               "Cc, Subject, Date, Reply-To, Message-ID, In-Reply-To, References, MIME-Version, "
+               "Content-Type, Content-Transfer-Encoding); From is always signed and over-signed.",
     "canonicalization": "HEADER/BODY, each simple or relaxed (default \"relaxed/relaxed\"); a single "
                         "word is HEADER/simple, as in the c= tag.",
     "subdomains": "true: sign mail from subdomains of domain too (default false: the From: domain "
                   "must be domain).",
     "resolver": "DNS server HOST[:PORT] that ispmailgate check asks for the published key "
                 "(default: the system's resolver).",
+    "sign": "originating (default): sign only in a run given --originating (the MTA's transport for "
+            "its own users' mail); always: sign whatever the run (a gateway that only sees outbound mail).",
 }
+SIGN_WHEN = ("originating", "always")
+NOT_ORIGINATING = "the run is not originating"
 ALGORITHMS = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
 # dkimpy's DKIM.SHOULD: RFC 6376 5.4.1's list, with the MIME fields and Message-ID
 DEFAULT_HEADERS = (
@@ -50,6 +58,9 @@ DEFAULT_HEADERS = (
     "resent-from", "resent-sender", "resent-to", "resent-cc", "resent-message-id", "in-reply-to",
     "references", "list-id", "list-help", "list-unsubscribe", "list-subscribe", "list-post",
     "list-owner", "list-archive")
+# what a reader sees, signed once more than present so that an added one breaks the signature
+OVERSIGNED = ("from", "to", "cc", "subject", "date", "reply-to", "message-id", "in-reply-to", "references",
+              "mime-version", "content-type", "content-transfer-encoding")
 # RFC 6376 5.4: fields hops add or change (and the signatures themselves), never signed
 NEVER_SIGNED = ("return-path", "received", "comments", "keywords", "bcc", "resent-bcc", "dkim-signature")
 MIN_RSA_BITS = 1024         # RFC 8301 3.2: verifiers refuse shorter keys
@@ -71,6 +82,8 @@ class DkimSettings(NamedTuple):
     canonicalization: tuple[str, str]
     subdomains: bool = False
     resolver: tuple[str, int] | None = None
+    sign: str = "originating"               # or "always": see SIGN_WHEN
+    oversigned: tuple[str, ...] = ("from",)     # of headers: signed once more than present
 
     def covers(self, domain: str) -> bool:
         return domain == self.domain or (self.subdomains and domain.endswith("." + self.domain))
@@ -107,11 +120,14 @@ def _table(table: dict, where: str) -> DkimSettings:
     subdomains = table.get("subdomains", False)
     if not isinstance(subdomains, bool):
         raise ConfigError(f"{where}.subdomains", "expected true or false")
-    return DkimSettings(where, domain, selector, key, path, table.get("algorithm", "rsa-sha256"),
-                        _headers(table.get("headers", DEFAULT_HEADERS), f"{where}.headers"),
+    when = table.get("sign", "originating")
+    if when not in SIGN_WHEN:
+        raise ConfigError(f"{where}.sign", f"expected {' or '.join(SIGN_WHEN)}, got {when!r}")
+    headers, oversigned = _headers(table.get("headers", DEFAULT_HEADERS), f"{where}.headers")
+    return DkimSettings(where, domain, selector, key, path, table.get("algorithm", "rsa-sha256"), headers,
                         _canonicalization(table.get("canonicalization", "relaxed/relaxed"),
                                           f"{where}.canonicalization"),
-                        subdomains, _resolver(table.get("resolver"), f"{where}.resolver"))
+                        subdomains, _resolver(table.get("resolver"), f"{where}.resolver"), when, oversigned)
 
 
 def dns_name(value: Any, where: str) -> str:
@@ -150,16 +166,21 @@ def _key(path: str, algorithm: Any, where: str) -> PrivateKey:
     return key
 
 
-def _headers(value: Any, where: str) -> frozenset[str]:
+def _headers(value: Any, where: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """The names signed where present, and those of them over-signed (+NAME, and From)."""
+    if value is DEFAULT_HEADERS:
+        return frozenset(DEFAULT_HEADERS), OVERSIGNED
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(where, "expected a list of header field names")
-    names = {name.strip().lower() for name in value}
+        raise ConfigError(where, "expected a list of header field names (+NAME: over-signed too)")
+    written = [name.strip().lower() for name in value]
+    names = {name.removeprefix("+") for name in written}
     for name in sorted(names):
-        if not _FIELD_NAME.fullmatch(name):
+        if not _FIELD_NAME.fullmatch(name) or name.startswith("+"):
             raise ConfigError(where, f"not a header field name: {name!r}")
         if name in NEVER_SIGNED:
             raise ConfigError(where, f"{name} must not be signed: hops add or change it (RFC 6376 5.4)")
-    return frozenset(names | {"from"})
+    oversigned = dict.fromkeys(["from", *(name[1:] for name in written if name.startswith("+"))])
+    return frozenset(names | {"from"}), tuple(oversigned)
 
 
 def _canonicalization(value: Any, where: str) -> tuple[str, str]:
@@ -208,25 +229,45 @@ def _ascii(domain: str) -> str:
         return ""
 
 
+class NotSigned(Exception):
+    """A header block readers may take apart otherwise than dkimpy: delivered unsigned."""
+
+
+class Unsignable(Exception):
+    """A header block past what signing takes (MAX_FIELDS): the message's own fault."""
+
+
 class Signer:
     """Signs the delivery groups of one run, with the ``[[dkim]]`` tables of its rule file."""
 
-    def __init__(self, tables: tuple[DkimSettings, ...]) -> None:
-        self.tables = tables
+    def __init__(self, tables: tuple[DkimSettings, ...], originating: bool = False) -> None:
+        self.tables, self.originating = tables, originating
 
     def plan(self, headers) -> tuple[list[DkimSettings], str]:
-        """The tables that sign a result with these top-level headers, or why none does."""
+        """The tables that sign a result with these top-level headers, or why none does.
+
+        A From: says nothing about who wrote the mail: anyone on the internet can claim
+        the signing domain.  So a table signs only mail the MTA vouches for (the run is
+        given --originating on its users' transport) unless it says sign = "always"."""
         domains, why = author_domains(headers)
         if not domains:
             return [], why
         chosen = [table for table in self.tables if any(table.covers(domain) for domain in domains)]
-        return chosen, "" if chosen else f"the From: domain {', '.join(domains)} is in no [[dkim]] domain"
+        if not chosen:
+            return [], f"the From: domain {', '.join(domains)} is in no [[dkim]] domain"
+        signing = [table for table in chosen if self.originating or table.sign == "always"]
+        return signing, "" if signing else not_originating(chosen)
 
     def sign(self, original: bytes | bytearray, data: bytes | bytearray, eol: bytes,
              tables: list[DkimSettings]) -> tuple[bytes | bytearray, list[DkimSettings]]:
         """``data`` with a DKIM-Signature on top for each table (in ``data``'s own line
         ending), and the tables that signed: not those :meth:`signed_before`."""
         wire = _crlf(data)
+        block = read_block(wire)
+        if block.fields > MAX_FIELDS:
+            raise Unsignable(f"more than {MAX_FIELDS} header fields")
+        if block.odd or block.from_fields > 1:
+            raise NotSigned(block.odd or f"{block.from_fields} From: fields as dkimpy reads the header")
         unchanged = data is original or data == original
         signers = [table for table in tables if not (unchanged and self.signed_before(table, wire))]
         if not signers:
@@ -242,6 +283,9 @@ class Signer:
         (asked of the key itself, not of DNS): a signature that only claims the domain, or
         that a later change broke, gets a fresh one beside it.  Only the first is checked,
         as each check hashes the whole body."""
+        from .dkim_linear import install
+
+        install()
         import dkim
         from dkim.util import InvalidTagValueList, parse_tag_value
 
@@ -254,6 +298,10 @@ class Signer:
                 continue
             if (tags.get(b"d", b"").lower(), tags.get(b"s", b"").lower()) == \
                     (table.domain.encode(), table.selector.encode()):
+                if tags.get(b"h", b"").count(b":") >= MAX_SIGNED_NAMES:    # dkimpy: names x fields
+                    log.info("%s: the DKIM-Signature it arrived with signs over %d names: not checked",
+                             table.where, MAX_SIGNED_NAMES)
+                    return False
                 record = key_record(table.key).encode()
                 try:
                     return bool(verifier.verify(idx=index, dnsfunc=lambda name, timeout=5: record))
@@ -263,24 +311,37 @@ class Signer:
         return False
 
 
+def not_originating(tables: list[DkimSettings]) -> str:
+    """Why these tables did not sign: the run was not originating."""
+    names = ", ".join(f"d={table.domain} s={table.selector}" for table in tables)
+    return f"{NOT_ORIGINATING} (no --originating): {names} signs only the mail of the MTA's own users"
+
+
 def signature(table: DkimSettings, wire: bytes) -> bytes:
     """One DKIM-Signature field (CRLF line ends) for the wire form of a message."""
+    from .dkim_linear import install
+
+    install()
     import dkim
 
     signer = dkim.DKIM(wire, signature_algorithm=table.algorithm.encode(), linesep=b"\r\n")
-    signer.should_sign = {name.encode() for name in table.headers}
-    signer.frozen_sign = {b"from"}      # over-signed: a From: added later breaks the signature
+    signed = [name for name, _ in signer.headers if name.lower().decode("ascii", "replace") in table.headers]
+    # over-signed: each name once more than the message has it (absent ones too), so that
+    # a field added on the way above the signed ones breaks the signature
+    oversigned = [name.encode() for name in table.oversigned]
     return signer.sign(table.selector.encode(), table.domain.encode(), table.key.secret,
-                       canonicalize=tuple(part.encode() for part in table.canonicalization))
+                       canonicalize=tuple(part.encode() for part in table.canonicalization),
+                       include_headers=[name.lower() for name in signed] + oversigned)
 
 
 def failure_status(error: BaseException) -> str:
-    """The enhanced status code of a failed signature: the key (4.3.5), a header block dkimpy
-    cannot read (4.6.0), or anything else (4.3.0); the run is deferred in each case."""
+    """The enhanced status code of a failed signature: the message's own fault for good
+    (5.6.0: a header block dkimpy cannot read, or past MAX_FIELDS), else the key (4.3.5) or
+    anything else (4.3.0), which defer the run."""
     name = type(error).__name__
-    if name in ("KeyFormatError", "NaClNotFoundError", "ParameterError"):
-        return MISCONFIGURED
-    return UNPARSABLE if name == "MessageFormatError" else LOCAL_TROUBLE
+    if isinstance(error, Unsignable) or name == "MessageFormatError":
+        return UNSIGNABLE
+    return MISCONFIGURED if name in ("KeyFormatError", "NaClNotFoundError", "ParameterError") else LOCAL_TROUBLE
 
 
 def _crlf(data: bytes | bytearray) -> bytes:

@@ -33,6 +33,7 @@ OUT_OF_STEP = "4.5.0"           # X.5.0 other protocol status: the next hop said
 NO_SENDER = "4.5.1"             # X.5.1 invalid command: no envelope sender given
 RECIPIENT_COUNT = "4.5.3"       # X.5.3 wrong number of recipients: none given, or past the hop's limit
 UNPARSABLE = "4.6.0"            # X.6.0 other media error: the parser gave up (on_parse_error = tempfail)
+UNSIGNABLE = "5.6.0"            #   the same for good: a header block DKIM signing cannot take ([[dkim]])
 
 # The exit statuses a sendmail command uses for a message or address it will never accept.
 SENDMAIL_REFUSALS = {65: "5.6.0", 67: "5.1.1", 68: "5.1.2", 69: "5.0.0"}

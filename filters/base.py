@@ -107,8 +107,13 @@ class Budget:
     minutes of work by nesting.
     """
 
-    def __init__(self, objects: int = 10_000, decoded: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, objects: int = 10_000, decoded: int = 512 * 1024 * 1024,
+                 output: int = 1 << 40) -> None:
         self.max_objects, self.max_decoded = objects, decoded
+        # What one step may put into a message by unpacking or decrypting: the largest
+        # message the gate accepts (max_message_size), for it would not take a bigger one
+        # from the sender either.
+        self.max_output = output
         self.objects = self.decoded = 0
         self.spent: str | None = None       # why the budget is spent, once it is
 
@@ -126,6 +131,16 @@ class Budget:
     def room(self) -> int:
         """Bytes that may still be decoded or unpacked."""
         return max(0, self.max_decoded - self.decoded) if self.spent is None else 0
+
+    def allowance(self, produced: int, *caps: tuple[int, str]) -> tuple[int, str]:
+        """How many bytes a step may unpack or decrypt next, and the limit that says so: the
+        least of its own ``caps`` ((bytes, "max_size (...)") pairs), what the message's budget
+        has left, and what :attr:`max_output` leaves a step that has put ``produced`` bytes
+        into the message already."""
+        spent = self.spent or f"more than max_decoded ({self.max_decoded} bytes) decoded and unpacked in one message"
+        output = f"more than max_message_size ({self.max_output} bytes) unpacked or decrypted into one message"
+        return min([*caps, (self.room(), spent), (max(0, self.max_output - produced), output)],
+                   key=lambda cap: cap[0])
 
 
 class Context:
@@ -278,6 +293,14 @@ class Filter:
 
     lazy_modules = ()       # modules process() imports lazily (not a field: not an option)
     changes_messages = True     # False for a filter that only looks: its chain is never sealed
+    # What this step does with a message the MIME parser gave up on (``message.unparsed``
+    # says why; its root is then one opaque part: header fields parsed, body uncut):
+    # "process": process() gets it and keeps its promise on it all the same (a banner wraps
+    # the whole message, a scanner scans it raw); "pass": the step is skipped, it promises
+    # nothing a reader or the next hop relies on; "refuse": the chain ends here with a
+    # filter error (on_filter_error), for a step whose promise cannot be kept on it.  Never
+    # skipped in silence: the core logs it, keeps a copy and tells the postmaster.
+    unparsed_mail = "refuse"
 
     def breaks_dkim(self) -> bool:
         """Can this step change what a DKIM signature covers (the body, signed fields)?

@@ -15,6 +15,7 @@ class Dummy(Filter):
     name = "dummy"
     description = "pass the message through unchanged"
     changes_messages = False
+    unparsed_mail = "process"       # it does nothing to any message
 
     def process(self, message: Message, ctx: Context) -> None:
         return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MAX_DEPTH = 64          # nesting deeper than this is kept as one opaque part
@@ -106,6 +106,19 @@ class Headers:
         position = next(i for i, (n, _) in enumerate(self._fields) if n.lower() == key)
         self._fields[position] = (written, fold_field(written, value, self.eol))
         self.dirty = True
+
+    def update_each(self, name: str, change: Callable[[str], str | None]) -> bool:
+        """Give every ``name`` field, where it stands, the value ``change(value)`` returns
+        (None: leave that field as it is); True if any field changed."""
+        key, changed = name.lower(), False
+        for index, (written, raw) in enumerate(self._fields):
+            if written.lower() == key:
+                value = change(_field_value(raw))
+                if value is not None:
+                    self._fields[index] = (written, fold_field(written, value, self.eol))
+                    changed = True
+        self.dirty = self.dirty or changed
+        return changed
 
     def remove(self, name: str) -> int:
         key = name.lower()
@@ -298,10 +311,12 @@ class Part:
         value = (value[0], value[1], _unquote(value[2])) if isinstance(value, tuple) else _unquote(value)
         if value == "":
             return value
-        try:
-            return _collapse_rfc2231(value).strip()
-        except ValueError:      # an RFC 2231 charset no codec takes (a NUL in its name ...): UTF-8
-            return _collapse_rfc2231(("utf-8", value[1], value[2])).strip()
+        return _collapse_rfc2231(value).strip()
+
+    def extended_param(self, name: str, header: str = "Content-Type") -> bool:
+        """Was parameter ``name`` written in RFC 2231's extended form (charset'language'text)?"""
+        key = name.lower()
+        return any(isinstance(v, tuple) for k, v in self._params(header) or () if k.lower() == key)
 
     @property
     def charset(self) -> str | None:
@@ -360,7 +375,7 @@ class Part:
 
     def text(self) -> str:
         """The decoded body as text in its declared charset (undecodable bytes replaced)."""
-        return self.decoded().decode(python_codec(self.charset), "replace")
+        return decode_text(self.decoded(), self.charset)
 
     def set_text(self, text: str) -> None:
         """Store text in the part's charset; where it does not fit, switch the part to UTF-8."""
@@ -427,8 +442,16 @@ class Part:
     @classmethod
     def from_bytes(cls, data: bytes, *, max_depth: int = MAX_DEPTH, max_parts: int = MAX_PARTS) -> Part:
         """Parse one MIME entity (header and body) from bytes.  Content found inside a
-        message is parsed with :meth:`Message.parse_inner`, within that message's limits."""
+        message is parsed with :meth:`Message.parse_inner`, within that message's limits,
+        and a message's own content parsed again with :meth:`Message.parse_again`."""
         return _Parser(max_depth, max_parts).parse_all(bytes(data), 0)
+
+    @classmethod
+    def opaque(cls, data: bytes | bytearray) -> Part:
+        """``data`` as one leaf whatever its type: the header parsed (that never fails),
+        the body uncut.  What a message the parser gave up on looks like to filters."""
+        headers, separator, body_start = _parse_headers(data)
+        return cls._cut(data, 0, len(data), headers, separator, body_start, "text/plain", 0)
 
 
 class Message:
@@ -438,6 +461,11 @@ class Message:
     the very object that came in, so the core delivers the input byte for byte.
     ``max_depth`` and ``max_parts`` bound the tree and everything parsed inside it
     (:meth:`parse_inner`); past them the rest is kept as one opaque part (see ``defects``).
+
+    Parsing never fails: should the parser give up on a message, ``unparsed`` says why
+    and ``root`` is the whole message as one opaque part (:meth:`Part.opaque`) -- its
+    header fields can still be read and changed, its body is one blob.  Each filter
+    declares what it does with such a message (``Filter.unparsed_mail``).
     """
 
     def __init__(self, raw: bytes | bytearray, *, max_depth: int = MAX_DEPTH,
@@ -450,12 +478,24 @@ class Message:
         self._inherited = False         # a fork of a message some filter had changed
         self._parser = _Parser(max_depth, max_parts)
         self.defects = self._parser.defects
+        self._gave_up: str | None = None
 
     @property
     def root(self) -> Part:
         if self._root is None:
-            self._root = self._parser.parse_all(self.raw, 0)    # the buffer itself, no copy
+            try:
+                self._root = self._parser.parse_all(self.raw, 0)    # the buffer itself, no copy
+            except ParseError as error:
+                self._root = Part.opaque(self.raw)
+                self._gave_up = str(error)
+                self.defects.append(f"the parser gave up ({error}): the body is kept as one opaque part")
         return self._root
+
+    @property
+    def unparsed(self) -> str | None:
+        """Why the parser gave up on this message (it is parsed first if need be); None if
+        it did not.  A message once unparsed stays so, whatever a filter made of it."""
+        return self.root and self._gave_up
 
     @root.setter
     def root(self, part: Part) -> None:
@@ -467,6 +507,16 @@ class Message:
         content) at nesting level ``depth``: its parts count toward this message's
         ``max_parts`` and its levels toward ``max_depth``, so no inner parse starts afresh."""
         return self._parser.parse_all(bytes(data), depth)
+
+    def parse_again(self, data: bytes, depth: int = 0) -> Part:
+        """Parse this message's own content again (re-assembled, to be wrapped or signed)
+        at nesting level ``depth``: within this message's ``max_depth`` and ``max_parts``,
+        counted afresh (these are the same parts, not more of them); where the parser
+        gives up, the content as one opaque part."""
+        try:
+            return _Parser(self.max_depth, self.max_parts).parse_all(bytes(data), depth)
+        except ParseError:
+            return Part.opaque(bytes(data))
 
     @property
     def headers(self) -> Headers:
@@ -502,6 +552,8 @@ class Message:
         """An independent copy for a second chain to change (unchanged input is shared)."""
         copy = Message(self.to_bytes(), max_depth=self.max_depth, max_parts=self.max_parts)
         copy._inherited = self.changed
+        if self._gave_up is not None:       # the copy would fail the same way: opaque at once
+            copy._root, copy._gave_up = Part.opaque(copy.raw), self._gave_up
         return copy
 
     def top_headers(self) -> Headers:
@@ -531,7 +583,9 @@ class _Parser:
     def parse_all(self, source: bytes | bytearray, depth: int) -> Part:
         try:
             return self.parse(source, 0, len(source), depth, "text/plain")
-        except (RecursionError, MemoryError, ValueError, LookupError, TypeError) as error:
+        except (RecursionError, ValueError, LookupError, TypeError) as error:
+            # never from sender data by design (every codec result is checked): a bug's
+            # safety net; MemoryError is the machine's trouble and goes on as it is
             raise ParseError(f"{type(error).__name__}: {error}") from error
 
     def parse(self, source: bytes | bytearray, start: int, end: int, depth: int, default_type: str) -> Part:
@@ -556,7 +610,12 @@ class _Parser:
         if not boundary:
             self.defects.append("multipart without a boundary: kept as one part")
             return
-        lines = self._boundary_lines(part, b"--" + boundary.encode("utf-8", "surrogateescape"))
+        mark = _boundary_mark(part, boundary)
+        if mark is None:
+            self.defects.append("multipart with a boundary no line can match (RFC 2231 decoded to "
+                                "other than ASCII): kept as one part")
+            return
+        lines = self._boundary_lines(part, mark)
         if lines is None:
             return
         source, body_start, end = part._source, part._body_start, part._end
@@ -596,6 +655,22 @@ class _Parser:
                 self.defects.append(f"more than {self.max_parts} parts: the rest is kept as one opaque part")
                 return None
         return lines
+
+
+def _boundary_mark(part: Part, boundary: str) -> bytes | None:
+    """``--boundary`` as the bytes its delimiter lines start with; None if no line can match.
+
+    A boundary written as it is stands for its own bytes, 8-bit ones included (as for the
+    standard library, which reads both lines and header as UTF-8 with surrogate escapes).
+    One written in RFC 2231's extended form is text a codec made of sender bytes: it
+    matches only if it is ASCII (RFC 2046 allows nothing else), never as the bytes of
+    some encoding of it -- a lone surrogate, for one, has none."""
+    if part.extended_param("boundary") and not boundary.isascii():
+        return None
+    try:
+        return b"--" + boundary.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
 
 
 def _slice(data: bytes | bytearray, start: int, end: int) -> bytes:
@@ -722,6 +797,7 @@ def fold_field(name: str, value: str, eol: bytes = b"\n") -> bytes:
             raise ValueError(f"non-ASCII in {name}: set parameters with Part.set_param (RFC 2231)")
         from email.header import Header
 
+        value = without_surrogates(value)       # raw 8-bit bytes cannot go into an encoded word
         encoded = Header(value, "utf-8", header_name=name).encode(linesep=eol.decode())
         return f"{name}: {encoded}".encode("ascii") + eol
     line, lines = f"{name}:", []
@@ -732,6 +808,48 @@ def fold_field(name: str, value: str, eol: bytes = b"\n") -> bytes:
         line += " " + word
     lines.append(line)
     return eol.decode().join(lines).encode("utf-8", "surrogateescape") + eol
+
+
+def addresses(values: list[str]) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses(values)``, whatever the sender wrote: its comment parser
+    recurses once per nesting level, so ``((((...`` past the recursion limit raised
+    RecursionError; such a value is read again with its comments taken out (linear)."""
+    from email.utils import getaddresses
+
+    found = []
+    for value in values:
+        try:
+            found += getaddresses([value])
+        except RecursionError:
+            found += getaddresses([_without_comments(value)])
+    return found
+
+
+def _without_comments(value: str) -> str:
+    """``value`` with its RFC 5322 comments (nested, with quoted pairs) replaced by a space."""
+    kept, depth, quoted, escaped = [], 0, False, False
+    for char in value:
+        if escaped:
+            escaped = False
+            if depth == 0:
+                kept.append(char)
+        elif char == "\\":
+            escaped = True
+            if depth == 0:
+                kept.append(char)
+        elif quoted:
+            quoted = char != '"'
+            kept.append(char)
+        elif char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+            if depth == 0:
+                kept.append(" ")
+        elif depth == 0:
+            quoted = char == '"'
+            kept.append(char)
+    return "".join(kept)
 
 
 def decode_words(value: str) -> str:
@@ -748,8 +866,9 @@ def decode_words(value: str) -> str:
 
     try:
         words = _decoded_words(value)
-        return value if words is None else str(make_header(words))
-    except (ValueError, LookupError, UnicodeError, AssertionError, MessageError):
+        # what a codec made of sender bytes is checked: UTF-7 decodes to lone surrogates
+        return value if words is None else without_surrogates(str(make_header(words)))
+    except (ValueError, LookupError, UnicodeError, AssertionError, MessageError, TypeError):
         return value    # MessageError: bad base64, a charset name that is not ASCII (the fuzzer's)
 
 
@@ -796,6 +915,8 @@ def _collapse_word(collapsed: list, word: tuple[str, str | None, str | None]) ->
     from email.errors import HeaderParseError
 
     text, encoding, charset = word
+    if charset is not None and text_codec(charset) is None:
+        raise LookupError(charset)      # as for an unknown charset: no escape codec, no zlib
     if encoding == "q":
         text = quoprimime.header_decode(text)
     elif encoding == "b":
@@ -920,14 +1041,30 @@ def _unquote(text: str) -> str:
 
 
 def _collapse_rfc2231(value: Any) -> str:
-    """``email.utils.collapse_rfc2231_value``: an extended value decoded in its charset."""
+    """``email.utils.collapse_rfc2231_value``: an extended value decoded in its charset.
+
+    Only a character set of mail decodes it, and what it decodes to is checked: a name no
+    codec has leaves the text as it stands (as the standard library does), a name no
+    codec takes (a NUL in it) or a codec that is no character set (unicode-escape, idna)
+    reads as UTF-8, the likeliest; undecodable bytes and lone surrogates become U+FFFD."""
     if not isinstance(value, tuple):
         return _unquote(value)
     charset, _, text = value
-    try:
-        return str(bytes(text, "raw-unicode-escape"), charset or "us-ascii", "replace")
-    except LookupError:
+    if text_codec(charset) is None and _no_codec(charset):
         return _unquote(text)
+    return decode_text(bytes(text, "raw-unicode-escape"), charset if text_codec(charset) else "utf-8")
+
+
+def _no_codec(charset: str | None) -> bool:
+    """Does ``charset`` name no codec at all (unknown, or one that is no text encoding)?"""
+    import codecs
+
+    try:
+        return not getattr(codecs.lookup(charset or "us-ascii"), "_is_text_encoding", True)
+    except LookupError:
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 def _as_text(value: str) -> str:
@@ -1013,18 +1150,50 @@ def format_param(name: str, value: str) -> str:
     return f'{name}="' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def python_codec(charset: str | None) -> str:
-    """The Python codec for a MIME charset; unknown charsets read as Latin-1."""
+# Python codecs that are no character set of mail, though Python calls them text encodings:
+# the escape codecs turn ASCII into any code point (lone surrogates, NUL, CR, LF), idna and
+# punycode refuse to replace errors, "undefined" refuses everything.
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined",
+                           "unicode_escape", "raw_unicode_escape"})
+_SURROGATE = "[\ud800-\udfff]"
+
+
+def text_codec(charset: str | None) -> str | None:
+    """The Python codec that reads MIME charset ``charset`` (None: US-ASCII), or None when
+    no codec may: an unknown name, garbage (a NUL in it ...), a codec that is no text
+    encoding (zlib, base64, rot13) or no character set of mail (the escape codecs, idna)."""
     import codecs
 
     name = (charset or "us-ascii").strip().strip('"').lower()
     name = {"us-ascii": "ascii", "unknown-8bit": "latin-1", "x-unknown": "latin-1"}.get(name, name)
     try:
         info = codecs.lookup(name)
-    except (LookupError, ValueError):      # unknown, or garbage such as a NUL in the name
-        return "latin-1"
-    # A MIME charset must name a text encoding, never zlib, base64, rot13 and the like.
-    return info.name if getattr(info, "_is_text_encoding", True) else "latin-1"
+    except (LookupError, ValueError, TypeError):
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
+        return None
+    return info.name
+
+
+def python_codec(charset: str | None) -> str:
+    """The Python codec for a MIME charset; unknown charsets (see :func:`text_codec`) read as Latin-1."""
+    return text_codec(charset) or "latin-1"
+
+
+def decode_text(data: bytes, charset: str | None) -> str:
+    """Sender bytes as text in their declared charset, whatever they hold: undecodable bytes
+    and lone surrogates (UTF-7 and UTF-16 can decode to them) become U+FFFD, so what comes
+    out can be encoded, written in a header or compared again."""
+    try:
+        text = data.decode(python_codec(charset), "replace")
+    except (UnicodeError, LookupError, ValueError, TypeError):     # a codec that cannot replace
+        text = data.decode("latin-1")
+    return without_surrogates(text)
+
+
+def without_surrogates(text: str) -> str:
+    """``text`` with every surrogate code point (which no UTF-8 encoder takes) as U+FFFD."""
+    return re.sub(_SURROGATE, "\ufffd", text) if re.search(_SURROGATE, text) else text
 
 
 def decode_body(body: bytes | memoryview, encoding: str) -> bytes:

@@ -9,6 +9,8 @@ labels: PGP/MIME, inline PGP, binary OpenPGP attachments, S/MIME enveloped data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .base import Context, FilterError, Reject, TempFail
 from .mime import Headers, Message, Part, decode_body, fold_field
 
@@ -213,13 +215,17 @@ def native(data: bytes, eol: bytes) -> bytes:
     return data if eol == b"\n" else data.replace(b"\n", eol)
 
 
-def seven_bit(entity: bytes) -> bytes:
+def seven_bit(entity: bytes, parse: Callable[[bytes], Part]) -> bytes:
     """The entity with 8-bit leaves re-encoded (RFC 3156 5, RFC 8551 3.1.1: data signed in
-    a multipart/signed must be 7-bit safe, as no hop may re-encode it)."""
+    a multipart/signed must be 7-bit safe, as no hop may re-encode it).  ``parse`` is the
+    message's own (:meth:`Message.parse_again`, within its limits); a container it keeps
+    opaque is left as it is (no transfer encoding may be put on a multipart)."""
     if entity.isascii():
         return entity
-    root = Part.from_bytes(entity)
+    root = parse(entity)
     for leaf in root.leaves():
+        if leaf.content_type.startswith(("multipart/", "message/")):
+            continue
         body = leaf.body
         if not body.isascii() and leaf.transfer_encoding not in ("base64", "quoted-printable"):
             text = leaf.content_type.startswith("text/")
@@ -242,6 +248,19 @@ def remove_verdicts(message: Message, ctx: Context, fields: tuple[str, ...], mar
         headers.remove(marker)
         ctx.log.warning("removed an %s header field that did not say pos (only this gateway "
                         "says neg)", marker)
+
+
+def unparsed_incoming(message: Message, ctx: Context, policy: str, result: str, traces: str, kind: str) -> None:
+    """Decrypting or verifying a message the parser gave up on: its parts cannot be found,
+    so what looks like ``kind`` in it (the regular expression ``traces``) is undecryptable
+    and follows ``policy``; a message with no trace of it has nothing to decrypt."""
+    import re
+
+    if re.search(traces.encode("ascii"), bytes(message.to_bytes()), re.IGNORECASE):
+        follow_undecryptable(policy, f"the message cannot be parsed ({message.unparsed}): the {kind} in it "
+                             "cannot be found", message, ctx, result)
+    else:
+        ctx.log.info("the message cannot be parsed, and nothing in it looks like %s", kind)
 
 
 def follow_undecryptable(policy: str, reasons: str, message: Message, ctx: Context, result: str) -> None:

@@ -366,3 +366,13 @@ def gate_executable() -> Path:
 
 from support.clamav import clamd, clamscan_database, own_clamd  # noqa: E402,F401  (fixtures)
 from support.mailauth import mailauth  # noqa: E402,F401  (fixture)
+
+
+@pytest.fixture
+def parser_gives_up(monkeypatch):
+    """The parser gives up on every message, as it would on a bug of its own."""
+    from ispmailgate_filters.mime import ParseError
+
+    def give_up(self, source, depth):
+        raise ParseError("the test parser gives up")
+    monkeypatch.setattr("ispmailgate_filters.mime._Parser.parse_all", give_up)

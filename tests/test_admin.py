@@ -268,11 +268,11 @@ def test_dry_run_prints_each_verdict_and_delivers_nothing(config_file, smtp_sink
     assert delivery == [
         "  <carol@z.example> (rule default, chain dummy):",
         f"    would be delivered: {len(SIMPLE)} bytes, unchanged, byte for byte",
-        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
-        "    rejected by judge: 5.7.1 judged unacceptable",
         "  <bob@x.example> (rule recipients[0], chain stamp,judge):",
         f"    would be delivered: {stamped} bytes, changed",
         "    + X-Stamp: yes",
+        "  <alice@x.example> (rule recipients[0], chain stamp,judge):",
+        "    rejected by judge: 5.7.1 judged unacceptable",
         "a real run would exit 0 if the next hop accepted what it was given",
     ]
 
@@ -288,8 +288,9 @@ NOTHING = "handing nothing to the next hop"
      NOTHING),
     ("error", 0, "error in judge: judge could not decide; the postmaster <pm@x.example> would get a "
                  "report with the original attached, these recipients nothing", HANDED),
-    ("parse", 0, f"would be delivered unchanged ({len(SIMPLE)} bytes): the parser gave up in judge; "
-                 "a copy would be kept in tmp_dir/keep/ and the postmaster told", HANDED),
+    ("parse", 0, "error in judge: judge cannot parse part of the message: the test judge cannot parse "
+                 "this; the postmaster <pm@x.example> would get a report with the original attached, "
+                 "these recipients nothing", HANDED),
 ])
 def test_dry_run_tells_what_a_real_run_would_do(config_file, smtp_sink, tmp_path, verdict, would_exit,
                                                 fate, summary):
@@ -445,6 +446,42 @@ def test_check_lists_every_problem_of_a_rule_where_a_run_stops_at_the_first(conf
     assert config_error(config.read_text(), tmp_path).path == "recipients[0].colour"
 
 
+def test_check_lists_every_problem_of_a_filter_table_and_the_rule_files_warnings(config_file, tmp_path):
+    """Leftovers: check stopped at the first problem of a [filter.X] table (a run still stops
+    there), and did not print the rule file's own warnings; passphrase_file holds a path."""
+    from conftest import config_error
+
+    config = config_file('''
+        default_filter = ["b"]
+        [filter.b]
+        type = "banner"
+        txt = "x"
+        on_dkim_signed = "maybe"
+        [filter.p]
+        type = "pgp"
+        uid = "x"
+        passphrase_file = "/nowhere/passphrases.toml"
+        [filter.p.passphrases]
+        "gw@b.example" = "sesame"
+    ''')
+    config.chmod(0o644)
+    run = run_inline(["check", "--config-only", "-c", str(config)], b"")
+    assert run.code == 78
+    lines = text_of(run).splitlines()
+    assert lines[:2] == [
+        f"{config}: filter.b.txt: unknown option for filter type 'banner' (known: html, html_file, "
+        "html_position, on_dkim_signed, on_protected, position, subject_prefix, text, text_file)",
+        f"{config}: filter.b.on_dkim_signed: expected one of modify, skip, got 'maybe'"]
+    assert lines[2] == f"{config}: warning: holds passphrases and is readable by others (chmod o-r)"
+    assert lines[3].startswith(f"{config}: warning: no [arc] is configured")
+    assert lines[-1] == f"{config}: 2 problems, 2 warnings"
+    assert config_error(config.read_text(), tmp_path).path == "filter.b.txt"
+    without = config_file(config.read_text().replace('[filter.p.passphrases]\n"gw@b.example" = "sesame"\n', ""),
+                          name="without.toml")
+    without.chmod(0o644)
+    assert "passphrases" not in text_of(run_inline(["check", "--config-only", "-c", str(without)], b""))
+
+
 def test_check_config_only_looks_at_nothing_on_this_machine(config_file, tmp_path):
     config = config_file(f'''
         tmp_dir = "{tmp_path}/no/spool"
@@ -536,3 +573,30 @@ def test_check_says_whether_the_client_user_can_reach_the_socket(config_file):
     bad = config_file('', name="other.toml")
     run = run_inline(["check", "-c", str(bad), "--client-user", "no-such-user-here"], b"")
     assert f"{bad}: serve.socket: --client-user: no such user: 'no-such-user-here'" in text_of(run)
+
+
+# -- --dry-run's header comparison (attack review 1, finding 15) -------------------------------
+
+def test_dry_run_header_changes_count_repeated_fields():
+    from ispmailgate_core.admin import dry_run
+
+    before = [("Received", "a"), ("Received", "a"), ("Subject", "x")]
+    after = [("X-Stamp", "yes"), ("Received", "a"), ("Subject", "x"), ("Subject", "x")]
+    assert dry_run._header_changes(before, after) == ["    - Received: a", "    + X-Stamp: yes",
+                                                      "    + Subject: x"]
+
+
+def test_dry_run_header_changes_cost_linear_time_in_the_fields():
+    """It compared lists with ``in``: 20,000 fields took 11.5 s (a real run 0.21 s)."""
+    from ispmailgate_core.admin import dry_run
+    from support.costly import cpu_seconds
+
+    def fields(n: int) -> list[tuple[str, str]]:
+        return [("Received", f"from host{i}") for i in range(n)]
+
+    def compare(before: list[tuple[str, str]]) -> None:
+        dry_run._header_changes(before, [("X-Stamp", "yes"), *before])
+
+    small = cpu_seconds(compare, fields(3000))
+    large = cpu_seconds(compare, fields(12000))
+    assert large / max(small, 1e-4) <= 8, (small, large)

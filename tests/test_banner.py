@@ -751,3 +751,47 @@ def test_banner_files_with_cr_or_control_characters_put_no_bare_cr_on_the_wire(c
     run = gate(config_file, f'text_file = "{tmp_path / "banner.txt"}"', SIMPLE)
     assert parsed(run.stdout).root.decoded().endswith(b"\n\nline one\nline two\nline three[31m\n")
     assert b"\r" not in run.stdout and b"\x1b" not in run.stdout
+
+
+# -- where the reader looks (attack review 1, finding 7) -----------------------------------------
+
+def test_a_first_text_part_with_an_unknown_disposition_is_an_attachment(config_file):
+    """RFC 2183: an unknown disposition is an attachment; the banner goes on the shown part."""
+    data = (b'From: a@example.org\nSubject: x\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="m"\n\n'
+            b"--m\nContent-Type: text/plain\nContent-Disposition: x-decoy\n\ndecoy\n"
+            b"--m\nContent-Type: text/plain\n\nPay now.\n--m--\n")
+    run = gate(config_file, 'text = "CAUTION"', data)
+    decoy, shown = parsed(run.stdout).leaves()
+    assert decoy.decoded() == b"decoy" and b"CAUTION" in shown.decoded()
+
+
+RELATED = (b'From: a@example.org\nSubject: x\nMIME-Version: 1.0\n'
+           b'Content-Type: multipart/related; boundary="r"; start="<%s>"\n\n'
+           b"--r\nContent-Type: text/html\nContent-ID: <decoy@x>\n\n<html><body>decoy</body></html>\n"
+           b"--r\nContent-Type: text/html\nContent-ID: <main@x>\n\n<html><body>Pay now</body></html>\n--r--\n")
+
+
+def test_the_root_of_a_related_is_the_part_its_start_names(config_file):
+    run = gate(config_file, 'text = "CAUTION"', RELATED % b"main@x")
+    decoy, main = parsed(run.stdout).leaves()
+    assert b"CAUTION" not in decoy.decoded() and b"CAUTION" in main.decoded()
+
+
+def test_a_related_whose_start_names_no_part_goes_under_the_banner(config_file):
+    run = gate(config_file, 'text = "CAUTION"', RELATED % b"nowhere@x")
+    entity, carrier = wrapped(run.stdout)
+    assert carrier.decoded() == b"CAUTION\n" and entity.to_bytes() == entity_of(RELATED % b"nowhere@x")
+
+
+def test_every_subject_field_gets_the_prefix(config_file):
+    """Two Subject fields, the first tagged already: a reader showing the last saw no tag."""
+    data = b"From: a@example.org\nSubject: [EXT] old\nSubject: Pay now\n\nbody\n"
+    run = gate(config_file, 'text = "CAUTION"\nsubject_prefix = "[EXT] "', data)
+    assert parsed(run.stdout).headers.get_all("Subject") == ["[EXT] old", "[EXT] Pay now"]
+
+
+def test_a_template_in_the_head_does_not_take_the_snippet(config_file):
+    html = b"<html><head><template><body></template></head><body><p>Pay now</p></body></html>"
+    data = b"From: a@example.org\nSubject: x\nMIME-Version: 1.0\nContent-Type: text/html\n\n" + html + b"\n"
+    run = gate(config_file, 'html = "<p>CAUTION</p>"\nposition = "top"', data)
+    assert b"<template><body></template></head><body><p>CAUTION</p><p>Pay now" in run.stdout

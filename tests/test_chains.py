@@ -255,16 +255,23 @@ def test_verdicts_cannot_be_swallowed_by_a_filters_broad_except():
         pass
 
 
-def test_unparseable_message_is_kept_delivered_unchanged_and_reported(config_file, smtp_sink, tmp_path):
+def test_a_step_that_cannot_parse_content_inside_the_message_is_a_filter_error(config_file, smtp_sink):
+    """Never delivered as if every step had run (attack review 1, finding 1): the postmaster
+    gets the report, the recipient nothing (on_filter_error = "report")."""
     config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\npostmaster = "pm@gw"\n'
                          '[filter.p]\ntype = "gate_test_filters:Judge"\nverdict = "parse"\n'
                          '[[recipients]]\nfilters = ["gate_test_filters:Stamp", "p"]\n')
     run = run_gate(["-c", str(config), "-f", "s@x.example", "a@x"], SIMPLE)
     assert run.code == 0, run.stderr
-    delivered = [m for m in smtp_sink.messages if m.rcpt_tos == ["a@x"]]
-    notices = [m for m in smtp_sink.messages if m.rcpt_tos == ["pm@gw"]]
-    assert delivered[0].content == SIMPLE.replace(b"\n", b"\r\n")      # unchanged, not stamped
-    assert b"parse error" in notices[0].content
+    assert [m.rcpt_tos for m in smtp_sink.messages] == [["pm@gw"]]
+    assert b"cannot parse part of the message" in smtp_sink.messages[0].content
+
+
+def test_a_kept_copy_is_private(config_file, smtp_sink, tmp_path, parser_gives_up):
+    config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\npostmaster = "pm@gw"\n'
+                         'default_filter = ["gate_test_filters:StampAny"]\n')
+    run = run_inline(["-c", str(config), "-f", "s@x.example", "a@x"], SIMPLE)
+    assert run.code == 0, run.stderr
     [kept] = (tmp_path / "spool" / "keep").glob("*.eml")
     assert kept.read_bytes() == SIMPLE
     record = json.loads(kept.with_suffix(".json").read_text())         # the envelope beside it

@@ -31,6 +31,8 @@ def test_client_options_come_first_and_everything_else_is_forwarded(monkeypatch)
                                                   ["--", "--socket"])
     assert client_options(["--deadline", "2.5", "--deadline=x", "-f"])[2:] == (10.0, ["-f"])
     assert client_options(["--deadline=0.5", "-f"])[2] == 0.5
+    assert client_options(["--socket", "/s", "--originating", "-f", "a", "b"])[3] == \
+        ["--originating", "-f", "a", "b"]       # serve's worker gets the flag as one-shot would
     monkeypatch.setenv("ISPMAILGATE_SOCKET", "/env.sock")
     monkeypatch.setenv("ISPMAILGATE_DEADLINE", "3")
     assert client_options(["-f", "a"])[::2] == ("/env.sock", 3.0)

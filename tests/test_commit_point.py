@@ -177,6 +177,15 @@ def test_on_the_sendmail_hop_too(config_file, recorder):
     assert "Status: 5.1.3" in bounce["data"]
 
 
+def test_with_stdout_an_unusable_recipient_refuses_the_message_for_all(config_file):
+    """Attack review finding 16: stdout cannot carry the sender's notification; the unusable
+    recipient was dropped silently with exit 0.  Now nothing is written and the run is 69."""
+    run = run_gate(["-c", str(config_file()), "--stdout", "-f", "s@x.example", "--", "a@x", "b\r\nDATA@x"],
+                   MESSAGE)
+    assert run.code == 69 and run.stdout == b""
+    assert run.first_line.startswith("5.1.3 <b DATA@x>: bad recipient address") and "--stdout" in run.first_line
+
+
 @pytest.mark.parametrize("bad", ["b\udcff@x", "b\x85@x", "b\u2028@x", "b" * 600 + "@x"])
 def test_every_recipient_unusable_is_a_bounce(config_file, smtp_sink, bad):
     config = config_file(f'mail_host = "{smtp_sink.address}"\n')
@@ -236,6 +245,7 @@ def test_virscan_notices_skip_an_unusable_recipient_and_reach_the_rest(config_fi
     else:
         envelopes = [(call["argv"][1] or "<>", call["argv"][3:]) for call in recorded_calls(calls)]
     assert ("s@x.example", ["a@x"]) in envelopes                    # the message, tagged
-    assert ("<>", ["s@x.example", "a@x", "postmaster"]) in envelopes    # the virus notice
+    assert ("<>", ["postmaster", "s@x.example"]) in envelopes       # the virus notice, and one
+    assert ("<>", ["a@x"]) in envelopes                             # per recipient (no Bcc shown)
     assert ("<>", ["s@x.example"]) in envelopes                     # the bounce for b\xff@x
-    assert len(envelopes) == 3
+    assert len(envelopes) == 4

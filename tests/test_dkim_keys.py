@@ -4,6 +4,7 @@ is, ``check`` comparing each key with what DNS publishes, ``dkim-record``, expla
 from __future__ import annotations
 
 import base64
+import os
 import re
 import subprocess
 
@@ -89,6 +90,31 @@ def test_table_errors_name_their_key_and_defer(config_file, signing, table, comp
     assert run.code == 75 and complaint.format(key=signing.rsa.path) in run.first_line, run.first_line
 
 
+@pytest.mark.parametrize("command", [[], ["check"], ["dkim-record", "gate.example"]])
+def test_a_fifo_or_a_link_in_the_key_s_place_is_refused_at_once(config_file, signing, tmp_path, command):
+    """Whoever may change the key's directory put a FIFO there: every run, check and
+    dkim-record blocked in open() for ever, as root and before any time limit (t_key_fifo.sh)."""
+    table = '[[dkim]]\ndomain = "gate.example"\nselector = "sel"\nprivate_key_file = "{}"\n'
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo, 0o600)
+    link = tmp_path / "link.pem"
+    link.symlink_to(signing.rsa.path)
+    for path, complaint in ((fifo, "is not a regular file"), (link, "a symbolic link")):
+        config = config_file(table.format(path))
+        extra = ["-f", "a@gate.example", "b@example.com"] if not command else []
+        run = run_gate([*command, "-c", str(config), *extra], LETTER, timeout=30)     # was: for ever
+        assert run.code in (75, 78) and complaint in (run.stderr + run.stdout.decode()), run
+
+
+def test_an_arc_key_that_is_a_fifo_is_refused_at_once(config_file, tmp_path):
+    fifo = tmp_path / "arc.pem"
+    os.mkfifo(fifo, 0o600)
+    config = config_file(f'[arc]\ndomain = "gate.example"\nselector = "arc"\nprivate_key_file = "{fifo}"\n'
+                         'authserv_id = "mx.gate.example"\n')
+    run = run_gate(["-c", str(config), "-f", "a@gate.example", "b@example.com"], LETTER, timeout=30)
+    assert run.code == 75 and f"arc.private_key_file: {fifo} is not a regular file" in run.first_line
+
+
 def test_the_key_must_be_private_present_and_long_enough(config_file, signing, tmp_path):
     table = '[[dkim]]\ndomain = "gate.example"\nselector = "sel"\nprivate_key_file = "{}"\n'
     shared = tmp_path / "shared.pem"
@@ -121,6 +147,20 @@ def test_check_passes_keys_that_match_their_records(config_file, smtp_sink, sign
     code, lines = check(config_file, smtp_sink, dkim_table(signing.rsa, resolver),
                         dkim_table(signing.ed25519, resolver, algorithm="ed25519-sha256"))
     assert (code, lines) == (0, ["OK (0 rules, 0 named filters)"])
+
+
+def test_check_warns_about_a_table_that_signs_always(config_file, smtp_sink, signing):
+    resolver = f'resolver = "{signing.dns.address}"'
+    code, lines = check(config_file, smtp_sink, dkim_table(signing.rsa, resolver + '\nsign = "always"'))
+    assert code == 0
+    assert lines[0].startswith('warning: dkim[0]: sign = "always" signs mail from the internet that claims '
+                               'From: gate.example as well')
+    assert lines[1] == "OK (0 rules, 0 named filters), 1 warning"
+
+
+def test_a_table_s_sign_must_be_originating_or_always(config_file, signing):
+    run = run_config(config_file, dkim_table(signing.rsa, 'sign = "outbound"'))
+    assert run.code == 75 and "dkim[0].sign: expected originating or always, got 'outbound'" in run.first_line
 
 
 def test_check_catches_a_key_that_does_not_match_its_dns_record(config_file, smtp_sink, signing):
@@ -182,7 +222,7 @@ def test_dkim_record_prints_what_makes_the_signatures_verify(config_file, smtp_s
     name, record = record_of(text)
     published = DnsServer({name: record})
     try:
-        run_inline(["-c", str(config), "-f", "ada@gate.example", "r@example.com"], LETTER)
+        run_inline(["-c", str(config), "--originating", "-f", "ada@gate.example", "r@example.com"], LETTER)
         assert dkim.verify(smtp_sink.messages[-1].content, dnsfunc=published.txt)
     finally:
         published.stop()
@@ -202,25 +242,33 @@ def test_dkim_record_of_a_domain_without_a_table_exits_78(config_file, smtp_sink
 def test_explain_says_whose_results_are_signed_by_whom(config_file, smtp_sink, signing):
     rule = '[[recipients]]\nrecipient = "@inside\\\\.example$"\nfilters = ["banner"]\ndkim = false\n'
     config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa, "subdomains = true"), extra=rule)
-    run = run_inline(["explain", "-c", str(config), "-f", "ada@gate.example", "in@inside.example",
-                      "out@example.com"], b"")
+    run = run_inline(["explain", "-c", str(config), "--originating", "-f", "ada@gate.example",
+                      "in@inside.example", "out@example.com"], b"")
     assert run.code == 0
     groups = run.stdout.decode().split("delivery groups")[1].splitlines()
     assert "  2. <in@inside.example>: banner; not sealed (no [arc]); not DKIM-signed (recipients[0]: dkim = false)" \
         in groups
     assert "  1. <out@example.com>: banner; not sealed (no [arc]); DKIM-signed if the From: domain is " \
            "gate.example or below (by d=gate.example s=sel rsa-sha256)" in groups
+    inbound = run_inline(["explain", "-c", str(config), "-f", "ada@gate.example", "out@example.com"], b"")
+    assert "  1. <out@example.com>: banner; not sealed (no [arc]); not DKIM-signed: the run is not " \
+           "originating (no --originating): d=gate.example s=sel signs only the mail of the MTA's own users" \
+        in inbound.stdout.decode().splitlines()
 
 
 def test_dry_run_says_what_would_be_signed(config_file, smtp_sink, signing):
     rule = '[[recipients]]\nrecipient = "@inside\\\\.example$"\nfilters = ["banner"]\ndkim = false\n'
     config = signing_config(config_file, smtp_sink, dkim_table(signing.rsa), extra=rule)
-    run = run_inline(["--dry-run", "-c", str(config), "-f", "ada@gate.example", "in@inside.example",
-                      "out@example.com"], LETTER)
+    run = run_inline(["--dry-run", "--originating", "-c", str(config), "-f", "ada@gate.example",
+                      "in@inside.example", "out@example.com"], LETTER)
     text = run.stdout.decode()
     assert "    would be DKIM-signed as d=gate.example s=sel\n" in text
     assert "    not DKIM-signed: the rule says dkim = false\n" in text
-    other = run_inline(["--dry-run", "-c", str(config), "-f", "x@y.example", "out@example.com"],
+    other = run_inline(["--dry-run", "--originating", "-c", str(config), "-f", "x@y.example", "out@example.com"],
                        LETTER.replace(b"ada@gate.example", b"x@y.example")).stdout.decode()
     assert "    not DKIM-signed: the From: domain y.example is in no [[dkim]] domain\n" in other
+    inbound = run_inline(["--dry-run", "-c", str(config), "-f", "ada@gate.example", "out@example.com"],
+                         LETTER).stdout.decode()
+    assert "    not DKIM-signed: the run is not originating (no --originating): d=gate.example s=sel " \
+           "signs only the mail of the MTA's own users\n" in inbound
     assert smtp_sink.messages == []

@@ -307,11 +307,15 @@ def test_mail_from_our_domain_leaves_with_a_banner_and_a_signature_that_verifies
             selector = "gw"
             private_key_file = "{key.path}"
         ''')
-        postfix.submit("sender@e2e.test", ["alice@e2e.test"], SIMPLE_BODY)
+        postfix.submit("sender@e2e.test", ["alice@e2e.test"], SIMPLE_BODY, port="originate")
         [delivered] = postfix.wait_for_mail("alice")
         assert b"Hello through Postfix.\n" in delivered and b"-- checked by the gateway" in delivered
         assert re.search(rb"\nDKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=e2e.test;", delivered)
         assert dkim.verify(delivered.replace(b"\n", b"\r\n"), dnsfunc=dns.txt)
+        postfix.submit("sender@e2e.test", ["alice@e2e.test"], SIMPLE_BODY)      # port 25: from outside
+        both = postfix.wait_for_mail("alice", 2)
+        assert sum(b"DKIM-Signature" in m for m in both) == 1        # the second one went unsigned
+        assert all(b"-- checked by the gateway" in m for m in both)
     finally:
         dns.stop()
 

@@ -175,17 +175,15 @@ def test_as_root_no_work_directory_where_others_could_swap_it(config_file, mail_
 
 # -- keep/ and the quarantine ------------------------------------------------------------------
 
-def test_keep_that_is_a_link_is_not_followed(config_file, tmp_path, victim):
+def test_keep_that_is_a_link_is_not_followed(config_file, tmp_path, victim, parser_gives_up):
     spool = tmp_path / "spool"
     spool.mkdir(exist_ok=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (spool / "keep").symlink_to(elsewhere)
-    config = config_file(f'tmp_dir = "{spool}"\ndefault_filter = ["gate_test_filters:Judge"]\n'
-                         '[filter.judge]\ntype = "gate_test_filters:Judge"\nverdict = "parse"\n'
-                         '[[recipients]]\nfilters = ["judge"]\n')
+    config = config_file(f'tmp_dir = "{spool}"\ndefault_filter = ["gate_test_filters:StampAny"]\n')
     run = run_inline(["-c", str(config), "--stdout", "-f", "a@b.example", "c@d.example"], SIMPLE)
-    assert run.code == 0 and run.stdout == SIMPLE       # delivered unchanged all the same
+    assert run.code == 0 and run.stdout == b"X-Stamp: yes\n" + SIMPLE      # delivered all the same
     assert list(elsewhere.iterdir()) == []
     assert "cannot keep a backup" in (tmp_path / "gate.log").read_text()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -16,4 +17,5 @@ def test_short_fuzz_run_finds_nothing(tmp_path):
                              capture_output=True, timeout=1200, check=False)
     output = process.stderr.decode("utf-8", "replace")
     assert process.returncode == 0, output[-3000:]
-    assert "Done 15000 runs" in output
+    done = re.search(r"\nDone (\d+) runs", output)      # libFuzzer may count one more
+    assert done and int(done.group(1)) >= 15000, output[-3000:]

@@ -183,3 +183,19 @@ def test_extreme_smime_ends_in_bounded_time_and_memory(smime_config, name, data)
     assert run.code == 0, (name, run.stderr)
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     assert peak_kib < 600 * 1024, f"{name}: a child used {peak_kib} KiB"
+
+
+# -- deeply nested comments in address fields (leftovers: RecursionError in getaddresses) ------
+
+def test_deeply_nested_comments_in_address_fields_are_read_without_recursion():
+    from ispmailgate_core.envelope import envelope_from_headers
+    from ispmailgate_filters.mime import Message, addresses
+
+    nested = "(" * 5000 + "x" + ")" * 5000
+    from email.utils import getaddresses
+
+    ordinary = 'a@b.example (a "(" comment)'
+    assert addresses([f"Eve {nested} <eve@x.example>", ordinary]) == [("Eve", "eve@x.example"),
+                                                                      *getaddresses([ordinary])]
+    message = Message(f"From: Eve {nested} <eve@x.example>\nTo: {nested} bob@y.example\n\nhi\n".encode())
+    assert envelope_from_headers(message, None) == ("eve@x.example", ["bob@y.example"])

@@ -459,3 +459,50 @@ def test_modules_import_no_codec_or_tokenizer_until_used():
              " 'email.header', 'base64') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- a small message never unpacks into a large one (attack review 1, finding 3) -----------------
+
+def test_a_compression_ratio_above_max_ratio_is_not_unpacked(tmp_path):
+    """The review's message: 569 bytes of bzip2/base64 delivered as 143 MB."""
+    import bz2
+
+    payload = bz2.compress(bytes(20 << 20), 9)
+    assert len(payload) < 1000
+    with pytest.raises(FilterError, match=r"compression ratio above max_ratio \(1000\)"):
+        Packer(on_unpack_error="error").process(Message(packed_message(payload, summary="bzip2")),
+                                                context(tmp_path))
+    restored = through(Packer(max_ratio=1_000_000), packed_message(payload, summary="bzip2"), tmp_path)
+    assert len(restored) > 20 << 20          # a higher max_ratio lets it through
+
+
+def test_unpacking_stops_at_max_message_size_and_charges_the_budget(tmp_path):
+    """Several parts, each within the ratio, together no more than the largest message the
+    gate accepts: a step never makes the message larger than the gate would take in."""
+    import os
+    from ispmailgate_filters.base import Budget
+
+    member = gzip.compress(os.urandom(3 << 20), 1, mtime=0)
+    data = packed_message(member)
+    data = data.replace(b"--b--\n", data[data.index(b"--b\nContent-Type: application/gzip"):])
+    ctx, budget = context(tmp_path), Budget(output=5 << 20)
+    ctx.budget = budget
+    with pytest.raises(FilterError, match=r"max_message_size \(5242880 bytes\)"):
+        Packer(on_unpack_error="error").process(Message(data), ctx)
+    assert budget.decoded >= 3 << 20         # the work done is charged to the message
+
+
+def test_gzip_is_read_a_chunk_at_a_time(tmp_path):
+    """It read ``limit + 1`` in one call: about three times the output at the peak, and a
+    buffer of the whole limit allocated up front whatever the data."""
+    import tracemalloc
+
+    payload = gzip.compress(bytes(8 << 20), 9, mtime=0)
+    message = Message(packed_message(payload, summary=f"gzip; size={8 << 20}"))
+    tracemalloc.start()
+    try:
+        Packer(max_ratio=1_000_000, max_unpacked=1 << 36).process(message, context(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2.5 * (8 << 20), peak

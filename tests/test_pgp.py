@@ -425,7 +425,7 @@ def test_decompression_bomb_stops_at_max_size(world, run):
     assert len(armor) < 200_000
     delivered, _, _ = run(decrypter(world, max_size="1M"), pgp_mime(armor))
     assert field(delivered, "X-ispMailGate-PGP-Result") == [
-        'undecryptable; reason="decrypted data larger than 1048576 bytes"']
+        'undecryptable; reason="decrypted data larger than 1048576 bytes: max_size (1048576 bytes)"']
 
 
 # -- passphrases and the gateway's set-up -----------------------------------------------------
@@ -685,3 +685,24 @@ def test_the_example_rule_file_loads():
     assert incoming.direction == "neg" and others.per_recipient and others.on_missing_key == "clear"
     assert routing.route(config, "x@example-a.net", "y@example-b.net").chain == (partner,)
     assert routing.route(config, "x@elsewhere.example", "y@example-a.net").chain == (incoming,)
+
+
+def test_many_small_bombs_stop_at_the_message_budget(world, tmp_path):
+    """Attack review 1, finding 2: each block under max_size, together far more than the
+    largest message the gate accepts (6 blocks of 50 MB: 327 MB delivered from 4 KB)."""
+    from ispmailgate_filters.base import Budget
+
+    armor = world.sending.encrypt(b"A" * (3 << 20), "gw@b.example")
+    data = text_message(b"".join(b"Block %d:\n" % i + armor + b"\n" for i in range(6)))
+    assert len(data) < 100_000
+    message, budget = Message(data), Budget(output=8 << 20)      # max_message_size 8M
+    ctx = Context(Envelope("someone@c.example", ("user@b.example",)), message_id="T",
+                  log=logging.getLogger("ispmailgate.pgp"), workdir=lambda: tmp_path,
+                  postmaster="postmaster@b.example", notices=[], budget=budget)
+    decrypter(world, max_size="4M").process(message, ctx)
+    delivered = bytes(message.to_bytes())
+    assert len(delivered) < 8 << 20
+    assert delivered.count(b"A" * 60) > 2 * (3 << 20) // 80      # what fits is decrypted
+    results = field(delivered, "X-ispMailGate-PGP-Result")
+    assert "decrypted; scope=inline" in results
+    assert any("max_message_size (8388608 bytes)" in result for result in results), results

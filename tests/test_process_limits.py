@@ -109,6 +109,26 @@ def test_time_limit_per_message_is_a_tempfail(config_file, smtp_sink):
     assert smtp_sink.messages == []
 
 
+def test_time_limit_leaves_a_sigalrm_handler_installed_from_c_alone(monkeypatch):
+    """A program embedding Python installed SIGALRM's handler in C (getsignal says None):
+    signal.signal could not put it back, so the limit leaves SIGALRM and the timer alone
+    and is applied by check() (leftovers: it replaced the handler for good)."""
+    import time
+
+    from ispmailgate_core import process
+
+    installed: list[int] = []
+    real_getsignal, real_signal = signal.getsignal, signal.signal
+    monkeypatch.setattr(signal, "getsignal", lambda n: None if n == signal.SIGALRM else real_getsignal(n))
+    monkeypatch.setattr(signal, "signal", lambda n, h: installed.append(n) or real_signal(n, h))
+    with process.time_limit(0.05) as clock:
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        time.sleep(0.1)
+        with pytest.raises(process.TimeLimitExceeded):
+            clock.check()
+    assert signal.SIGALRM not in installed
+
+
 def test_a_full_disk_is_a_tempfail_not_an_error_report(config_file, smtp_sink):
     config = config_file(f'mail_host = "{smtp_sink.address}"\n'
                          '[filter.s]\ntype = "gate_test_filters:Scribbler"\nsize = 2000000\n'

@@ -329,10 +329,10 @@ def test_an_unknown_id_is_no_such_entry(gateway):
 
 # -- keep/ and the older forms ----------------------------------------------------------------------
 
-def test_a_keep_copy_is_listed_with_its_envelope_and_released_only_by_force(config_file, smtp_sink, tmp_path):
+def test_a_keep_copy_is_listed_with_its_envelope_and_released_only_by_force(config_file, smtp_sink, tmp_path,
+                                                                            parser_gives_up):
     config = config_file(f'mail_host = "{smtp_sink.address}"\nloop_suffix = ""\npostmaster = "pm@gw.example"\n'
-                         '[filter.p]\ntype = "gate_test_filters:Judge"\nverdict = "parse"\n'
-                         '[[recipients]]\nfilters = ["p"]\n')
+                         '[[recipients]]\nfilters = ["gate_test_filters:StampAny"]\n')
     assert run_inline(["-c", str(config), "-f", SENDER, ANN], PLAIN).code == 0
     delivered = len(smtp_sink.messages)         # the message itself and the postmaster's notice
     [entry] = listed(config)

@@ -91,6 +91,7 @@ SAME_RESULT_CASES = [
     (["-f", "a@b.example", "--", "two words@x"], SIMPLE),
     (["-m", "[::1", "-f", "a@b.example", "c@d.example"], SIMPLE),
     (["-f", "a@b.example", "c@d.example", "e@f.example"], SIMPLE),
+    (["--originating", "-f", "a@b.example", "c@d.example"], SIMPLE),
     (["-f", "", "--", "-odd@example.com"], MBOX),
     (["-f", "a@b.example", "ümlaut@exämple.org"], SIMPLE),
     # relative paths resolve in the client's directory, and its $ISPMAILGATE_CONFIG counts

@@ -192,3 +192,25 @@ def test_a_452_for_the_first_recipient_is_a_deferral(config_file, peer):
     run = deliver(config_file, hop, "a@example.net", "b@example.net")
     assert run.code == 75 and run.first_line.startswith("4.3.1")
     assert hop.messages == [] and len(hop.connections) == 1
+
+
+def test_a_deferral_in_the_transaction_past_the_limit_sends_nothing(config_file, peer):
+    """Attack review finding 16: a 452 (the hop's limit), then a 451 for the rest in the
+    second transaction: the first waits before DATA, so nothing is sent (it used to be, and
+    the retry sent it again)."""
+    hop = peer(rcpt={"c@example.net": b"451 4.3.0 try later\r\n"}, max_recipients=2)
+    run = deliver(config_file, hop, "a@example.net", "b@example.net", "c@example.net")
+    assert run.code == 75 and run.first_line.startswith("4.3.0")
+    assert hop.messages == [] and len(hop.connections) == 2
+    assert not any(c.startswith(b"DATA") for conn in hop.connections for c in conn.commands)
+
+
+def test_transactions_past_the_limit_wait_open_together_then_all_are_sent(config_file, peer):
+    hop = peer(max_recipients=1)
+    recipients = [f"r{i}@example.net" for i in range(12)]      # more than OPEN_TRANSACTIONS
+    run = deliver(config_file, hop, *recipients)
+    assert run.code == 0, run.stderr
+    assert hop.messages == [WIRE] * 12
+    sent = [c.split(b"<")[1].split(b">")[0].decode() for conn in hop.connections for c in conn.commands
+            if c.startswith(b"RCPT") and b"452" not in c]
+    assert sorted(set(sent)) == sorted(recipients)

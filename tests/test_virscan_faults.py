@@ -284,17 +284,14 @@ def test_antivir_style_output_with_hostile_names(gate, tmp_path):
 # -- mail the parser cannot split is still scanned -------------------------------------------------
 
 class Unparseable(Message):
-    """A message on which the MIME parser gives up."""
+    """A message on which the MIME parser gives up (as it would on a bug of its own)."""
 
-    @property
-    def root(self):
-        if self._root is None:
+    def __init__(self, raw: bytes) -> None:
+        super().__init__(raw)
+
+        def give_up(*_):
             raise ParseError("the test parser gives up")
-        return self._root
-
-    @root.setter
-    def root(self, part):
-        self._root, self._replaced = part, True
+        self._parser.parse_all = give_up
 
 
 def context(tmp_path: Path) -> Context:
@@ -309,9 +306,19 @@ def test_unparseable_message_is_scanned_raw(clamd, tmp_path):
     clean = Unparseable(CLEAN)
     scan.process(clean, context(tmp_path))
     tagged = clean.to_bytes()
-    assert tagged.startswith(b"X-ispMailGate-VirScan: ") and tagged.endswith(b"\n" + CLEAN)
+    assert tagged.startswith(b"X-ispMailGate-VirScan: ")     # tagged as any unscannable mail:
+    assert Message(tagged).headers.get("Subject").startswith("[")
+    assert tagged.endswith(CLEAN[CLEAN.index(b"\nMessage-ID:"):])   # the body untouched
     assert Message(tagged).headers.get("X-ispMailGate-VirScan") == (
         "unscannable (cannot be parsed (the test parser gives up))")
+
+
+def test_unparseable_message_loses_a_forged_verdict(clamd, tmp_path):
+    """The sender's own verdict field is replaced, not left below the gate's."""
+    forged = Unparseable(b"X-ispMailGate-VirScan: scanned\n" + CLEAN)
+    VirScan(socket=clamd.socket).process(forged, context(tmp_path))
+    assert Message(forged.to_bytes()).headers.get_all("X-ispMailGate-VirScan") == [
+        "unscannable (cannot be parsed (the test parser gives up))"]
 
 
 def deep_message(content: bytes, depth: int = 70) -> bytes:
@@ -469,3 +476,47 @@ def test_any_message_gets_a_verdict_and_only_our_header_changes(clamd, tmp_path_
 def test_preload_imports_what_scanning_needs():
     VirScan().preload()
     assert {"tarfile", "zipfile", "lzma", "bz2", "unicodedata"} <= set(sys.modules)
+
+
+# -- attack review 1, findings 5 and 13 ------------------------------------------------------------
+
+def uuencoded(name: str, data: bytes) -> bytes:
+    import binascii
+
+    lines = [binascii.b2a_uu(data[i:i + 45]) for i in range(0, len(data), 45)]
+    return b"begin 644 " + name.encode() + b"\n" + b"".join(lines) + b"`\nend\n"
+
+
+def test_a_uuencoded_file_inside_a_text_part_is_scanned(clamd, tmp_path):
+    """A reader shows it as an attachment; part by part it was text, and OK."""
+    data = message(("note.txt", "text/plain", b"See attached.\n\n" + uuencoded("e.com", zip_of({"e.com": EICAR}))))
+    with pytest.raises(Reject, match=EICAR_NAME):
+        VirScan(socket=clamd.socket).process(Message(data), context(tmp_path))
+
+
+def test_the_whole_message_goes_to_the_scanner_as_well(clamd, tmp_path, monkeypatch):
+    """What the parts miss, clamd's own MIME decoding may find: the whole is scanned too."""
+    from ispmailgate_filters.virscan import inline
+
+    monkeypatch.setattr(inline, "uuencoded", lambda data: iter(()))     # the parts see nothing
+    data = (b"From: a@evil.example\nTo: b@example.com\nSubject: invoice\nMIME-Version: 1.0\n"
+            b"Content-Type: text/plain\n\nSee the attached invoice.\n\n" + uuencoded("e.zip", zip_of({"e.com": EICAR})))
+    with pytest.raises(Reject, match=EICAR_NAME):
+        VirScan(socket=clamd.socket).process(Message(data), context(tmp_path))
+
+
+def test_each_recipient_is_told_only_of_itself(clamd, tmp_path):
+    """notify = ["recipients"] wrote one notice To: every envelope recipient, Bcc ones too."""
+    recipients = ("to@b.example", "bcc1@c.example", "bcc2@d.example")
+    ctx = Context(Envelope(SENDER, recipients), message_id="T1", log=logging.getLogger("test"),
+                  workdir=lambda: tmp_path, postmaster="postmaster", notices=[])
+    scan = VirScan(socket=clamd.socket, notify=("recipients", "postmaster"))
+    with pytest.raises(Reject):
+        scan.process(Message(message(("e.com", "application/octet-stream", EICAR))), ctx)
+    by_recipients = {notice.recipients: notice.text for notice in ctx.notices}
+    assert sorted(by_recipients) == sorted([("postmaster",), *((r,) for r in recipients)])
+    for recipient in recipients:
+        others = [r for r in recipients if r != recipient]
+        assert recipient in by_recipients[(recipient,)]
+        assert not any(other in by_recipients[(recipient,)] for other in others)
+    assert all(r in by_recipients[("postmaster",)] for r in recipients)

@@ -37,17 +37,26 @@ def check(requested: Path | None, stdout: BinaryIO, *, config_only: bool = False
             problems += environment_problems(config)
         if client_user is not None:
             problems += _located(config, socket_problems(config, client_user))
+        # the rule file's own (said by every run in its log), then what check alone sees
+        warnings = list(config.warnings)
         if "dkim" in config.sections:
             from .dkim_keys import signing_findings     # dkimpy (and DNS) only for [[dkim]]
 
-            found, warnings = signing_findings(config.sections["dkim"], probe_dns=not config_only)
+            found, signing = signing_findings(config.sections["dkim"], probe_dns=not config_only)
             problems += _located(config, found)
+            warnings += signing
         warnings += dkim_warnings(config)
-    for line in [*map(str, problems), *(f"{config.path}: {warning}" for warning in warnings)]:
+    for line in [*map(str, problems), *(_with_source(config.path, warning) for warning in warnings)]:
         out.line(line)
     out.line(_summary(path, config, problems, warnings, config_only))
     out.close()
     return EX_CONFIG if problems else EX_OK
+
+
+def _with_source(path: str, warning: str) -> str:
+    """``path: warning: ...`` (a rule file's own warning starts with its path already)."""
+    text = warning[len(path) + 1:] if warning.startswith(f"{path} ") else warning
+    return f"{path}: {text}" if text.startswith("warning: ") else f"{path}: warning: {text}"
 
 
 def _summary(path: Path | None, config: Config | None, problems: list, warnings: list[str],

@@ -26,6 +26,10 @@ def signing_findings(tables: tuple[DkimSettings, ...], probe_dns: bool) -> tuple
     and verified with its public half; with ``probe_dns``, the record DNS publishes for it."""
     problems, warnings = [], []
     for table in tables:
+        if table.sign == "always":
+            warnings.append(f"warning: {table.where}: sign = \"always\" signs mail from the internet that "
+                            f"claims From: {table.domain} as well: only for a gateway that sees outbound "
+                            "mail alone; otherwise give --originating on the MTA's transport for its users")
         trouble = _test_signature(table)
         if trouble:
             problems.append(ConfigError(f"{table.where}.private_key_file", trouble))

@@ -32,7 +32,7 @@ def dry_run_report(job: Job, size: int, config: Config, hop: NextHop, leaves: li
         lines.append(f"    {_fate(job, config, hop, leaf, message)}")
         if job.dkim and leaf.verdict is None and not leaf.defers(config, hop.carries_reports):
             lines.append(f"    {_signing(job, recipients, message)}")
-        if message is not None and message.changed and not leaf.unparsed:
+        if message is not None and message.changed:
             lines += _header_changes(original, message.top_headers().items())
     lines += [f"notice to {addresses(n.recipients)}: {n.subject}" for n in job.notices]
     status, _, _ = exit_status(_expected_results(config, hop, leaves, refused))
@@ -61,10 +61,10 @@ def _fate(job: Job, config: Config, hop: NextHop, leaf: Leaf, message: Message |
                 "a report with the original attached, these recipients nothing")
     if verdict is not None:
         return f"{verdict.outcome} by {step}: {verdict.status} {verdict}"
-    if leaf.unparsed:
-        return (f"would be delivered unchanged ({len(message.raw)} bytes): the parser gave up in "
-                f"{step}; a copy would be kept in tmp_dir/keep/ and the postmaster told")
     data = message.to_bytes()
+    if leaf.unparsed:
+        return (f"would be delivered ({len(data)} bytes) after its chain ran on it unparsed: the "
+                "parser gave up; a copy would be kept in tmp_dir/keep/ and the postmaster told")
     state = "changed" if message.changed else "unchanged, byte for byte"
     return f"would be delivered: {len(data)} bytes, {state}"
 
@@ -72,17 +72,22 @@ def _fate(job: Job, config: Config, hop: NextHop, leaf: Leaf, message: Message |
 def _signing(job: Job, recipients: list[str], message: Message) -> str:
     """What [[dkim]] would do with this group's result: signed, by whom, or why not.  The
     signatures are made (and thrown away), so a key dkimpy cannot use shows here."""
-    from ..signing import Signer
+    from ..signing import NotSigned, Signer, failure_status
 
     if recipients[0] in job.unsigned:
         return "not DKIM-signed: the rule says dkim = false"
-    signer = Signer(job.dkim)
+    signer = Signer(job.dkim, job.originating)
     tables, why = signer.plan(message.top_headers())
     if not tables:
         return f"not DKIM-signed: {why}"
     try:
         _, signers = signer.sign(job.original.raw, message.to_bytes(), message.eol, tables)
+    except NotSigned as why:
+        return f"not DKIM-signed: {why}"
     except Exception as error:      # noqa: BLE001 -- the report says what a run would hit
+        status = failure_status(error)
+        if status.startswith("5"):
+            return f"DKIM signing would refuse the message: {status} {error}; these recipients would not get it"
         return f"DKIM signing would fail: {error!r}; the run would deliver nothing and exit 75"
     skipped = [t for t in tables if t not in signers]
     text = "would be DKIM-signed as " + ", ".join(f"d={t.domain} s={t.selector}" for t in signers) if signers \
@@ -93,10 +98,24 @@ def _signing(job: Job, recipients: list[str], message: Message) -> str:
 
 
 def _header_changes(before: list[tuple[str, str]], after: list[tuple[str, str]]) -> list[str]:
-    """Top-level header fields a chain added or removed (values shortened)."""
-    lines = [f"    - {name}: {value}" for name, value in before if (name, value) not in after]
-    lines += [f"    + {name}: {value}" for name, value in after if (name, value) not in before]
+    """Top-level header fields a chain added or removed (values shortened).  Counted as
+    multisets, so the cost is linear in the fields, however many the sender wrote."""
+    from collections import Counter
+
+    removed, added = Counter(before) - Counter(after), Counter(after) - Counter(before)
+    lines = [f"    - {name}: {value}" for name, value in _taken(before, removed)]
+    lines += [f"    + {name}: {value}" for name, value in _taken(after, added)]
     return [line if len(line) <= 100 else line[:97] + "..." for line in lines[:20]]
+
+
+def _taken(fields: list[tuple[str, str]], wanted: "Counter[tuple[str, str]]") -> list[tuple[str, str]]:
+    """The fields of ``wanted``, as many of each as it counts, in the order ``fields`` has them."""
+    taken = []
+    for field in fields:
+        if wanted[field] > 0:
+            wanted[field] -= 1
+            taken.append(field)
+    return taken
 
 
 def _expected_results(config: Config, hop: NextHop, leaves: list[Leaf],

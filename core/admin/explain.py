@@ -17,7 +17,8 @@ from ..status import EX_CONFIG, EX_OK
 from .output import Output, addresses
 
 
-def explain(requested: Path | None, sender: str | None, recipients: list[str], stdout: BinaryIO) -> int:
+def explain(requested: Path | None, sender: str | None, recipients: list[str], stdout: BinaryIO,
+            *, originating: bool = False) -> int:
     """Per recipient the rule and chain; the filter steps they share; the delivery groups."""
     out = Output(stdout)
     path = find_config(requested)
@@ -46,7 +47,7 @@ def explain(requested: Path | None, sender: str | None, recipients: list[str], s
     out.line("delivery groups (a verdict can end a chain early; identical results are merged):")
     for number, members in enumerate(groups, 1):
         chosen = routes[members[0]]
-        signing = f"; {_signing(config, chosen)}" if "dkim" in config.sections else ""
+        signing = f"; {_signing(config, chosen, originating)}" if "dkim" in config.sections else ""
         out.line(f"  {number}. {addresses(members)}: {chosen.chain_label}; "
                  f"{_sealing(config, chosen.chain)}{signing}")
     out.line(f"next hop: {configured_hop(config).describe()}")
@@ -91,17 +92,22 @@ def _explained(step: Filter, variant) -> list[str]:
     return [detail] if detail else []
 
 
-def _signing(config: Config, chosen: Route) -> str:
+def _signing(config: Config, chosen: Route, originating: bool) -> str:
     """Who DKIM-signs the group's results: known only once a message says its From:."""
+    from ..signing import not_originating
+
     tables = config.sections["dkim"]
     if not chosen.dkim:
         return f"not DKIM-signed ({chosen.rule}: dkim = false)"
+    signing = [t for t in tables if originating or t.sign == "always"]
+    idle = [t for t in tables if t not in signing]
     domains: dict[str, list[str]] = {}
-    for t in tables:
+    for t in signing:
         domains.setdefault(t.domain + (" or below" if t.subdomains else ""), []).append(
             f"d={t.domain} s={t.selector} {t.algorithm}")
-    return "DKIM-signed if the From: domain is " + " or ".join(
-        f"{domain} (by {', '.join(signers)})" for domain, signers in domains.items())
+    text = "DKIM-signed if the From: domain is " + " or ".join(
+        f"{domain} (by {', '.join(signers)})" for domain, signers in domains.items()) if signing else ""
+    return "; ".join(filter(None, (text, idle and f"not DKIM-signed: {not_originating(idle)}")))
 
 
 def _sealing(config: Config, chain) -> str:

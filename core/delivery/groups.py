@@ -12,8 +12,9 @@ from ispmailgate_filters.base import Discard, Notice, Reject
 from ispmailgate_filters.mime import Message
 
 from ..outcome import Result
-from ..status import DONE, LOCAL_TROUBLE, tempfail
+from ..status import DONE, LOCAL_TROUBLE, UNSIGNABLE, Stop, of_error, tempfail
 from .handover import Handover, Job
+from .spool import Finished
 
 log = logging.getLogger("ispmailgate")
 
@@ -21,8 +22,9 @@ log = logging.getLogger("ispmailgate")
 class Transfer(NamedTuple):
     """One delivery group made ready: its recipients and bytes, or the verdict that ended it."""
     recipients: list[str]
-    data: bytes | bytearray | None
+    data: bytes | bytearray | Finished | None      # Finished: a result waiting in its spool file
     leaf: Any
+    refused: Result | None = None       # the result the group gets instead of a hand-over
 
 
 class Delivery:
@@ -47,19 +49,24 @@ class Delivery:
         transfers = []
         groups = self.groups(leaves, self.job.unsigned)
         self.hop.expect(sum(1 for _, _, leaf in groups if leaf.verdict is None))
-        reported: set[int] = set()      # a leaf split by dkim = false is still one unparsed message
+        unparsed = [leaf for _, _, leaf in groups if leaf.unparsed and leaf.verdict is None]
+        if unparsed:        # one copy kept and one notice for the message, however many groups
+            self._unparsed(unparsed)
         for recipients, message, leaf in groups:
             if leaf.verdict is not None:
                 transfers.append(Transfer(recipients, None, leaf))
                 continue
-            if leaf.unparsed and id(leaf) not in reported:
-                reported.add(id(leaf))
-                self._unparsed(leaf)
-            data = message.to_bytes()
+            content = data = message.to_bytes()
             if self.job.dkim and recipients[0] not in self.job.unsigned:
                 data = self._sign(self.job.original, message, data, recipients)
+                if isinstance(data, Result):        # the message's own fault: refused for good
+                    transfers.append(Transfer(recipients, None, leaf, data))
+                    continue
             if message.changed and self.job.arc:
                 data = self._seal(self.job.original, message, data, recipients)
+            if isinstance(message, Finished) and message.path is not None:
+                # signing and sealing put fields on top: those wait in memory, the rest in its file
+                data = message.with_head(bytes(data[:len(data) - len(content)]))
             transfers.append(Transfer(recipients, data, leaf))
         return transfers
 
@@ -75,7 +82,9 @@ class Delivery:
         # holds back every result, before anything was handed over (never a duplicate).
         for transfer in sorted(transfers, key=lambda t: not _failed(t.leaf.verdict)):
             verdict = transfer.leaf.verdict
-            if isinstance(verdict, (Discard, Reject)):
+            if transfer.refused is not None:
+                outcome = dict.fromkeys(transfer.recipients, transfer.refused)
+            elif isinstance(verdict, (Discard, Reject)):
                 outcome = self._verdict(transfer.leaf)
             elif deferred and not self.job.per_recipient:
                 outcome = dict.fromkeys(transfer.recipients, Result(
@@ -83,8 +92,7 @@ class Delivery:
             elif verdict is not None:
                 outcome = self._verdict(transfer.leaf)
             else:
-                replies = self.handover(self.job.sender, transfer.recipients, transfer.data)
-                outcome = {r: reply.result() for r, reply in replies.items()}
+                outcome = self._hand_over(transfer)
             deferred = deferred or any(result.state == "deferred" for result in outcome.values())
             results.update(outcome)
         if not self.hop.carries_reports:
@@ -99,6 +107,18 @@ class Delivery:
     def _all_wait(self, results: dict[str, Result]) -> bool:
         """Does every recipient wait for a retry (one-shot: one deferral defers them all)?"""
         return not self.job.per_recipient or all(r.state == "deferred" for r in results.values())
+
+    def _hand_over(self, transfer: Transfer) -> dict[str, Result]:
+        """One group to the next hop; a spooled result is read back for it, and only for it."""
+        data = transfer.data
+        if isinstance(data, Finished):
+            try:
+                data = data.to_bytes()
+            except Stop as stop:        # its file went away: these recipients wait for the retry
+                log.error("%s", stop)
+                return dict.fromkeys(transfer.recipients, Result("deferred", stop.status, stop.text))
+        replies = self.handover(self.job.sender, transfer.recipients, data)
+        return {r: reply.result() for r, reply in replies.items()}
 
     def _bounce(self, results: dict[str, Result]) -> tuple[str, ...]:
         """Some recipients refused for good and others not: a 69 would bounce those too, so
@@ -120,26 +140,37 @@ class Delivery:
         return Reports(self.job, self.handover)
 
     def _sign(self, original: Message, message: Message, data: bytes | bytearray,
-              recipients: list[str]) -> bytes | bytearray:
+              recipients: list[str]) -> bytes | bytearray | Result:
         """DKIM signatures for a result whose From: is in a [[dkim]] domain.  One that cannot
-        be made defers the run (nothing has been handed over yet): never unsigned instead."""
+        be made defers the run (nothing has been handed over yet): never unsigned instead;
+        unless the message is at fault: then its recipients' result, refused for good.  A
+        header block readers may see otherwise than dkimpy goes out unsigned."""
+        from ..signing import NotSigned, failure_status
+
         if self.signer is None:
             from ..signing import Signer
-            self.signer = Signer(self.job.dkim)
+            self.signer = Signer(self.job.dkim, self.job.originating)
         whom = ",".join(recipients)
         tables, why = self.signer.plan(message.top_headers())
         if not tables:
-            log.debug("not DKIM-signed for %s: %s", whom, why)
+            from ..signing import NOT_ORIGINATING       # mail from outside claiming our domain: said
+
+            log.log(logging.INFO if why.startswith(NOT_ORIGINATING) else logging.DEBUG,
+                    "not DKIM-signed for %s: %s", whom, why)
             return data
         started = time.monotonic()
+        names = ", ".join(f"{t.domain} (s={t.selector})" for t in tables)
         try:
             signed, signers = self.signer.sign(original.raw, data, message.eol, tables)
+        except NotSigned as why:
+            log.warning("not DKIM-signed as %s for %s: %s", names, whom, why)
+            return data
         except Exception as error:      # dkimpy's, the key's, or ours: the status line says which
-            from ..signing import failure_status
-
-            names = ", ".join(f"{t.domain} (s={t.selector})" for t in tables)
             log.error("DKIM signing as %s failed for %s: %r", names, whom, error)
-            raise tempfail(failure_status(error), f"DKIM signing as {names} failed: {error}") from None
+            status = failure_status(error)
+            if status == UNSIGNABLE:
+                return Result("rejected", status, f"DKIM signing as {names} refused the message: {error}")
+            raise tempfail(status, f"DKIM signing as {names} failed: {error}") from None
         for table in tables:
             if table not in signers:
                 log.info("not DKIM-signed again for %s: unchanged, and %s (s=%s) signed it already",
@@ -150,14 +181,30 @@ class Delivery:
         return signed
 
     def _seal(self, original: Message, message: Message, data: bytes, recipients: list[str]) -> bytes:
-        """An ARC set for a changed message; if sealing fails, the message goes out unsealed."""
+        """An ARC set for a changed message.  If this machine cannot seal (a module, memory,
+        a file), nothing is delivered and the MTA retries; if the message cannot be sealed
+        (dkimpy refuses its fields, its chain is undecided or full, its header block is too
+        big to hand dkimpy: its cost grows with it), it goes out unsealed and the log says
+        why.  Unsealed, not refused: the seal is the gateway's note, the mail is not wrong
+        without it."""
+        from ..dkim_header import MAX_FIELDS, read_block
+
         if self.sealer is None:
             from ..arc import Sealer
+            from ..dkim_linear import install
+
+            install()
             self.sealer = Sealer(self.job.arc)
+        if max(read_block(original.raw).fields, read_block(data).fields) > MAX_FIELDS:
+            log.warning("not ARC sealed for %s: more than %d header fields", ",".join(recipients), MAX_FIELDS)
+            return data
         started = time.monotonic()
         try:
             sealed = self.sealer.seal(original.raw, data, message.eol)
-        except Exception as error:      # a message dkimpy cannot handle is still delivered
+        except (ImportError, MemoryError, OSError) as error:
+            log.error("ARC sealing failed for %s: %r; nothing is delivered", ",".join(recipients), error)
+            raise tempfail(of_error(error), f"ARC sealing failed: {error!r}") from None
+        except Exception as error:      # the message's own doing: it is still delivered
             log.error("ARC sealing failed for %s, delivered unsealed: %r", ",".join(recipients), error)
             return data
         log.info("ARC sealed for %s in %.1f ms", ",".join(recipients), (time.monotonic() - started) * 1000)
@@ -176,12 +223,11 @@ class Delivery:
                 groups.append((leaf.recipients, leaf.message, leaf))
                 continue
             # a digest, not the bytes: holding every result until delivery would cost a copy each
-            digest = hashlib.sha256(leaf.message.to_bytes()).digest() if leaf.message.changed else "unchanged"
+            digest = ("unchanged" if not leaf.message.changed else getattr(leaf.message, "digest", None)
+                      or hashlib.sha256(leaf.message.to_bytes()).digest())
             for recipients in by_signing(leaf.recipients, unsigned):
                 key = (digest, recipients[0] in unsigned)
-                if leaf.unparsed:
-                    groups.append((recipients, leaf.message, leaf))
-                elif key in merged:
+                if key in merged:
                     merged[key].extend(recipients)
                 else:
                     merged[key] = list(recipients)
@@ -202,14 +248,17 @@ class Delivery:
                 ("deferred", LOCAL_TROUBLE, f"{leaf.step}: {verdict}; the report to the postmaster failed")
         return {r: Result(*state) for r in leaf.recipients}
 
-    def _unparsed(self, leaf) -> None:
+    def _unparsed(self, leaves: list) -> None:
         job = self.job
-        kept = job.keep_backup(job.original.raw, leaf.recipients, leaf.step)
+        recipients = list(dict.fromkeys(r for leaf in leaves for r in leaf.recipients))
+        why = leaves[0].unparsed if isinstance(leaves[0].unparsed, str) else ""
+        kept = job.keep_backup(job.original.raw, recipients, why)
         text = (f"ispmailgate could not parse message {job.run_id} (from <{job.sender}> to "
-                f"{', '.join(leaf.recipients)}) in filter {leaf.step}.\nIt was delivered unchanged."
-                f"\nA copy is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
+                f"{', '.join(recipients)}).\nIts chain ran on it unparsed, each step as it "
+                "declares (on_parse_error = \"deliver\"), and it was delivered."
+                f"\nA copy of the original is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
-                                  "unfiltered (parse error)", text))
+                                  "unparsed (parse error)", text))
 
 
 def _failed(verdict) -> bool:

@@ -71,24 +71,61 @@ class SendmailHop:
         native = (data if b"\r\n" not in data and data.endswith(b"\n")
                   else b"".join(wire_chunks(data, b"\n")))
         try:
-            process = subprocess.run(argv, input=native, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, timeout=self.timeout, check=False)
+            status, complaint = _run_command(argv, native, self.timeout)
         except subprocess.TimeoutExpired:
             return self._all(recipients, 451, f"{TIMED_OUT} {self} timed out after {self.timeout:.0f} s")
         except OSError as error:
             return self._all(recipients, 451, f"{LOCAL_TROUBLE} cannot run {self.command[0]}: {error.strerror}")
-        if process.returncode == 0:
+        if status == 0:
             return self._all(recipients, 250, f"{DONE} accepted by {self}")
-        complaint = one_line(process.stderr.decode("utf-8", "replace"))[:300]
-        if process.returncode in SENDMAIL_REFUSALS:
-            return self._all(recipients, 550, f"{SENDMAIL_REFUSALS[process.returncode]} {self} "
-                             f"refused (exit {process.returncode}): {complaint}")
-        return self._all(recipients, 451, f"{LOCAL_TROUBLE} {self} failed (exit {process.returncode}): {complaint}")
+        complaint = one_line(complaint.decode("utf-8", "replace"))[:300]
+        if status in SENDMAIL_REFUSALS:
+            return self._all(recipients, 550, f"{SENDMAIL_REFUSALS[status]} {self} "
+                             f"refused (exit {status}): {complaint}")
+        return self._all(recipients, 451, f"{LOCAL_TROUBLE} {self} failed (exit {status}): {complaint}")
 
     @staticmethod
     def _all(recipients: list[str], code: int, text: str) -> dict[str, Reply]:
         reply = Reply(code, text)
         return {r: reply for r in recipients}
+
+
+def _run_command(argv: list[str], data: bytes | bytearray, timeout: float) -> tuple[int, bytes]:
+    """Run a sendmail command on ``data``: its exit status and the start of its stderr.
+
+    Its exit is what counts, not the end of its stderr: a sendmail that queued the message
+    and exited 0 may leave a child behind (its own background delivery) holding stderr open,
+    and waiting for that would turn an accepted message into a retry, a duplicate.  So
+    stderr goes to an unnamed file, and what is left running after the exit is left alone.
+    The command leads a process group of its own: on a timeout, or when the time limit or a
+    signal ends the wait, the whole group is killed (while its leader is still unreaped, so
+    its number cannot have been reused) and the leader reaped; a hung sendmail's children
+    with it.  Raises ``subprocess.TimeoutExpired`` after a timeout, ``OSError`` if it cannot run.
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+                                   start_new_session=True)
+        try:
+            process.communicate(data, timeout=timeout)    # writes, closes stdin, waits for the exit
+        finally:
+            if process.returncode is None:      # timed out, or interrupted: nothing of it stays
+                _kill_group(process.pid)
+                process.wait()
+        errors.seek(0)
+        return process.returncode, errors.read(4096)
+
+
+def _kill_group(group: int) -> None:
+    import os
+    import signal
+
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 class StdoutHop:

@@ -47,58 +47,115 @@ class SmtpHop:
         return str(self)
 
     def deliver(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
-        """A reply per recipient; one whose fate is unknown when the connection fails is 4xx."""
+        """A reply per recipient; one whose fate is unknown when the connection fails is 4xx.
+
+        Past the hop's recipient limit (a 452 after some were accepted) the rest get a
+        transaction of their own, on a connection of their own opened while the first waits
+        before DATA: the message goes out only once every transaction has its recipients, so
+        a recipient deferred in a later transaction defers them all, and the retry delivers
+        to each once (sending the first before would deliver it twice).  At most
+        ``OPEN_TRANSACTIONS`` wait at once; past that, what is open is sent first.
+        """
         settled: dict[str, Reply] = {}
         pending = list(recipients)
-        while pending:      # a second transaction only for recipients past the hop's limit
-            pending = self._connection(sender, pending, data, settled)
+        while pending:
+            pending = self._round(sender, pending, data, settled)
         return settled
 
-    def _connection(self, sender: str, recipients: list[str], data: bytes | bytearray,
-                    settled: dict[str, Reply]) -> list[str]:
-        """One connection and transaction; returns the recipients left for another one."""
+    OPEN_TRANSACTIONS = 8
+
+    def _round(self, sender: str, recipients: list[str], data: bytes | bytearray,
+               settled: dict[str, Reply]) -> list[str]:
+        """Open transactions for ``recipients`` (up to OPEN_TRANSACTIONS), then send them all;
+        returns the recipients left for another round."""
+        opened: list[tuple[SmtpSession, list[str]]] = []
+        pending = recipients
+        try:
+            while pending and len(opened) < self.OPEN_TRANSACTIONS:
+                asked = pending
+                session, accepted, pending = self._open(sender, asked, data, settled)
+                if session is not None and accepted:
+                    opened.append((session, accepted))
+                elif session is not None:
+                    session.close()
+                if any(settled[r].code // 100 == 4 for r in asked if r in settled):
+                    self._hold_back(opened, pending, settled, asked)
+                    return []
+            for number, (session, accepted) in enumerate(opened):
+                reply = self._data(session, accepted, data, settled)
+                if reply.code // 100 != 2:      # the transactions after it are not sent
+                    for _, others in opened[number + 1:]:
+                        settled.update(dict.fromkeys(others, _not_tried(self, reply)))
+                    settled.update(dict.fromkeys(pending, _not_tried(self, reply)))
+                    return []
+            return pending
+        finally:
+            for session, _ in opened:
+                session.close()
+
+    def _hold_back(self, opened: list, pending: list[str], settled: dict[str, Reply], asked: list[str]) -> None:
+        """A recipient of the latest transaction was deferred: none of the waiting ones is sent."""
+        first = next(r for r in asked if r in settled and settled[r].code // 100 == 4)
+        reason = Reply(451, f"{settled[first].status} {self}: not sent: <{first}> was deferred "
+                            f"({settled[first]}); all are retried together")
+        for _, accepted in opened:
+            settled.update(dict.fromkeys(accepted, reason))
+        for recipient in pending:
+            settled.setdefault(recipient, reason)
+
+    def _open(self, sender: str, recipients: list[str], data: bytes | bytearray,
+              settled: dict[str, Reply]) -> tuple[SmtpSession | None, list[str], list[str]]:
+        """One connection, up to its RCPTs: (the session, the accepted, those past its limit).
+        A failed connection settles its recipients as deferred and returns no session."""
         session = None
         try:
             session = SmtpSession(self.host, self.port, self.timeout)
-            return self._transaction(session, sender, recipients, data, settled)
+            accepted, later = self._transaction(session, sender, recipients, data, settled)
+            return session, accepted, later
         except Exception as error:      # OSError, SmtpError, or a fault of ours: fate unknown
-            reason = socket_reason(error)
-            log.error("%s: %s", self, reason)
-            status = getattr(error, "status", None) or (NO_ANSWER if session is None else BAD_CONNECTION)
-            for recipient in recipients:
-                settled.setdefault(recipient, Reply(451, f"{status} {self}: {reason}"))
-            return []
-        finally:
+            self._failed(error, session is None, recipients, settled)
             if session is not None:
                 session.close()
+            return None, [], []
+
+    def _data(self, session: SmtpSession, accepted: list[str], data: bytes | bytearray,
+              settled: dict[str, Reply]) -> Reply:
+        """DATA, the message, the final reply: settles the accepted recipients."""
+        try:
+            reply = session.command(b"DATA")
+            if _expected(reply, "DATA", 354):
+                session.send_data(data)
+                reply = session.reply()
+                _expected(reply, "the end of the data", 250)
+        except Exception as error:      # noqa: BLE001 -- the hop broke off: fate unknown, deferred
+            self._failed(error, False, accepted, settled)
+            return settled[accepted[0]]
+        settled.update(dict.fromkeys(accepted, reply))
+        return reply
+
+    def _failed(self, error: BaseException, unconnected: bool, recipients: list[str],
+                settled: dict[str, Reply]) -> None:
+        reason = socket_reason(error)
+        log.error("%s: %s", self, reason)
+        status = getattr(error, "status", None) or (NO_ANSWER if unconnected else BAD_CONNECTION)
+        for recipient in recipients:
+            settled.setdefault(recipient, Reply(451, f"{status} {self}: {reason}"))
 
     def _transaction(self, session: SmtpSession, sender: str, recipients: list[str],
-                     data: bytes | bytearray, settled: dict[str, Reply]) -> list[str]:
-        """Fills ``settled`` as replies become final: a refused RCPT at once, the rest at the end."""
+                     data: bytes | bytearray, settled: dict[str, Reply]) -> tuple[list[str], list[str]]:
+        """Greeting, EHLO, MAIL and RCPTs: (accepted, left for another transaction).  Fills
+        ``settled`` as replies become final: a refused RCPT at once, the rest at the end."""
         greeting = session.reply()
         if not _expected(greeting, "the greeting", 220):    # even 554 is the hop's state, not the message's
             settled.update(dict.fromkeys(recipients, Reply(451, f"{BAD_CONNECTION} {self} greeted: {greeting}")))
-            return []
+            return [], []
         extensions = session.hello(self.helo or hostname())
         params = self._mail_params(extensions, sender, recipients, data)
         reply = session.command(b"MAIL FROM:<" + wire_address(sender) + b">" + params)
         if not _expected(reply, "MAIL FROM", 250):
             settled.update(dict.fromkeys(recipients, reply))
-            return []
-        accepted, later = self._recipients(session, recipients, settled)
-        if not accepted:
-            return []
-        reply = session.command(b"DATA")
-        if _expected(reply, "DATA", 354):
-            session.send_data(data)
-            reply = session.reply()
-            _expected(reply, "the end of the data", 250)
-        settled.update(dict.fromkeys(accepted, reply))
-        if reply.code // 100 == 2:
-            return later
-        settled.update(dict.fromkeys(later, Reply(451, f"{RECIPIENT_COUNT} {self}: not tried: the transaction "
-                                                       f"before them ended in {reply}")))
-        return []
+            return [], []
+        return self._recipients(session, recipients, settled)
 
     def _recipients(self, session: SmtpSession, recipients: list[str],
                     settled: dict[str, Reply]) -> tuple[list[str], list[str]]:
@@ -143,6 +200,10 @@ class SmtpHop:
         if "SMTPUTF8" in extensions and not all(a.isascii() for a in [sender, *recipients]):
             params += b" SMTPUTF8"
         return params
+
+
+def _not_tried(hop: SmtpHop, reply: Reply) -> Reply:
+    return Reply(451, f"{RECIPIENT_COUNT} {hop}: not tried: the transaction before them ended in {reply}")
 
 
 def _expected(reply: Reply, step: str, *success: int) -> bool:

@@ -11,7 +11,7 @@ from pathlib import Path
 from ispmailgate_filters.base import ConfigError
 
 from ..logs import SyslogHandler
-from ..process import preload
+from ..process import opened_as_mail_user, preload
 from ..rules import Config, find_config, load_config
 from ..status import EX_CONFIG, EX_OK
 from .children import Identity
@@ -106,7 +106,8 @@ def _configure_logging(config: Config, foreground: bool) -> None:
     if config.log_file and config.log_file != "-":
         from ispmailgate_filters.files import open_log_file
 
-        handlers.append(logging.StreamHandler(open_log_file(config.log_file)))     # as root: checked
+        stream = opened_as_mail_user(config, lambda: open_log_file(config.log_file))   # as a run opens it
+        handlers.append(logging.StreamHandler(stream))
     for handler in handlers:
         handler.setFormatter(formatter)
         log.addHandler(handler)

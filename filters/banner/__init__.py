@@ -1,20 +1,25 @@
 """banner: adds a disclaimer or a warning to a message's text and subject (the original's Banner).
 
-Which parts: in ``multipart/alternative`` every alternative; in any other multipart the
-first text part only; a single-part text message itself.  Never an attachment (a part
-with ``Content-Disposition: attachment`` or a file name), never an embedded message,
-never the content of ``multipart/signed``, ``multipart/encrypted`` or S/MIME.  Text is
-added to ``text/plain`` parts, an HTML snippet to ``text/html`` parts; every other part
-keeps its bytes.  A message that already went through the same banner (its marker
-header names this banner and the text is exactly where this configuration puts it) is
-left byte for byte as it is.
+Which parts: in ``multipart/alternative`` every alternative; in ``multipart/related``
+its root (the part its ``start`` parameter names, else the first); in any other
+multipart the first text part only; a single-part text message itself.  Never an
+attachment (a part with a file name, or a ``Content-Disposition`` other than inline: RFC
+2183 makes an unknown one an attachment), never an embedded message, never the content
+of ``multipart/signed``, ``multipart/encrypted`` or S/MIME.  Text is added to
+``text/plain`` parts, an HTML snippet to ``text/html`` parts, where the document shows it
+(never inside an inert or hidden container, see :mod:`.markup`); every other part keeps
+its bytes.  The subject prefix goes on every Subject field (readers differ in which of
+two they show).  A message that already went through the same banner (its marker header
+names this banner and the text is exactly where this configuration puts it) is left byte
+for byte as it is.
 
 A filter that says it warned must have warned where the reader looks: where the banner
 cannot go in place -- no text part, an alternative it cannot carry, a structure past the
-parser's limits, a charset it cannot write, an HTML part with no place for it -- the
-message's body goes, byte for byte, under a new multipart/mixed beside the banner, and
-the log says why.  Stateful charsets (ISO-2022-*, HZ, UTF-7) and wide ones (UTF-16,
-UTF-32) are decoded and encoded again, never appended to by byte.
+parser's limits, a message the parser gave up on, a charset it cannot write, an HTML
+part with no place for it -- the message's body goes, byte for byte, under a new
+multipart/mixed beside the banner, and the log says why.  Stateful charsets (ISO-2022-*,
+HZ, UTF-7) and wide ones (UTF-16, UTF-32) are decoded and encoded again, never appended
+to by byte.
 """
 
 from __future__ import annotations
@@ -26,15 +31,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..base import Context, Filter, OptionError, TempFail, choice, option
-from ..mime import Message, Part, decode_words, printable
+from ..mime import Message, Part, decode_words, printable, text_codec
+from .parts import PROTECTED, chosen_parts, is_wrapped, wrap
 
 MARKER = "X-ispMailGate-Banner"
-PROTECTED = frozenset({"multipart/signed", "multipart/encrypted",
-                       "application/pkcs7-mime", "application/x-pkcs7-mime"})
 _KNOWN_ENCODINGS = frozenset({"", "7bit", "8bit", "binary", "quoted-printable", "base64"})
 _ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?")
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_BESIDE_THE_BODY = frozenset({"text/calendar", "application/ics"})    # an invitation, shown with the body
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Banner(Filter):
     description = "add a disclaimer or warning to the message text and subject"
     lazy_modules = ("codecs", "email.header", "hashlib", "html", "html.parser", "unicodedata",
                     "ispmailgate_filters.banner.markup")
+    unparsed_mail = "process"       # the whole message goes under the banner
 
     text: str = option("", "plain text added to text/plain parts (HTML-escaped into text/html "
                            "parts when no html is set)")
@@ -140,6 +144,9 @@ class Banner(Filter):
 
     def _add_to_body(self, message: Message, texts: Texts, marked: bool, ctx: Context) -> bool:
         root = message.root
+        if message.unparsed is not None:    # no part can be found in it: the whole goes under
+            self._wrap_instead(message, texts, [f"the message cannot be parsed ({message.unparsed})"], ctx)
+            return True
         if root.content_type in PROTECTED:
             if self.on_protected == "skip":
                 ctx.log.info("%s: %s message: body left untouched (on_protected = skip)",
@@ -228,18 +235,19 @@ class Banner(Filter):
 
     def _plan_html(self, part: Part, codec: BodyCodec, data: bytes, html: str,
                    marked: bool) -> Change | str | None:
-        from .markup import insertion_point
+        from .markup import insertion
 
         eol = line_end(data, part.headers.eol).decode()
         snippet = eol.join(html.split("\n")).encode(codec.working, "xmlcharrefreplace")
         position = self.position if self.html_position == "same" else self.html_position
-        at = insertion_point(data, position)
-        if at is None:
-            return "no <body>, </head> or <html> tag"
+        found = insertion(data, position)
+        if found is None:
+            return "no <body>, </head> or <html> tag"     # where a reader would see the snippet
+        at, closers = found
         placed = data[at:at + len(snippet)] if position == "top" else data[max(at - len(snippet), 0):at]
-        if marked and placed == snippet:    # exactly where this banner goes, not just somewhere
+        if marked and placed == snippet and not closers:    # exactly where this banner goes
             return None
-        return Change(codec.from_working(data[:at] + snippet + data[at:], "xmlcharrefreplace"), None)
+        return Change(codec.from_working(data[:at] + closers + snippet + data[at:], "xmlcharrefreplace"), None)
 
     def _carrier(self, texts: Texts, eol: bytes) -> Part:
         """The part that carries the banner beside a wrapped message."""
@@ -256,83 +264,12 @@ class Banner(Filter):
         if not prefix:
             return False
         headers = message.headers
-        value = headers.get("Subject")
-        if value is None:
+        if not headers.get_all("Subject"):
             headers.add("Subject", prefix.strip(), top=False)
             return True
-        if readable(value).lstrip().lower().startswith(prefix.strip().lower()):
-            return False
-        headers.set("Subject", prefixed(prefix, value))
-        return True
-
-
-# -- which parts ----------------------------------------------------------------------------
-
-def chosen_parts(part: Part) -> list[Part]:
-    """The parts that get the banner, in order (see the module's docstring)."""
-    if part.content_type in PROTECTED:
-        return []
-    if part.is_leaf:
-        takes = part.content_type in ("text/plain", "text/html") and not part.is_attachment
-        return [part] if takes and part.filename is None else []
-    if not part.is_multipart:           # an embedded message: somebody else's text
-        return []
-    if part.content_type == "multipart/alternative":      # the reader shows one, often the last:
-        found = []                                         # each must carry the banner
-        for child in part.children:
-            chosen = chosen_parts(child)
-            if not chosen and child.content_type not in _BESIDE_THE_BODY:
-                return []
-            found += chosen
-        return found
-    for child in part.children:
-        chosen = chosen_parts(child)
-        if chosen:
-            return chosen
-    return []
-
-
-def wrap(message: Message, carrier: Part, position: str, *, whole: bool = True) -> None:
-    """Put the message's body under a new multipart/mixed beside ``carrier``.
-
-    ``whole``: the whole message is attached as message/rfc822, every byte kept (a
-    signature stays valid).  Else the message's own MIME entity -- its Content-* fields
-    and its body, byte for byte -- becomes the other part, shown inline as it was (as
-    Mailman's decorate does where a footer cannot go in place).  The new top part keeps
-    the original's header fields except the Content-* ones.
-    """
-    root = message.root
-    eol = root.headers.eol
-    if whole:
-        inner = Part.new_message([("Content-Description", "original message")],
-                                 Part.from_bytes(bytes(root.to_bytes())), eol=eol)
-    else:
-        content = b"".join(raw for name, raw in root.headers.fields() if name.lower().startswith("content-"))
-        inner = Part.from_bytes(content + (root.separator or eol) + root.body_bytes())
-    children = [carrier, inner] if position == "top" else [inner, carrier]
-    outer = Part.new_multipart("mixed", children, eol=eol)
-    headers = root.headers
-    for name in {n for n in headers.names() if n.lower().startswith("content-")}:
-        headers.remove(name)
-    if "MIME-Version" not in headers:
-        headers.add("MIME-Version", "1.0", top=False)
-    headers.add("Content-Type", outer.headers.get("Content-Type") or "", top=False)
-    outer.headers = headers
-    message.root = outer
-
-
-def is_wrapped(root: Part, carrier: Part, position: str) -> bool:
-    """Is ``root`` a multipart/mixed of two whose first (top) or last (bottom) part is the
-    banner's ``carrier``, word for word: where :func:`wrap` puts it, and nowhere else."""
-    if root.content_type != "multipart/mixed" or len(root.children) != 2:
-        return False
-    found = root.children[0 if position == "top" else 1]
-    return _texts_of(found) == _texts_of(carrier)
-
-
-def _texts_of(part: Part) -> list[tuple[str, bytes]]:
-    leaves = [part] if part.is_leaf else part.children if part.content_type == "multipart/alternative" else []
-    return [(leaf.content_type, leaf.decoded()) for leaf in leaves if leaf.is_leaf]
+        # every Subject field: with two, one reader shows the first and another the last
+        return headers.update_each("Subject", lambda value: None if readable(value).lstrip().lower()
+                                   .startswith(prefix.strip().lower()) else prefixed(prefix, value))
 
 
 # -- text ------------------------------------------------------------------------------------
@@ -409,7 +346,7 @@ def body_codec(charset: str | None, data: bytes = b"") -> BodyCodec | None:
     name = (charset or "us-ascii").strip().strip('"')
     try:
         info = codecs.lookup(name)
-        if not getattr(info, "_is_text_encoding", True):        # never zlib, base64, rot13 ...
+        if text_codec(name) is None:        # never zlib, base64, rot13, the escape codecs ...
             return None
         probe = "<body>\r\n =?;"
         stateless_ascii = not info.name.startswith(_STATEFUL) and probe.encode(info.name) == probe.encode("ascii")

@@ -17,7 +17,8 @@ import re
 _BLOCK_ENDS = frozenset({"p", "div", "li", "tr", "table", "h1", "h2", "h3", "h4", "h5", "h6",
                          "blockquote", "pre", "ul", "ol"})
 # Elements whose content is text up to their own end tag (RAWTEXT and RCDATA).
-_RAW_TEXT = frozenset({"script", "style", "xmp", "iframe", "noembed", "noframes", "textarea", "title"})
+# noscript too: a reader that runs scripts takes its content as text.
+_RAW_TEXT = frozenset({"script", "style", "xmp", "iframe", "noembed", "noframes", "textarea", "title", "noscript"})
 _SPACE = "\t\n\f\r "
 _TAG_NAME = f"[^{_SPACE}/>]*"
 # Blanks and slashes, then an attribute name, then "=" if a value follows.
@@ -27,79 +28,186 @@ _COMMENT_END = "--!?>"
 
 
 def insertion_point(document: bytes, position: str) -> int | None:
-    """The byte offset where a banner goes, or None to leave the document alone.
+    """The byte offset where a banner goes, or None to leave the document alone (see
+    :func:`insertion`, which says what must precede the snippet there as well)."""
+    found = insertion(document, position)
+    return None if found is None else found[0]
 
-    top: right after the opening ``<body ...>`` tag; else after ``</head>``; else after
-    ``<html ...>`` (the original's order).  bottom: right before the last ``</body>``;
-    else before the last ``</html>``; else, in a document that has one of those tags, at
-    its end.  A fragment with none of them is left alone in both positions.
+
+def insertion(document: bytes, position: str) -> tuple[int, bytes] | None:
+    """(the byte offset where a banner goes, end tags to write before it), or None to
+    leave the document alone.
+
+    top: where the body starts -- right after the opening ``<body ...>`` tag when nothing
+    a reader shows comes before it; else right before the first thing that opens the body
+    without one (text, or a tag that has no place in the head: ``<html><div hidden><body>``
+    opens the body at the ``<div>``, and the ``<body>`` inside it is ignored); else after
+    ``</head>``, else after ``<html>`` (the original's order).  bottom: right before the
+    last ``</body>``; else before the last ``</html>``; else, in a document that has one
+    of those tags, at its end -- unless the document ends inside a comment, raw text or a
+    tag, where the snippet would not show.  At the bottom, elements the sender left open
+    there (``<div style="display:none">`` never closed) are closed before the snippet, or
+    it would be inside them.  Tags inside inert or hidden containers
+    (``<template>``, ``<select>``, raw text such as ``<noscript>`` and ``<title>``) are no
+    anchors.  A fragment with none of the document's tags is left alone in both positions.
     """
-    text = document.decode("latin-1")
-    anchors = _anchors(text, stop_at_body=position == "top")
+    tokens = _Tokens(document.decode("latin-1"))
     if position == "top":
-        order = ("body_open", "head_close", "html_open")
-    else:
-        order = ("body_close", "html_close")
-    for name in order:
+        at = _top(tokens)
+        return None if at is None else (at, b"")
+    return _bottom(tokens)
+
+
+def _top(tokens: _Tokens) -> int | None:
+    anchors: dict[str, int] = {}
+    opened = None           # where the body opened without a <body> tag
+    for name, closing, start, end in tokens:
+        if name in ("html", "head", "body") and opened is not None:
+            return opened   # a document, not a fragment
+        if name == "body" and not closing:
+            return end
+        if name in ("html", "head") and not closing or closing and name == "head":
+            anchors.setdefault(f"{name}_{'close' if closing else 'open'}", end)
+        elif opened is None and _opens_the_body(name, closing):
+            opened = start
+            if anchors:
+                return opened
+    return anchors.get("head_close", anchors.get("html_open"))
+
+
+def _bottom(tokens: _Tokens) -> tuple[int, bytes] | None:
+    anchors: dict[str, tuple[int, tuple[str, ...]]] = {}
+    open_elements: list[str] = []
+    for name, closing, start, _ in tokens:
+        if closing and name in ("body", "html"):
+            anchors[f"{name}_close"] = (start, tuple(open_elements))    # the last one wins
+        elif name in ("body", "html"):
+            anchors[f"{name}_open"] = (start, ())
+        elif name != "#text":
+            _follow(open_elements, name, closing)
+    for name in ("body_close", "html_close"):
         if name in anchors:
-            return anchors[name]
-    if position == "bottom" and anchors:
-        return len(text.rstrip())
+            return _closing(*anchors[name])
+    if anchors and tokens.complete:
+        return _closing(len(tokens.text.rstrip()), tuple(open_elements))
     return None
 
 
-def _anchors(text: str, *, stop_at_body: bool = False) -> dict[str, int]:
-    """Offsets just after ``<body>``, ``</head>``, ``<html>`` and just before ``</body>``, ``</html>``.
-
-    With ``stop_at_body`` the scan stops at the opening body tag: the top position needs
-    nothing after it, and a large HTML part is not read to its end for nothing.
-    """
-    found: dict[str, int] = {}
-    for name, closing, start, end in _tags(text):
-        if closing and name == "head":
-            found.setdefault("head_close", end)
-        elif closing and name in ("body", "html"):
-            found[f"{name}_close"] = start      # the last one wins
-        elif not closing and name in ("body", "html"):
-            found.setdefault(f"{name}_open", end)
-            if stop_at_body and name == "body":
-                break
-    return found
+# Elements without an end tag, or whose end tag may be left out (closed by what follows):
+# not followed, and so never closed by the banner (WHATWG 13.1.2 and 13.1.2.4).
+_NO_END_TAG = frozenset({"area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr",
+                         "image", "img", "input", "keygen", "link", "meta", "param", "source", "track",
+                         "wbr", "p", "li", "dt", "dd", "option", "optgroup", "rb", "rp", "rt", "rtc",
+                         "tr", "td", "th", "thead", "tbody", "tfoot", "colgroup", "caption", "head"})
+_MOST_OPEN = 256
+_ELEMENT_NAME = re.compile(r"[a-z][a-z0-9-]*")
 
 
-def _tags(text: str):
-    """(name, closing, start, end) of every start and end tag outside comments, declarations
-    and raw text.  A tag or quoted value that reaches the end of the document is no tag
-    (the standard drops it); every search that fails ends the scan, so nothing is rescanned."""
-    position, size = 0, len(text)
-    tag_name = re.compile(_TAG_NAME).match
-    while (start := text.find("<", position)) >= 0 and start + 1 < size:
-        after = text[start + 1]
-        if after == "!":
-            position = _declaration_end(text, start)
-        elif after == "?":
-            position = _after(text, ">", start + 2)
-        elif after == "/" and _letter(text, start + 2):
-            name_end = tag_name(text, start + 3).end()
-            end = _tag_end(text, name_end)
-            if end is None:
+def _follow(open_elements: list[str], name: str, closing: bool) -> None:
+    """The elements left open, as far as end tags say (a parser ignores an end tag
+    without its element, so closing one that a parser closed already costs nothing)."""
+    if name in _NO_END_TAG or name in _INERT or not _ELEMENT_NAME.fullmatch(name):
+        return
+    if not closing:
+        if len(open_elements) <= _MOST_OPEN:
+            open_elements.append(name)
+    elif name in open_elements:
+        while open_elements.pop() != name:
+            pass
+
+
+def _closing(at: int, open_elements: tuple[str, ...]) -> tuple[int, bytes] | None:
+    if len(open_elements) > _MOST_OPEN:
+        return None         # too deep to close: the banner goes beside the part instead
+    return at, "".join(f"</{name}>" for name in reversed(open_elements)).encode("latin-1")
+
+
+# Elements the parser keeps in the head (WHATWG 13.2.6.4.4); any other start tag, and text
+# that is not white space, opens the body.
+_HEAD = frozenset({"html", "head", "title", "base", "basefont", "bgsound", "link", "meta", "noframes",
+                   "script", "style", "template", "noscript"})
+
+
+def _opens_the_body(name: str, closing: bool) -> bool:
+    if closing:
+        return name in ("body", "br")       # end tags the head's modes treat as content
+    return name not in _HEAD
+
+
+class _Tokens:
+    """(name, closing, start, end) of every start and end tag a reader would render, and
+    ("#text", False, start, end) of each run of text that is not white space, outside
+    comments, declarations, raw text and inert containers (``<template>``, ``<select>``).
+    A tag or quoted value that reaches the end of the document is no tag (the standard
+    drops it); every search that fails ends the scan, so nothing is rescanned.
+    ``complete`` says, after the scan, whether the document ended where text shows."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.complete = False
+        self.inert: list[str] = []
+
+    def __iter__(self):
+        text, position, size = self.text, 0, len(self.text)
+        tag_name = re.compile(_TAG_NAME).match
+        while True:
+            start = text.find("<", position)
+            if not self.inert and text[position:size if start < 0 else start].strip(_SPACE):
+                yield "#text", False, position, size if start < 0 else start
+            if start < 0 or start + 1 >= size:
+                self.complete = not self.inert
                 return
-            yield text[start + 2:name_end].lower(), True, start, end
-            position = end
-        elif after == "/":
-            position = start + 3 if text.startswith("</>", start) else _after(text, ">", start + 2)
-        elif _letter(text, start + 1):
-            name_end = tag_name(text, start + 2).end()
-            end = _tag_end(text, name_end)
-            if end is None:
-                return
-            name = text[start + 1:name_end].lower()
-            yield name, False, start, end
-            if name == "plaintext":
-                return
-            position = _raw_text_end(text, name, end) if name in _RAW_TEXT else end
-        else:
-            position = start + 1
+            after = text[start + 1]
+            if after == "!":
+                position = _declaration_end(text, start)
+            elif after == "?":
+                position = _after(text, ">", start + 2)
+            elif after == "/" and _letter(text, start + 2):
+                name_end = tag_name(text, start + 3).end()
+                end = _tag_end(text, name_end)
+                if end is None:
+                    return
+                name = text[start + 2:name_end].lower()
+                if self._visible(name, True):
+                    yield name, True, start, end
+                position = end
+            elif after == "/":
+                position = start + 3 if text.startswith("</>", start) else _after(text, ">", start + 2)
+            elif _letter(text, start + 1):
+                name_end = tag_name(text, start + 2).end()
+                end = _tag_end(text, name_end)
+                if end is None:
+                    return
+                name = text[start + 1:name_end].lower()
+                if self._visible(name, False):
+                    yield name, False, start, end
+                if name == "plaintext":
+                    return
+                position = _raw_text_end(text, name, end) if name in _RAW_TEXT else end
+            else:
+                position = start + 1
+            if position >= size:
+                return      # a comment, declaration or raw text that ran to the end
+
+    def _visible(self, name: str, closing: bool) -> bool:
+        """Track the inert containers; True for a tag outside all of them."""
+        inert = self.inert
+        if inert and inert[-1] == "select" and not closing and name in _LEAVE_SELECT:
+            inert.pop()     # these start tags end a select (13.2.6.4.16)
+            return not inert and name != "select"
+        if name in _INERT:
+            shown = not inert and not closing and name == "select"    # a select opens the body
+            if not closing:
+                inert.append(name)
+            elif name in inert:
+                while inert.pop() != name:
+                    pass
+            return shown
+        return not inert
+
+
+_INERT = frozenset({"template", "select"})      # content not rendered as the page
+_LEAVE_SELECT = frozenset({"select", "input", "keygen", "textarea"})
 
 
 def _letter(text: str, index: int) -> bool:

@@ -31,17 +31,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice,
+from ..base import (Context, Filter, FilterError, OptionError, Reject, TempFail, argv, choice, count,
                    marked_direction, option, parse_size, seconds)
 from ..mime import Headers, Message, ParseError, Part, encode_body, format_param, printable
 from . import original
 from .original import PACKER_TYPE, PENCODING
-from .packing import BUILTIN_CODECS, UnpackError, compress, decompress, incompressible
+from .packing import BUILTIN_CODECS, TooLarge, UnpackError, compress, decompress, incompressible
 from .form import (MARKER, PACKED, PACKED_FIELDS, PROTECTED, REPLACED, Found, label,
                    leaves_outside_protected, packed_form, packed_parts, recorded_fields,
                    refuse_delimiters, restored_body, without_last_eol)
 
 _ENCODINGS = frozenset({"", "7bit", "8bit", "binary", "base64", "quoted-printable"})
+RATIO_GRACE = 1 << 20      # small parts may compress far better than max_ratio (zeros, logs)
 _IDENTITY = frozenset({"", "7bit", "8bit", "binary"})
 _CODEC_NAME = re.compile(r"[a-z0-9][a-z0-9.+-]*\Z")
 _MEDIA_RANGE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]*/(\*|[a-z0-9][a-z0-9!#$&^_.+-]*)\Z")
@@ -74,7 +75,8 @@ class Packer(Filter):
     name = "packer"
     description = "compress message parts (pos) or restore them (neg)"
     lazy_modules = ("base64", "binascii", "bz2", "gzip", "lzma", "shutil", "subprocess", "threading",
-                    "zlib")
+                    "zlib", "ispmailgate_filters.bounded", "ispmailgate_filters.processes")
+    unparsed_mail = "process"       # pos packs nothing of it; neg: see _unparsed
 
     direction: str = option("auto", "pos: pack; neg: unpack; auto: unpack mail whose X-ispMailGate-Packer "
                                     "header says pos or that names the original's packer, pack all other mail",
@@ -98,8 +100,11 @@ class Packer(Filter):
                                                  "alone, e.g. formats that are compressed already",
                                convert=_media_ranges)
     max_unpacked: int = option(100 * 1024 ** 2, "most bytes neg may unpack for one message, all parts "
-                                                "together (e.g. \"100M\"); past it: on_unpack_error",
+                                                "together (e.g. \"100M\"; never more than max_message_size "
+                                                "nor what max_decoded has left); past it: on_unpack_error",
                                convert=parse_size)
+    max_ratio: int = option(1000, "unpacked/packed size above which neg does not unpack a part (over "
+                                  "1M unpacked); past it: on_unpack_error", convert=count(1, 1_000_000))
     on_unpack_error: str = option("error", "for a packed part past max_unpacked, damaged, or in a codec "
                                            "or form this filter cannot undo: error (a filter error, see "
                                            "on_filter_error), keep (deliver it packed, labelled as packed "
@@ -141,6 +146,9 @@ class Packer(Filter):
             direction = "neg"       # the original named its packer before it marked the message
         if direction == "neg":
             self.unpack(message, ctx)
+        elif message.unparsed is not None:      # packing is an optimisation: it goes as it is
+            ctx.log.info("%s: the message cannot be parsed: nothing packed", self.title)
+            _mark(message.headers)
         elif self.format == "original":
             self.pack_original(message, ctx)
         else:
@@ -222,16 +230,17 @@ class Packer(Filter):
     # -- neg ---------------------------------------------------------------------------
 
     def unpack(self, message: Message, ctx: Context) -> None:
-        budget, count, kept = self.max_unpacked, 0, 0
+        if message.unparsed is not None:
+            return self._unparsed(message, ctx)
+        produced, count, kept = 0, 0, 0
         for found in packed_parts(message.root):
-            try:        # within this step's max_unpacked and the message's budget (max_decoded)
-                restored, size = self._restore(found, min(budget, ctx.budget.room()), ctx)
+            try:
+                restored, size = self._restore(found, produced, ctx)
             except UnpackError as error:
                 self._failed(found, error, ctx)
                 kept += 1
                 continue
-            budget -= size
-            ctx.budget.charge(decoded=size)
+            produced += size
             count += 1
             if found.parent is None:
                 message.root = restored
@@ -242,11 +251,28 @@ class Packer(Filter):
         if not kept:
             message.headers.remove(MARKER)
         if count:
-            ctx.log.info("%s: unpacked %d part(s), %d bytes", self.title, count, self.max_unpacked - budget)
+            ctx.log.info("%s: unpacked %d part(s), %d bytes", self.title, count, produced)
 
-    def _restore(self, found: Found, budget: int, ctx: Context) -> tuple[Part, int]:
+    def _unparsed(self, message: Message, ctx: Context) -> None:
+        """Packed parts inside a message the parser gave up on cannot be found, so none is
+        restored; packed data must not reach a reader under its old label (the original's
+        form keeps it): on_unpack_error decides, and "keep" delivers only this program's
+        form, whose parts say they are packed."""
+        why = f"the message cannot be parsed ({message.unparsed}): its packed parts cannot be restored"
+        if self.on_unpack_error == "reject":
+            raise Reject(why, "5.6.0")
+        if self.on_unpack_error != "keep" or message.header_value(PACKER_TYPE) is not None:
+            raise FilterError(why)
+        ctx.log.warning("%s: %s; delivered packed (on_unpack_error = keep)", self.title, why)
+
+    def _restore(self, found: Found, produced: int, ctx: Context) -> tuple[Part, int]:
+        """The part restored, and the bytes unpacked for it: within max_unpacked for the
+        message, the message's budget (max_decoded), max_message_size, and max_ratio."""
         part = found.part
-        codec, size, header = self._record(found, budget)
+        limit = ctx.budget.allowance(produced, (self.max_unpacked - produced,
+                                                f"more than max_unpacked ({self.max_unpacked} bytes) "
+                                                "for one message"))
+        codec, size, header = self._record(found, limit)
         try:
             restored = Part.from_bytes(header + (part.separator or part.headers.eol))
         except ParseError as error:
@@ -256,7 +282,7 @@ class Packer(Filter):
         if encoding not in _IDENTITY and encoding not in original.RESTORABLE:
             raise UnpackError(f"recorded Content-Transfer-Encoding {printable(encoding, 40)!r} "
                               "cannot be restored")
-        data = self._decompress(codec, part, budget, ctx)
+        data = self._decompress(codec, part, limit, size, ctx)
         if size is not None and len(data) != size:
             raise UnpackError(f"unpacked {len(data)} bytes where {size} were recorded")
         restored.body = restored_body(data, encoding, part.headers.eol, filename=restored.filename,
@@ -264,8 +290,9 @@ class Packer(Filter):
         refuse_delimiters(restored.body, found.delimiters)
         return restored, len(data)
 
-    def _record(self, found: Found, budget: int) -> tuple[str, int | None, bytes]:
-        """(codec, unpacked size if recorded, restored header) from what the packed part says."""
+    def _record(self, found: Found, limit: tuple[int, str]) -> tuple[str, int | None, bytes]:
+        """(codec, unpacked size if recorded, restored header) from what the packed part says;
+        a recorded size past ``limit`` ((bytes, why)) is refused before anything is unpacked."""
         part = found.part
         if found.form == "original":
             return original.packer_name(found.packer), None, original.restored_header(part)
@@ -273,16 +300,31 @@ class Packer(Filter):
             names = sorted(n for n in part.headers.names() if n.lower().startswith("x-ispmailgate-pack"))
             raise UnpackError(f"packed in a form this filter does not know ({', '.join(names)})")
         codec, size = _summary(part.headers.get(PACKED) or "")
-        if size is not None and size > budget:
-            raise UnpackError(f"it would unpack to {size} bytes, over max_unpacked ({self.max_unpacked})")
+        if size is not None and size > limit[0]:
+            raise UnpackError(f"it would unpack to {size} bytes: {limit[1]}")
         return codec, size, _restored_header(part, recorded_fields(part, found.top), found.top)
 
-    def _decompress(self, codec: str, part: Part, budget: int, ctx: Context) -> bytes:
+    def _decompress(self, codec: str, part: Part, limit: tuple[int, str], size: int | None,
+                    ctx: Context) -> bytes:
+        """The part's data unpacked within ``limit`` and max_ratio; the work is charged to the
+        message's budget whatever comes of it."""
         command = self.command_neg if codec == self.codec else ()
         if codec not in BUILTIN_CODECS and not command:
             raise UnpackError(f"codec {printable(codec, 40)!r} is not built in and not this filter's "
                               "command codec")
-        return decompress(codec, part.decoded(), budget, command, self._run_options(ctx))
+        packed = part.decoded()
+        ratio = (max(RATIO_GRACE, len(packed) * self.max_ratio),
+                 f"compression ratio above max_ratio ({self.max_ratio})")
+        most, why = min(limit, ratio, key=lambda cap: cap[0])
+        if size is not None and size > most:
+            raise UnpackError(f"it would unpack to {size} bytes: {why}")
+        try:
+            data = decompress(codec, packed, most, command, self._run_options(ctx), why)
+        except TooLarge:
+            ctx.budget.charge(decoded=most)
+            raise
+        ctx.budget.charge(decoded=len(data))
+        return data
 
     def _failed(self, found: Found, error: UnpackError, ctx: Context) -> None:
         part = found.part

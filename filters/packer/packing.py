@@ -34,6 +34,10 @@ class UnpackError(Exception):
         self.environment = environment
 
 
+class TooLarge(UnpackError):
+    """Data that unpacks to more than its limit allows (the work up to the limit was done)."""
+
+
 def compress(codec: str, data: bytes, level: int, command: tuple[str, ...] = (),
              run: dict | None = None) -> bytes:
     """``data`` packed with a built-in codec, or with ``command`` when one is given."""
@@ -67,18 +71,22 @@ def incompressible(data: bytes) -> bool:
 
 
 def decompress(codec: str, data: bytes, limit: int, command: tuple[str, ...] = (),
-               run: dict | None = None) -> bytes:
-    """``data`` unpacked, at most ``limit`` bytes of it; more, or damage, is an UnpackError."""
+               run: dict | None = None, why: str = "max_unpacked") -> bytes:
+    """``data`` unpacked, at most ``limit`` bytes of it; more (``why``: the limit that says
+    so), or damage, is an UnpackError.  The output grows a chunk at a time: a bomb stops
+    one chunk past the limit, and nothing is allocated for a limit it never reaches."""
+    from ..bounded import read_at_most
+
     if command:
         return run_command(command, data, limit, **(run or {}))
     opener, damage = _reader(codec)
     try:
         with opener(io.BytesIO(data)) as stream:
-            out = stream.read(limit + 1)
+            out, more = read_at_most(stream.read, limit)
     except damage as error:
         raise UnpackError(f"damaged {codec} data: {error or type(error).__name__}") from None
-    if len(out) > limit:
-        raise UnpackError(f"unpacks to more than {limit} bytes (max_unpacked)")
+    if more:
+        raise TooLarge(f"unpacks to more than {limit} bytes ({why})")
     return out
 
 
@@ -140,7 +148,7 @@ def run_command(command: tuple[str, ...], data: bytes, limit: int, *, timeout: f
 def _checked(command, out: bytes, limit: int, status: int, expired: bool, timeout: float,
              errors: bytes) -> bytes:
     if len(out) > limit:
-        raise UnpackError(f"{command[0]} put out more than {limit} bytes")
+        raise TooLarge(f"{command[0]} put out more than {limit} bytes")
     if expired:
         raise UnpackError(f"{command[0]} ran longer than {timeout:g} s")
     if status != 0:

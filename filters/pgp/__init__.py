@@ -36,7 +36,7 @@ from ..base import (Context, Filter, OptionError, Reject, TempFail, choice, mapp
 from ..mime import Message
 from .gpg import GpgTrouble, Keyring
 from .incoming import Incoming
-from ..secure_mime import remove_verdicts
+from ..secure_mime import remove_verdicts, unparsed_incoming
 from .parts import (MARKER, PGP_KINDS, RESULT, SIGNATURE, already_encrypted, build_encrypted, build_signed,
                        canonical, seven_bit, split_entity)
 
@@ -56,6 +56,8 @@ def _absolute(value: Any) -> str:
 
 
 _seconds = seconds()
+# What OpenPGP data in a message looks like, found in its raw bytes when it cannot be parsed.
+_PGP_TRACES = r"-----BEGIN PGP |application/pgp-|\.(?:pgp|gpg)\b"
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class Pgp(Filter):
     description = "encrypt and sign (pos), decrypt and verify (neg) with OpenPGP and gpg"
     lazy_modules = ("gnupg", "mimetypes", "tempfile", "threading", "tomllib", "ispmailgate_filters.pgp.gpg",
                     "ispmailgate_filters.pgp.incoming", "ispmailgate_filters.pgp.parts")
+    # pos encrypts it whole; neg removes forged verdicts and calls what it holds undecryptable
+    unparsed_mail = "process"
 
     direction: str = option("auto", "pos: encrypt/sign; neg: decrypt/verify; auto: by content "
                             "(PGP-encrypted mail goes neg, all else pos)", convert=choice("pos", "neg", "auto"))
@@ -123,6 +127,8 @@ class Pgp(Filter):
         try:
             if self._direction(message) == "pos":
                 self._outgoing(message, ctx, keyring)
+            elif message.unparsed is not None:
+                unparsed_incoming(message, ctx, self.on_undecryptable, RESULT, _PGP_TRACES, "OpenPGP data")
             else:
                 Incoming(self, ctx, keyring).run(message)
         except GpgTrouble as trouble:
@@ -148,9 +154,9 @@ class Pgp(Filter):
             root = build_encrypted(outer, armor, eol)
             ctx.log.info("encrypted to %s%s", ", ".join(keys), " and signed" if self.sign else "")
         elif self.sign:
-            entity = seven_bit(entity)
+            entity = seven_bit(entity, message.parse_again)
             signature, micalg = keyring.sign_detached(canonical(entity), self.sign_uid)
-            root = build_signed(outer, entity, signature, micalg, eol)
+            root = build_signed(outer, entity, signature, micalg, eol, message.parse_again)
             ctx.log.info("signed, not encrypted")
         else:
             return

@@ -47,6 +47,10 @@ class Undecryptable(Exception):
     """The data cannot be decrypted here: no secret key for it, corrupt, or too large."""
 
 
+class TooLarge(Undecryptable):
+    """The plaintext would be larger than the limit the call was given (gpg stopped there)."""
+
+
 class NoSecretKey(Undecryptable):
     """Encrypted only to keys whose secret half this key ring does not hold."""
 
@@ -169,7 +173,7 @@ class Keyring:
                                 extra_args=["--max-output", str(max_size)])
             stderr = getattr(result, "stderr", "")
             if _TOO_LARGE in stderr:
-                raise Undecryptable(f"decrypted data larger than {max_size} bytes")
+                raise TooLarge(f"decrypted data larger than {max_size} bytes")
             if result.ok:
                 return bytes(result.data), signatures(stderr)
             _raise_agent_trouble(result)

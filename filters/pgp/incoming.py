@@ -14,8 +14,8 @@ import re
 from typing import Protocol
 
 from ..base import Context, marked_direction
-from ..mime import Message, Part, python_codec
-from .gpg import Keyring, NoSecretKey, Signature, Undecryptable
+from ..mime import Message, ParseError, Part, decode_text, python_codec, without_surrogates
+from .gpg import Keyring, NoSecretKey, Signature, TooLarge, Undecryptable
 from .parts import (MARKER, MESSAGE_ARMOR, RESULT, SIGNATURE, SIGNED_ARMOR, Malformed,
                        encrypted_payload, has_armor, is_binary_pgp_file, is_pgp_encrypted, is_pgp_signed,
                        may_render_as_markup, merge_decrypted, native, signed_content)
@@ -46,6 +46,7 @@ class Incoming:
         self.foreign_only = True        # every failure so far was "no secret key here"
         self.gpg_calls = 0
         self.markup: int | None = None  # parts a reader may render as markup, counted once per tree
+        self.output = 0                 # bytes decrypted into the message so far
 
     def run(self, message: Message) -> None:
         self.message = message
@@ -82,11 +83,13 @@ class Incoming:
         try:
             self._not_beside_html(part, parent)
             plain, found = self._decrypt(encrypted_payload(part))
+            inner = self.message.parse_inner(native(plain, eol), part.depth + 1)   # within its limits
         except Malformed as error:
             return self._fail(Undecryptable(f"malformed PGP/MIME: {error}"))
+        except ParseError as error:
+            return self._fail(Undecryptable(f"the decrypted entity cannot be parsed: {error}"))
         except Undecryptable as error:
             return self._fail(error)
-        inner = self.message.parse_inner(native(plain, eol), part.depth + 1)   # within its limits
         scope = _scope(parent)
         self._found(scope, found)
         if parent is None:
@@ -172,8 +175,22 @@ class Incoming:
     # -- gpg, within a budget ----------------------------------------------------------------
 
     def _decrypt(self, armor: bytes) -> tuple[bytes, list[Signature]]:
+        """One block decrypted within max_size, the message's budget (max_decoded) and
+        max_message_size for all this step puts into the message: compressed plaintext
+        cannot make a small message large."""
         self._spend()
-        return self.keyring.decrypt(armor, self.pgp.max_size)
+        budget = self.ctx.budget
+        limit, why = budget.allowance(self.output, (self.pgp.max_size, f"max_size ({self.pgp.max_size} bytes)"))
+        if limit <= 0:
+            raise Undecryptable(f"not decrypted: {why}")
+        try:
+            plain, found = self.keyring.decrypt(armor, limit)
+        except TooLarge:
+            budget.charge(decoded=limit)        # gpg did that much work before it stopped
+            raise Undecryptable(f"decrypted data larger than {limit} bytes: {why}") from None
+        budget.charge(decoded=len(plain))
+        self.output += len(plain)
+        return plain, found
 
     def _verify(self, scope: str, data: bytes, signature: bytes | None) -> None:
         try:
@@ -232,7 +249,7 @@ def _as_text(plain: bytes, armor: str, charset: str | None) -> str:
         plain += b"\n"             # what follows the block stays on a line of its own
     for codec in ([python_codec(declared.group(1))] if declared else []) + ["utf-8"]:
         try:
-            return plain.decode(codec)
-        except UnicodeDecodeError:
+            return without_surrogates(plain.decode(codec))     # UTF-7 decodes to lone ones
+        except UnicodeError:
             continue
-    return plain.decode(python_codec(charset), "replace")
+    return decode_text(plain, charset)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from collections.abc import Callable
+
 from ..mime import Part, decode_body
 # What pgp shares with smime, re-exported for pgp's modules:
 from ..secure_mime import (ENCRYPTED_PROTOCOL, NOT_CONTENT, PGP_KINDS, Outer, already_encrypted,  # noqa: F401
@@ -104,12 +106,14 @@ def build_encrypted(outer: Outer, armor: bytes, eol: bytes) -> Part:
                            b"This is an OpenPGP/MIME encrypted message (RFC 4880 and 3156)", eol)
 
 
-def build_signed(outer: Outer, entity: bytes, signature: bytes, micalg: str, eol: bytes) -> Part:
-    """An RFC 3156 multipart/signed: ``entity`` exactly as signed, then the signature."""
+def build_signed(outer: Outer, entity: bytes, signature: bytes, micalg: str, eol: bytes,
+                 parse: Callable[[bytes], Part]) -> Part:
+    """An RFC 3156 multipart/signed: ``entity`` exactly as signed (``parse``: the message's
+    own, within its limits), then the signature."""
     sig = Part.new([("Content-Type", 'application/pgp-signature; name="signature.asc"'),
                     ("Content-Description", "OpenPGP digital signature"),
                     ("Content-Disposition", 'attachment; filename="signature.asc"')],
                    signature, eol=eol, encoding="7bit")
-    return outer_multipart(outer, "signed", [Part.from_bytes(entity), sig],
+    return outer_multipart(outer, "signed", [parse(entity), sig],
                            f'; micalg="{micalg}"; protocol="{SIGNED_PROTOCOL}"',
                            b"This is an OpenPGP/MIME signed message (RFC 4880 and 3156)", eol)

@@ -32,7 +32,7 @@ from typing import Any
 from ..base import Context, Filter, OptionError, Reject, TempFail, choice, option, parse_size
 from ..mime import Message
 from ..secure_mime import (SMIME_KINDS, already_encrypted, canonical, remove_verdicts, seven_bit, split_entity,
-                           under_outer)
+                           under_outer, unparsed_incoming)
 from .parts import MARKER, RESULT, SIGNATURE
 
 
@@ -54,6 +54,10 @@ def _paths(value: Any) -> tuple[str, ...]:
     return tuple(_absolute(path) for path in values)
 
 
+# What S/MIME data in a message looks like, found in its raw bytes when it cannot be parsed.
+_SMIME_TRACES = r"pkcs7-|\.p7m\b"
+
+
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
@@ -69,7 +73,10 @@ class Smime(Filter):
     lazy_modules = ("cryptography.x509", "cryptography.hazmat.primitives.serialization.pkcs7",
                     "cryptography.hazmat.primitives.asymmetric.rsa", "email.utils", "subprocess",
                     "ispmailgate_filters.smime.cms", "ispmailgate_filters.smime.credentials",
-                    "ispmailgate_filters.smime.incoming")
+                    "ispmailgate_filters.smime.incoming", "ispmailgate_filters.smime.checks",
+                    "cryptography.hazmat.backends.openssl.backend")
+    # pos encrypts it whole; neg removes forged verdicts and calls what it holds undecryptable
+    unparsed_mail = "process"
 
     direction: str = option("auto", "pos: encrypt/sign; neg: decrypt/verify; auto: by content "
                             "(S/MIME-encrypted mail goes neg, all else pos)", convert=choice("pos", "neg", "auto"))
@@ -156,6 +163,8 @@ class Smime(Filter):
             openssl = Openssl(self.openssl_binary, self.timeout)
             if self._direction(message) == "pos":
                 self._outgoing(message, ctx, openssl)
+            elif message.unparsed is not None:
+                unparsed_incoming(message, ctx, self.on_undecryptable, RESULT, _SMIME_TRACES, "S/MIME data")
             else:
                 from .incoming import Incoming
 
@@ -180,7 +189,7 @@ class Smime(Filter):
             return
         eol = message.eol
         outer, entity = split_entity(message.root, eol)
-        inner = self._signed(entity, eol) if self.sign else None
+        inner = self._signed(entity, eol, message.parse_again) if self.sign else None
         if certs:
             from .cms import encrypt
             from .credentials import describe
@@ -200,7 +209,7 @@ class Smime(Filter):
             root.headers.add(MARKER, "pos")
         message.root = root
 
-    def _signed(self, entity: bytes, eol: bytes):
+    def _signed(self, entity: bytes, eol: bytes, parse):
         """The entity signed by the gateway: a multipart/signed, or opaque signed data."""
         from .cms import MICALG, sign
         from .credentials import identities
@@ -210,9 +219,9 @@ class Smime(Filter):
 
         if self.sign_format == "opaque":
             return pkcs7_part(sign(canonical(entity), identity, self.digest, detached=False), "signed-data", eol)
-        entity = seven_bit(entity)
+        entity = seven_bit(entity, parse)
         signature = sign(canonical(entity), identity, self.digest, detached=True)
-        return signed_multipart(entity, signature, MICALG[self.digest], eol)
+        return signed_multipart(entity, signature, MICALG[self.digest], eol, parse)
 
     def _encryption_certs(self, ctx: Context) -> list:
         """The certificates to encrypt to; [] sends the message unencrypted (on_missing_cert = clear)."""

@@ -11,11 +11,10 @@ one ``X-ispMailGate-SMIME-Signature`` per signature; what cannot be decrypted fo
 
 from __future__ import annotations
 
-from email.utils import getaddresses
 from typing import Protocol
 
 from ..base import Context, marked_direction
-from ..mime import Message, Part
+from ..mime import Message, ParseError, Part, addresses
 from ..secure_mime import ENVELOPED, follow_undecryptable, may_render_as_markup, merge_decrypted, native
 from .cms import NotForUs, Openssl, Signature, Undecryptable, decrypt, verify
 from .credentials import Identity
@@ -46,6 +45,7 @@ class Incoming:
         self.foreign_only = True        # every failure so far was "not for our keys"
         self.calls = 0
         self.markup: int | None = None  # parts a reader may render as markup, counted once per tree
+        self.output = 0                 # bytes decrypted or unwrapped into the message so far
 
     def run(self, message: Message) -> None:
         self.message = message
@@ -79,12 +79,13 @@ class Incoming:
         try:
             self._not_beside_markup(part, parent)
             self._spend()
-            plain = decrypt(self._data(part), self.keys, self.openssl)
+            plain = self._charged(decrypt(self._data(part), self.keys, self.openssl))
+            inner = self._parsed(part, plain)
         except Undecryptable as error:
             return self._fail(error)
         self.markup = None              # the plaintext takes the encrypted part's place
         self.decrypted.append(_scope(parent))
-        self._replace(part, parent, plain, depth)
+        self._replace(part, parent, inner, depth)
 
     def _verify_opaque(self, part: Part, parent: Part | None, depth: int) -> None:
         try:
@@ -95,7 +96,12 @@ class Incoming:
         signature, content = verify(data, None, self.smime.trust_store, self.openssl, self._scratch())
         self._signed(parent, signature)
         if content is not None and self.smime.unwrap_opaque:
-            self._replace(part, parent, content, depth)
+            try:
+                inner = self._parsed(part, self._charged(content))
+            except Undecryptable as error:      # left as it is: the reader's own S/MIME can open it
+                self.ctx.log.warning("signed content left wrapped: %s", error)
+                return
+            self._replace(part, parent, inner, depth)
 
     def _verify_detached(self, part: Part, parent: Part | None) -> None:
         try:
@@ -106,10 +112,27 @@ class Incoming:
         signature, _ = verify(data, content, self.smime.trust_store, self.openssl, self._scratch())
         self._signed(parent, signature)
 
-    def _replace(self, part: Part, parent: Part | None, plain: bytes, depth: int) -> None:
-        """The entity ``plain`` (decrypted, or unwrapped) takes ``part``'s place, and is scanned."""
+    def _parsed(self, part: Part, plain: bytes) -> Part:
+        """The entity ``plain`` (decrypted, or unwrapped) parsed within the message's limits."""
+        try:
+            return self.message.parse_inner(native(plain, self.message.eol), part.depth + 1)
+        except ParseError as error:
+            raise Undecryptable(f"the decrypted entity cannot be parsed: {error}") from None
+
+    def _charged(self, plain: bytes) -> bytes:
+        """Content put into the message, charged to its budget (max_decoded) and within
+        max_message_size for all this step puts in."""
+        budget = self.ctx.budget
+        limit, why = budget.allowance(self.output)
+        budget.charge(decoded=len(plain))
+        if len(plain) > limit:
+            raise Undecryptable(f"decrypted data of {len(plain)} bytes: {why}")
+        self.output += len(plain)
+        return plain
+
+    def _replace(self, part: Part, parent: Part | None, inner: Part, depth: int) -> None:
+        """The entity ``inner`` (decrypted, or unwrapped) takes ``part``'s place, and is scanned."""
         eol = self.message.eol
-        inner = Part.from_bytes(native(plain, eol))
         if parent is None:
             self.message.root = inner = merge_decrypted(part.headers, inner, eol)
         else:
@@ -117,9 +140,12 @@ class Incoming:
         self._scan(inner, parent, depth + 1)
 
     def _data(self, part: Part) -> bytes:
-        """The DER of a part; larger than max_size (base64 a third larger) is not decoded."""
-        if len(part.body) > self.smime.max_size * 4 // 3 + 4096:
-            raise Undecryptable(f"larger than max_size ({self.smime.max_size} bytes)")
+        """The DER of a part; larger than max_size (base64 a third larger) is not decoded,
+        nor what its content (no larger than the DER) could not fit into the budget."""
+        most, why = self.ctx.budget.allowance(self.output, (self.smime.max_size,
+                                                            f"larger than max_size ({self.smime.max_size} bytes)"))
+        if len(part.body) > most * 4 // 3 + 4096:
+            raise Undecryptable(why)
         data = part.decoded()
         if len(data) > self.smime.max_size:
             raise Undecryptable(f"larger than max_size ({self.smime.max_size} bytes)")
@@ -179,7 +205,7 @@ def _from_checked(signature: Signature, senders: list[str]) -> Signature:
     From address; a good signature by somebody else is untrusted."""
     if signature.state != "good" or not signature.signer_addresses:
         return signature
-    written = {address.lower() for _, address in getaddresses(senders) if address}
+    written = {address.lower() for _, address in addresses(senders) if address}
     if written and written <= signature.signer_addresses:
         return signature
     return Signature("untrusted", signature.signer, f"the certificate is not for the From address "

@@ -7,6 +7,8 @@ entity is taken as the raw bytes between the boundaries, never re-serialised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..mime import Part, decode_body
 from ..secure_mime import PKCS7_TYPES, canonical, cms_content_type
 
@@ -57,13 +59,15 @@ def pkcs7_part(der: bytes, kind: str, eol: bytes) -> Part:
                      ("Content-Description", description)], der, eol=eol, encoding="base64")
 
 
-def signed_multipart(entity: bytes, signature: bytes, micalg: str, eol: bytes) -> Part:
-    """An RFC 8551 multipart/signed: ``entity`` exactly as signed, then the signature."""
+def signed_multipart(entity: bytes, signature: bytes, micalg: str, eol: bytes,
+                     parse: Callable[[bytes], Part]) -> Part:
+    """An RFC 8551 multipart/signed: ``entity`` exactly as signed (``parse``: the message's
+    own, within its limits), then the signature."""
     sig = Part.new([("Content-Type", 'application/pkcs7-signature; name="smime.p7s"'),
                     ("Content-Disposition", 'attachment; filename="smime.p7s"'),
                     ("Content-Description", "S/MIME cryptographic signature")], signature, eol=eol,
                    encoding="base64")
-    part = Part.new_multipart("signed", [Part.from_bytes(entity), sig], eol=eol,
+    part = Part.new_multipart("signed", [parse(entity), sig], eol=eol,
                               params=f'; protocol="application/pkcs7-signature"; micalg={micalg}')
     part.preamble = b"This is an S/MIME signed message (RFC 8551)" + eol
     return part

@@ -49,6 +49,7 @@ from .archives import Item, Limits, Unpacker
 from ..base import (Context, Discard, Filter, OptionError, Reject, TempFail, argv, choice, count,
                    option, parse_size, printable, seconds)
 from ..mime import Message, Part, ParseError, decode_words
+from .inline import reader_views
 from .scanners import INFECTED, UNSCANNABLE, Clamd, Command, Finding, ScannerError
 from .sevenzip import SevenZip, sevenzip_problems
 
@@ -114,7 +115,8 @@ class VirScan(Filter):
     name = "virscan"
     description = "scan every part and archive member for viruses (clamd or a command)"
     lazy_modules = ("bz2", "gzip", "json", "lzma", "select", "socket", "subprocess", "tarfile",
-                    "unicodedata", "zipfile", "zlib")
+                    "unicodedata", "zipfile", "zlib", "ispmailgate_filters.processes")
+    unparsed_mail = "process"       # scanned raw, at best unscannable
 
     scanner: str = option("clamd", "clamd | command", convert=choice("clamd", "command"))
     socket: str = option("/run/clamav/clamd.ctl", "clamd's Unix socket")
@@ -141,7 +143,7 @@ class VirScan(Filter):
                                   convert=parse_size)
     max_unpacked: int = option(200 * 1024 * 1024, "bytes unpacked per message; past it unpacking "
                                "stops and the message is unscannable", convert=parse_size)
-    max_ratio: int = option(100, "unpacked/packed size above which a member (over 1M) is "
+    max_ratio: int = option(100, "unpacked/packed size above which a member (over 1M), or an attachment as a whole, is "
                             "unscannable", convert=count(1, 1_000_000))
     scanner_unpacks: tuple[str, ...] = option(("7z",), "archive kinds left whole to the scanner "
                                               "(7z, rar); other kinds not unpacked here are "
@@ -220,22 +222,25 @@ class VirScan(Filter):
     # -- what gets scanned -----------------------------------------------------------------
 
     def _objects(self, message: Message, unpacker: Unpacker, report: Report) -> Iterator[Item]:
-        try:
-            message.root
-        except ParseError as error:
-            report.findings.append(Finding("the message", UNSCANNABLE, f"cannot be parsed ({error})"))
-            yield Item("the whole message", bytes(message.raw))
+        """Every part as this parser and a mail reader see it, then the whole message as
+        the scanner's own MIME decoding sees it: part by part adds to that, never replaces it."""
+        if message.unparsed is not None:
+            report.findings.append(Finding("the message", UNSCANNABLE, f"cannot be parsed ({message.unparsed})"))
+            yield Item("the whole message", bytes(message.to_bytes()))
             return
         yield from self._parts(message, unpacker, report)
         budget = unpacker.budget
         if budget.spent:        # the message's work budget: what was not looked into is unscannable
             if all(reason != budget.spent for _, reason in unpacker.problems):
                 report.findings.append(Finding("the message", UNSCANNABLE, budget.spent))
-        elif message.defects:   # scan the whole as well: the scanner may split what we could not
-            if any("opaque" in defect for defect in message.defects):
-                report.findings.append(Finding("the message", UNSCANNABLE, "MIME nesting beyond the "
-                                               "parser's limits"))
-            yield Item("the whole message", bytes(message.to_bytes()))
+            return
+        if any("opaque" in defect for defect in message.defects):
+            report.findings.append(Finding("the message", UNSCANNABLE, "MIME nesting beyond the "
+                                           "parser's limits"))
+        # Whole as well, unless an archive made it unscannable already: the scanner would
+        # only meet that archive again (an encrypted one, a 100,000-member one: minutes).
+        if message.defects or not unpacker.problems:
+            yield Item("the whole message", bytes(message.to_bytes()), extra=not message.defects)
 
     def _parts(self, message: Message, unpacker: Unpacker, report: Report) -> Iterator[Item]:
         """Every leaf's content, and the leaves of each embedded message sent encoded
@@ -256,6 +261,10 @@ class VirScan(Filter):
                 return
             if not part.content_type.startswith("message/"):
                 yield from unpacker.items(label, data, depth)
+                for suffix, view in reader_views(part, data):   # what a reader extracts as well
+                    if budget.charge(objects=1, decoded=len(view)):
+                        return
+                    yield from unpacker.items(label + suffix, view, depth)
             elif depth >= self.max_depth:
                 report.findings.append(Finding(label, UNSCANNABLE, "messages nested deeper than max_depth"))
             else:
@@ -287,20 +296,15 @@ class VirScan(Filter):
 
     def _mark(self, message: Message, value: str | None, prefix: str = "") -> None:
         """Replace any incoming verdict field by ours (None: none at all)."""
-        try:
-            headers = message.headers
-        except ParseError:
-            headers = _unparsed_headers(message)
-            prefix = ""
+        headers = message.headers       # a message the parser gave up on has them too
         if HEADER in headers:
             headers.remove(HEADER)
         if value is not None:
             headers.add(HEADER, printable(value, 300))
-        if prefix:
-            raw = headers.get("Subject") or ""
-            subject = decode_words(raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
-            if not subject.startswith(prefix):
-                headers.set("Subject", printable(f"{prefix} {subject}".strip(), 900))
+        if prefix and not headers.get_all("Subject"):
+            headers.add("Subject", prefix, top=False)
+        elif prefix:        # every Subject field: a reader may show any one of them
+            headers.update_each("Subject", lambda raw: _prefixed(prefix, raw))
 
     def _quarantine(self, message: Message, report: Report, ctx: Context) -> Path:
         """Keep a copy of discarded mail with its envelope and findings (see ..kept);
@@ -321,20 +325,31 @@ class VirScan(Filter):
             raise TempFail(f"cannot quarantine in {self.quarantine_dir}: {error.strerror or error}") from None
 
     def _notify(self, verdict: str, action: str, report: Report, ctx: Context, kept: Path | None) -> None:
+        """The postmaster and the sender hear of all the message's recipients (the sender
+        chose them); each recipient gets a notice of its own that names only itself, so
+        nobody learns of a Bcc through it."""
         envelope = ctx.envelope
-        to = {"postmaster": (ctx.postmaster,), "sender": (envelope.sender,),
-              "recipients": envelope.recipients}
-        recipients = tuple(dict.fromkeys(a for who in self.notify for a in to[who] if a))
-        if not recipients:
-            return
+        subject = f"ispmailgate: {verdict} message ({report.details(verdict, 2)})"
+        told = tuple(dict.fromkeys(address for who, address in (("postmaster", ctx.postmaster),
+                                                                ("sender", envelope.sender))
+                                   if who in self.notify and address))
+        if told:
+            ctx.notify(told, subject, self._notice(verdict, action, report, ctx, kept, envelope.recipients))
+        if "recipients" in self.notify:
+            for recipient in dict.fromkeys(envelope.recipients):
+                if recipient not in told:
+                    ctx.notify((recipient,), subject, self._notice(verdict, action, report, ctx, kept,
+                                                                   (recipient,)))
+
+    def _notice(self, verdict: str, action: str, report: Report, ctx: Context, kept: Path | None,
+                recipients: tuple[str, ...]) -> str:
         lines = [f"ispmailgate's virus scanner ({self.title}) judged a message {verdict}.", "",
-                 f"Message:    {ctx.message_id}", f"Sender:     <{printable(envelope.sender)}>",
-                 f"Recipients: {', '.join(printable(r) for r in envelope.recipients)}",
+                 f"Message:    {ctx.message_id}", f"Sender:     <{printable(ctx.envelope.sender)}>",
+                 f"Recipients: {', '.join(printable(r) for r in recipients)}",
                  f"Action:     {ACTION_WORDS[action]}" + (f" ({kept})" if kept else ""), ""]
         lines += [f"- {printable(f.label, 400)}: {f.verdict}: {printable(f.detail, 200)}"
                   for f in report.findings]
-        ctx.notify(recipients, f"ispmailgate: {verdict} message ({report.details(verdict, 2)})",
-                   "\n".join(lines) + "\n")
+        return "\n".join(lines) + "\n"
 
     # -- ispmailgate check -----------------------------------------------------------------
 
@@ -381,13 +396,11 @@ def part_label(number: int, part: Part) -> str:
     return f'part {number} "{printable(name, 120)}"' if name else f"part {number} ({part.content_type})"
 
 
-def _unparsed_headers(message: Message):
-    """A header block in front of a message the parser cannot split (to tag it at all)."""
-    from ..mime import Headers
-
-    root = Part(Headers([], message.eol), b"", bytes(message.raw))
-    message.root = root
-    return root.headers
+def _prefixed(prefix: str, raw: str) -> str | None:
+    """A Subject value with ``prefix`` in front (decoded, shown as a reader shows it), or
+    None if it starts with it already."""
+    subject = decode_words(raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+    return None if subject.startswith(prefix) else printable(f"{prefix} {subject}".strip(), 900)
 
 
 def _is_hop(value: str) -> bool:

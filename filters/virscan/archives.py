@@ -1,8 +1,10 @@
 """Archives as a virus scanner must see them: every member, within limits, never on disk.
 
 An attachment is hostile input, so it is unpacked in memory with the standard library
-(zip; tar plain, gz, bz2, xz; single gz, bz2, xz streams), recognised by its first bytes,
-never by its name.  No member name is ever used as a path and nothing is extracted to the
+(zip; tar plain, gz, bz2, xz; single gz, bz2, xz streams), recognised by its content
+(its first bytes, or a zip's end record or a 7z or RAR signature behind a stub), never
+by its name; a zip whose local headers and central directory disagree is unscannable
+(:mod:`.zips`).  No member name is ever used as a path and nothing is extracted to the
 file system: links, devices and directories carry no data and are skipped.  Every read is
 bounded before it happens, so a bomb costs at most the configured limits:
 
@@ -23,11 +25,12 @@ fifos) and hostile member names are recorded as notes, for the log: they are not
 from __future__ import annotations
 
 import io
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from ..base import Budget, printable
+from ..bounded import read_at_most
+from .zips import Inconsistent, is_zip_at_end, members as zip_entries
 
 MiB = 1024 * 1024
 RATIO_GRACE = MiB       # small members may compress far better than max_ratio (zeros, logs)
@@ -48,9 +51,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class Item:
-    """One object for the scanner: a label for people (never a path) and its bytes."""
+    """One object for the scanner: a label for people (never a path) and its bytes.
+
+    ``extra``: another view of bytes that are scanned another way as well (the whole
+    message, an archive whose members are scanned): past the scanner's stream limit it is
+    left out, not unscannable."""
     label: str
     data: bytes
+    extra: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,9 @@ class Exhausted(Unscannable):
 
 
 def sniff(data: bytes) -> str | None:
-    """The archive or compression kind of ``data`` from its magic bytes, or None."""
+    """The archive or compression kind of ``data`` from its magic bytes, or None.  An
+    archive behind other bytes counts too, as extractors open it there: a zip whose end
+    record ends the data, a 7z or RAR archive anywhere (a self-extractor's stub first)."""
     for magic, kind in _MAGIC:
         if data.startswith(magic):
             return kind
@@ -84,6 +94,11 @@ def sniff(data: bytes) -> str | None:
         return "bzip2"
     if data[257:262] == b"ustar":
         return "tar"
+    if is_zip_at_end(data):
+        return "zip"
+    for magic, kind in _MAGIC[3:]:
+        if magic in data:
+            return kind
     return None
 
 
@@ -94,9 +109,11 @@ def label_of(parent: str, name: str) -> str:
 class Unpacker:
     """Yields what the scanner must see of a blob: the blob, or the members of the archive.
 
-    An archive read completely is represented by its members alone, so a bomb's layers
-    never reach the scanner (which would unpack them again up to its own limits); one the
-    standard library cannot read is handed over whole as well.
+    An archive read completely is represented by its members, and an attachment that is
+    an archive also by itself, whole (``Item.extra``): the scanner then unpacks it as any
+    other extractor would, so bytes this reader does not take for a member are still
+    seen; the layers inside go to the scanner as members only.  One the standard library
+    cannot read is handed over whole as well.
 
     ``opaque`` names kinds left whole to the scanner (clamd unpacks 7z itself); other
     recognised kinds this class cannot open are problems.  ``listers`` check an opaque
@@ -112,6 +129,7 @@ class Unpacker:
         self.listers = dict(listers or {})
         self.budget = budget if budget is not None else Budget(10 ** 9, 1 << 62)
         self.unpacked = 0
+        self.attachment_room = 0        # what the attachment being unpacked may still give
         self.problems: list[tuple[str, str]] = []
         self.notes: list[tuple[str, str]] = []
 
@@ -120,6 +138,9 @@ class Unpacker:
         the message's budget is spent (that is recorded once, where it happened)."""
         if self.budget.spent:
             return
+        # max_ratio holds for the attachment as a whole too: a small tar of many small
+        # bombs (199 bz2 members of 1 MiB in 2.5 KB) is one bomb
+        self.attachment_room = max(RATIO_GRACE, len(data) * self.limits.ratio)
         try:
             yield from self._expand(label, data, depth)
         except Exhausted as reason:
@@ -140,6 +161,7 @@ class Unpacker:
         if depth >= self.limits.depth:
             self.problems.append((label, f"archives nested deeper than max_depth ({self.limits.depth})"))
             return
+        problems = len(self.problems)
         try:
             for name, member in _READERS[kind](self, data):
                 child = label_of(label, name)
@@ -158,6 +180,12 @@ class Unpacker:
         except Exception as error:  # any library failure on hostile bytes: cannot be read
             self.problems.append((label, f"corrupt {kind}: {printable(str(error), 120) or type(error).__name__}"))
             yield Item(label, data)     # the scanner may read what the standard library could not
+            return
+        if depth == 0 and len(self.problems) == problems:
+            # read completely and clean: whole as well, for the scanner to unpack as another
+            # extractor would (one already unscannable gains nothing from that, and a
+            # 100,000-member zip would cost the scanner minutes)
+            yield Item(label, data, extra=True)
 
     def _list(self, kind: str, label: str, data: bytes) -> None:
         try:
@@ -192,20 +220,24 @@ class Unpacker:
         return not found
 
     def bounded(self, read: Callable[[int], bytes], packed: int) -> bytes | Unscannable:
-        """Read one member through ``read(n)`` no further than every limit allows."""
+        """Read one member through ``read(n)`` no further than every limit allows, a chunk
+        at a time (nothing is allocated for a limit the member never reaches)."""
         limits = self.limits
         remaining = limits.unpacked - self.unpacked
         by_ratio = max(RATIO_GRACE, packed * limits.ratio)
-        limit = min(limits.member, by_ratio, remaining, self.budget.room())
-        data = read(limit + 1)
-        self.unpacked += len(data)      # the work was done, whatever comes of it
-        if len(data) > limit:
+        limit = min(limits.member, by_ratio, remaining, self.attachment_room, self.budget.room())
+        data, more = read_at_most(read, limit)
+        self.unpacked += len(data) + more       # the work was done, whatever comes of it
+        self.attachment_room -= len(data) + more
+        if more:
             if limit == self.budget.room():
-                raise Exhausted(self.budget.charge(decoded=len(data)))
+                raise Exhausted(self.budget.charge(decoded=len(data) + 1))     # one byte past it
             if limit == remaining:
                 raise Exhausted(f"more than max_unpacked ({limits.unpacked} bytes) unpacked in total")
             if limit == limits.member:
                 return Unscannable(f"member larger than max_member_size ({limits.member} bytes)")
+            if limit != by_ratio:
+                raise Exhausted(f"compression ratio of the whole above max_ratio ({limits.ratio})")
             return Unscannable(f"compression ratio above max_ratio ({limits.ratio})")
         self.budget.charge(decoded=len(data))
         return data
@@ -216,17 +248,10 @@ Lister = Callable[[Unpacker, str, bytes], None]
 
 
 def _zip_members(unpacker: Unpacker, data: bytes) -> Members:
-    import zipfile
-
-    declared = _declared_zip_entries(data)
-    if declared is not None and declared > unpacker.limits.members:
-        raise Unscannable(f"{declared} members, more than max_members ({unpacker.limits.members})")
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        entries = archive.infolist()
-        if len(entries) > unpacker.limits.members:
-            raise Unscannable(f"{len(entries)} members, more than max_members ({unpacker.limits.members})")
-        _check_zip_layout(entries, getattr(archive, "start_dir", len(data)))
-        for entry in entries:
+    """Every member, read through the central directory once the local headers agree with
+    it (see :mod:`.zips`)."""
+    try:
+        for archive, entry in zip_entries(data, unpacker.limits.members):
             if entry.is_dir():
                 continue
             if entry.flag_bits & 0x1:
@@ -235,26 +260,8 @@ def _zip_members(unpacker: Unpacker, data: bytes) -> Members:
             with archive.open(entry) as stream:
                 member = unpacker.bounded(stream.read, entry.compress_size)
             yield entry.filename, member
-
-
-def _declared_zip_entries(data: bytes) -> int | None:
-    """The entry count of the zip's end record (zip64's if there is one), before parsing."""
-    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
-    if end < 0 or len(data) - end < 22:
-        return None
-    total = struct.unpack_from("<H", data, end + 10)[0]
-    if total != 0xFFFF:
-        return total
-    end64 = data.rfind(b"PK\x06\x06", max(0, end - 1024), end)
-    return struct.unpack_from("<Q", data, end64 + 32)[0] if end64 >= 0 and end - end64 >= 56 else None
-
-
-def _check_zip_layout(entries: list, end: int) -> None:
-    """Members must not share bytes: overlapping entries are the trick of flat zip bombs."""
-    spans = sorted((entry.header_offset, entry.compress_size) for entry in entries)
-    for (start, size), (following, _) in zip(spans, spans[1:] + [(end, 0)]):
-        if start + 30 + size > following:       # 30: the smallest local file header
-            raise Unscannable("overlapping or misplaced members (zip bomb construction)")
+    except Inconsistent as reason:
+        raise Unscannable(str(reason)) from None
 
 
 def _tar_members(unpacker: Unpacker, data: bytes) -> Members:

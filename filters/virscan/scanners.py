@@ -27,6 +27,9 @@ LIMIT_SIGNATURE = "Heuristics.Limits.Exceeded"
 ENCRYPTED_SIGNATURE = "Heuristics.Encrypted."
 
 
+_TOO_LONG = "larger than clamd's StreamMaxLength"
+
+
 class ScannerError(Exception):
     """The scanner gave no usable answer: down, timed out, or answering nonsense."""
 
@@ -66,10 +69,11 @@ class Clamd:
     def scan(self, items: Iterable[Item]) -> Iterator[Finding]:
         for item in items:
             if len(item.data) > self.max_stream:
-                yield Finding(item.label, UNSCANNABLE, f"larger than max_stream ({self.max_stream} bytes)")
+                if not item.extra:      # an extra view of bytes scanned as well in parts
+                    yield Finding(item.label, UNSCANNABLE, f"larger than max_stream ({self.max_stream} bytes)")
                 continue
             finding = self._judge(item.label, self.instream(item.data))
-            if finding is not None:
+            if finding is not None and not (item.extra and finding.detail == _TOO_LONG):
                 yield finding
 
     def _judge(self, label: str, reply: str) -> Finding | None:
@@ -79,7 +83,7 @@ class Clamd:
         if match:
             return found(label, match.group(1))
         if reply == "INSTREAM size limit exceeded. ERROR":
-            return Finding(label, UNSCANNABLE, "larger than clamd's StreamMaxLength")
+            return Finding(label, UNSCANNABLE, _TOO_LONG)
         raise ScannerError(f"{self} answered {printable(reply, 120)!r}")
 
     def instream(self, data: bytes) -> str:

@@ -36,6 +36,14 @@ class Stamp(Filter):
 
 
 @dataclass(frozen=True)
+class StampAny(Stamp):
+    """Stamp, declared to work on a message the parser gave up on as well."""
+
+    name = "stamp-any"
+    unparsed_mail = "process"
+
+
+@dataclass(frozen=True)
 class Upcase(Filter):
     """Upper-cases the first text/plain leaf (changes exactly one part)."""
 

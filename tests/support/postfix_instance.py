@@ -8,8 +8,10 @@ directory of its own (config, queue, data, Maildirs, the gate's spool and log):
                      --SMTP--> smtpd 127.0.0.1:reinject   content_filter= (empty),
                                receive_override_options=...,no_address_mappings
                      --> virtual(8) --> Maildir the test reads
+    test --SMTP--> smtpd 127.0.0.1:originate   content_filter=ispmailgate-out:
+                     --> pipe(8): ispmailgate --originating ... (the users' mail: DKIM-signed)
 
-The three services above are examples/postfix/master.cf itself, with the ports, the
+The services above are examples/postfix/master.cf itself, with the ports, the
 pipe user and the gate's path replaced: the tests prove the example works.
 
 With ``sendmail_command = ["/usr/sbin/sendmail", "-oi"]`` in the rule file the gate
@@ -109,7 +111,7 @@ class PostfixInstance:
         self.spool = self.base / "gate"
         self.rules_file = self.spool / "rules.toml"
         self.maillog = self.base / "maillog"
-        self.ports = {name: free_port() for name in ("submit", "reinject")}
+        self.ports = {name: free_port() for name in ("submit", "originate", "reinject")}
 
     # life cycle
 
@@ -122,7 +124,7 @@ class PostfixInstance:
                                   SYSTEM_PYTHON, "-c", START_IN_NAMESPACE, str(self.etc)],
                                  capture_output=True, text=True, timeout=120, check=False)
         assert process.returncode == 0, f"postfix start failed: {process.stderr}\n{self.log_tail()}"
-        for name in ("submit", "reinject"):
+        for name in ("submit", "originate", "reinject"):
             self._wait_for_greeting(self.ports[name])
 
     def stop(self) -> None:
@@ -160,9 +162,10 @@ class PostfixInstance:
         self.rules_file.write_text(text)
         self.rules_file.chmod(0o644)
 
-    def submit(self, sender: str, recipients: list[str], data: bytes) -> str:
-        """Hand a message to Postfix by SMTP; returns its queue id."""
-        with smtplib.SMTP("127.0.0.1", self.ports["submit"], timeout=60) as client:
+    def submit(self, sender: str, recipients: list[str], data: bytes, port: str = "submit") -> str:
+        """Hand a message to Postfix by SMTP (``port`` "originate": the users' service that
+        passes --originating); returns its queue id."""
+        with smtplib.SMTP("127.0.0.1", self.ports[port], timeout=60) as client:
             text = smtp_transaction(client, sender, recipients, data)
         return text.decode().rsplit(" ", 1)[-1]
 
@@ -288,10 +291,13 @@ class PostfixInstance:
         for shipped, here in (
                 ("smtp      inet  n       -       y       -       -       smtpd",     # loopback, no chroot
                  f"127.0.0.1:{self.ports['submit']} inet  n - n - - smtpd"),
-                ("user=ispmailgate", f"user={PIPE_USER}"),
+                ("submission inet n       -       y       -       -       smtpd",
+                 f"127.0.0.1:{self.ports['originate']} inet  n - n - - smtpd"),
+                ("user=ispmailgate ", f"user={PIPE_USER} "),
                 ("argv=/usr/local/bin/ispmailgate ", f"argv={self.gate} --config {self.rules_file} "),
                 ("127.0.0.1:10026 ", f"127.0.0.1:{self.ports['reinject']} ")):
-            assert text.count(shipped) == 1, f"examples/postfix/master.cf no longer has {shipped!r}"
+            expected = 2 if shipped.startswith(("user=", "argv=")) else 1     # the two pipe transports
+            assert text.count(shipped) == expected, f"examples/postfix/master.cf no longer has {shipped!r}"
             text = text.replace(shipped, here)
         return text
 

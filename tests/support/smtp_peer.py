@@ -76,15 +76,20 @@ class ScriptedPeer:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            with client:
-                client.settimeout(10)
-                try:
-                    self._converse(client, Connection())
-                except OSError:
-                    pass
+            record = Connection()
+            self.connections.append(record)        # in the order they came
+            threading.Thread(target=self._serve_one, args=(client, record), daemon=True).start()
+
+    def _serve_one(self, client: socket.socket, record: Connection) -> None:
+        """One connection, beside the others (a client may hold one open while it opens the next)."""
+        with client:
+            client.settimeout(10)
+            try:
+                self._converse(client, record)
+            except OSError:
+                pass
 
     def _converse(self, client: socket.socket, record: Connection) -> None:
-        self.connections.append(record)
         reader = client.makefile("rb")
         client.sendall(self.script["greeting"])
         taken = 0
