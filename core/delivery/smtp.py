@@ -53,7 +53,8 @@ class SmtpHop:
         transaction of their own, on a connection of their own opened while the first waits
         before DATA: the message goes out only once every transaction has its recipients, so
         a recipient deferred in a later transaction defers them all, and the retry delivers
-        to each once (sending the first before would deliver it twice).  At most
+        to each once (sending the first before would deliver it twice) -- unless each
+        recipient ends on its own (``per_recipient``, LMTP): then it defers only itself.  At most
         ``OPEN_TRANSACTIONS`` wait at once; past that, what is open is sent first.
         """
         settled: dict[str, Reply] = {}
@@ -78,7 +79,7 @@ class SmtpHop:
                     opened.append((session, accepted))
                 elif session is not None:
                     session.close()
-                if any(settled[r].code // 100 == 4 for r in asked if r in settled):
+                if not self.per_recipient and any(settled[r].code // 100 == 4 for r in asked if r in settled):
                     self._hold_back(opened, pending, settled, asked)
                     return []
             for number, (session, accepted) in enumerate(opened):
