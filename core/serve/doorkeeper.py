@@ -30,7 +30,7 @@ from ispmailgate_client import EX_TEMPFAIL, LOCAL_TROUBLE, PROTOCOL_VERSIONS
 
 from .children import BOOT_ERROR, Heartbeat, Identity, start_child
 from .handoff import Channel, Parcel
-from .protocol import head_complete, send_reply
+from .protocol import head_complete, peer_credentials, send_reply
 from .section import ServeSettings
 from .session import Limits, Session
 
@@ -144,8 +144,6 @@ class Doorkeeper:
                 sock.close()
                 return ""
             return f"[{address[0]}]:{address[1]}"
-        from .protocol import peer_credentials
-
         pid, uid, _ = peer_credentials(sock)
         return f"pid={pid} uid={uid}"
 
