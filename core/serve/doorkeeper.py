@@ -238,12 +238,23 @@ class Doorkeeper:
             try:
                 if not self.queue.send(door.parcel()):
                     return          # full: try again on the next turn
-            except OSError as error:
+            except OSError as error:    # not on the queue: answered here, and no worker's slot used
                 log.error("doorkeeper: cannot queue %s %s: %s", door.kind, door.peer, error)
+                self.ready.pop(0)
+                self.turn_away(door)
+                continue
             self.ready.pop(0)
             del self.doors[door.sock.fileno()]
             door.sock.close()       # the worker has its own descriptor now
             self.queued += 1
+
+    def turn_away(self, door: Door) -> None:
+        """A ready connection that cannot go to a worker: told to try again later, closed."""
+        if door.session is None:
+            return self.drop(door, "the server cannot pass the request on")
+        self.forget(door)
+        _goodbye(door, "4.3.0", "cannot pass the session on, try again later")
+        door.sock.close()
 
     def take_returns(self) -> None:
         for _ in range(64):
@@ -348,13 +359,18 @@ class Doorkeeper:
                 door.sock.close()
                 continue
             if door.session is not None:
-                door.session.refuse("4.3.2", "shutting down")
-                try:
-                    door.sock.send(door.session.output)
-                except OSError:
-                    pass
+                _goodbye(door, "4.3.2", "shutting down")
             door.sock.close()
         log.info("doorkeeper %d %s", os.getpid(), "handed its connections over" if handing else "stopped")
+
+
+def _goodbye(door: Door, status: str, text: str) -> None:
+    """421 after the replies still due, as far as the socket takes them at once."""
+    door.session.refuse(status, text)
+    try:
+        door.sock.send(door.session.output)
+    except OSError:
+        pass
 
 
 def _allowed(address: str, networks) -> bool:
