@@ -4,10 +4,11 @@ cannot (attack review 3): large envelopes, sessions that close while they wait, 
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
-from conftest import CORPUS, crlf
+from conftest import CORPUS, crlf, wait_for
 from support.lmtp import Talk
 from support.serving import Server, drain
 from support.serving import python, sink  # noqa: F401  (fixtures)
@@ -103,3 +104,53 @@ def test_a_session_that_cannot_be_queued_is_told_to_retry_and_uses_no_worker(mon
     replies = mta.makefile("rb").read().decode().splitlines()
     assert replies[-1].startswith("421 4.3.0 "), replies
     assert replies[-3:-1] == ["250 2.1.0 ok", "250 2.1.5 ok"]       # what was due before, then 421
+
+
+# -- sessions that wait for a worker -------------------------------------------------------------
+
+DATA_AFTER = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@x.example>\r\nDATA\r\n"
+
+
+def hang_up(talk: Talk) -> None:
+    talk.file.close()
+    talk.sock.close()
+
+
+@pytest.fixture
+def busy(python, sink):
+    """One worker, three connections at most, each session waits 3 s at most; the worker held
+    by a session in the middle of its message for the whole test."""
+    with Listening(python, f'mail_host = "{sink.address}"\nloop_suffix = ""\n[serve]\nworkers = 1\n'
+                           "connections_per_worker = 3\ncommand_timeout = 3\n") as server:
+        holder = lhlo(server)
+        holder.send(DATA_AFTER)
+        assert holder.replies(3)[-1].startswith("354")
+        holder.send(b"Subject: slow\r\n")
+        queued = lhlo(server)       # put on the queue: the one worker will take it next
+        queued.send(DATA_AFTER)
+        yield server
+        hang_up(holder)
+        hang_up(queued)
+    drain(sink)
+
+
+def test_a_session_that_closes_while_it_waits_for_a_worker_frees_its_place(busy):
+    waiting = lhlo(busy)
+    waiting.send(DATA_AFTER)
+    time.sleep(0.5)                 # the doorkeeper reads the DATA (its replies wait for a worker)
+    hang_up(waiting)                # no QUIT: the MTA gave up
+    assert wait_for(lambda: "closed while it waited for a worker" in busy.log(), 2), busy.log()
+    with Talk(busy.lmtp) as again:
+        assert again.reply().startswith("220 "), busy.log()
+    assert "waited 3 s for a worker" not in busy.log()      # noticed at once, not at its deadline
+
+
+def test_a_session_waits_for_a_worker_only_so_long_and_is_told_to_retry(busy):
+    with lhlo(busy) as waiting:
+        waiting.send(DATA_AFTER)
+        replies = waiting.replies(3)
+    assert replies[:2] == ["250 2.1.0 ok", "250 2.1.5 ok"]
+    assert replies[2].startswith("421 4.3.2 "), replies
+    assert "no worker free" in replies[2]
+    with Talk(busy.lmtp) as again:      # its place is free again
+        assert again.reply().startswith("220 ")

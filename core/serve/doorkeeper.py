@@ -37,6 +37,8 @@ from .session import Limits, Session
 log = logging.getLogger("ispmailgate.serve")
 
 READ = select.POLLIN | select.POLLHUP | select.POLLERR
+GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR   # what a ready connection is watched for
+WAIT_FOR_WORKER = 100.0     # at most, after DATA: under the MTA's own wait for 354 (Postfix: 120 s)
 
 
 @dataclass(eq=False)
@@ -107,7 +109,7 @@ class Doorkeeper:
 
     def turn(self) -> None:
         now = time.monotonic()
-        soonest = min((door.deadline for door in self.doors.values() if not door.ready), default=now + 1.0)
+        soonest = min((door.deadline for door in self.doors.values() if _expires(door)), default=now + 1.0)
         for fd, events in self.poll.poll(max(0.0, min(1.0, soonest - now)) * 1000):
             if fd in self.listening:
                 self.accept(self.listening[fd])
@@ -178,6 +180,8 @@ class Doorkeeper:
     # -- what a connection says ----------------------------------------------------------------
 
     def serve(self, door: Door, events: int) -> None:
+        if door.ready:          # watched for its end only: what follows DATA is the worker's
+            return self.gone_while_ready(door)
         if events & select.POLLOUT and door.session is not None:
             self.flush(door)
         if events & READ and door.sock.fileno() in self.doors:
@@ -225,9 +229,17 @@ class Doorkeeper:
         self.poll.modify(door.sock, wanted or select.POLLHUP)
 
     def make_ready(self, door: Door) -> None:
-        self.poll.unregister(door.sock)
+        self.poll.modify(door.sock, GONE)
         door.ready = True
         self.ready.append(door)
+        if door.session is not None:
+            door.deadline = time.monotonic() + min(self.settings.command_timeout, WAIT_FOR_WORKER)
+
+    def gone_while_ready(self, door: Door) -> None:
+        """A connection that closed while it waited for a worker: its place is free again."""
+        log.info("doorkeeper: %s %s closed while it waited for a worker", door.kind, door.peer)
+        self.ready.remove(door)
+        self.forget(door).close()
 
     # -- out to the workers, and back -----------------------------------------------------------
 
@@ -244,16 +256,16 @@ class Doorkeeper:
                 self.turn_away(door)
                 continue
             self.ready.pop(0)
-            del self.doors[door.sock.fileno()]
-            door.sock.close()       # the worker has its own descriptor now
+            self.forget(door).close()       # the worker has its own descriptor now
             self.queued += 1
 
-    def turn_away(self, door: Door) -> None:
+    def turn_away(self, door: Door, status: str = "4.3.0", text: str = "cannot pass the session on, "
+                  "try again later") -> None:
         """A ready connection that cannot go to a worker: told to try again later, closed."""
         if door.session is None:
             return self.drop(door, "the server cannot pass the request on")
         self.forget(door)
-        _goodbye(door, "4.3.0", "cannot pass the session on, try again later")
+        _goodbye(door, status, text)
         door.sock.close()
 
     def take_returns(self) -> None:
@@ -317,8 +329,13 @@ class Doorkeeper:
     # -- time, and the end -----------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
-        for door in [door for door in self.doors.values() if door.deadline <= now and not door.ready]:
-            if door.session is None:
+        for door in [door for door in self.doors.values() if door.deadline <= now and _expires(door)]:
+            if door.ready:
+                log.warning("doorkeeper: %s %s waited %g s for a worker: told to try again later",
+                            door.kind, door.peer, min(self.settings.command_timeout, WAIT_FOR_WORKER))
+                self.ready.remove(door)
+                self.turn_away(door, "4.3.2", "no worker free, try again later")
+            elif door.session is None:
                 self.drop(door, f"the client sent no complete request head within {self.settings.head_timeout:g} s")
             elif door.session.closing:      # said goodbye, but the client does not read it
                 self.forget(door).close()
@@ -362,6 +379,12 @@ class Doorkeeper:
                 _goodbye(door, "4.3.2", "shutting down")
             door.sock.close()
         log.info("doorkeeper %d %s", os.getpid(), "handed its connections over" if handing else "stopped")
+
+
+def _expires(door: Door) -> bool:
+    """Has the connection a deadline here?  A client's request that waits for a worker has
+    none: its client gives up by itself (and then a worker runs nothing for it)."""
+    return not door.ready or door.session is not None
 
 
 def _goodbye(door: Door, status: str, text: str) -> None:
