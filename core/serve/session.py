@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ..envelope import usable_address
+
 MAX_LINE = 2048             # Postfix's line_length_limit: RFC 5321's 512 with room for extensions
 MAX_ERRORS = 20             # Postfix's smtpd_hard_error_limit
 MAX_OUTPUT = 64 * 1024      # replies not yet read: past this, no more input is taken
@@ -27,6 +29,8 @@ class Limits(NamedTuple):
     max_message_size: int
     max_recipients: int
     oversize_is_final: bool         # on_oversize = "reject": a too large SIZE is 552, else 452
+    unqualified_domain: str = ""    # what a run checks an address with (usable_address)
+    loop_suffix: str = ""
 
 
 class Session:
@@ -153,7 +157,7 @@ class Session:
         if parsed is None:
             return self.error(501, "5.5.4 syntax: MAIL FROM:<address>")
         address, parameters = parsed
-        problem = self._mail_parameters(parameters)
+        problem = self._mail_parameters(parameters) or self._unusable(address, "5.1.7 bad sender address")
         if problem:
             return self.error(*problem)
         self.sender = address
@@ -184,10 +188,26 @@ class Session:
         address, parameters = parsed
         if parameters:
             return self.error(555, f"5.5.4 unsupported parameter {parameters[0][:60]}")
+        problem = self._unusable(address, "5.1.3 bad recipient address", empty=True)
+        if problem:
+            return self.error(*problem)
         if len(self.recipients) >= self.limits.max_recipients:
             return self.reply(452, "4.5.3 too many recipients")
         self.recipients.append(address)
         self.reply(250, "2.1.5 ok")
+
+    def _unusable(self, address: str, what: str, empty: bool = False) -> tuple[int, str] | None:
+        """501 for an address the run would refuse (or, a recipient, find empty): refused here,
+        alone, rather than after DATA for the whole transaction.  The null sender is usable."""
+        if not address and not empty:
+            return None
+        try:
+            if usable_address(address, self.limits):
+                return None
+            reason = "empty"
+        except ValueError as error:
+            reason = str(error)
+        return 501, f"{what}: {reason}"[:300]
 
     def do_DATA(self, argument: str) -> None:
         if argument:
