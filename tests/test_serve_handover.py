@@ -154,3 +154,31 @@ def test_a_session_waits_for_a_worker_only_so_long_and_is_told_to_retry(busy):
     assert "no worker free" in replies[2]
     with Talk(busy.lmtp) as again:      # its place is free again
         assert again.reply().startswith("220 ")
+
+
+def test_a_session_waiting_for_a_worker_keeps_its_envelope_through_a_reload(python, sink):
+    import signal
+
+    drain(sink)
+    with Listening(python, f'mail_host = "{sink.address}"\nloop_suffix = ""\n[serve]\nworkers = 1\n') as server:
+        holder = lhlo(server)
+        holder.send(DATA_AFTER)
+        assert holder.replies(3)[-1].startswith("354")
+        holder.send(b"Subject: held\r\n")           # the one worker is busy with this
+        queued = lhlo(server)
+        queued.send(DATA_AFTER)                     # on the queue
+        waiting = lhlo(server)
+        waiting.sock.settimeout(30)
+        waiting.send(b"MAIL FROM:<w@example.org>\r\nRCPT TO:<w1@x.example>\r\nRCPT TO:<w2@x.example>\r\nDATA\r\n")
+        time.sleep(0.5)                             # read by the doorkeeper: waits for a worker
+        server.signal(signal.SIGHUP)
+        assert server.wait_notice("RELOADING=1") and server.wait_notice("READY=1"), server.log()
+        hang_up(holder)
+        hang_up(queued)
+        assert waiting.replies(4) == ["250 2.1.0 ok", "250 2.1.5 ok", "250 2.1.5 ok",
+                                      "354 2.0.0 send the message, end with <CR><LF>.<CR><LF>"], server.log()
+        waiting.send(b"Subject: waited\r\n\r\nbody\r\n.\r\n")
+        assert [reply[:9] for reply in waiting.replies(2)] == ["250 2.0.0"] * 2
+        waiting.close()
+    [received] = drain(sink)
+    assert (received.mail_from, received.rcpt_tos) == ("w@example.org", ["w1@x.example", "w2@x.example"])

@@ -320,10 +320,26 @@ class Doorkeeper:
             door = Door(sock, parcel.kind, state.get("peer", "?"), now + self.settings.command_timeout,
                         Session(parcel.kind, self.limits, state.get("peer", "?"), state))
             door.session.output += state.get("reply", "").encode("latin-1")
+        if door.session is not None and state.get("ready") and state.get("handed"):
+            return self.resume(door, state, parcel.data)
         self.hold(door)
         if door.session is not None and parcel.data:
             self.command(door, parcel.data)
         elif door.session is None and head_complete(door.head):
+            self.make_ready(door)
+
+    def resume(self, door: Door, state: dict, data: bytes) -> None:
+        """A predecessor's session that had sent DATA: waits for a worker here, its envelope
+        whole, and what followed DATA kept for the worker (it is the message, not commands)."""
+        try:
+            door.session.resume(state)
+        except (KeyError, TypeError):
+            log.error("doorkeeper: %s %s handed over without its envelope", door.kind, door.peer)
+            _goodbye(door, "4.3.2", "lost the transaction in a reload, try again later")
+            return door.sock.close()
+        door.session.buffer += data
+        self.hold(door)
+        if door.sock.fileno() in self.doors:
             self.make_ready(door)
 
     # -- time, and the end -----------------------------------------------------------------------

@@ -54,8 +54,14 @@ class Session:
 
     def state(self) -> dict[str, Any]:
         """What a worker needs to go on with the session, and what comes back from it."""
-        return {"protocol": self.protocol, "helo": self.helo, "peer": self.peer,
+        return {"protocol": self.protocol, "helo": self.helo, "peer": self.peer, "ready": self.ready,
                 "sender": self.sender, "recipients": self.recipients, "body": self.body}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """The transaction of ``state`` (a predecessor's session that had sent DATA), ready again."""
+        self.sender, self.recipients = state["sender"], list(state["recipients"])
+        self.body = state.get("body", "")
+        self.ready = True
 
     # -- what the doorkeeper calls -------------------------------------------------------------
 
