@@ -182,3 +182,25 @@ def test_a_session_waiting_for_a_worker_keeps_its_envelope_through_a_reload(pyth
         waiting.close()
     [received] = drain(sink)
     assert (received.mail_from, received.rcpt_tos) == ("w@example.org", ["w1@x.example", "w2@x.example"])
+
+
+def test_noops_do_not_keep_an_idle_session_for_good(python, sink):
+    with Listening(python, f'mail_host = "{sink.address}"\n[serve]\nworkers = 1\ncommand_timeout = 2\n') as server:
+        with lhlo(server) as talk:
+            answers = []
+            for _ in range(12):         # 6 s of NOOPs, one every half second
+                try:
+                    talk.send(b"NOOP\r\n")
+                except BrokenPipeError:     # told goodbye while we slept: the 421 waits to be read
+                    pass
+                answers.append(talk.reply())
+                if not answers[-1].startswith("250"):
+                    break
+                time.sleep(0.5)
+        assert answers[-1].startswith("421 4.4.2"), answers
+        assert 3 <= len(answers) <= 6, answers
+        with lhlo(server) as talk:      # a command that moves the session on does put it off
+            for _ in range(3):
+                time.sleep(1.2)
+                assert talk.command("MAIL FROM:<a@example.org>") == "250 2.1.0 ok"
+                assert talk.command("RSET") == "250 2.0.0 ok"

@@ -206,8 +206,10 @@ class Doorkeeper:
         session = door.session
         if not chunk:
             return self.forget(door).close()
+        session.progress = False
         session.feed(chunk)
-        door.deadline = time.monotonic() + self.settings.command_timeout
+        if session.progress:        # NOOPs alone do not keep a session (and its place) for good
+            door.deadline = time.monotonic() + self.settings.command_timeout
         if session.ready:
             self.make_ready(door)
         else:

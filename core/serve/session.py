@@ -21,6 +21,7 @@ MAX_LINE = 2048             # Postfix's line_length_limit: RFC 5321's 512 with r
 MAX_ERRORS = 20             # Postfix's smtpd_hard_error_limit
 MAX_OUTPUT = 64 * 1024      # replies not yet read: past this, no more input is taken
 MAX_ADDRESS = 1000
+IDLE = ("do_NOOP", "do_RSET", "do_HELP", "do_VRFY")     # commands that do not put off a session's timeout
 
 
 class Limits(NamedTuple):
@@ -45,6 +46,7 @@ class Session:
         self.errors = 0
         self.overlong = False       # in the middle of a line longer than MAX_LINE
         self.ready = self.closing = False
+        self.progress = False       # a command that moves the session on (not NOOP, RSET, HELP, VRFY)
         self.reset()
 
     def reset(self) -> None:
@@ -127,6 +129,7 @@ class Session:
             except UnicodeDecodeError:
                 self.error(501, "5.5.2 the command is not valid UTF-8")
                 return
+            self.progress = self.progress or handler.__name__ not in IDLE
             handler(text.strip(" \t"))
 
     def do_LHLO(self, argument: str) -> None:
