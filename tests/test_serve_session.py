@@ -32,3 +32,10 @@ def test_the_loop_suffix_counts_in_a_recipient_s_length():
 def test_an_unusable_sender_is_refused_at_mail_and_the_null_sender_is_not():
     assert replies("MAIL FROM:<>") == ["250 2.1.0 ok"]
     assert replies(f"MAIL FROM:<{'s' * 600}@example.org>")[0].startswith("501 5.1.7 bad sender address")
+
+
+def test_refused_recipients_are_not_errors_that_end_the_session():
+    got = replies("MAIL FROM:<a@example.org>", *[f"RCPT TO:<{'r' * 600}{n}@x.example>" for n in range(30)],
+                  "RCPT TO:<b@x.example>")
+    assert got[-1] == "250 2.1.5 ok", got[-3:]
+    assert len(got) == 32

@@ -198,8 +198,8 @@ class Session:
         if parameters:
             return self.error(555, f"5.5.4 unsupported parameter {parameters[0][:60]}")
         problem = self._unusable(address, "5.1.3 bad recipient address", empty=True)
-        if problem:
-            return self.error(*problem)
+        if problem:             # the MTA's recipient, not the client's error: not counted
+            return self.reply(*problem)
         if len(self.recipients) >= self.limits.max_recipients:
             return self.reply(452, "4.5.3 too many recipients")
         self.recipients.append(address)
