@@ -35,6 +35,10 @@ class Delivery:
     time limit can still stop the run, and a signature that cannot be made stops it (75);
     :meth:`deliver` only hands over, and from the first hand-over on nothing the gate does
     can make the run end in 75 except a recipient whose message no next hop accepted.
+
+    For a caller that takes a status per recipient (LMTP, ``Job.per_recipient``) each group
+    stands alone: a deferred one holds back only its own recipients, and the caller, not
+    the gate, tells the sender about refused ones.
     """
 
     def __init__(self, job: Job, handover: Handover) -> None:
@@ -82,7 +86,7 @@ class Delivery:
                 outcome = dict.fromkeys(transfer.recipients, transfer.refused)
             elif isinstance(verdict, (Discard, Reject)):
                 outcome = self._verdict(transfer.leaf)
-            elif deferred:
+            elif deferred and not self.job.per_recipient:
                 outcome = dict.fromkeys(transfer.recipients, Result(
                     "deferred", LOCAL_TROUBLE, "not handed over: an earlier delivery group was deferred"))
             elif verdict is not None:
@@ -94,9 +98,15 @@ class Delivery:
         if not self.hop.carries_reports:
             for notice in self.job.notices:
                 log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
-        elif self.job.notices and not deferred:     # the retry would send them again
-            self._reports().send_notices()
+        elif self.job.notices and not (deferred and self._all_wait(results)):
+            self._reports().send_notices()      # (a retry of everyone would send them again)
+        if self.job.per_recipient:
+            return results, ()
         return results, (() if deferred else self._bounce(results))
+
+    def _all_wait(self, results: dict[str, Result]) -> bool:
+        """Does every recipient wait for a retry (one-shot: one deferral defers them all)?"""
+        return not self.job.per_recipient or all(r.state == "deferred" for r in results.values())
 
     def _hand_over(self, transfer: Transfer) -> dict[str, Result]:
         """One group to the next hop; a spooled result is read back for it, and only for it."""

@@ -23,6 +23,11 @@ class NextHop(Protocol):
     # one message it piped in, and a report it cannot carry defers the run instead.
     carries_reports: bool
 
+    # May each recipient end on its own (LMTP's caller takes a status per recipient)?  Then
+    # a recipient the hop defers holds back only itself; else every recipient of its
+    # transaction waits for the retry with it.  Set by the run.
+    per_recipient: bool
+
     def expect(self, messages: int) -> None:
         """Told, before the first hand-over, how many distinct messages will follow."""
 
@@ -44,6 +49,7 @@ class SendmailHop:
     """A sendmail-compatible command, run from an argv list (never a shell)."""
 
     carries_reports = True
+    per_recipient = False           # one exit status for all recipients anyway
 
     def __init__(self, command: tuple[str, ...], timeout: float) -> None:
         self.command, self.timeout = command, timeout
@@ -130,6 +136,7 @@ class StdoutHop:
     """
 
     carries_reports = False
+    per_recipient = False
 
     def __init__(self, stream: BinaryIO, from_line: str | None, *, mbox: bool = False) -> None:
         self.stream, self.from_line, self.mbox = stream, from_line, mbox
