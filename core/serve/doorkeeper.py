@@ -37,6 +37,8 @@ from .session import Limits, Session
 log = logging.getLogger("ispmailgate.serve")
 
 READ = select.POLLIN | select.POLLHUP | select.POLLERR
+GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR   # what a ready connection is watched for
+WAIT_FOR_WORKER = 100.0     # at most, after DATA: under the MTA's own wait for 354 (Postfix: 120 s)
 
 
 @dataclass(eq=False)
@@ -107,7 +109,7 @@ class Doorkeeper:
 
     def turn(self) -> None:
         now = time.monotonic()
-        soonest = min((door.deadline for door in self.doors.values() if not door.ready), default=now + 1.0)
+        soonest = min((door.deadline for door in self.doors.values() if _expires(door)), default=now + 1.0)
         for fd, events in self.poll.poll(max(0.0, min(1.0, soonest - now)) * 1000):
             if fd in self.listening:
                 self.accept(self.listening[fd])
@@ -178,6 +180,8 @@ class Doorkeeper:
     # -- what a connection says ----------------------------------------------------------------
 
     def serve(self, door: Door, events: int) -> None:
+        if door.ready:          # watched for its end only: what follows DATA is the worker's
+            return self.gone_while_ready(door)
         if events & select.POLLOUT and door.session is not None:
             self.flush(door)
         if events & READ and door.sock.fileno() in self.doors:
@@ -202,8 +206,10 @@ class Doorkeeper:
         session = door.session
         if not chunk:
             return self.forget(door).close()
+        session.progress = False
         session.feed(chunk)
-        door.deadline = time.monotonic() + self.settings.command_timeout
+        if session.progress:        # NOOPs alone do not keep a session (and its place) for good
+            door.deadline = time.monotonic() + self.settings.command_timeout
         if session.ready:
             self.make_ready(door)
         else:
@@ -225,9 +231,17 @@ class Doorkeeper:
         self.poll.modify(door.sock, wanted or select.POLLHUP)
 
     def make_ready(self, door: Door) -> None:
-        self.poll.unregister(door.sock)
+        self.poll.modify(door.sock, GONE)
         door.ready = True
         self.ready.append(door)
+        if door.session is not None:
+            door.deadline = time.monotonic() + min(self.settings.command_timeout, WAIT_FOR_WORKER)
+
+    def gone_while_ready(self, door: Door) -> None:
+        """A connection that closed while it waited for a worker: its place is free again."""
+        log.info("doorkeeper: %s %s closed while it waited for a worker", door.kind, door.peer)
+        self.ready.remove(door)
+        self.forget(door).close()
 
     # -- out to the workers, and back -----------------------------------------------------------
 
@@ -238,12 +252,23 @@ class Doorkeeper:
             try:
                 if not self.queue.send(door.parcel()):
                     return          # full: try again on the next turn
-            except OSError as error:
+            except OSError as error:    # not on the queue: answered here, and no worker's slot used
                 log.error("doorkeeper: cannot queue %s %s: %s", door.kind, door.peer, error)
+                self.ready.pop(0)
+                self.turn_away(door)
+                continue
             self.ready.pop(0)
-            del self.doors[door.sock.fileno()]
-            door.sock.close()       # the worker has its own descriptor now
+            self.forget(door).close()       # the worker has its own descriptor now
             self.queued += 1
+
+    def turn_away(self, door: Door, status: str = "4.3.0", text: str = "cannot pass the session on, "
+                  "try again later") -> None:
+        """A ready connection that cannot go to a worker: told to try again later, closed."""
+        if door.session is None:
+            return self.drop(door, "the server cannot pass the request on")
+        self.forget(door)
+        _goodbye(door, status, text)
+        door.sock.close()
 
     def take_returns(self) -> None:
         for _ in range(64):
@@ -297,17 +322,38 @@ class Doorkeeper:
             door = Door(sock, parcel.kind, state.get("peer", "?"), now + self.settings.command_timeout,
                         Session(parcel.kind, self.limits, state.get("peer", "?"), state))
             door.session.output += state.get("reply", "").encode("latin-1")
+        if door.session is not None and state.get("ready") and state.get("handed"):
+            return self.resume(door, state, parcel.data)
         self.hold(door)
         if door.session is not None and parcel.data:
             self.command(door, parcel.data)
         elif door.session is None and head_complete(door.head):
             self.make_ready(door)
 
+    def resume(self, door: Door, state: dict, data: bytes) -> None:
+        """A predecessor's session that had sent DATA: waits for a worker here, its envelope
+        whole, and what followed DATA kept for the worker (it is the message, not commands)."""
+        try:
+            door.session.resume(state)
+        except (KeyError, TypeError):
+            log.error("doorkeeper: %s %s handed over without its envelope", door.kind, door.peer)
+            _goodbye(door, "4.3.2", "lost the transaction in a reload, try again later")
+            return door.sock.close()
+        door.session.buffer += data
+        self.hold(door)
+        if door.sock.fileno() in self.doors:
+            self.make_ready(door)
+
     # -- time, and the end -----------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
-        for door in [door for door in self.doors.values() if door.deadline <= now and not door.ready]:
-            if door.session is None:
+        for door in [door for door in self.doors.values() if door.deadline <= now and _expires(door)]:
+            if door.ready:
+                log.warning("doorkeeper: %s %s waited %g s for a worker: told to try again later",
+                            door.kind, door.peer, min(self.settings.command_timeout, WAIT_FOR_WORKER))
+                self.ready.remove(door)
+                self.turn_away(door, "4.3.2", "no worker free, try again later")
+            elif door.session is None:
                 self.drop(door, f"the client sent no complete request head within {self.settings.head_timeout:g} s")
             elif door.session.closing:      # said goodbye, but the client does not read it
                 self.forget(door).close()
@@ -348,13 +394,24 @@ class Doorkeeper:
                 door.sock.close()
                 continue
             if door.session is not None:
-                door.session.refuse("4.3.2", "shutting down")
-                try:
-                    door.sock.send(door.session.output)
-                except OSError:
-                    pass
+                _goodbye(door, "4.3.2", "shutting down")
             door.sock.close()
         log.info("doorkeeper %d %s", os.getpid(), "handed its connections over" if handing else "stopped")
+
+
+def _expires(door: Door) -> bool:
+    """Has the connection a deadline here?  A client's request that waits for a worker has
+    none: its client gives up by itself (and then a worker runs nothing for it)."""
+    return not door.ready or door.session is not None
+
+
+def _goodbye(door: Door, status: str, text: str) -> None:
+    """421 after the replies still due, as far as the socket takes them at once."""
+    door.session.refuse(status, text)
+    try:
+        door.sock.send(door.session.output)
+    except OSError:
+        pass
 
 
 def _allowed(address: str, networks) -> bool:

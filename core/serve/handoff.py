@@ -9,9 +9,11 @@ the doorkeeper what they took, and a doorkeeper that is being replaced passes on
 holds.  Each is a SOCK_SEQPACKET socket pair: one message is one parcel, taken whole by
 exactly one reader, however many processes read that end.
 
-A parcel is a kind, a small state (JSON) and some bytes (what was read from the connection
-and not yet used): up to ``INLINE`` bytes travel in the message itself, more in a memfd
-passed beside the connection, so a parcel never depends on the size of a socket buffer.
+A parcel is a kind, a state (JSON: an envelope, replies not yet read) and some bytes (what
+was read from the connection and not yet used).  A parcel of up to ``INLINE`` bytes, state
+and bytes together, travels in the message itself; a larger one travels whole in a memfd
+passed beside the connection, the message saying only so: a parcel never depends on the
+size of a socket buffer, nor on how large an envelope the session let in.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import os
 import socket
 from typing import Any, NamedTuple
 
-INLINE = 32 * 1024
-MAX_PARCEL = INLINE + 16 * 1024         # the state and the inline bytes: what a reader takes at once
+INLINE = 32 * 1024                      # the largest message: what a reader takes at once
+IN_MEMFD = (0).to_bytes(4, "big")       # the message of a parcel that travels in a memfd
 
 # What a parcel is about.  With a connection: "client" (the ispmailgate-client protocol),
 # "lmtp", "smtp".  Without: "taken" (a worker took one from the queue), "gone" (a worker
@@ -55,14 +57,15 @@ class Channel:
         """Puts the parcel on the channel; False when it is full (``timeout`` 0: at once)."""
         head = json.dumps({"kind": parcel.kind, "state": parcel.state, "size": len(parcel.data)},
                           separators=(",", ":")).encode()
+        message = b"".join([len(head).to_bytes(4, "big"), head, parcel.data])
         fds = [parcel.connection.fileno()] if parcel.connection is not None else []
-        body, memfd = parcel.data, None
-        if len(body) > INLINE:
-            memfd, body = _memfd(body), b""
+        memfd = None
+        if len(message) > INLINE:
+            memfd, message = _memfd(message), IN_MEMFD
             fds.append(memfd)
         try:
             self.end.settimeout(timeout)
-            socket.send_fds(self.end, [len(head).to_bytes(4, "big"), head, body], fds)
+            socket.send_fds(self.end, [message], fds)
             return True
         except (BlockingIOError, TimeoutError, InterruptedError):
             return False
@@ -74,7 +77,7 @@ class Channel:
         """The next parcel; None when there is none (another reader was quicker)."""
         try:
             self.end.settimeout(timeout)
-            message, fds, flags, _ = socket.recv_fds(self.end, MAX_PARCEL, 2)
+            message, fds, flags, _ = socket.recv_fds(self.end, INLINE, 2)
         except (BlockingIOError, TimeoutError, InterruptedError):
             return None
         try:
@@ -88,6 +91,11 @@ class Channel:
 def _unpack(message: bytes, fds: list[int], flags: int) -> Parcel:
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or len(message) < 4:
         raise ValueError("truncated parcel")
+    if message == IN_MEMFD:
+        if not fds:
+            raise ValueError("a parcel without its memfd")
+        with os.fdopen(fds.pop(), "rb") as memfd:
+            message = memfd.read()
     size = int.from_bytes(message[:4], "big")
     head = json.loads(message[4:4 + size])
     kind, data = head["kind"], message[4 + size:]
@@ -96,10 +104,9 @@ def _unpack(message: bytes, fds: list[int], flags: int) -> Parcel:
         if not fds:
             raise ValueError("a parcel without its connection")
         connection = socket.socket(fileno=fds.pop(0))
-    if fds:                             # the bytes did not fit into the message
-        with os.fdopen(fds.pop(0), "rb") as memfd:
-            data = memfd.read()
     if len(data) != head["size"] or fds:
+        if connection is not None:
+            connection.close()
         raise ValueError("a parcel of the wrong size")
     return Parcel(kind, connection, head["state"], data)
 

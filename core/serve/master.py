@@ -172,7 +172,8 @@ class Arbiter:
 
         limits = Limits(self.config.helo_name or socket.gethostname() or "localhost",
                         self.config.max_message_size, self.settings.max_recipients,
-                        self.config.on_oversize == "reject")
+                        self.config.on_oversize == "reject", self.config.unqualified_domain,
+                        self.config.loop_suffix)
         return Doorkeeper(self.listeners, self.queue_in, self.returns_out, self.returns_in, self.settings,
                           limits, self.identity, Heartbeat(), self.generation)
 

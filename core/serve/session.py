@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ..envelope import usable_address
+
 MAX_LINE = 2048             # Postfix's line_length_limit: RFC 5321's 512 with room for extensions
 MAX_ERRORS = 20             # Postfix's smtpd_hard_error_limit
 MAX_OUTPUT = 64 * 1024      # replies not yet read: past this, no more input is taken
 MAX_ADDRESS = 1000
+IDLE = ("do_NOOP", "do_RSET", "do_HELP", "do_VRFY")     # commands that do not put off a session's timeout
 
 
 class Limits(NamedTuple):
@@ -27,6 +30,8 @@ class Limits(NamedTuple):
     max_message_size: int
     max_recipients: int
     oversize_is_final: bool         # on_oversize = "reject": a too large SIZE is 552, else 452
+    unqualified_domain: str = ""    # what a run checks an address with (usable_address)
+    loop_suffix: str = ""
 
 
 class Session:
@@ -41,6 +46,7 @@ class Session:
         self.errors = 0
         self.overlong = False       # in the middle of a line longer than MAX_LINE
         self.ready = self.closing = False
+        self.progress = False       # a command that moves the session on (not NOOP, RSET, HELP, VRFY)
         self.reset()
 
     def reset(self) -> None:
@@ -50,8 +56,14 @@ class Session:
 
     def state(self) -> dict[str, Any]:
         """What a worker needs to go on with the session, and what comes back from it."""
-        return {"protocol": self.protocol, "helo": self.helo, "peer": self.peer,
+        return {"protocol": self.protocol, "helo": self.helo, "peer": self.peer, "ready": self.ready,
                 "sender": self.sender, "recipients": self.recipients, "body": self.body}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """The transaction of ``state`` (a predecessor's session that had sent DATA), ready again."""
+        self.sender, self.recipients = state["sender"], list(state["recipients"])
+        self.body = state.get("body", "")
+        self.ready = True
 
     # -- what the doorkeeper calls -------------------------------------------------------------
 
@@ -117,6 +129,7 @@ class Session:
             except UnicodeDecodeError:
                 self.error(501, "5.5.2 the command is not valid UTF-8")
                 return
+            self.progress = self.progress or handler.__name__ not in IDLE
             handler(text.strip(" \t"))
 
     def do_LHLO(self, argument: str) -> None:
@@ -153,7 +166,7 @@ class Session:
         if parsed is None:
             return self.error(501, "5.5.4 syntax: MAIL FROM:<address>")
         address, parameters = parsed
-        problem = self._mail_parameters(parameters)
+        problem = self._mail_parameters(parameters) or self._unusable(address, "5.1.7 bad sender address")
         if problem:
             return self.error(*problem)
         self.sender = address
@@ -184,10 +197,26 @@ class Session:
         address, parameters = parsed
         if parameters:
             return self.error(555, f"5.5.4 unsupported parameter {parameters[0][:60]}")
+        problem = self._unusable(address, "5.1.3 bad recipient address", empty=True)
+        if problem:             # the MTA's recipient, not the client's error: not counted
+            return self.reply(*problem)
         if len(self.recipients) >= self.limits.max_recipients:
             return self.reply(452, "4.5.3 too many recipients")
         self.recipients.append(address)
         self.reply(250, "2.1.5 ok")
+
+    def _unusable(self, address: str, what: str, empty: bool = False) -> tuple[int, str] | None:
+        """501 for an address the run would refuse (or, a recipient, find empty): refused here,
+        alone, rather than after DATA for the whole transaction.  The null sender is usable."""
+        if not address and not empty:
+            return None
+        try:
+            if usable_address(address, self.limits):
+                return None
+            reason = "empty"
+        except ValueError as error:
+            reason = str(error)
+        return 501, f"{what}: {reason}"[:300]
 
     def do_DATA(self, argument: str) -> None:
         if argument:

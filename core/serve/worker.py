@@ -91,8 +91,9 @@ class Worker:
         """The next connection on the queue (None: another worker was quicker)."""
         try:
             parcel = self.queue.receive()
-        except OSError as error:
+        except OSError as error:        # taken all the same: the doorkeeper counts it off the queue
             log.error("worker %d: %s", self.pid, error)
+            self.returns.send(Parcel("taken", state={"pid": self.pid, "session": False}), timeout=1.0)
             return None
         if parcel is not None:
             self.returns.send(Parcel("taken", state={"pid": self.pid, "session": parcel.kind != "client"}),
