@@ -23,6 +23,11 @@ class NextHop(Protocol):
     # one message it piped in, and a report it cannot carry defers the run instead.
     carries_reports: bool
 
+    # Can it hold several delivery groups' transactions open before DATA and send them only
+    # once every one has its recipients (``deliver_groups``)?  SMTP can; a command or stdout
+    # has nothing to wait on, so their groups are handed over one after another.
+    holds_groups: bool
+
     def expect(self, messages: int) -> None:
         """Told, before the first hand-over, how many distinct messages will follow."""
 
@@ -44,6 +49,7 @@ class SendmailHop:
     """A sendmail-compatible command, run from an argv list (never a shell)."""
 
     carries_reports = True
+    holds_groups = False
 
     def __init__(self, command: tuple[str, ...], timeout: float) -> None:
         self.command, self.timeout = command, timeout
@@ -130,6 +136,7 @@ class StdoutHop:
     """
 
     carries_reports = False
+    holds_groups = False
 
     def __init__(self, stream: BinaryIO, from_line: str | None, *, mbox: bool = False) -> None:
         self.stream, self.from_line, self.mbox = stream, from_line, mbox
