@@ -73,7 +73,9 @@ class Delivery:
         """Each group in turn, then the notices and the bounce: the result of each recipient,
         and the refused recipients whose sender could not be told.  ``refused`` are
         recipients no next hop could be given.  Once a group is deferred the rest wait for
-        the MTA's retry too: handed over now, they would be delivered twice."""
+        the MTA's retry too: handed over now, they would be delivered twice.  To a hop that
+        ``holds_groups`` (SMTP) the groups go all at once, every one's recipients answered
+        before any is sent, so that none is accepted before another is deferred."""
         results: dict[str, Result] = dict(refused or {})
         deferred = False
         together = self._together(transfers)
