@@ -110,7 +110,11 @@ def admin() -> None:
 @admin_cli.command("serve")
 def serve(
     socket: Annotated[str | None, typer.Option(
-        "--socket", metavar="PATH", help="Unix socket to listen on (overrides serve.socket).")] = None,
+        "--socket", metavar="PATH", help="Unix socket for ispmailgate-client (overrides serve.socket; '' for none).")] = None,
+    lmtp: Annotated[str | None, typer.Option(
+        "--lmtp", metavar="ADDRESS", help="LMTP listener, unix:PATH or inet:HOST:PORT (overrides serve.lmtp).")] = None,
+    smtp: Annotated[str | None, typer.Option(
+        "--smtp", metavar="ADDRESS", help="SMTP listener, unix:PATH or inet:HOST:PORT (overrides serve.smtp).")] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, metavar="N", help="Worker processes (overrides serve.workers).")] = None,
     pidfile: Annotated[Path | None, typer.Option(
@@ -119,11 +123,11 @@ def serve(
         "--foreground/--daemon", help="Stay in the foreground (systemd) or detach as a classic daemon.")] = True,
     config: ConfigOption = None,
 ) -> int:
-    """Serve ispmailgate-client: pre-forked workers behind a Unix socket."""
+    """Serve ispmailgate-client and the MTA's LMTP or SMTP: pre-forked workers behind sockets."""
     from ispmailgate_core.serve import boot
 
     return boot.serve(config, boot.Service(run, _prepare_served_runs), socket=socket, workers=workers,
-                      pidfile=pidfile, foreground=foreground)
+                      pidfile=pidfile, foreground=foreground, lmtp=lmtp, smtp=smtp)
 
 
 @admin_cli.command("check")

@@ -16,8 +16,6 @@ log_file), as the administrator would otherwise never know that the server is no
 The wire protocol is described in docs/protocol.md.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -31,10 +29,11 @@ FALLBACKS = ("oneshot", "tempfail")
 DEFAULT_DEADLINE = 10.0         # seconds for a worker to take the request, else the fallback
 
 # The wire protocol, shared with the server (ispmailgate_core.serve).
-PROTOCOL_VERSION = 3                               # what a client sends
-PROTOCOL_VERSIONS = (1, 2, 3)                      # what either side reads
+PROTOCOL_VERSION = 4                               # what a client sends
+PROTOCOL_VERSIONS = (1, 2, 3, 4)                   # what either side reads
 CONTEXT, ARGUMENTS, DATA, END = b"C", b"A", b"D", b"."      # client -> server frames
 STDOUT, STDERR, EXIT = b"O", b"E", b"X"            # server -> client frames
+DECLINED = 0                # the server's first byte (protocol 4): "run it yourself" (then an E frame)
 MAX_FRAME = 2 << 20                                # bytes of payload in one frame
 CHUNK = 1 << 16
 
@@ -65,7 +64,7 @@ def encode_context() -> bytes:
 
 
 def main() -> int:
-    """Console-script entry point: ``ispmailgate-client``."""
+    """Entry point: ``ispmailgate-client`` (bin/ispmailgate-client starts it)."""
     import time         # built in: nothing to load
 
     socket_path, fallback, deadline, args = client_options(sys.argv[1:])
@@ -81,12 +80,28 @@ def main() -> int:
         connection.close()
         why = f"within {deadline:g} s" if isinstance(error, TimeoutError) else f"({error.strerror or error})"
         return fall_back(fallback, args, f"no worker of the server at {socket_path} took the message {why}")
+    if taken == DECLINED:       # not run: this user's request is for the one-shot run
+        reason = declined_because(connection)
+        connection.close()
+        return fall_back(fallback, args, f"the server at {socket_path} does not run this request: {reason}")
     try:
         if taken == PROTOCOL_VERSION:
             send_message(connection)
         return relay_reply(connection, taken)
     finally:
         connection.close()
+
+
+def declined_because(connection) -> str:
+    """The reason a server gives when it declines (one E frame); what it can read of it."""
+    try:
+        reader = Reader(connection)
+        kind, length = reader.exactly(1), int.from_bytes(reader.exactly(4), "big")
+        if kind == STDERR and length <= 4096:
+            return reader.exactly(length).decode("utf-8", "backslashreplace").strip()
+    except (OSError, EOFError):
+        pass
+    return "(no reason given)"
 
 
 def client_options(argv: list[str]) -> tuple[str, str | None, float, list[str]]:

@@ -125,12 +125,14 @@ _ispmailgate() {
     "serve")
         case $prev in
         --socket) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
+        --lmtp) :; return 0 ;;
+        --smtp) :; return 0 ;;
         --workers) :; return 0 ;;
         --pidfile) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
         -c|--config) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return 0 ;;
         esac
         if [[ $cur == -* ]]; then
-            COMPREPLY=($(compgen -W "--socket --workers --pidfile --daemon --foreground -c --config -h --help" -- "$cur"))
+            COMPREPLY=($(compgen -W "--socket --lmtp --smtp --workers --pidfile --daemon --foreground -c --config -h --help" -- "$cur"))
         fi
         ;;
     esac

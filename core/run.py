@@ -59,6 +59,9 @@ class Request(NamedTuple):
     facility: str | None = None
     dry_run: bool = False
     originating: bool = False       # the MTA vouches that the mail is its own users' ([[dkim]] signs it)
+    # The caller takes a status per recipient (LMTP): a recipient that must wait for a retry
+    # holds back only itself, and refused ones are the caller's to bounce.
+    per_recipient: bool = False
 
     @property
     def shell_mode(self) -> bool:
@@ -102,6 +105,8 @@ class Gate:
         self.clock = time_limit(0)
         self.handover: Handover | None = None       # made when delivery starts
         self.unlogged = False           # no syslog daemon and no log_file: say so once
+        self.results: dict[str, Result] = {}        # per recipient, once delivery is over
+        self.final: tuple[int, str, str] = (EX_TEMPFAIL, LOCAL_TROUBLE, "not run")     # exit status, code, text
 
     @property
     def delivered(self) -> bool:
@@ -172,6 +177,7 @@ class Gate:
         sender, recipients, refused = self._envelope(message, from_line, config)
         self.sender, self.recipients = sender, recipients
         hop = self._next_hop(config, from_line)
+        hop.per_recipient = self.request.per_recipient
         if refused and not hop.carries_reports and not (self.request.shell_mode or self.request.dry_run):
             raise refused_untold(refused)
         routes = {recipient: route(config, sender, recipient) for recipient in recipients}
@@ -180,18 +186,22 @@ class Gate:
         leaves = ChainRunner(self._context, log, trace, finish).run(message, sender, routes) if routes else []
         job = Job(self.id, sender, message, config.postmaster, self.notices, self.keep_backup,
                   config.sections.get("arc"), config.sections.get("dkim"), _unsigned(config, routes),
-                  self.request.originating)
+                  self.request.originating, self.request.per_recipient)
         if trace is not None:
             return self._dry_run(job, hop, leaves, routes, refused, trace)
         deferred = [leaf for leaf in leaves if leaf.defers(config, hop.carries_reports)]
-        if deferred:        # deliver nothing: the retry then does everything once
-            leaf = deferred[0]
+        deliverable = leaves
+        if deferred and self.request.per_recipient:     # only their recipients wait for the retry
+            refused.update({r: _deferred_by(leaf) for leaf in deferred for r in leaf.recipients})
+            held = {id(leaf) for leaf in deferred}
+            deliverable = [leaf for leaf in leaves if id(leaf) not in held]
+        elif deferred:      # deliver nothing: the retry then does everything once
             self._log_groups(leaves, routes, {})
-            text = f"{leaf.step}: {leaf.verdict}" if leaf.verdict else f"{leaf.step}: cannot parse the message"
-            raise tempfail(leaf.verdict.status if leaf.verdict else UNPARSABLE, text)
+            first = _deferred_by(deferred[0])
+            raise tempfail(first.status, first.text)
         self.handover = Handover(hop, self.clock)
         delivery = Delivery(job, self.handover)
-        transfers = delivery.prepare(leaves)        # all the work, under the time limit
+        transfers = delivery.prepare(deliverable)   # all the work, under the time limit
         results, unbounced = delivery.deliver(transfers, refused)      # the commit point is in here
         return self._conclude(leaves, routes, results, unbounced)
 
@@ -209,6 +219,7 @@ class Gate:
             log.error("internal error after delivery: %r", error, exc_info=True)
             code, status, text = (EX_OK, DONE, "delivered") if self.delivered else \
                 (EX_TEMPFAIL, LOCAL_TROUBLE, f"internal error: {error!r}")
+        self.results = results
         self._log_summary(f"status={_outcome_word(code)}" + ("" if code == EX_OK else f" ({status} {text})"))
         return self._finish(code, status, text)
 
@@ -305,6 +316,7 @@ class Gate:
             return None
 
     def _finish(self, code: int, status: str, text: str) -> int:
+        self.final = (code, status, text)
         try:
             if code != EX_OK:
                 status_line(self.streams, code, status, text)
@@ -344,6 +356,13 @@ class Gate:
                      "; ".join(self.summary[:1000]) or "-", status, took)
         except Exception:       # noqa: BLE001 -- logging is never what changes an outcome
             pass
+
+
+def _deferred_by(leaf: Leaf) -> Result:
+    """The result of a recipient whose chain ended in a tempfail (per-recipient runs)."""
+    if leaf.verdict:
+        return Result("deferred", leaf.verdict.status, f"{leaf.step}: {leaf.verdict}")
+    return Result("deferred", UNPARSABLE, f"{leaf.step}: cannot parse the message")
 
 
 def _unsigned(config: Config, routes: dict[str, Route]) -> frozenset[str]:

@@ -16,11 +16,26 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+
+
+# The process groups of the commands still running, and who wants to know (a served
+# worker: its master ends these groups if the worker is killed before it could).
+running: set[int] = set()
+on_change: Callable[[set[int]], None] | None = None
 
 
 def start(argv: list[str], **options) -> subprocess.Popen:
     """``subprocess.Popen`` as the leader of a new process group (never a shell)."""
-    return subprocess.Popen(argv, start_new_session=True, **options)
+    process = subprocess.Popen(argv, start_new_session=True, **options)
+    _note(running.add, process.pid)
+    return process
+
+
+def _note(change: Callable[[int], None], group: int) -> None:
+    change(group)
+    if on_change is not None:
+        on_change(running)
 
 
 def end(process: subprocess.Popen, *, kill: bool, timeout: float | None = None) -> int:
@@ -50,6 +65,7 @@ def end(process: subprocess.Popen, *, kill: bool, timeout: float | None = None) 
             break
         except BaseException as error:
             pending = pending or error
+    _note(running.discard, process.pid)
     if pending is not None:
         raise pending
     if expired:

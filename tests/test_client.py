@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from conftest import CORPUS, PLUGINS, crlf, run_gate
-from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, client_options, encode_arguments,
+from conftest import CORPUS, PLUGINS, PROJECT, crlf, run_gate
+from ispmailgate_client import (ARGUMENTS, CONTEXT, DATA, END, MAX_FRAME, PROTOCOL_VERSION, client_options, encode_arguments,
                                 encode_context, frame)
 from support.prepared import e2e_gate
 from support.serving import CLIENT, Server, client_env, drain, run_client, shared_folder
@@ -98,8 +98,8 @@ def exchange(path, data: bytes, *, close_early: bool = False) -> tuple[int | Non
 ARGS = encode_arguments(["-f", "a@b.example", "c@d.example"])
 HERE = frame(CONTEXT, b"/\0%d:%d\0" % (os.stat("/").st_dev, os.stat("/").st_ino))
 BAD_REQUESTS = [                # most in protocol 1, which old clients still speak
-    (b"\x04" + HERE + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 4 (this server "
-                                             "speaks 1 and 2 and 3)"),
+    (b"\x05" + HERE + frame(ARGUMENTS, ARGS), "bad request: unsupported protocol version 5 (this server "
+                                             "speaks 1 and 2 and 3 and 4)"),
     (b"\x02" + frame(ARGUMENTS, ARGS), "bad request: expected the context frame first"),
     (b"\x02" + frame(CONTEXT, b"/\x001:2") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
     (b"\x02" + frame(CONTEXT, b"/\0") + frame(ARGUMENTS, ARGS), "bad request: malformed context frame"),
@@ -245,7 +245,7 @@ def test_a_client_no_worker_takes_follows_its_fallback_after_its_deadline(config
     if code == 75:
         assert run.first_line == f"4.3.0 ispmailgate-client: no worker of the server at {path} took the " \
                                  "message within 1 s"
-    assert head.startswith(b"\x03C") and DATA + len(SIMPLE[:1]).to_bytes(4, "big") not in head
+    assert head.startswith(bytes([PROTOCOL_VERSION]) + CONTEXT) and DATA + len(SIMPLE[:1]).to_bytes(4, "big") not in head
     assert frame(END) not in head
 
 
@@ -377,13 +377,22 @@ def test_the_fallback_gives_the_one_shot_result_for_usage_errors_too():
 
 # -- start-up cost ------------------------------------------------------------------------------
 
-def test_the_client_imports_neither_typer_nor_email_nor_the_core(strict_server):
-    process = subprocess.run([sys.executable, "-X", "importtime", str(CLIENT), "--socket",
-                              str(strict_server.socket), "--version"], capture_output=True,
+def test_the_client_starts_isolated_without_site_and_imports_almost_nothing(strict_server):
+    """Installed, the client is a /bin/sh script that starts the interpreter beside it with
+    -I -S and imports ispmailgate_client from the site-packages beside it (compiled once);
+    that imports neither typer nor email nor the core, nor re."""
+    installed = e2e_gate().parent       # a regular install (this venv's is editable: site finds it)
+    text = (installed / "ispmailgate-client").read_text()
+    assert text == CLIENT.read_text() == (PROJECT / "bin" / "ispmailgate-client").read_text(), \
+        "the installed client is not this checkout's: reinstall (tools/test --install-only)"
+    assert text.startswith("#!/bin/sh\n") and 'exec "$python" -I -S -c ' in text
+    [code] = re.findall(r"-I -S -c '(.*?)' \"\$here\"", text, re.S)
+    process = subprocess.run([str(installed / "python3"), "-I", "-S", "-X", "importtime", "-c", code, str(installed),
+                              "--socket", str(strict_server.socket), "--version"], capture_output=True,
                              env=client_env(), timeout=60)
-    assert process.returncode == 0 and process.stdout.startswith(b"ispmailgate ")
+    assert process.returncode == 0 and process.stdout.startswith(b"ispmailgate "), process.stderr
     imported = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s+(\S+)", process.stderr.decode(), re.M))
-    assert "ispmailgate_client" in imported
+    assert {"_socket", "ispmailgate_client"} <= imported
     assert not {name for name in imported if name.split(".")[0] in
-                ("typer", "click", "rich", "email", "ispmailgate", "ispmailgate_filters", "socket",
-                 "tomllib", "subprocess")}, sorted(imported)
+                ("typer", "click", "rich", "email", "ispmailgate", "ispmailgate_core",
+                 "ispmailgate_filters", "socket", "tomllib", "subprocess", "re", "__future__")}, sorted(imported)

@@ -146,18 +146,23 @@ def test_a_pid_file_that_is_a_fifo_is_not_read(tmp_path):
 
 
 def test_the_socket_is_bound_with_its_mode_where_nobody_else_can_swap_it(tmp_path, mail_users_folder):
-    from ispmailgate_core.serve.listener import Listener
+    from ispmailgate_core.serve.listener import open_listeners
     from ispmailgate_core.serve.section import ServeSettings
 
-    settings = ServeSettings().with_overrides(socket=str(tmp_path / "s.sock"), socket_mode=0o640)
-    listener = Listener.open(settings, None)
+    settings = ServeSettings().with_overrides(socket=str(tmp_path / "s.sock"), socket_mode=0o640,
+                                              lmtp=f"unix:{tmp_path / 'l.sock'}")
+    listeners = open_listeners(settings, None)
     try:
-        assert stat.S_IMODE(os.stat(tmp_path / "s.sock").st_mode) == 0o640
+        assert [listener.kind for listener in listeners] == ["client", "lmtp"]
+        for name in ("s.sock", "l.sock"):
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o640
     finally:
-        listener.close()
-    settings = settings.with_overrides(socket=str(mail_users_folder / "s.sock"))
-    with pytest.raises(PermissionError, match="owned by uid"):
-        Listener.open(settings, None)
+        for listener in listeners:
+            listener.close()
+    assert not (tmp_path / "s.sock").exists() and not (tmp_path / "l.sock").exists()
+    for key, value in (("socket", str(mail_users_folder / "s.sock")), ("lmtp", f"unix:{mail_users_folder / 'l.sock'}")):
+        with pytest.raises(PermissionError, match="owned by uid"):
+            open_listeners(settings.with_overrides(**{key: value}), None)
 
 
 def test_as_root_no_work_directory_where_others_could_swap_it(config_file, mail_users_folder):

@@ -25,7 +25,12 @@ def test_wheel_contains_every_module_of_the_core_and_the_filters_and_no_bare_fol
     top_level = {name.split("/", 1)[0] for name in names}
     assert not any(name.startswith(("filters/", "core/")) for name in names)
     assert {t for t in top_level if not t.endswith(".dist-info")} == {
-        "ispmailgate.py", "ispmailgate_start.py", "ispmailgate_client.py", "ispmailgate_core", "ispmailgate_filters"}
+        "ispmailgate.py", "ispmailgate_start.py", "ispmailgate_client.py", "ispmailgate_core", "ispmailgate_filters",
+        "ispmailgate-2.0.0.data"}
+    # ispmailgate-client: a script of its own (bin/), not a console script, so that it starts without site
+    assert {n for n in names if n.startswith("ispmailgate-2.0.0.data/")} == {"ispmailgate-2.0.0.data/scripts/ispmailgate-client"}
+    assert zipfile.ZipFile(wheel).read("ispmailgate-2.0.0.data/scripts/ispmailgate-client") == \
+        (PROJECT / "bin" / "ispmailgate-client").read_bytes()
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "ispmailgate = ispmailgate_start:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

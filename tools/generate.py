@@ -107,7 +107,7 @@ def client_options() -> tuple[Option, ...]:
     they are read from the usage line of its docstring: [--name METAVAR] or [--name a|b]."""
     import ispmailgate_client
 
-    usage = ispmailgate_client.__doc__.split("\n\n")[1]
+    [usage] = [part for part in ispmailgate_client.__doc__.split("\n\n") if part.lstrip().startswith("ispmailgate-client [")]
     options = []
     for name, value in re.findall(r"\[(--[a-z-]+) ([A-Za-z|]+)\]", usage):
         metavar = "MODE" if "|" in value else value

@@ -36,6 +36,10 @@ class Delivery:
     time limit can still stop the run, and a signature that cannot be made stops it (75);
     :meth:`deliver` only hands over, and from the first hand-over on nothing the gate does
     can make the run end in 75 except a recipient whose message no next hop accepted.
+
+    For a caller that takes a status per recipient (LMTP, ``Job.per_recipient``) each group
+    stands alone: a deferred one holds back only its own recipients, and the caller, not
+    the gate, tells the sender about refused ones.
     """
 
     def __init__(self, job: Job, handover: Handover) -> None:
@@ -87,7 +91,7 @@ class Delivery:
                 outcome = dict.fromkeys(transfer.recipients, transfer.refused)
             elif isinstance(verdict, (Discard, Reject)):
                 outcome = self._verdict(transfer.leaf)
-            elif deferred:
+            elif deferred and not self.job.per_recipient:
                 outcome = dict.fromkeys(transfer.recipients, Result(
                     "deferred", LOCAL_TROUBLE, "not handed over: an earlier delivery group was deferred"))
             elif verdict is not None:
@@ -106,17 +110,25 @@ class Delivery:
         if not self.hop.carries_reports:
             for notice in self.job.notices:
                 log.warning("not sent in stdout mode: %r to %s", notice.subject, ",".join(notice.recipients))
-        elif self.job.notices and not deferred:     # the retry would send them again
-            self._reports().send_notices()
+        elif self.job.notices and not (deferred and self._all_wait(results)):
+            self._reports().send_notices()      # (a retry of everyone would send them again)
+        if self.job.per_recipient:
+            return results, ()
         return results, (() if deferred else self._bounce(results))
+
+    def _all_wait(self, results: dict[str, Result]) -> bool:
+        """Does every recipient wait for a retry (one-shot: one deferral defers them all)?"""
+        return not self.job.per_recipient or all(r.state == "deferred" for r in results.values())
 
     def _together(self, transfers: list[Transfer]) -> list[Transfer] | None:
         """An empty list to collect the groups in, if they are to be handed over together:
         more than one, to a hop that ``holds_groups`` (SMTP).  Handed over one after
         another, a group accepted before another is deferred would be delivered again by
-        the MTA's retry."""
+        the MTA's retry.  Not per recipient (LMTP): a deferral there holds back only itself."""
+        if self.job.per_recipient or not self.hop.holds_groups:
+            return None
         handed = [t for t in transfers if t.refused is None and t.leaf.verdict is None]
-        return [] if len(handed) > 1 and self.hop.holds_groups else None
+        return [] if len(handed) > 1 else None
 
     def _hand_over_together(self, transfers: list[Transfer], deferred: bool) -> dict[str, Result]:
         """Every group at once: each transaction gets its recipients before any message is

@@ -31,6 +31,7 @@ class Job(NamedTuple):
     dkim: Any = None                # the rule file's [[dkim]] tables; None: nothing is signed
     unsigned: frozenset[str] = frozenset()      # recipients whose rule says dkim = false
     originating: bool = False       # the run's --originating: the MTA's own users' mail
+    per_recipient: bool = False     # the caller takes a status per recipient (LMTP): see Delivery
 
 
 class Handover:

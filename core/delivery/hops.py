@@ -28,6 +28,11 @@ class NextHop(Protocol):
     # has nothing to wait on, so their groups are handed over one after another.
     holds_groups: bool
 
+    # May each recipient end on its own (LMTP's caller takes a status per recipient)?  Then
+    # a recipient the hop defers holds back only itself; else every recipient of its
+    # transaction waits for the retry with it.  Set by the run.
+    per_recipient: bool
+
     def expect(self, messages: int) -> None:
         """Told, before the first hand-over, how many distinct messages will follow."""
 
@@ -50,6 +55,7 @@ class SendmailHop:
 
     carries_reports = True
     holds_groups = False
+    per_recipient = False           # one exit status for all recipients anyway
 
     def __init__(self, command: tuple[str, ...], timeout: float) -> None:
         self.command, self.timeout = command, timeout
@@ -137,6 +143,7 @@ class StdoutHop:
 
     carries_reports = False
     holds_groups = False
+    per_recipient = False
 
     def __init__(self, stream: BinaryIO, from_line: str | None, *, mbox: bool = False) -> None:
         self.stream, self.from_line, self.mbox = stream, from_line, mbox

@@ -28,6 +28,7 @@ class SmtpHop:
 
     carries_reports = True
     holds_groups = True     # deliver_groups: every group's recipients answered before any DATA
+    per_recipient = False
 
     def __init__(self, host: str, port: int, config) -> None:
         self.host, self.port = host, port
@@ -53,7 +54,8 @@ class SmtpHop:
         transaction of their own, on a connection of their own opened while the first waits
         before DATA: the message goes out only once every transaction has its recipients, so
         a recipient deferred in a later transaction defers them all, and the retry delivers
-        to each once (sending the first before would deliver it twice).  At most
+        to each once (sending the first before would deliver it twice) -- unless each
+        recipient ends on its own (``per_recipient``, LMTP): then it defers only itself.  At most
         ``OPEN_TRANSACTIONS`` wait at once; past that, what is open is sent first.
         """
         return self.deliver_groups(sender, [(recipients, Payload.of(data))])
@@ -89,7 +91,7 @@ class SmtpHop:
                     opened.append((session, accepted, payload))
                 elif session is not None:
                     session.close()
-                if any(settled[r].code // 100 == 4 for r in asked if r in settled):
+                if not self.per_recipient and any(settled[r].code // 100 == 4 for r in asked if r in settled):
                     self._hold_back(opened, pending, settled, asked)
                     return []
             return self._send(opened, pending, settled)
@@ -188,9 +190,10 @@ class SmtpHop:
         """RCPT TO for each: (accepted, left for another transaction).
 
         One deferred recipient defers the whole transaction: the run then ends in 75, the
-        MTA retries every recipient, and those the hop took now would get it twice.  A 452
-        after some were accepted is the hop's recipient limit (RFC 5321 4.5.3.1.10): the
-        rest go in a transaction of their own.
+        MTA retries every recipient, and those the hop took now would get it twice -- unless
+        each recipient ends on its own (``per_recipient``, LMTP): then it defers only itself.
+        A 452 after some were accepted is the hop's recipient limit (RFC 5321 4.5.3.1.10):
+        the rest go in a transaction of their own.
         """
         accepted: list[str] = []
         for index, recipient in enumerate(recipients):
@@ -199,7 +202,7 @@ class SmtpHop:
                 accepted.append(recipient)
             elif reply.code == 452 and accepted:
                 return accepted, recipients[index:]
-            elif reply.code // 100 == 5:
+            elif reply.code // 100 == 5 or self.per_recipient:
                 settled[recipient] = reply
             else:
                 settled[recipient] = reply

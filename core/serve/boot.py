@@ -1,4 +1,4 @@
-"""Starting the server: the rule file and every module once, the socket, the pid file,
+"""Starting the server: the rule file and every module once, the listeners, the pid file,
 the daemon (or systemd's foreground service)."""
 
 from __future__ import annotations
@@ -14,23 +14,26 @@ from ..logs import SyslogHandler
 from ..process import opened_as_mail_user, preload
 from ..rules import Config, find_config, load_config
 from ..status import EX_CONFIG, EX_OK
-from .listener import Listener
+from .children import Identity
+from .listener import Listener, open_listeners
 from .master import Arbiter, HaltServer, notify
 from .section import settings_of
-from .worker import Identity, Service
+from .worker import Service
 
 log = logging.getLogger("ispmailgate.serve")
 
 
 def serve(config_path: Path | None, service: Service, *, socket: str | None = None,
-          workers: int | None = None, pidfile: Path | None = None, foreground: bool = True) -> int:
+          workers: int | None = None, pidfile: Path | None = None, foreground: bool = True,
+          lmtp: str | None = None, smtp: str | None = None) -> int:
     """``ispmailgate serve``: returns the exit status (78 on a boot error)."""
-    overrides = {"socket": socket, "workers": workers, "pid_file": str(pidfile) if pidfile else None}
+    overrides = {"socket": socket, "workers": workers, "pid_file": str(pidfile) if pidfile else None,
+                 "lmtp": lmtp, "smtp": smtp}
     try:
         config_path, config = _load(config_path, service)
-        settings = settings_of(config.sections).with_overrides(**overrides)
+        settings = settings_of(config.sections).with_overrides(**_checked(overrides))
         _configure_logging(config, foreground)
-        listener = Listener.open(settings, Identity.for_workers(config))
+        listeners = open_listeners(settings, Identity.for_workers(config))
     except (ConfigError, HaltServer, OSError) as error:
         sys.stderr.write(f"ispmailgate serve: cannot start: {error}\n")
         return EX_CONFIG
@@ -39,19 +42,33 @@ def serve(config_path: Path | None, service: Service, *, socket: str | None = No
         return EX_CONFIG
     role, ready_pipe = ("foreground", None) if foreground else daemonize()
     if role == "parent":
-        return _parent_of_daemon(listener, ready_pipe)
+        return _parent_of_daemon(listeners, ready_pipe)
     pid_file = None
     try:
         pid_file = PidFile(settings.pid_file) if settings.pid_file else None
-        arbiter = Arbiter(config, config_path, settings, listener, overrides, service)
+        arbiter = Arbiter(config, config_path, settings, listeners, overrides, service)
         return arbiter.run(lambda: _ready(ready_pipe))
     except (ConfigError, HaltServer, OSError) as error:
         log.error("cannot start: %s", error)
         return EX_CONFIG
     finally:
-        listener.close()
+        for listener in listeners:
+            listener.close()
         if pid_file is not None:
             pid_file.remove()
+
+
+def _checked(overrides: dict) -> dict:
+    """--lmtp and --smtp as the rule file's keys are checked."""
+    from .section import SERVE_SETTINGS
+
+    for key in ("lmtp", "smtp"):
+        if overrides[key] is not None:
+            try:
+                SERVE_SETTINGS[key].convert(overrides[key])
+            except ValueError as error:
+                raise ConfigError(f"--{key}", str(error)) from None
+    return overrides
 
 
 def _load(path: Path | None, service: Service) -> tuple[Path | None, Config]:
@@ -162,10 +179,11 @@ def daemonize() -> tuple[str, int]:
     return "daemon", write_fd
 
 
-def _parent_of_daemon(listener: Listener, report_fd: int) -> int:
+def _parent_of_daemon(listeners: list[Listener], report_fd: int) -> int:
     """Exit 0 once the daemon is serving, 78 if it died on the way."""
-    listener.owned = False          # the daemon owns the socket now
-    listener.sock.close()
+    for listener in listeners:
+        listener.owned = False      # the daemon owns the sockets now
+        listener.sock.close()
     with os.fdopen(report_fd, "rb") as report:
         answer = report.read(len(READY))       # not to EOF: the workers hold the pipe too
     if answer == READY:

@@ -1,5 +1,5 @@
-"""The master: keeps the right number of workers alive, reloads, stops; signals only queue
-work for its loop."""
+"""The master: keeps the doorkeeper and the right number of workers alive, reloads, stops;
+signals only queue work for its loop.  It never reads a byte a client sent."""
 
 from __future__ import annotations
 
@@ -16,8 +16,12 @@ from ispmailgate_filters.base import ConfigError
 from ..process import preload
 from ..rules import Config, load_config
 from ..status import EX_CONFIG, EX_OK
+from .children import BOOT_ERROR, Heartbeat, Identity, end_all
+from .doorkeeper import Doorkeeper
+from .handoff import channel
 from .section import ServeSettings, settings_of
-from .worker import WORKER_BOOT_ERROR, Heartbeat, Identity, Service, Worker
+from .session import Limits
+from .worker import Service, Worker
 
 log = logging.getLogger("ispmailgate.serve")
 
@@ -29,16 +33,19 @@ class HaltServer(Exception):
 
 
 class Arbiter:
-    """Keeps the right number of workers alive; signals only queue work for the loop."""
+    """Keeps the doorkeeper and the workers alive; signals only queue work for the loop."""
 
     SIGNALS = ("HUP", "TERM", "INT", "QUIT", "CHLD")
 
     def __init__(self, config: Config, config_path: Path | None, settings: ServeSettings,
-                 listener, overrides: dict[str, Any], service: Service) -> None:
+                 listeners: list, overrides: dict[str, Any], service: Service) -> None:
         self.config, self.config_path, self.settings = config, config_path, settings
-        self.listener, self.overrides, self.service = listener, overrides, service
+        self.listeners, self.overrides, self.service = listeners, overrides, service
         self.identity = Identity.for_workers(config)
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, Worker | Doorkeeper] = {}      # every child, the doorkeeper too
+        # Made before the first fork, so that every child forked later finds them.
+        self.queue_in, self.queue_out = channel()
+        self.returns_in, self.returns_out = channel()
         self.generation = 0
         self.queue: list[str] = []
         self.wake_read, self.wake_write = os.pipe()
@@ -50,7 +57,8 @@ class Arbiter:
             signal.signal(getattr(signal, "SIG" + name), self._queue_signal)
         self.spawn_missing()
         ready()
-        log.info("serving on %s with %d workers (pid %d)", self.settings.socket,
+        log.info("serving on %s with %d workers (pid %d)",
+                 ", ".join(f"{listener.kind} {listener.address}" for listener in self.listeners),
                  self.settings.workers, os.getpid())
         try:
             while True:
@@ -91,23 +99,29 @@ class Arbiter:
     # -- signals ---------------------------------------------------------------------------
 
     def handle_chld(self) -> None:
-        """Reap; a worker that died is replaced by the loop, one that cannot boot stops all."""
+        """Reap; a child that died is replaced by the loop, one that cannot boot stops all.
+        Whatever a child started dies with it: its process group is killed while the dead
+        child, not yet reaped, still holds the group's number."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                dead = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if dead is None:
                 return
+            pid = dead.si_pid
             worker = self.workers.pop(pid, None)
+            if worker is not None:
+                end_all(pid, worker.heartbeat)
+            _, status = os.waitpid(pid, 0)
             if worker is None:
                 continue
-            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
-                raise HaltServer(f"worker {pid} failed to boot")
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == BOOT_ERROR:
+                raise HaltServer(f"{worker.role} {pid} failed to boot")
             if os.WIFSIGNALED(status) and worker.stop_by is None:
-                log.error("worker %d was killed by signal %d; replacing it", pid, os.WTERMSIG(status))
+                log.error("%s %d was killed by signal %d; replacing it", worker.role, pid, os.WTERMSIG(status))
             elif os.WIFEXITED(status) and os.WEXITSTATUS(status) != EX_OK:
-                log.error("worker %d exited with status %d; replacing it", pid, os.WEXITSTATUS(status))
+                log.error("%s %d exited with status %d; replacing it", worker.role, pid, os.WEXITSTATUS(status))
 
     def handle_hup(self) -> None:
         """Re-read the rule file; workers with the new one replace the old gracefully."""
@@ -123,15 +137,16 @@ class Arbiter:
                       exc_info=not isinstance(error, ConfigError))
             notify("READY=1")
             return
-        if settings.socket != self.settings.socket:
-            log.warning("serve.socket changed: takes effect at the next start, not on reload")
-            settings = settings.with_overrides(socket=self.settings.socket)
+        for key in ("socket", "lmtp", "smtp"):
+            if getattr(settings, key) != getattr(self.settings, key):
+                log.warning("serve.%s changed: takes effect at the next start, not on reload", key)
+                settings = settings.with_overrides(**{key: getattr(self.settings, key)})
         self.config, self.settings, self.identity = config, settings, identity
         self.generation += 1
         self.spawn_missing()
         for pid, worker in list(self.workers.items()):
-            if worker.generation < self.generation:
-                self.ask_to_stop(pid, worker)
+            if worker.generation < self.generation:         # the doorkeeper: to its successor
+                self.ask_to_stop(pid, worker, signal.SIGUSR1 if worker.role == "doorkeeper" else signal.SIGTERM)
         log.info("reloaded %s: %d new workers", self.config.path, settings.workers)
         notify("READY=1")
 
@@ -139,47 +154,75 @@ class Arbiter:
 
     def spawn_missing(self) -> None:
         current = [w for w in self.workers.values() if w.generation == self.generation]
-        for _ in range(self.settings.workers - len(current)):
-            self.spawn()
+        if not any(w.role == "doorkeeper" for w in current):
+            self.spawn(self.doorkeeper())
+        for _ in range(self.settings.workers - sum(w.role == "worker" for w in current)):
+            self.spawn(self.worker())
 
-    def spawn(self) -> None:
+    def worker(self) -> Worker:
         import random
 
-        worker = Worker(self.listener.sock, self.service, self.config, self.settings, self.identity, Heartbeat(),
-                        self.settings.max_requests + random.randint(0, self.settings.max_requests_jitter)
-                        if self.settings.max_requests else 0, self.generation)
+        recycled_after = (self.settings.max_requests + random.randint(0, self.settings.max_requests_jitter)
+                          if self.settings.max_requests else 0)
+        return Worker(self.queue_out, self.returns_in, self.service, self.config, self.settings,
+                      self.identity, Heartbeat(), recycled_after, self.generation)
+
+    def doorkeeper(self) -> Doorkeeper:
+        import socket
+
+        limits = Limits(self.config.helo_name or socket.gethostname() or "localhost",
+                        self.config.max_message_size, self.settings.max_recipients,
+                        self.config.on_oversize == "reject")
+        return Doorkeeper(self.listeners, self.queue_in, self.returns_out, self.returns_in, self.settings,
+                          limits, self.identity, Heartbeat(), self.generation)
+
+    def spawn(self, child: Worker | Doorkeeper) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid:
-            worker.pid = pid
-            self.workers[pid] = worker
+            try:
+                os.setpgid(pid, pid)        # the child does too: whoever is first
+            except OSError:
+                pass
+            child.pid = pid
+            self.workers[pid] = child
             return
         status = 1
         try:
-            os.close(self.wake_read)
-            os.close(self.wake_write)
-            status = worker.run()
+            self._close_in_child(child)
+            status = child.run()
         except BaseException as error:      # never fall back into the master's code
-            log.error("worker %d crashed: %r", os.getpid(), error, exc_info=True)
+            log.error("%s %d crashed: %r", child.role, os.getpid(), error, exc_info=True)
         finally:
             logging.shutdown()
             os._exit(status)
 
-    def ask_to_stop(self, pid: int, worker: Worker) -> None:
+    def _close_in_child(self, child: Worker | Doorkeeper) -> None:
+        """What the child has no business with: the master's wake-up pipe, and the ends
+        and listeners that are the other kind of child's."""
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+        unused = ([self.queue_out.end] if child.role == "doorkeeper" else
+                  [self.queue_in.end, self.returns_out.end, *(listener.sock for listener in self.listeners)])
+        for sock in unused:
+            sock.close()
+
+    def ask_to_stop(self, pid: int, worker: Worker | Doorkeeper, signum: int = signal.SIGTERM) -> None:
         if worker.stop_by is None:
             worker.stop_by = time.monotonic() + self.settings.graceful_timeout
-            self.kill(pid, signal.SIGTERM)
+            self.kill(pid, signum)
 
     def murder_stale(self) -> None:
-        """Kill workers stuck past worker_timeout, or past graceful_timeout once asked to stop."""
+        """Kill children stuck past worker_timeout, or past graceful_timeout once asked to
+        stop, with everything they started."""
         now = time.monotonic()
         for pid, worker in list(self.workers.items()):
             if worker.stop_by is not None and now > worker.stop_by:
-                log.error("worker %d did not finish within graceful_timeout; killing it", pid)
+                log.error("%s %d did not finish within graceful_timeout; killing it", worker.role, pid)
                 self.kill(pid, signal.SIGKILL)
             elif worker.heartbeat.age() > self.settings.worker_timeout:
-                log.error("worker %d silent for %.0f s (worker_timeout); killing it", pid,
+                log.error("%s %d silent for %.0f s (worker_timeout); killing it", worker.role, pid,
                           worker.heartbeat.age())
                 self.kill(pid, signal.SIGKILL)
 
@@ -188,10 +231,14 @@ class Arbiter:
             os.kill(pid, signum)
         except ProcessLookupError:
             self.workers.pop(pid, None)
+            return
+        if signum == signal.SIGKILL and pid in self.workers:
+            end_all(pid, self.workers[pid].heartbeat)
 
     def stop(self, graceful: bool) -> int:
         """Stop accepting, let the workers finish their messages (or kill them), then exit."""
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         notify("STOPPING=1")
         log.info("stopping (%s)", "draining the workers" if graceful else "at once")
         for pid, worker in list(self.workers.items()):

@@ -7,7 +7,7 @@ import re
 import time
 from typing import Any, NamedTuple
 
-from ispmailgate_client import (ARGUMENTS, CONFIG_VARIABLE, CONTEXT, DATA, END, EXIT, MAX_FRAME,
+from ispmailgate_client import (ARGUMENTS, CONFIG_VARIABLE, CONTEXT, DATA, DECLINED, END, EXIT, MAX_FRAME,
                                 PROTOCOL_VERSIONS, STDERR, STDOUT, frame)
 
 from .section import ServeSettings
@@ -163,6 +163,21 @@ def acknowledge(connection, version: int, timeout: float) -> bool:
     return True
 
 
+def decline(connection, version: int, reason: str, timeout: float) -> bool:
+    """Protocol 4: tell the client that this server will not run its request, and why (a
+    choice of rule file or options the server does not run for this user): it follows its
+    fallback, which runs the one-shot ispmailgate with the user's own rights.  False for an
+    older client, which cannot be told so: it gets an error reply instead."""
+    if version < 4:
+        return False
+    connection.settimeout(timeout)
+    try:
+        connection.sendall(bytes([DECLINED]) + frame(STDERR, reason.encode("utf-8", "backslashreplace")[:4096]))
+    except OSError:
+        pass                # gone: nothing was run, and nothing will be
+    return True
+
+
 def send_reply(connection, stdout: bytes, stderr: bytes, status: int, version: int, *,
                acknowledged: bool = False) -> None:
     """The reply; its version byte went ahead already when the request was ``acknowledged``."""
@@ -194,3 +209,23 @@ def peer_credentials(connection) -> tuple[int, int, int]:
 
     raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", raw)
+
+
+MAX_CONTEXT = 64 * 1024     # a context frame holds three items of at most MAX_CONTEXT_ITEM
+
+
+def head_complete(data: bytes | bytearray) -> bool:
+    """Has the whole request head arrived: the version, the context frame (protocol 2 and
+    later) and the argument frame?  A head a worker must refuse counts as complete, and so
+    does one that claims more than a head may hold: nobody waits for it."""
+    if not data or data[0] not in PROTOCOL_VERSIONS:
+        return bool(data)
+    at = 1
+    for kind, most in ((CONTEXT, MAX_CONTEXT), (ARGUMENTS, MAX_FRAME)) if data[0] >= 2 else ((ARGUMENTS, MAX_FRAME),):
+        if len(data) < at + 5:
+            return len(data) > at and data[at:at + 1] != kind
+        length = int.from_bytes(data[at + 1:at + 5], "big")
+        if data[at:at + 1] != kind or length > most:
+            return True
+        at += 5 + length
+    return len(data) >= at

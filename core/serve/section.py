@@ -24,9 +24,55 @@ def _mode(value: Any) -> int:
     return value
 
 
+def _listen_address(value: Any) -> str:
+    """An address to listen on (see ``listen_address``), or the empty string: none."""
+    if string(value) and listen_address(value) is None:
+        raise ValueError(f'expected "unix:/path", "inet:host:port" or "", got {value!r}')
+    return value
+
+
+def listen_address(value: str) -> tuple[str, str, int] | None:
+    """"unix:/absolute/path" as ("unix", path, 0), "inet:HOST:PORT" (IPv6: "inet:[::1]:PORT")
+    as ("inet", host, port); None if ``value`` is neither."""
+    kind, _, rest = value.partition(":")
+    if kind == "unix" and rest.startswith("/") and "\0" not in rest and len(rest.encode()) < 108:
+        return "unix", rest, 0
+    host, _, port = rest.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if kind == "inet" and host and port.isdigit() and 0 < int(port) < 65536 and "[" not in host:
+        return "inet", host, int(port)
+    return None
+
+
+def _networks(value: Any) -> tuple[str, ...]:
+    """Networks as "127.0.0.0/8" or single addresses ("::1"); checked, kept as written."""
+    import ipaddress
+
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("expected a list of networks, like [\"127.0.0.0/8\", \"::1\"]")
+    for network in value:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as error:
+            raise ValueError(f"not a network: {network!r} ({error})") from None
+    return tuple(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
 SERVE_SETTINGS: dict[str, Setting] = {
-    "socket": Setting(DEFAULT_SOCKET, string, "Unix socket the workers accept on, bound with "
-                      "socket_mode at once; as root only in a directory nobody else can change."),
+    "socket": Setting(DEFAULT_SOCKET, string, "Unix socket for ispmailgate-client (\"\": none), bound "
+                      "with socket_mode at once; as root only in a directory nobody else can change."),
+    "lmtp": Setting("", _listen_address, "LMTP listener for the MTA, \"unix:/path\" or \"inet:host:port\" "
+                    "(--lmtp overrides; \"\": none): a status per recipient."),
+    "smtp": Setting("", _listen_address, "SMTP listener for MTAs without LMTP, \"unix:/path\" or "
+                    "\"inet:host:port\" (--smtp overrides; \"\": none): one status per transaction."),
+    "inet_clients": Setting(["127.0.0.0/8", "::1"], _networks,
+                            "Networks an inet: listener takes connections from; others are closed at once."),
     "socket_mode": Setting(0o660, _mode, "Permissions of the socket (who may hand in mail)."),
     "socket_user": Setting("", string, "Owner of the socket (default: the server's user)."),
     "socket_group": Setting("", string,
@@ -51,6 +97,21 @@ SERVE_SETTINGS: dict[str, Setting] = {
                               "A worker silent this long (one message taking longer) is killed."),
     "fallback": Setting("oneshot", one_of(*FALLBACKS),
                         "What ispmailgate-client does when the server is down: oneshot or tempfail."),
+    "max_recipients": Setting(1000, count(1, 1_000_000),
+                              "LMTP and SMTP: recipients per transaction; past them 452 (the MTA sends the rest later)."),
+    "command_timeout": Setting(300.0, positive,
+                               "LMTP and SMTP: seconds a session may wait for its next command (idle "
+                               "sessions between messages too); they never hold a worker."),
+    "data_timeout": Setting(180.0, positive, "LMTP and SMTP: seconds to wait for each read of a message."),
+    "connections_per_worker": Setting(10, count(1, 10_000),
+                                      "Connections held at once, all listeners together, per worker; past "
+                                      "them new ones are refused (421) or closed (the client falls back)."),
+    "client_options": Setting("restricted", one_of("restricted", "any"),
+                              "restricted: the server declines, for users other than root and mail_user, "
+                              "--stdout, --mail-host, --tmp-dir, --dry-run, shell mode and check/explain."),
+    "other_rule_files": Setting(True, _boolean,
+                                "May a request name another rule file than the server's (only one root "
+                                "alone can change, unless the client is mail_user)? false: declined."),
 }
 
 

@@ -1,5 +1,7 @@
-"""A worker: forked by the master, it drops to the mail user and runs one request at a time
-through the very code of a one-shot run."""
+"""A worker: forked by the master, it drops to the mail user and takes, only while it is
+idle, one connection at a time from the doorkeeper's queue: a client's request, run through
+the very code of a one-shot run, or an LMTP or SMTP transaction (:mod:`.transaction`),
+whose session it then gives back."""
 
 from __future__ import annotations
 
@@ -7,84 +9,31 @@ import contextlib
 import io
 import logging
 import os
-import signal
+import select
 import sys
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
-from typing import Any, Iterator, NamedTuple
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
 
 from ispmailgate_client import CONFIG_VARIABLE
-from ispmailgate_filters.base import ConfigError
 
-from ..rules import Config
+from ..rules import BUILT_IN_CONFIG, Config
 from ..run import Streams
 from ..status import EX_OK, EX_TEMPFAIL, LOCAL_TROUBLE, MISCONFIGURED
-from .doorway import Doorway
-from .protocol import ClientContext, Prefixed, Request, RequestError, acknowledge, linger, peer_credentials, send_reply
+from .admission import decline_reason
+from .children import BOOT_ERROR, Heartbeat, Identity, start_child, uid_of
+from .handoff import Channel, Parcel
+from .protocol import (ClientContext, Prefixed, Request, RequestError, acknowledge, decline, linger,
+                       peer_credentials, send_reply)
 from .section import ServeSettings
+from .transaction import serve_transaction
 
 log = logging.getLogger("ispmailgate.serve")
 
 
-WORKER_BOOT_ERROR = 3
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who the workers run as: resolved in the master, so a bad name is a boot error."""
-    uid: int
-    gid: int
-
-    @classmethod
-    def for_workers(cls, config: Config) -> Identity | None:
-        """None when not started as root: the workers keep the server's own user.
-
-        The rule file's top-level mail_user/mail_group, as for a one-shot run; unlike a
-        one-shot run, a server never lets its workers stay root, not even when asked to.
-        """
-        if os.geteuid() != 0:
-            return None
-        import grp
-        import pwd
-
-        if not config.mail_user:
-            raise ConfigError("mail_user", "empty: the server must not run its workers as root")
-        try:
-            user = pwd.getpwnam(config.mail_user)
-        except KeyError:
-            raise ConfigError("mail_user", f"no such user: {config.mail_user!r}") from None
-        if user.pw_uid == 0:
-            raise ConfigError("mail_user", "must not be root: workers read mail from the internet")
-        try:
-            gid = grp.getgrnam(config.mail_group).gr_gid if config.mail_group else user.pw_gid
-        except KeyError:
-            raise ConfigError("mail_group", f"no such group: {config.mail_group!r}") from None
-        return cls(user.pw_uid, gid)
-
-    def assume(self) -> None:
-        """Drop root for good: supplementary groups cleared, then group, then user."""
-        os.setgroups([])
-        os.setgid(self.gid)
-        os.setuid(self.uid)
-        if os.getuid() == 0 or os.geteuid() == 0:
-            raise OSError("still root after setuid")
-
-
-class Heartbeat:
-    """A word of shared memory: the worker writes the time, the master reads its age."""
-
-    def __init__(self) -> None:
-        import mmap
-
-        self.memory = mmap.mmap(-1, 8)          # anonymous and shared across fork
-        self.beat()
-
-    def beat(self) -> None:
-        self.memory[:8] = int(time.monotonic() * 1000).to_bytes(8, "big")
-
-    def age(self) -> float:
-        return time.monotonic() - int.from_bytes(self.memory[:8], "big") / 1000
+class Declined(Exception):
+    """A request the server does not run for this client (see :mod:`.admission`)."""
 
 
 class Service(NamedTuple):
@@ -96,10 +45,11 @@ class Service(NamedTuple):
     prepare: Callable[[], None]
 
 
-@dataclass
+@dataclass(eq=False)
 class Worker:
-    """One forked worker: accepts a connection at a time, until stopped or recycled."""
-    listener: Any
+    """One forked worker: takes a connection at a time, until stopped or recycled."""
+    queue: Channel                      # its reading end
+    returns: Channel                    # its writing end
     service: Service
     config: Config
     settings: ServeSettings
@@ -107,6 +57,7 @@ class Worker:
     heartbeat: Heartbeat
     max_requests: int
     generation: int = 0
+    role: str = "worker"
     master: int = 0
     alive: bool = True
     pid: int = 0
@@ -117,38 +68,53 @@ class Worker:
         """In the child: returns the exit status; never returns into the master's code."""
         self.master, self.pid = os.getppid(), os.getpid()
         try:
-            self._init_process()
+            self.home = start_child(self.identity, self._stop)
         except Exception as error:
             log.error("worker %d cannot start: %s", self.pid, error)
-            return WORKER_BOOT_ERROR
-        handled, doorway = 0, Doorway(self.listener, self.settings.head_timeout)
+            return BOOT_ERROR
+        from ispmailgate_filters import processes
+
+        processes.on_change = self.heartbeat.record_groups      # the master ends them if we are killed
+        handled, idle = 0, select.poll()
+        idle.register(self.queue, select.POLLIN)
         while self.alive and (not self.max_requests or handled < self.max_requests):
             self.heartbeat.beat()
-            arrived = doorway.next(1.0)
             if os.getppid() != self.master:     # the master died: do not linger
-                self.alive = False
-            elif arrived is not None:
-                with arrived[0]:
-                    self.handle(*arrived)
+                break
+            if idle.poll(1000) and (parcel := self._next()) is not None:
+                self.take(parcel)
                 handled += 1
-        doorway.close()         # what waits was never taken: a client of protocol 3 falls back
         log.info("worker %d exits after %d messages", self.pid, handled)
         return EX_OK
 
-    def _init_process(self) -> None:
-        for name in ("TERM", "INT", "HUP"):
-            signal.signal(getattr(signal, "SIG" + name), self._stop)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)       # subprocess.run must reap its own
-        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        self.home = os.open(".", os.O_PATH)     # before privileges go: whoever we become
-        if self.identity is not None:
-            self.identity.assume()
+    def _next(self) -> Parcel | None:
+        """The next connection on the queue (None: another worker was quicker)."""
+        try:
+            parcel = self.queue.receive()
+        except OSError as error:
+            log.error("worker %d: %s", self.pid, error)
+            return None
+        if parcel is not None:
+            self.returns.send(Parcel("taken", state={"pid": self.pid, "session": parcel.kind != "client"}),
+                              timeout=1.0)
+        return parcel
 
     def _stop(self, signum, frame) -> None:
         self.alive = False          # finish the message in hand, then exit
+
+    def take(self, parcel: Parcel) -> None:
+        if parcel.kind == "client":
+            with parcel.connection:
+                self.handle(parcel.connection, parcel.data)
+            return
+        back = None
+        try:
+            back = serve_transaction(parcel, self.config, self.settings)
+        except Exception as error:      # noqa: BLE001 -- nothing a session does may end the worker
+            log.error("worker %d: internal error: %r", self.pid, error, exc_info=True)
+        if back is None or not self.returns.send(back, timeout=5.0):
+            self.returns.send(Parcel("gone", state={"pid": self.pid}), timeout=1.0)
+        parcel.connection.close()       # ours; the doorkeeper has its own now
 
     def handle(self, connection, head: bytes = b"") -> None:
         started = time.monotonic()
@@ -158,8 +124,18 @@ class Worker:
         acknowledged = False
         try:
             argv = request.arguments()
-            acknowledged = acknowledge(connection, request.version, self.settings.read_timeout)
-            status, stdout, stderr = self.run_request(argv, request)
+            with self.client_context(request.context) as refused:
+                declined = self.declined(argv, uid)
+                if declined and decline(connection, request.version, declined, self.settings.read_timeout):
+                    log.warning("worker %d: declined for pid=%d uid=%d: %s", self.pid, pid, uid, declined)
+                    return
+                if declined:
+                    raise Declined(declined)
+                acknowledged = acknowledge(connection, request.version, self.settings.read_timeout)
+                status, stdout, stderr = self.run_request(argv, request, refused)
+        except Declined as why:
+            log.warning("worker %d: declined for pid=%d uid=%d (an old client): %s", self.pid, pid, uid, why)
+            status, stdout, stderr = EX_TEMPFAIL, b"", f"{MISCONFIGURED} ispmailgate serve: not run: {why}\n".encode()
         except RequestError as error:
             log.warning("worker %d: bad request from pid=%d uid=%d: %s", self.pid, pid, uid, error)
             status, stdout, stderr = EX_TEMPFAIL, b"", f"{LOCAL_TROUBLE} ispmailgate serve: bad request: {error}\n".encode()
@@ -175,8 +151,16 @@ class Worker:
         log.info("worker %d: pid=%d uid=%d exit=%d ms=%.0f", self.pid, pid, uid, status,
                  (time.monotonic() - started) * 1000)
 
-    def run_request(self, argv: list[str], request: Request) -> tuple[int, bytes, bytes]:
-        """One command line through the one-shot code, with typer's own output captured."""
+    def declined(self, argv: list[str], uid: int) -> str:
+        """Why this request is not run for ``uid`` ("" when it is): see :mod:`.admission`."""
+        if argv[:1] == ["serve"]:
+            return ""           # refused as a usage error, to anyone
+        server_rules = self.config.path if self.config.path != BUILT_IN_CONFIG else None
+        return decline_reason(argv, uid, uid_of(self.identity), server_rules, self.settings)
+
+    def run_request(self, argv: list[str], request: Request, refused: str) -> tuple[int, bytes, bytes]:
+        """One command line through the one-shot code, with typer's own output captured;
+        ``refused``: why the client's directory could not be entered, or ""."""
         if argv[:1] == ["serve"]:
             return EX_TEMPFAIL, b"", f"{MISCONFIGURED} usage: 'serve' cannot run inside a server\n".encode()
         stdout, stderr = io.BytesIO(), io.StringIO()
@@ -185,8 +169,7 @@ class Worker:
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = text_stdout, stderr
         try:
-            with self.client_context(request.context) as refused:
-                status = self.service.run(argv, Streams(request, stdout, stderr), self.config)
+            status = self.service.run(argv, Streams(request, stdout, stderr), self.config)
         finally:
             sys.stdout, sys.stderr = saved
             text_stdout.detach()

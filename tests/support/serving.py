@@ -167,7 +167,17 @@ class Server:
         return self.process.pid
 
     def workers(self) -> set[int]:
-        return children_of(self.pid)
+        """The master's children but the doorkeepers (which each log their pid as they start)."""
+        return children_of(self.pid) - self.doorkeepers()
+
+    def doorkeepers(self) -> set[int]:
+        return {int(pid) for pid in re.findall(r"doorkeeper (\d+) takes connections", self.log())}
+
+    def doorkeeper(self) -> int:
+        """The doorkeeper that runs now."""
+        assert wait_for(lambda: self.doorkeepers() & children_of(self.pid), 30), self.log()
+        [pid] = self.doorkeepers() & children_of(self.pid)
+        return pid
 
     def signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
