@@ -11,7 +11,7 @@ from conftest import CORPUS, crlf
 from support.lmtp import Talk
 from support.serving import drain
 from support.serving import python, sink  # noqa: F401  (fixtures)
-from test_serve_lmtp import Listening, lhlo
+from test_serve_lmtp import Listening, lhlo, next_hop  # noqa: F401  (next_hop: a fixture)
 
 SIMPLE = crlf((CORPUS / "plain.eml").read_bytes())
 BOTH_ORDERS = pytest.mark.parametrize("order", [["a@x.example", "b@x.example"], ["b@x.example", "a@x.example"]])
@@ -23,14 +23,6 @@ def server(python, sink):
     with Listening(python, f'mail_host = "{sink.address}"\nloop_suffix = ""\n{BANNER_FOR_B}'
                            "[serve]\nworkers = 1\n") as server:
         yield server
-
-
-@pytest.fixture
-def next_hop(sink):
-    drain(sink)
-    yield sink
-    sink.handler.rcpt_replies.clear()
-    drain(sink)
 
 
 @BOTH_ORDERS
