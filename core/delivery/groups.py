@@ -15,6 +15,7 @@ from ..outcome import Result
 from ..status import DONE, LOCAL_TROUBLE, UNSIGNABLE, Stop, of_error, tempfail
 from .handover import Handover, Job
 from .spool import Finished
+from .wire import Payload
 
 log = logging.getLogger("ispmailgate")
 
@@ -66,7 +67,8 @@ class Delivery:
                 data = self._seal(self.job.original, message, data, recipients)
             if isinstance(message, Finished) and message.path is not None:
                 # signing and sealing put fields on top: those wait in memory, the rest in its file
-                data = message.with_head(bytes(data[:len(data) - len(content)]))
+                whole, data = data, message.with_head(bytes(data[:len(data) - len(content)]))
+                data.size, data.ascii = len(whole), whole.isascii()     # for MAIL FROM, before DATA
             transfers.append(Transfer(recipients, data, leaf))
         return transfers
 
@@ -75,9 +77,12 @@ class Delivery:
         """Each group in turn, then the notices and the bounce: the result of each recipient,
         and the refused recipients whose sender could not be told.  ``refused`` are
         recipients no next hop could be given.  Once a group is deferred the rest wait for
-        the MTA's retry too: handed over now, they would be delivered twice."""
+        the MTA's retry too: handed over now, they would be delivered twice.  To a hop that
+        ``holds_groups`` (SMTP) the groups go all at once, every one's recipients answered
+        before any is sent, so that none is accepted before another is deferred."""
         results: dict[str, Result] = dict(refused or {})
         deferred = False
+        together = self._together(transfers)
         # The postmaster's reports of failed filters first: one that must be retried then
         # holds back every result, before anything was handed over (never a duplicate).
         for transfer in sorted(transfers, key=lambda t: not _failed(t.leaf.verdict)):
@@ -91,8 +96,15 @@ class Delivery:
                     "deferred", LOCAL_TROUBLE, "not handed over: an earlier delivery group was deferred"))
             elif verdict is not None:
                 outcome = self._verdict(transfer.leaf)
+            elif together is not None:
+                together.append(transfer)       # handed over below, all at once
+                continue
             else:
                 outcome = self._hand_over(transfer)
+            deferred = deferred or any(result.state == "deferred" for result in outcome.values())
+            results.update(outcome)
+        if together:
+            outcome = self._hand_over_together(together, deferred)
             deferred = deferred or any(result.state == "deferred" for result in outcome.values())
             results.update(outcome)
         if not self.hop.carries_reports:
@@ -107,6 +119,26 @@ class Delivery:
     def _all_wait(self, results: dict[str, Result]) -> bool:
         """Does every recipient wait for a retry (one-shot: one deferral defers them all)?"""
         return not self.job.per_recipient or all(r.state == "deferred" for r in results.values())
+
+    def _together(self, transfers: list[Transfer]) -> list[Transfer] | None:
+        """An empty list to collect the groups in, if they are to be handed over together:
+        more than one, to a hop that ``holds_groups`` (SMTP).  Handed over one after
+        another, a group accepted before another is deferred would be delivered again by
+        the MTA's retry.  Not per recipient (LMTP): a deferral there holds back only itself."""
+        if self.job.per_recipient or not self.hop.holds_groups:
+            return None
+        handed = [t for t in transfers if t.refused is None and t.leaf.verdict is None]
+        return [] if len(handed) > 1 else None
+
+    def _hand_over_together(self, transfers: list[Transfer], deferred: bool) -> dict[str, Result]:
+        """Every group at once: each transaction gets its recipients before any message is
+        sent, so a recipient deferred in one group sends nothing (SmtpHop.deliver_groups)."""
+        if deferred:        # a report of a failed filter must be retried: nothing goes now
+            return {r: Result("deferred", LOCAL_TROUBLE, "not handed over: an earlier delivery group "
+                              "was deferred") for t in transfers for r in t.recipients}
+        groups = [(t.recipients, _payload(t.data)) for t in transfers]
+        replies = self.handover.groups(self.job.sender, groups)
+        return {r: reply.result() for r, reply in replies.items()}
 
     def _hand_over(self, transfer: Transfer) -> dict[str, Result]:
         """One group to the next hop; a spooled result is read back for it, and only for it."""
@@ -259,6 +291,13 @@ class Delivery:
                 f"\nA copy of the original is kept in {kept or '(nowhere: keeping failed, see the log)'}.\n")
         job.notices.append(Notice((job.postmaster,), "ispmailgate: message delivered "
                                   "unparsed (parse error)", text))
+
+
+def _payload(data: bytes | bytearray | Finished) -> Payload:
+    """A group's message for ``deliver_groups``: a spooled result is read back at its DATA."""
+    if isinstance(data, Finished):      # measured in prepare, while its bytes were in hand
+        return Payload(data.size, data.ascii, data.to_bytes)
+    return Payload.of(data)
 
 
 def _failed(verdict) -> bool:

@@ -14,7 +14,7 @@ from ispmailgate_filters.mime import Message
 from ..process import time_limit
 from ..status import LOCAL_TROUBLE
 from .hops import NextHop
-from .wire import Reply
+from .wire import Payload, Reply
 
 log = logging.getLogger("ispmailgate")
 
@@ -48,11 +48,19 @@ class Handover:
         self.delivered = False
 
     def __call__(self, sender: str, recipients: list[str], data: bytes | bytearray) -> dict[str, Reply]:
+        return self._settle(recipients, lambda: self.hop.deliver(sender, recipients, data))
+
+    def groups(self, sender: str, groups: list[tuple[list[str], Payload]]) -> dict[str, Reply]:
+        """Several delivery groups at once, to a hop that ``holds_groups`` (see SmtpHop)."""
+        recipients = [r for group, _ in groups for r in group]
+        return self._settle(recipients, lambda: self.hop.deliver_groups(sender, groups))
+
+    def _settle(self, recipients: list[str], hand: Callable[[], dict[str, Reply]]) -> dict[str, Reply]:
         self.clock.shield()
         if not self.delivered:
             self.clock.check()
         try:
-            replies = self.hop.deliver(sender, recipients, data)
+            replies = hand()
         except Exception as error:      # the hops settle their own failures: this is a fault of ours
             log.error("%s: internal error: %r", self.hop, error, exc_info=True)
             replies = {r: Reply(451, f"{LOCAL_TROUBLE} {self.hop}: internal error: {error!r}") for r in recipients}

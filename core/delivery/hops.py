@@ -23,6 +23,11 @@ class NextHop(Protocol):
     # one message it piped in, and a report it cannot carry defers the run instead.
     carries_reports: bool
 
+    # Can it hold several delivery groups' transactions open before DATA and send them only
+    # once every one has its recipients (``deliver_groups``)?  SMTP can; a command or stdout
+    # has nothing to wait on, so their groups are handed over one after another.
+    holds_groups: bool
+
     # May each recipient end on its own (LMTP's caller takes a status per recipient)?  Then
     # a recipient the hop defers holds back only itself; else every recipient of its
     # transaction waits for the retry with it.  Set by the run.
@@ -49,6 +54,7 @@ class SendmailHop:
     """A sendmail-compatible command, run from an argv list (never a shell)."""
 
     carries_reports = True
+    holds_groups = False
     per_recipient = False           # one exit status for all recipients anyway
 
     def __init__(self, command: tuple[str, ...], timeout: float) -> None:
@@ -136,6 +142,7 @@ class StdoutHop:
     """
 
     carries_reports = False
+    holds_groups = False
     per_recipient = False
 
     def __init__(self, stream: BinaryIO, from_line: str | None, *, mbox: bool = False) -> None:

@@ -8,7 +8,7 @@ import time
 
 from ..status import BAD_CONNECTION, NO_ANSWER, OUT_OF_STEP, RECIPIENT_COUNT
 from ..text import one_line
-from .wire import Reply, wire_address, wire_chunks
+from .wire import Payload, Reply, wire_address, wire_chunks
 
 log = logging.getLogger("ispmailgate")
 
@@ -27,6 +27,7 @@ class SmtpHop:
     """
 
     carries_reports = True
+    holds_groups = True     # deliver_groups: every group's recipients answered before any DATA
     per_recipient = False
 
     def __init__(self, host: str, port: int, config) -> None:
@@ -57,61 +58,85 @@ class SmtpHop:
         recipient ends on its own (``per_recipient``, LMTP): then it defers only itself.  At most
         ``OPEN_TRANSACTIONS`` wait at once; past that, what is open is sent first.
         """
+        return self.deliver_groups(sender, [(recipients, Payload.of(data))])
+
+    def deliver_groups(self, sender: str, groups: list[tuple[list[str], Payload]]) -> dict[str, Reply]:
+        """Several distinct messages (delivery groups), each to its recipients, in the same
+        two phases as the transactions of one: every transaction gets its MAIL and RCPT
+        answers while the others wait open before DATA, and only then is each message sent,
+        read (``Payload.load``) just before its own DATA.  A recipient deferred at MAIL or
+        RCPT in any group sends nothing: the run ends in 75 and the retry delivers to each
+        once.  A transaction whose DATA is deferred keeps the ones after it from being sent;
+        those before it are delivered: that is SMTP's own window, as with one transaction."""
         settled: dict[str, Reply] = {}
-        pending = list(recipients)
+        pending = [(list(recipients), payload) for recipients, payload in groups if recipients]
         while pending:
-            pending = self._round(sender, pending, data, settled)
+            pending = self._round(sender, pending, settled)
         return settled
 
     OPEN_TRANSACTIONS = 8
 
-    def _round(self, sender: str, recipients: list[str], data: bytes | bytearray,
-               settled: dict[str, Reply]) -> list[str]:
-        """Open transactions for ``recipients`` (up to OPEN_TRANSACTIONS), then send them all;
-        returns the recipients left for another round."""
-        opened: list[tuple[SmtpSession, list[str]]] = []
-        pending = recipients
+    def _round(self, sender: str, groups: list[tuple[list[str], Payload]],
+               settled: dict[str, Reply]) -> list[tuple[list[str], Payload]]:
+        """Open transactions for ``groups`` (up to OPEN_TRANSACTIONS), then send them all;
+        returns what is left for another round."""
+        opened: list[tuple[SmtpSession, list[str], Payload]] = []
+        pending = groups
         try:
             while pending and len(opened) < self.OPEN_TRANSACTIONS:
-                asked = pending
-                session, accepted, pending = self._open(sender, asked, data, settled)
+                asked, payload = pending[0]
+                session, accepted, later = self._open(sender, asked, payload, settled)
+                pending = ([(later, payload)] if later else []) + pending[1:]
                 if session is not None and accepted:
-                    opened.append((session, accepted))
+                    opened.append((session, accepted, payload))
                 elif session is not None:
                     session.close()
                 if not self.per_recipient and any(settled[r].code // 100 == 4 for r in asked if r in settled):
                     self._hold_back(opened, pending, settled, asked)
                     return []
-            for number, (session, accepted) in enumerate(opened):
-                reply = self._data(session, accepted, data, settled)
-                if reply.code // 100 != 2:      # the transactions after it are not sent
-                    for _, others in opened[number + 1:]:
-                        settled.update(dict.fromkeys(others, _not_tried(self, reply)))
-                    settled.update(dict.fromkeys(pending, _not_tried(self, reply)))
-                    return []
-            return pending
+            return self._send(opened, pending, settled)
         finally:
-            for session, _ in opened:
+            for session, _, _ in opened:
                 session.close()
 
-    def _hold_back(self, opened: list, pending: list[str], settled: dict[str, Reply], asked: list[str]) -> None:
+    def _send(self, opened: list[tuple[SmtpSession, list[str], Payload]],
+              pending: list[tuple[list[str], Payload]], settled: dict[str, Reply]) -> list:
+        """DATA on every open transaction in turn.  After a failed one the rest are not sent:
+        after a deferred one, since the run ends in 75; after a refused one, the other
+        transactions of the same message (it would be refused again)."""
+        for number, (session, accepted, payload) in enumerate(opened):
+            reply = self._data(session, accepted, payload, settled)
+            later = opened[number + 1:]
+            after = later[0][2] if later else pending[0][1] if pending else None
+            same = after is payload
+            if reply.code // 100 == 4 or (reply.code // 100 != 2 and same):
+                for _, others, _ in later:
+                    settled.update(dict.fromkeys(others, _not_tried(self, reply)))
+                for others, _ in pending:
+                    settled.update(dict.fromkeys(others, _not_tried(self, reply)))
+                return []
+        return pending
+
+    def _hold_back(self, opened: list, pending: list[tuple[list[str], Payload]],
+                   settled: dict[str, Reply], asked: list[str]) -> None:
         """A recipient of the latest transaction was deferred: none of the waiting ones is sent."""
         first = next(r for r in asked if r in settled and settled[r].code // 100 == 4)
         reason = Reply(451, f"{settled[first].status} {self}: not sent: <{first}> was deferred "
                             f"({settled[first]}); all are retried together")
-        for _, accepted in opened:
+        for _, accepted, _ in opened:
             settled.update(dict.fromkeys(accepted, reason))
-        for recipient in pending:
-            settled.setdefault(recipient, reason)
+        for recipients, _ in pending:
+            for recipient in recipients:
+                settled.setdefault(recipient, reason)
 
-    def _open(self, sender: str, recipients: list[str], data: bytes | bytearray,
+    def _open(self, sender: str, recipients: list[str], payload: Payload,
               settled: dict[str, Reply]) -> tuple[SmtpSession | None, list[str], list[str]]:
         """One connection, up to its RCPTs: (the session, the accepted, those past its limit).
         A failed connection settles its recipients as deferred and returns no session."""
         session = None
         try:
             session = SmtpSession(self.host, self.port, self.timeout)
-            accepted, later = self._transaction(session, sender, recipients, data, settled)
+            accepted, later = self._transaction(session, sender, recipients, payload, settled)
             return session, accepted, later
         except Exception as error:      # OSError, SmtpError, or a fault of ours: fate unknown
             self._failed(error, session is None, recipients, settled)
@@ -119,10 +144,12 @@ class SmtpHop:
                 session.close()
             return None, [], []
 
-    def _data(self, session: SmtpSession, accepted: list[str], data: bytes | bytearray,
+    def _data(self, session: SmtpSession, accepted: list[str], payload: Payload,
               settled: dict[str, Reply]) -> Reply:
-        """DATA, the message, the final reply: settles the accepted recipients."""
+        """DATA, the message, the final reply: settles the accepted recipients.  The bytes are
+        got (a spooled result read back) only now, and dropped after."""
         try:
+            data = payload.load()
             reply = session.command(b"DATA")
             if _expected(reply, "DATA", 354):
                 session.send_data(data)
@@ -143,7 +170,7 @@ class SmtpHop:
             settled.setdefault(recipient, Reply(451, f"{status} {self}: {reason}"))
 
     def _transaction(self, session: SmtpSession, sender: str, recipients: list[str],
-                     data: bytes | bytearray, settled: dict[str, Reply]) -> tuple[list[str], list[str]]:
+                     payload: Payload, settled: dict[str, Reply]) -> tuple[list[str], list[str]]:
         """Greeting, EHLO, MAIL and RCPTs: (accepted, left for another transaction).  Fills
         ``settled`` as replies become final: a refused RCPT at once, the rest at the end."""
         greeting = session.reply()
@@ -151,7 +178,7 @@ class SmtpHop:
             settled.update(dict.fromkeys(recipients, Reply(451, f"{BAD_CONNECTION} {self} greeted: {greeting}")))
             return [], []
         extensions = session.hello(self.helo or hostname())
-        params = self._mail_params(extensions, sender, recipients, data)
+        params = self._mail_params(extensions, sender, recipients, payload)
         reply = session.command(b"MAIL FROM:<" + wire_address(sender) + b">" + params)
         if not _expected(reply, "MAIL FROM", 250):
             settled.update(dict.fromkeys(recipients, reply))
@@ -192,11 +219,11 @@ class SmtpHop:
         return recipient + self.suffix
 
     def _mail_params(self, extensions: set[str], sender: str, recipients: list[str],
-                     data: bytes | bytearray) -> bytes:
+                     payload: Payload) -> bytes:
         params = b""
         if "SIZE" in extensions:
-            params += b" SIZE=%d" % len(data)
-        if "8BITMIME" in extensions and not data.isascii():
+            params += b" SIZE=%d" % payload.size
+        if "8BITMIME" in extensions and not payload.ascii:
             params += b" BODY=8BITMIME"
         if "SMTPUTF8" in extensions and not all(a.isascii() for a in [sender, *recipients]):
             params += b" SMTPUTF8"

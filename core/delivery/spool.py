@@ -29,6 +29,9 @@ class Finished:
     """One chain's result as delivery needs it: its bytes (or where they wait), whether a
     filter changed it, its line ending, and a digest that tells equal results apart."""
 
+    size: int | None = None     # of the bytes to hand over, when measured before (Delivery.prepare)
+    ascii: bool | None = None
+
     def __init__(self, data: bytes | bytearray | None, changed: bool, eol: bytes, *,
                  path: Path | None = None, head: bytes = b"") -> None:
         self._data, self.changed, self.eol, self.path, self.head = data, changed, eol, path, head

@@ -4,6 +4,7 @@ a hop sends them (line ends, addresses)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ..outcome import Result
@@ -30,6 +31,19 @@ class Reply(NamedTuple):
         status = self.status
         text = self.text[len(status):].strip() if self.text.startswith(status) else self.text
         return Result(state, status, text)
+
+
+class Payload(NamedTuple):
+    """A message as a hop needs it before DATA: its size and whether it is ASCII (for MAIL
+    FROM's parameters), and how to get its bytes, called only at DATA time (a spooled
+    result is read back then, for its own hand-over, and dropped after)."""
+    size: int
+    ascii: bool
+    load: Callable[[], bytes | bytearray]
+
+    @classmethod
+    def of(cls, data: bytes | bytearray) -> Payload:
+        return cls(len(data), data.isascii(), lambda: data)
 
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
