@@ -218,7 +218,9 @@ def children_of(pid: int) -> set[int]:
 
 def wait_for_workers(server: Server, count: int, exclude: set[int] = frozenset(),
                      timeout: float = 30) -> set[int]:
-    assert wait_for(lambda: len(server.workers() - exclude) >= count, timeout), server.log()
+    # the doorkeeper logged its start first: until then it would be counted among the workers
+    assert wait_for(lambda: server.doorkeepers() & children_of(server.pid)
+                    and len(server.workers() - exclude) >= count, timeout), server.log()
     return server.workers()
 
 
